@@ -1,0 +1,19 @@
+// SPDX-License-Identifier: Apache-2.0
+//! vmm: a KVM micro-VM monitor built for live migration.
+//!
+//! The library holds everything host-side except the migration protocol (`migration` crate) and
+//! the virtio-net device (`net` crate); `main.rs` is the command line on top of it.
+
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod loader;
+pub mod probe;
+pub mod vmm;
+pub mod vstate;
+
+pub use builder::{BuildError, build_vm_for_boot};
+pub use config::VmConfig;
+pub use vmm::{Vmm, VmmError};
+pub use vstate::vcpu::ExitReason;
