@@ -1,0 +1,20 @@
+// SPDX-License-Identifier: Apache-2.0
+//! What the Linux guest init and our own guest kernel share, so that tests and users see one
+//! guest interface whichever kernel runs: the parameters read from the kernel command line, the
+//! ready line, and the `dirty` workload's verifiable memory pattern.
+//!
+//! `no_std` and allocation-free: our guest kernel uses it before it has a heap.
+#![no_std]
+
+pub mod cmdline;
+pub mod dirty;
+
+pub use cmdline::{Ipv4Config, Params, VirtioMmioDevice, Workload};
+
+/// TCP port of the echo workload.
+pub const ECHO_PORT: u16 = 7000;
+/// TCP port of the control service: a line `poweroff` powers the guest off, `status` answers one
+/// status line.
+pub const CONTROL_PORT: u16 = 7001;
+/// First word of the line a guest prints on its console when its workload is up.
+pub const READY_PREFIX: &str = "GUEST-READY";
