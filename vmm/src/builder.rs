@@ -17,6 +17,7 @@ use crate::arch::mptable::{MptableError, setup_mptable};
 use crate::config::VmConfig;
 use crate::devices::EventFdTrigger;
 use crate::devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_SIZE};
+use crate::devices::pvpanic::{PVPANIC_PORT, PvPanic};
 use crate::devices::serial::{SERIAL_PORT_BASE, SERIAL_PORT_SIZE, SerialPort};
 use crate::loader::{self, LoaderError};
 use crate::vstate::memory::{self, MemoryError};
@@ -79,6 +80,8 @@ pub struct BuiltVm {
     pub serial: Arc<Mutex<SerialPort>>,
     /// Fires when the guest resets through the i8042.
     pub reset_evt: EventFd,
+    /// Fires when the guest reports a panic.
+    pub panic_evt: EventFd,
     pub vcpus: Vec<Vcpu>,
 }
 
@@ -126,7 +129,12 @@ pub fn build_vm_for_boot(
     )?;
     setup_mptable(&mem, config.vcpus)?;
 
-    let (io, serial, reset_evt) = attach_legacy_devices(&vm, console)?;
+    let LegacyDevices {
+        io,
+        serial,
+        reset_evt,
+        panic_evt,
+    } = attach_legacy_devices(&vm, console)?;
     let io = Arc::new(io);
 
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
@@ -141,15 +149,23 @@ pub fn build_vm_for_boot(
         io,
         serial,
         reset_evt,
+        panic_evt,
         vcpus,
     })
 }
 
-/// COM1 on IRQ 4 and the i8042 reset line.
+struct LegacyDevices {
+    io: IoManager,
+    serial: Arc<Mutex<SerialPort>>,
+    reset_evt: EventFd,
+    panic_evt: EventFd,
+}
+
+/// COM1 on IRQ 4, the i8042 reset line and pvpanic.
 fn attach_legacy_devices(
     vm: &Vm,
     console: Box<dyn Write + Send>,
-) -> Result<(IoManager, Arc<Mutex<SerialPort>>, EventFd), BuildError> {
+) -> Result<LegacyDevices, BuildError> {
     let mut io = IoManager::new();
     let serial_irq = EventFdTrigger::new().map_err(BuildError::EventFd)?;
     vm.fd()
@@ -168,5 +184,16 @@ fn attach_legacy_devices(
         .map_err(|e| BuildError::Device("i8042", format!("{e:?}")))?;
     io.register_pio(range, i8042)
         .map_err(|e| BuildError::Device("i8042", format!("{e:?}")))?;
-    Ok((io, serial, reset_evt))
+
+    let panic = EventFdTrigger::new().map_err(BuildError::EventFd)?;
+    let panic_evt = panic.0.try_clone().map_err(BuildError::EventFd)?;
+    let pvpanic = Arc::new(Mutex::new(PvPanic::new(panic)));
+    io.register_pio(PioRange::unit(PioAddress(PVPANIC_PORT)), pvpanic)
+        .map_err(|e| BuildError::Device("pvpanic", format!("{e:?}")))?;
+    Ok(LegacyDevices {
+        io,
+        serial,
+        reset_evt,
+        panic_evt,
+    })
 }

@@ -49,6 +49,7 @@ impl Vmm {
         let exit = Arc::new(Mutex::new(ExitWatcher {
             exit_evt,
             reset_evt: built.reset_evt,
+            panic_evt: built.panic_evt,
             exit_rx,
             reason: None,
         }));
@@ -126,10 +127,11 @@ impl Drop for Vmm {
     }
 }
 
-/// Watches for the guest being done: a vCPU exit or an i8042 reset.
+/// Watches for the guest being done: a vCPU exit, an i8042 reset or a reported panic.
 struct ExitWatcher {
     exit_evt: Arc<EventFd>,
     reset_evt: EventFd,
+    panic_evt: EventFd,
     exit_rx: Receiver<(u8, ExitReason)>,
     reason: Option<ExitReason>,
 }
@@ -139,6 +141,10 @@ impl MutEventSubscriber for ExitWatcher {
         if events.fd() == self.reset_evt.as_raw_fd() {
             let _ = self.reset_evt.read();
             self.reason.get_or_insert(ExitReason::Reset("i8042 reset"));
+        } else if events.fd() == self.panic_evt.as_raw_fd() {
+            let _ = self.panic_evt.read();
+            self.reason
+                .get_or_insert(ExitReason::Error("the guest panicked".into()));
         } else {
             let _ = self.exit_evt.read();
             // The first exit decides; a second vCPU's exit while stopping changes nothing.
@@ -154,7 +160,11 @@ impl MutEventSubscriber for ExitWatcher {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.exit_evt.as_raw_fd(), self.reset_evt.as_raw_fd()] {
+        for fd in [
+            self.exit_evt.as_raw_fd(),
+            self.reset_evt.as_raw_fd(),
+            self.panic_evt.as_raw_fd(),
+        ] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, 0, EventSet::IN)) {
                 log::error!("failed to watch exit event: {e}");
             }

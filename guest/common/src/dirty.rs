@@ -38,7 +38,11 @@ pub fn verify_and_write(page: &mut [u64], first: u64, pass: u64) -> Option<Misma
         // SAFETY: `w` is a valid, aligned, exclusive reference.
         let found = unsafe { core::ptr::read_volatile(w) };
         if found != want && bad.is_none() {
-            bad = Some(Mismatch { index, expected: want, found });
+            bad = Some(Mismatch {
+                index,
+                expected: want,
+                found,
+            });
         }
         // SAFETY: as above.
         unsafe { core::ptr::write_volatile(w, expected(pass, index)) };
@@ -55,7 +59,11 @@ mod tests {
         let mut mem = [0u64; 2 * WORDS_PER_PAGE];
         for pass in 1..4 {
             for (p, page) in mem.chunks_mut(WORDS_PER_PAGE).enumerate() {
-                assert_eq!(verify_and_write(page, (p * WORDS_PER_PAGE) as u64, pass), None, "pass {pass}");
+                assert_eq!(
+                    verify_and_write(page, (p * WORDS_PER_PAGE) as u64, pass),
+                    None,
+                    "pass {pass}"
+                );
             }
         }
     }

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Legacy devices on the port I/O bus: the COM1 UART and the i8042 (for reset).
+//! Legacy devices on the port I/O bus: the COM1 UART, the i8042 (for reset) and pvpanic.
 
 pub mod i8042;
+pub mod pvpanic;
 pub mod serial;
 
 use std::io;

@@ -286,17 +286,29 @@ impl Vcpu {
 
     fn run_once(&mut self) -> RunResult {
         let index = self.index;
+        // For string port I/O (`rep outsb`) KVM hands over `count` accesses of `size` bytes in
+        // one exit; the exit's data slice does not say the size, kvm_run does.
+        let run = self.fd.get_kvm_run() as *const kvm_run;
+        let io_size = || {
+            // SAFETY: `run` is this vCPU's mapped kvm_run; after an I/O exit its `io` member is
+            // valid, and `size` lies outside the data area the exit's slice borrows.
+            usize::from(unsafe { (*run).__bindgen_anon_1.io.size }).max(1)
+        };
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
-                    if self.io.pio_read(PioAddress(port), data).is_err() {
-                        // Nothing there: a floating ISA bus reads as all ones.
-                        data.fill(0xff);
+                    for chunk in data.chunks_mut(io_size()) {
+                        if self.io.pio_read(PioAddress(port), chunk).is_err() {
+                            // Nothing there: a floating ISA bus reads as all ones.
+                            chunk.fill(0xff);
+                        }
                     }
                     RunResult::Continue
                 }
                 VcpuExit::IoOut(port, data) => {
-                    let _ = self.io.pio_write(PioAddress(port), data);
+                    for chunk in data.chunks(io_size()) {
+                        let _ = self.io.pio_write(PioAddress(port), chunk);
+                    }
                     RunResult::Continue
                 }
                 VcpuExit::MmioRead(addr, data) => {

@@ -1,0 +1,84 @@
+// SPDX-License-Identifier: Apache-2.0
+//! vmm-guest: our own minimal guest kernel.
+//!
+//! It exists because on paravirtual nested KVM (the machines this project is developed and
+//! tested on) guest kernel-mode code is emulated instruction by instruction, so Linux cannot boot
+//! in useful time there. This kernel keeps CPL 0 to a few assembly paths ([`boot`]) and runs
+//! everything else, network stack and workload included, at CPL 3, natively. It boots like a
+//! Linux vmlinux, reads the same command line, prints the same ready line and runs the same
+//! workloads as the Linux guest's init. All its state lives in its memory and vCPU registers, so
+//! the VMM migrates it like any other guest.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod apic;
+mod boot;
+mod bootinfo;
+mod clock;
+mod console;
+mod dirty;
+mod fatal;
+mod gate;
+mod heap;
+mod mem;
+mod power;
+
+use guest_common::{Params, READY_PREFIX, Workload};
+
+/// Longest sleep: the loop wakes at least this often even with nothing scheduled.
+const MAX_SLEEP_NS: u64 = 1_000_000_000;
+
+/// Entered from `_start` at CPL 3 with the zero page address.
+#[unsafe(no_mangle)]
+extern "C" fn rust_main(zero_page: u64) -> ! {
+    boot::init_idt();
+    // SAFETY: the VMM entered us with RSI = the zero page, per the boot protocol.
+    let info = unsafe { bootinfo::BootInfo::read(zero_page) };
+    let params = Params::parse(info.cmdline());
+    let heap = heap::init(info.ram());
+    apic::init_lapic();
+
+    let mut dirty = match params.workload {
+        Workload::Dirty => match dirty::Dirty::new(params.dirty_mib, params.dirty_rate_mib_s) {
+            Some(d) => Some(d),
+            None => {
+                println!(
+                    "GUEST-ERROR cannot allocate {} MiB for the dirty workload (heap {} MiB)",
+                    params.dirty_mib,
+                    heap >> 20
+                );
+                power::panicked();
+            }
+        },
+        _ => None,
+    };
+
+    let ready_ns = clock::now_ns();
+    println!(
+        "{READY_PREFIX} uptime_ms={} workload={} kernel=vmm-guest",
+        ready_ns / 1_000_000,
+        params.workload.name()
+    );
+    let poweroff_at = params.poweroff_after_ms.map(|ms| ready_ns + ms * 1_000_000);
+
+    loop {
+        let now = clock::now_ns();
+        if poweroff_at.is_some_and(|t| now >= t) {
+            power::poweroff();
+        }
+        let mut busy = false;
+        let mut wake = now + MAX_SLEEP_NS;
+        if let Some(d) = dirty.as_mut() {
+            busy |= d.step(now);
+            wake = wake.min(d.next_due_ns());
+        }
+        if let Some(t) = poweroff_at {
+            wake = wake.min(t);
+        }
+        if !busy && wake > clock::now_ns() {
+            gate::halt(clock::tsc_at(wake));
+        }
+    }
+}
