@@ -6,13 +6,18 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::Kvm;
-use vm_device::bus::{PioAddress, PioRange};
-use vm_device::device_manager::{IoManager, PioManager};
+use net::virtio::VirtioDevice;
+use net::{MmioTransport, Net};
+use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot_params::{BootInfo, BootParamsError, write_boot_params};
-use crate::arch::layout::{CMDLINE_START, SERIAL_IRQ};
+use crate::arch::layout::{
+    CMDLINE_START, IRQ_BASE, IRQ_MAX, SERIAL_IRQ, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
 use crate::arch::mptable::{MptableError, setup_mptable};
 use crate::config::VmConfig;
 use crate::devices::EventFdTrigger;
@@ -20,6 +25,7 @@ use crate::devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_SIZE};
 use crate::devices::pvpanic::{PVPANIC_PORT, PvPanic};
 use crate::devices::serial::{SERIAL_PORT_BASE, SERIAL_PORT_SIZE, SerialPort};
 use crate::loader::{self, LoaderError};
+use crate::net_config::NetConfig;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -48,6 +54,10 @@ pub enum BuildError {
     EventFd(std::io::Error),
     #[error("failed to set up device {0}: {1}")]
     Device(&'static str, String),
+    #[error("failed to set up NIC on TAP '{tap}': {source}")]
+    Net { tap: String, source: net::NetError },
+    #[error("too many NICs: at most {0}")]
+    TooManyNets(usize),
 }
 
 /// Why /dev/kvm could not be used, in words a user can act on.
@@ -82,6 +92,7 @@ pub struct BuiltVm {
     pub reset_evt: EventFd,
     /// Fires when the guest reports a panic.
     pub panic_evt: EventFd,
+    pub nets: Vec<NetDevice>,
     pub vcpus: Vec<Vcpu>,
 }
 
@@ -117,7 +128,22 @@ pub fn build_vm_for_boot(
         Some(path) => Some(loader::load_initrd(&mem, path, &kernel)?),
         None => None,
     };
-    let cmdline_size = loader::load_cmdline(&mem, &[&config.cmdline])?;
+    let LegacyDevices {
+        mut io,
+        serial,
+        reset_evt,
+        panic_evt,
+    } = attach_legacy_devices(&vm, console)?;
+    let mut nets = Vec::with_capacity(config.nets.len());
+    let mut device_args = Vec::new();
+    for (i, nc) in config.nets.iter().enumerate() {
+        let dev = attach_net_device(&vm, &mut io, i, nc)?;
+        device_args.push(dev.cmdline_arg());
+        nets.push(dev);
+    }
+    let mut parts: Vec<&str> = vec![&config.cmdline];
+    parts.extend(device_args.iter().map(String::as_str));
+    let cmdline_size = loader::load_cmdline(&mem, &parts)?;
     write_boot_params(
         &mem,
         &BootInfo {
@@ -129,12 +155,6 @@ pub fn build_vm_for_boot(
     )?;
     setup_mptable(&mem, config.vcpus)?;
 
-    let LegacyDevices {
-        io,
-        serial,
-        reset_evt,
-        panic_evt,
-    } = attach_legacy_devices(&vm, console)?;
     let io = Arc::new(io);
 
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
@@ -150,9 +170,79 @@ pub fn build_vm_for_boot(
         serial,
         reset_evt,
         panic_evt,
+        nets,
         vcpus,
     })
 }
+
+/// A virtio-net device and its virtio-mmio transport.
+pub struct NetDevice {
+    pub config: NetConfig,
+    pub net: Arc<Mutex<Net>>,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub mmio_base: u64,
+    pub irq: u32,
+}
+
+impl NetDevice {
+    /// How the guest kernel learns about the device (Linux's VIRTIO_MMIO_CMDLINE_DEVICES).
+    pub fn cmdline_arg(&self) -> String {
+        format!("virtio_mmio.device=4K@{:#x}:{}", self.mmio_base, self.irq)
+    }
+}
+
+/// The `index`-th NIC: its MMIO window and interrupt line, the device, its ioeventfds (one per
+/// queue, matched on the queue index written to QueueNotify) and its irqfd.
+fn attach_net_device(
+    vm: &Vm,
+    io: &mut IoManager,
+    index: usize,
+    config: &NetConfig,
+) -> Result<NetDevice, BuildError> {
+    let max = (IRQ_MAX - IRQ_BASE + 1) as usize;
+    if index >= max {
+        return Err(BuildError::TooManyNets(max));
+    }
+    let irq = IRQ_BASE + index as u32;
+    let mmio_base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+    let net_err = |source| BuildError::Net {
+        tap: config.tap.clone(),
+        source,
+    };
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.fd()
+        .register_irqfd(&irqfd, irq)
+        .map_err(|e| BuildError::Device("virtio-net", format!("irqfd: {e}")))?;
+    let net = Net::new(&config.tap, config.mac.0, irqfd).map_err(net_err)?;
+    for (q, evt) in net.queue_events().iter().enumerate() {
+        vm.fd()
+            .register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(mmio_base + NOTIFY_OFFSET),
+                q as u32,
+            )
+            .map_err(|e| BuildError::Device("virtio-net", format!("ioeventfd: {e}")))?;
+    }
+    let net = Arc::new(Mutex::new(net));
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        vm.memory().clone(),
+        net.clone(),
+    )));
+    let range = MmioRange::new(MmioAddress(mmio_base), VIRTIO_MMIO_SIZE)
+        .map_err(|e| BuildError::Device("virtio-net", format!("{e:?}")))?;
+    io.register_mmio(range, transport.clone())
+        .map_err(|e| BuildError::Device("virtio-net", format!("{e:?}")))?;
+    Ok(NetDevice {
+        config: config.clone(),
+        net,
+        transport,
+        mmio_base,
+        irq,
+    })
+}
+
+/// Offset of QueueNotify in a virtio-mmio window.
+const NOTIFY_OFFSET: u64 = 0x50;
 
 struct LegacyDevices {
     io: IoManager,

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::cpuid::CpuTemplate;
+use crate::net_config::NetConfig;
 
 /// The command line when the user gives none: console on COM1, reboot through the i8042 (which
 /// ends the VMM), reboot at once on panic, no PCI probing.
@@ -27,4 +28,7 @@ pub struct VmConfig {
     pub vcpus: u8,
     #[serde(default)]
     pub cpu_template: CpuTemplate,
+    /// virtio-net devices, in the order the guest sees them.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
 }

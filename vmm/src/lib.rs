@@ -9,6 +9,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod loader;
+pub mod net_config;
 pub mod probe;
 pub mod vmm;
 pub mod vstate;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use vmm::arch::cpuid::CpuTemplate;
 use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
+use vmm::net_config::NetConfig;
 use vmm::{ExitReason, VmConfig, Vmm};
 
 #[derive(Parser)]
@@ -49,6 +50,13 @@ struct RunArgs {
     /// instruction emulator handles; for Linux on paravirtual nested KVM).
     #[arg(long, value_enum, default_value_t = CpuTemplate::Host)]
     cpu_template: CpuTemplate,
+    /// A virtio-net device on a TAP: `tap=NAME[,mac=MAC]`. Repeatable.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    s.parse()
 }
 
 fn main() -> ExitCode {
@@ -75,6 +83,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         mem_mib: args.mem_mib,
         vcpus: args.vcpus,
         cpu_template: args.cpu_template,
+        nets: args.nets,
     };
     let built = vmm::build_vm_for_boot(&config, Box::new(std::io::stdout()))?;
     let vmm = Vmm::start(built)?;

@@ -54,6 +54,9 @@ impl Vmm {
             reason: None,
         }));
         events.add_subscriber(exit.clone());
+        for dev in &built.nets {
+            events.add_subscriber(dev.net.clone());
+        }
         events.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
             serial: built.serial,
         })));

@@ -130,9 +130,10 @@ global_asm!(
     "mov al, 0xff",
     "out 0x21, al",
     "out 0xa1, al",
-    // To CPL 3, interrupts off.
+    // To CPL 3, interrupts off. RSP is 8 below a 16-byte boundary, as after a `call`, which
+    // is what compiled code expects at a function's entry (SSE spills use aligned stores).
     "push 0x1b",
-    "lea rax, [rip + USER_STACK_TOP]",
+    "lea rax, [rip + USER_STACK_TOP - 8]",
     "push rax",
     "push 0x2",
     "push 0x23",
@@ -200,7 +201,7 @@ global_asm!(
     "pop rdx",
     "mov rcx, cr2",
     "push 0x1b",
-    "lea rax, [rip + FATAL_STACK_TOP]",
+    "lea rax, [rip + FATAL_STACK_TOP - 8]",
     "push rax",
     "push 0x2",
     "push 0x23",
@@ -295,14 +296,14 @@ pub fn init_idt() {
     let exc = &raw const EXC_STUBS as u64;
     let irq = &raw const IRQ_STUBS as u64;
     let idt = &raw mut IDT;
-    let mut set = |v: usize, g: [u64; 2]| {
+    let set = |v: usize, g: [u64; 2]| {
         // SAFETY: single-threaded boot, before interrupts can be taken; `v` < 256.
         unsafe { (*idt).0[v] = g };
     };
     for v in 0..32 {
         set(v, gate_descriptor(exc + (v * EXC_STUB_SIZE) as u64, 0));
     }
-    set(3, gate_descriptor(gate_entry as usize as u64, 3));
+    set(3, gate_descriptor(gate_entry as *const () as u64, 3));
     for n in 0..IRQ_VECTORS {
         set(
             usize::from(IRQ_VECTOR_BASE) + n,
@@ -310,4 +311,22 @@ pub fn init_idt() {
         );
     }
     set(0xff, gate_descriptor(&raw const SPURIOUS_STUB as u64, 0));
+}
+
+/// Whether the interrupt of `vector` fired since the last call (and forgets it).
+pub fn take_irq(vector: u8) -> bool {
+    let Some(n) = vector
+        .checked_sub(IRQ_VECTOR_BASE)
+        .map(usize::from)
+        .filter(|n| *n < IRQ_VECTORS)
+    else {
+        return false;
+    };
+    let p = (&raw mut IRQ_PENDING).cast::<u8>();
+    // SAFETY: n < IRQ_VECTORS; stubs only write this while user mode sleeps in the gate.
+    unsafe {
+        let fired = core::ptr::read_volatile(p.add(n)) != 0;
+        core::ptr::write_volatile(p.add(n), 0);
+        fired
+    }
 }

@@ -23,7 +23,10 @@ mod fatal;
 mod gate;
 mod heap;
 mod mem;
+mod netstack;
 mod power;
+mod virtio_net;
+mod virtqueue;
 
 use guest_common::{Params, READY_PREFIX, Workload};
 
@@ -55,6 +58,13 @@ extern "C" fn rust_main(zero_page: u64) -> ! {
         _ => None,
     };
 
+    let mut net = bring_up_network(&params);
+    if net.is_none() && params.workload == Workload::Echo {
+        println!(
+            "GUEST-ERROR the echo workload needs a virtio-net device and ip= on the command line"
+        );
+    }
+
     let ready_ns = clock::now_ns();
     println!(
         "{READY_PREFIX} uptime_ms={} workload={} kernel=vmm-guest",
@@ -62,7 +72,6 @@ extern "C" fn rust_main(zero_page: u64) -> ! {
         params.workload.name()
     );
     let poweroff_at = params.poweroff_after_ms.map(|ms| ready_ns + ms * 1_000_000);
-
     loop {
         let now = clock::now_ns();
         if poweroff_at.is_some_and(|t| now >= t) {
@@ -70,6 +79,26 @@ extern "C" fn rust_main(zero_page: u64) -> ! {
         }
         let mut busy = false;
         let mut wake = now + MAX_SLEEP_NS;
+        if let Some(n) = net.as_mut() {
+            let (passes, mismatches) = dirty
+                .as_ref()
+                .map_or((0, 0), |d| (d.passes_done, d.mismatches));
+            let workload = params.workload.name();
+            let status_line = move || {
+                alloc::format!(
+                    "STATUS workload={workload} uptime_ms={} dirty_passes={passes} dirty_mismatches={mismatches}",
+                    clock::now_ms()
+                )
+            };
+            let (b, request) = n.poll(&status_line);
+            busy |= b;
+            if request == netstack::Request::Poweroff {
+                power::poweroff();
+            }
+            if let Some(t) = n.next_deadline_ns() {
+                wake = wake.min(t);
+            }
+        }
         if let Some(d) = dirty.as_mut() {
             busy |= d.step(now);
             wake = wake.min(d.next_due_ns());
@@ -77,8 +106,35 @@ extern "C" fn rust_main(zero_page: u64) -> ! {
         if let Some(t) = poweroff_at {
             wake = wake.min(t);
         }
-        if !busy && wake > clock::now_ns() {
+        if busy || wake <= clock::now_ns() {
+            continue;
+        }
+        // Sleep: ask the NIC for an interrupt on the next frame (unless one is already here),
+        // then halt until it comes or the next deadline.
+        let armed = net.as_mut().is_none_or(|n| n.device.arm_interrupts());
+        if armed {
             gate::halt(clock::tsc_at(wake));
         }
+        if let Some(n) = net.as_mut() {
+            let woken = boot::take_irq(apic::PIN_VECTOR_BASE + n.irq);
+            n.device.disarm_interrupts(woken);
+        }
     }
+}
+
+/// The first virtio-net device on the command line, with its interrupt routed.
+fn bring_up_network(params: &Params) -> Option<netstack::NetStack> {
+    for dev in params.devices() {
+        match virtio_net::VirtioNet::init(dev.base) {
+            Ok(nic) => {
+                apic::route_pin(dev.irq);
+                let mut stack =
+                    netstack::NetStack::new(nic, params.ipv4, params.workload == Workload::Echo);
+                stack.irq = dev.irq as u8;
+                return Some(stack);
+            }
+            Err(e) => println!("GUEST-ERROR virtio-mmio device at {:#x}: {e:?}", dev.base),
+        }
+    }
+    None
 }

@@ -202,6 +202,10 @@ impl MmioTransport {
     }
 
     fn write_status(&mut self, dev: &mut dyn VirtioDevice, v: u32) {
+        log::debug!(
+            "virtio-mmio: status {:#x} -> {v:#x}",
+            self.state.device_status
+        );
         if v == 0 {
             dev.reset();
             dev.interrupt().ack(u32::MAX);

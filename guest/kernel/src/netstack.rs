@@ -1,0 +1,238 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The guest's network stack (smoltcp) and its services: the echo server on port 7000 and the
+//! control service on port 7001, as the Linux guest's init offers them.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use guest_common::{CONTROL_PORT, ECHO_PORT, Ipv4Config};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
+
+use crate::clock;
+use crate::virtio_net::VirtioNet;
+
+/// Connections the echo service serves at once (each is one smoltcp socket).
+const ECHO_SOCKETS: usize = 8;
+/// Echo socket buffers: large enough for a full window at this link's speed.
+const ECHO_BUFFER: usize = 256 << 10;
+const CONTROL_SOCKETS: usize = 2;
+const CONTROL_BUFFER: usize = 4096;
+/// How long a control connection may take to say something.
+const CONTROL_IDLE: Duration = Duration::from_secs(30);
+
+/// What the control service asks of the rest of the guest.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    None,
+    Poweroff,
+}
+
+struct Control {
+    handle: SocketHandle,
+    line: Vec<u8>,
+    /// Set once `OK` to a poweroff is queued: power off when it has left.
+    poweroff_pending: bool,
+}
+
+pub struct NetStack {
+    pub device: VirtioNet,
+    /// The NIC's IOAPIC pin.
+    pub irq: u8,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    echo: Vec<SocketHandle>,
+    control: Vec<Control>,
+    echo_enabled: bool,
+    scratch: Vec<u8>,
+}
+
+pub fn now() -> Instant {
+    Instant::from_micros(clock::now_ns() as i64 / 1000)
+}
+
+impl NetStack {
+    pub fn new(mut device: VirtioNet, ip: Option<Ipv4Config>, echo_enabled: bool) -> Self {
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(device.mac)));
+        config.random_seed = clock::rdtsc();
+        let mut iface = Interface::new(config, &mut device, now());
+        if let Some(ip) = ip {
+            let [a, b, c, d] = ip.address;
+            iface.update_ip_addrs(|addrs| {
+                let _ = addrs.push(IpCidr::new(IpAddress::v4(a, b, c, d), ip.prefix_len));
+            });
+            if let Some([a, b, c, d]) = ip.gateway {
+                let _ = iface
+                    .routes_mut()
+                    .add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
+            }
+        }
+        let mut sockets = SocketSet::new(vec![]);
+        let mut echo = Vec::new();
+        if echo_enabled {
+            for _ in 0..ECHO_SOCKETS {
+                let s = tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0; ECHO_BUFFER]),
+                    tcp::SocketBuffer::new(vec![0; ECHO_BUFFER]),
+                );
+                echo.push(sockets.add(s));
+            }
+        }
+        let mut control = Vec::new();
+        for _ in 0..CONTROL_SOCKETS {
+            let s = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; CONTROL_BUFFER]),
+                tcp::SocketBuffer::new(vec![0; CONTROL_BUFFER]),
+            );
+            control.push(Control {
+                handle: sockets.add(s),
+                line: Vec::new(),
+                poweroff_pending: false,
+            });
+        }
+        NetStack {
+            device,
+            irq: 0,
+            iface,
+            sockets,
+            echo,
+            control,
+            echo_enabled,
+            scratch: vec![0; 64 << 10],
+        }
+    }
+
+    /// Moves frames and serves sockets until nothing more happens right now. Returns whether
+    /// anything happened, and what the control service was asked.
+    pub fn poll(&mut self, status_line: &dyn Fn() -> alloc::string::String) -> (bool, Request) {
+        let mut busy = false;
+        let mut request = Request::None;
+        loop {
+            let mut progress = false;
+            let t = now();
+            if self.iface.poll(t, &mut self.device, &mut self.sockets)
+                == smoltcp::iface::PollResult::SocketStateChanged
+            {
+                progress = true;
+            }
+            if self.echo_enabled {
+                progress |= self.serve_echo();
+            }
+            let (p, r) = self.serve_control(status_line);
+            progress |= p;
+            if r != Request::None {
+                request = r;
+            }
+            // Whatever the sockets queued goes out in this same round.
+            self.iface.poll(now(), &mut self.device, &mut self.sockets);
+            self.device.flush();
+            if !progress && !self.device.rx_ready() {
+                break;
+            }
+            busy = true;
+        }
+        (busy, request)
+    }
+
+    /// When smoltcp next needs to run (retransmits, delayed ACKs), in kvmclock nanoseconds.
+    pub fn next_deadline_ns(&mut self) -> Option<u64> {
+        let t = now();
+        self.iface
+            .poll_delay(t, &self.sockets)
+            .map(|d| clock::now_ns() + d.total_micros() * 1000)
+    }
+
+    fn serve_echo(&mut self) -> bool {
+        let mut progress = false;
+        for &h in &self.echo {
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            if !s.is_open() {
+                // Back to listening, so a new connection can come in at any time.
+                let _ = s.listen(ECHO_PORT);
+                continue;
+            }
+            // Echo as much as the send buffer takes; the rest waits in the receive buffer,
+            // which shrinks the window and so slows the sender: no byte is ever dropped.
+            while s.can_recv() && s.can_send() {
+                let room = (s.send_capacity() - s.send_queue()).min(self.scratch.len());
+                if room == 0 {
+                    break;
+                }
+                let n = match s.recv_slice(&mut self.scratch[..room]) {
+                    Ok(n) if n > 0 => n,
+                    _ => break,
+                };
+                let sent = s.send_slice(&self.scratch[..n]).unwrap_or(0);
+                debug_assert_eq!(sent, n, "room was checked");
+                progress = true;
+            }
+            if !s.may_recv() && s.recv_queue() == 0 && s.may_send() {
+                // The peer finished sending and everything was echoed: close our side too.
+                s.close();
+                progress = true;
+            }
+        }
+        progress
+    }
+
+    fn serve_control(
+        &mut self,
+        status_line: &dyn Fn() -> alloc::string::String,
+    ) -> (bool, Request) {
+        let mut progress = false;
+        let mut request = Request::None;
+        for c in &mut self.control {
+            let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
+            if !s.is_open() {
+                c.line.clear();
+                c.poweroff_pending = false;
+                let _ = s.listen(CONTROL_PORT);
+                s.set_timeout(Some(CONTROL_IDLE));
+                continue;
+            }
+            if c.poweroff_pending {
+                if s.send_queue() == 0 {
+                    request = Request::Poweroff;
+                }
+                continue;
+            }
+            let mut buf = [0u8; 256];
+            while let Ok(n) = s.recv_slice(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                progress = true;
+                for &b in &buf[..n] {
+                    if b != b'\n' {
+                        // A line longer than any command is junk; keep the tail only.
+                        if c.line.len() < 128 {
+                            c.line.push(b);
+                        }
+                        continue;
+                    }
+                    let line = core::str::from_utf8(&c.line).unwrap_or("").trim();
+                    let reply = match line {
+                        "status" => status_line(),
+                        "poweroff" => {
+                            c.poweroff_pending = true;
+                            "OK".into()
+                        }
+                        "" => alloc::string::String::new(),
+                        _ => alloc::format!("ERROR unknown command '{line}'"),
+                    };
+                    if !reply.is_empty() {
+                        let _ = s.send_slice(reply.as_bytes());
+                        let _ = s.send_slice(b"\n");
+                    }
+                    c.line.clear();
+                }
+            }
+            if !s.may_recv() && s.may_send() && !c.poweroff_pending {
+                s.close();
+            }
+        }
+        (progress, request)
+    }
+}
