@@ -1,0 +1,149 @@
+// SPDX-License-Identifier: Apache-2.0
+//! What the API speaks: requests the HTTP layer hands to the VMM thread, and the answers. The
+//! JSON shapes here are the API's public contract (see `vmm/api/openapi.yaml`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+
+/// Lifecycle state of the VM as the API reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Paused,
+    /// A live migration to another host is under way (the guest still runs here).
+    Migrating,
+    /// The guest now runs on the destination; this VMM is about to exit.
+    Migrated,
+    /// A shutdown was requested; waiting for the guest to power off.
+    ShuttingDown,
+}
+
+/// `GET /vm`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub state: VmState,
+    pub config: VmConfig,
+    pub uptime_ms: u64,
+}
+
+/// `PUT /vm/migrate` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Destination `host:port` (a `vmm run --incoming` listening there).
+    pub to: String,
+    /// Longest acceptable pause of the guest, in ms (default 50).
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Cap on the copy bandwidth, in MiB/s (default: unlimited).
+    #[serde(default)]
+    pub max_bandwidth_mib_s: Option<u64>,
+    /// Most pre-copy rounds before the migration forces convergence (default 30).
+    #[serde(default)]
+    pub max_rounds: Option<u32>,
+}
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// No migration has been asked for.
+    #[default]
+    None,
+    /// Connecting and checking the destination accepts this VM.
+    Setup,
+    /// Copying memory while the guest runs.
+    Precopy,
+    /// Guest paused: last dirty pages and device state.
+    StopAndCopy,
+    /// The destination runs the guest.
+    Completed,
+    /// Failed; the guest runs on here.
+    Failed,
+}
+
+/// `GET /vm/migration`: progress of the current or last migration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    pub phase: MigrationPhase,
+    pub destination: Option<String>,
+    /// Pre-copy round (1 is the full copy).
+    pub round: u32,
+    pub bytes_sent: u64,
+    pub pages_sent: u64,
+    /// Pages not sent because they were never touched or all zero.
+    pub pages_skipped: u64,
+    /// Pages dirtied per second in the last round.
+    pub dirty_rate_pages_s: u64,
+    /// Bytes per second the last round achieved.
+    pub bandwidth_bytes_s: u64,
+    /// Pause the guest would see if it stopped now.
+    pub estimated_downtime_ms: u64,
+    /// Estimated time to completion.
+    pub eta_ms: u64,
+    /// Total time so far, or of the finished migration.
+    pub total_ms: u64,
+    /// Guest pause measured on the source (pause to destination's acknowledgement).
+    pub downtime_ms: Option<u64>,
+    /// Guest pause measured on the destination (reported back in its acknowledgement).
+    pub downtime_destination_ms: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// A request to the VMM thread.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ApiRequest {
+    GetVm,
+    Pause,
+    Resume,
+    Shutdown,
+    Migrate(MigrateRequest),
+    GetMigration,
+    /// Prometheus text exposition of the VMM's counters.
+    Metrics,
+}
+
+/// The VMM thread's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ApiResponse {
+    Vm(VmInfo),
+    /// Done (HTTP 204).
+    Done,
+    /// Started, runs on (HTTP 202).
+    Accepted,
+    Migration(MigrationInfo),
+    Metrics(String),
+}
+
+/// Why a request failed, by HTTP class.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// 404
+    #[error("{0}")]
+    NotFound(String),
+    /// 400
+    #[error("{0}")]
+    BadRequest(String),
+    /// 409: not possible in the VM's current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// 500
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::NotFound(_) => 404,
+            ApiError::BadRequest(_) => 400,
+            ApiError::Conflict(_) => 409,
+            ApiError::Internal(_) => 500,
+        }
+    }
+}
+
+/// One request in flight from the HTTP thread to the VMM thread, with where to answer.
+pub type ApiMessage = (ApiRequest, std::sync::mpsc::Sender<Result<ApiResponse, ApiError>>);
