@@ -48,6 +48,8 @@ pub enum NetError {
     EventFd(std::io::Error),
     #[error("failed to create virtqueue: {0:?}")]
     Queue(virtio_queue::Error),
+    #[error("invalid saved state: {0}")]
+    State(String),
 }
 
 /// What the device offers: virtio 1.x, MAC and link status, checksum and TSO offloads both ways,
@@ -81,19 +83,21 @@ fn has(features: u64, bit: u32) -> bool {
 
 /// The virtio-net device.
 pub struct Net {
-    tap: Tap,
-    mac: MacAddr,
-    acked_features: u64,
-    queues: Vec<Queue>,
+    pub(crate) tap: Tap,
+    pub(crate) mac: MacAddr,
+    pub(crate) acked_features: u64,
+    pub(crate) queues: Vec<Queue>,
     queue_evts: Vec<EventFd>,
     interrupt: Interrupt,
     /// Config-space `status`: LINK_UP, and ANNOUNCE while an announce is pending.
-    config_status: u16,
-    mem: Option<GuestMemoryMmap>,
-    needs_reset: bool,
+    pub(crate) config_status: u16,
+    pub(crate) mem: Option<GuestMemoryMmap>,
+    pub(crate) needs_reset: bool,
+    /// Set while a migration freezes the device (see `persist.rs`).
+    pub(crate) paused: bool,
     /// One frame read from the TAP that found no guest buffer yet.
-    rx_frame: Vec<u8>,
-    rx_frame_len: Option<usize>,
+    pub(crate) rx_frame: Vec<u8>,
+    pub(crate) rx_frame_len: Option<usize>,
     tx_frame: Vec<u8>,
     /// Scratch for the RX path: (descriptor address, length, chain head) of the chains taken.
     rx_descs: Vec<(GuestAddress, u32, u16)>,
@@ -122,6 +126,7 @@ impl Net {
             config_status: VIRTIO_NET_S_LINK_UP as u16,
             mem: None,
             needs_reset: false,
+            paused: false,
             rx_frame: vec![0; MAX_FRAME],
             rx_frame_len: None,
             tx_frame: vec![0; MAX_FRAME],
@@ -156,7 +161,7 @@ impl Net {
     }
 
     fn ready(&self) -> Option<GuestMemoryMmap> {
-        if self.needs_reset {
+        if self.needs_reset || self.paused {
             None
         } else {
             self.mem.clone()
@@ -470,7 +475,7 @@ impl Net {
         self.interrupt.trigger(INT_CONFIG).is_ok()
     }
 
-    fn tap_offloads(&self) -> u32 {
+    pub(crate) fn tap_offloads(&self) -> u32 {
         let f = self.acked_features;
         let mut flags = 0;
         if has(f, VIRTIO_NET_F_GUEST_CSUM) {

@@ -4,6 +4,7 @@
 pub mod device;
 pub mod event_handler;
 pub mod metrics;
+pub mod persist;
 pub mod tap;
 pub mod virtio;
 

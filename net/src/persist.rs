@@ -1,0 +1,257 @@
+// SPDX-License-Identifier: Apache-2.0
+//! virtio-net state for migration: features, link/announce status, the queues (addresses,
+//! sizes and the device's ring positions) and a received frame that was still waiting for a
+//! guest buffer. Descriptor chains are never in flight when the device is paused: each one is
+//! processed to completion (added to the used ring) or not taken at all.
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState};
+
+use crate::GuestMemoryMmap;
+use crate::device::{Net, NetError};
+
+/// virtio-queue's `QueueState`, made serialisable (the `virtio-queue-ser` crate pins an older
+/// virtio-queue).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "QueueState")]
+struct QueueStateDef {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+/// One queue's state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot(#[serde(with = "QueueStateDef")] pub QueueState);
+
+/// The device's state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub mac: [u8; 6],
+    pub acked_features: u64,
+    pub config_status: u16,
+    pub activated: bool,
+    pub needs_reset: bool,
+    pub queues: Vec<QueueSnapshot>,
+    /// A frame read from the TAP that no guest buffer had taken yet (virtio-net header first).
+    pub pending_rx_frame: Option<Vec<u8>>,
+}
+
+impl Net {
+    /// Stops moving frames: the TAP is left alone and queues are not processed, so the device
+    /// writes nothing more into guest memory until [`Net::resume`].
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// Moves frames again, catching up on whatever arrived meanwhile.
+    pub fn resume(&mut self) {
+        self.paused = false;
+        self.process_rx();
+        self.process_tx();
+        self.process_ctrl();
+    }
+
+    pub fn save_state(&self) -> NetState {
+        NetState {
+            mac: self.mac,
+            acked_features: self.acked_features,
+            config_status: self.config_status,
+            activated: self.mem.is_some(),
+            needs_reset: self.needs_reset,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot(q.state()))
+                .collect(),
+            pending_rx_frame: self.rx_frame_len.map(|n| self.rx_frame[..n].to_vec()),
+        }
+    }
+
+    /// Restores a saved device into this (freshly created, not activated) one. `mem` is the
+    /// guest memory the restored queues live in.
+    pub fn restore_state(
+        &mut self,
+        state: &NetState,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), NetError> {
+        if state.queues.len() != self.queues.len() {
+            return Err(NetError::State(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        for (q, s) in self.queues.iter_mut().zip(&state.queues) {
+            *q = Queue::try_from(s.0).map_err(|e| NetError::State(format!("queue: {e:?}")))?;
+        }
+        self.mac = state.mac;
+        self.acked_features = state.acked_features & crate::device::offered_features();
+        self.config_status = state.config_status;
+        self.needs_reset = state.needs_reset;
+        self.rx_frame_len = None;
+        if let Some(frame) = &state.pending_rx_frame {
+            if frame.len() > self.rx_frame.len() {
+                return Err(NetError::State(format!(
+                    "pending frame of {} bytes is too large",
+                    frame.len()
+                )));
+            }
+            self.rx_frame[..frame.len()].copy_from_slice(frame);
+            self.rx_frame_len = Some(frame.len());
+        }
+        if state.activated {
+            self.tap
+                .set_offload(self.tap_offloads())
+                .map_err(NetError::Tap)?;
+            self.mem = Some(mem.clone());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::device::{RX_INDEX, TX_INDEX};
+    use crate::tap::VNET_HDR_LEN;
+    use crate::test_utils::*;
+
+    #[test]
+    fn state_round_trips_and_a_restored_device_carries_on() {
+        let mut rig = Rig::new();
+        rig.init((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC), 16);
+        let mem = rig.mem.clone();
+        let rxq = queue(&mem, RX_INDEX, 16);
+        let txq = queue(&mem, TX_INDEX, 16);
+        // A frame waits in the device (no RX buffers yet) when it is paused and saved.
+        let frame = test_frame(b"in flight");
+        rig.wire.send(&frame);
+        std::thread::sleep(Duration::from_millis(50));
+        rig.net.lock().unwrap().process_rx();
+        rig.net.lock().unwrap().pause();
+        let state = rig.net.lock().unwrap().save_state();
+        assert_eq!(
+            state.pending_rx_frame.as_ref().map(|f| f.len()),
+            Some(VNET_HDR_LEN + frame.len())
+        );
+        let json = serde_json::to_string(&state).unwrap();
+        let state: NetState = serde_json::from_str(&json).unwrap();
+
+        // "Destination": a new device on the same TAP (the old one goes away first).
+        let old = std::mem::replace(
+            &mut rig.net,
+            std::sync::Arc::new(std::sync::Mutex::new(
+                Net::new(
+                    "vmmtest1",
+                    GUEST_MAC,
+                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                )
+                .unwrap(),
+            )),
+        );
+        drop(old);
+        let mut dest = rig.net.lock().unwrap();
+        dest.restore_state(&state, &rig.mem).unwrap();
+        assert_eq!(
+            dest.save_state(),
+            state,
+            "restore then save gives the same state"
+        );
+        // The pending frame reaches the guest once it offers a buffer.
+        rxq.add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(
+                BUFFERS,
+                2048,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            ))],
+            0,
+        )
+        .unwrap();
+        dest.process_rx();
+        assert_eq!(rxq.used().idx().load(), 1);
+        let mut got = vec![0u8; frame.len()];
+        rig.mem
+            .read_slice(&mut got, GuestAddress(BUFFERS + VNET_HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(got, frame);
+        // And the restored TX queue works on the new TAP.
+        drop(dest);
+        link_up("vmmtest1");
+        let wire = Wire::open("vmmtest1");
+        let out = test_frame(b"after restore");
+        let mut buf = vec![0u8; VNET_HDR_LEN];
+        buf.extend_from_slice(&out);
+        rig.mem
+            .write_slice(&buf, GuestAddress(BUFFERS + 0x4000))
+            .unwrap();
+        txq.add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(
+                BUFFERS + 0x4000,
+                buf.len() as u32,
+                0,
+                0,
+            ))],
+            0,
+        )
+        .unwrap();
+        rig.net.lock().unwrap().process_tx();
+        assert!(wire.wait_for(&out, Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_paused_device_leaves_guest_memory_alone() {
+        let mut rig = Rig::new();
+        rig.init((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC), 16);
+        let mem = rig.mem.clone();
+        let rxq = queue(&mem, RX_INDEX, 16);
+        rxq.add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(
+                BUFFERS,
+                2048,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            ))],
+            0,
+        )
+        .unwrap();
+        rig.net.lock().unwrap().pause();
+        rig.wire.send(&test_frame(b"while paused"));
+        std::thread::sleep(Duration::from_millis(50));
+        rig.net.lock().unwrap().process_rx();
+        assert_eq!(rxq.used().idx().load(), 0, "nothing delivered while paused");
+        rig.net.lock().unwrap().resume();
+        assert_eq!(rxq.used().idx().load(), 1, "delivered on resume");
+    }
+
+    #[test]
+    fn a_state_with_the_wrong_queue_count_is_refused() {
+        let rig = Rig::new();
+        let mut state = rig.net.lock().unwrap().save_state();
+        state.queues.pop();
+        assert!(
+            rig.net
+                .lock()
+                .unwrap()
+                .restore_state(&state, &rig.mem)
+                .is_err()
+        );
+    }
+}
