@@ -20,9 +20,7 @@ pub fn is_zero(page: &[u8]) -> bool {
         // align_to only yields correctly aligned words.
         unsafe { page.align_to::<u64>() }
     };
-    head.iter().all(|b| *b == 0)
-        && words.iter().fold(0, |acc, w| acc | w) == 0
-        && tail.iter().all(|b| *b == 0)
+    head.iter().all(|b| *b == 0) && words.iter().fold(0, |acc, w| acc | w) == 0 && tail.iter().all(|b| *b == 0)
 }
 
 /// Builds a batch, merging adjacent pages of the same kind into one record.
@@ -37,10 +35,7 @@ pub struct BatchWriter {
 
 impl BatchWriter {
     pub fn with_capacity(bytes: usize) -> Self {
-        BatchWriter {
-            buf: Vec::with_capacity(bytes),
-            ..Default::default()
-        }
+        BatchWriter { buf: Vec::with_capacity(bytes), ..Default::default() }
     }
 
     pub fn len(&self) -> usize {
@@ -67,12 +62,8 @@ impl BatchWriter {
             && end == gpa
             && k == kind
         {
-            let pages = u32::from_le_bytes([
-                self.buf[off + 8],
-                self.buf[off + 9],
-                self.buf[off + 10],
-                self.buf[off + 11],
-            ]);
+            let pages =
+                u32::from_le_bytes([self.buf[off + 8], self.buf[off + 9], self.buf[off + 10], self.buf[off + 11]]);
             // A record holds at most u32::MAX pages; start a new one beyond that.
             if pages < u32::MAX {
                 self.buf[off + 8..off + 12].copy_from_slice(&(pages + 1).to_le_bytes());
@@ -87,34 +78,42 @@ impl BatchWriter {
         self.open = Some((off, gpa + PAGE_SIZE as u64, kind));
     }
 
-    /// Adds the page at `gpa`, copied from `src` (which may be changing under us: what is
-    /// copied is what is sent). A page that turns out all zero becomes a zero record.
+    /// Adds the page at `gpa`, copied from `src`. A page that turns out all zero becomes a zero
+    /// record.
     pub fn push_page(&mut self, gpa: u64, src: &[u8]) {
         debug_assert_eq!(src.len(), PAGE_SIZE);
+        let _ = self.push_page_with(gpa, |dst| {
+            dst.copy_from_slice(src);
+            Ok::<(), ()>(())
+        });
+    }
+
+    /// Adds the page at `gpa`, letting `fill` copy it straight into the batch (from guest
+    /// memory that may be changing under us: what is copied is what is sent). A page that
+    /// turns out all zero becomes a zero record.
+    pub fn push_page_with<E>(&mut self, gpa: u64, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<(), E> {
         let (saved_len, saved_open) = (self.buf.len(), self.open);
         self.extend_or_open(gpa, KIND_DATA);
         let data_at = self.buf.len();
-        self.buf.extend_from_slice(src);
-        if !is_zero(&self.buf[data_at..]) {
+        self.buf.resize(data_at + PAGE_SIZE, 0);
+        let filled = fill(&mut self.buf[data_at..]);
+        if filled.is_ok() && !is_zero(&self.buf[data_at..]) {
             self.data_pages += 1;
-            return;
+            return Ok(());
         }
-        // All zero: take the page back out. Either a new record was opened (the truncate
-        // removes it) or the open data record grew by one page (shrink it back).
+        // All zero (or not copied): take the page back out. Either a new record was opened
+        // (the truncate removes it) or the open data record grew by one page (shrink it back).
         self.buf.truncate(saved_len);
         if let Some((off, _, _)) = saved_open
             && self.open.map(|o| o.0) == Some(off)
         {
-            let pages = u32::from_le_bytes([
-                self.buf[off + 8],
-                self.buf[off + 9],
-                self.buf[off + 10],
-                self.buf[off + 11],
-            ]);
+            let pages = u32::from_le_bytes([self.buf[off + 8], self.buf[off + 9], self.buf[off + 10], self.buf[off + 11]]);
             self.buf[off + 8..off + 12].copy_from_slice(&(pages - 1).to_le_bytes());
         }
         self.open = saved_open;
+        filled?;
         self.push_zero(gpa);
+        Ok(())
     }
 
     /// Adds a zero page at `gpa`.
@@ -182,26 +181,16 @@ impl<'a> Iterator for BatchReader<'a> {
         match kind {
             KIND_ZERO => {
                 self.pos = start;
-                Some(Ok(Record {
-                    gpa,
-                    pages,
-                    data: None,
-                }))
+                Some(Ok(Record { gpa, pages, data: None }))
             }
             KIND_DATA => {
-                let end = start
-                    .checked_add(bytes as usize)
-                    .filter(|e| *e <= self.buf.len());
+                let end = start.checked_add(bytes as usize).filter(|e| *e <= self.buf.len());
                 let Some(end) = end else {
                     self.pos = self.buf.len();
                     return Some(Err(BatchError::Truncated(start)));
                 };
                 self.pos = end;
-                Some(Ok(Record {
-                    gpa,
-                    pages,
-                    data: Some(&self.buf[start..end]),
-                }))
+                Some(Ok(Record { gpa, pages, data: Some(&self.buf[start..end]) }))
             }
             k => {
                 self.pos = self.buf.len();
@@ -261,10 +250,7 @@ mod tests {
         assert_eq!(recs.len(), 4);
         assert_eq!((recs[0].gpa, recs[0].pages), (0x1000, 2));
         assert_eq!(&recs[0].data.unwrap()[PAGE_SIZE..PAGE_SIZE + 2], &[2, 2]);
-        assert_eq!(
-            (recs[1].gpa, recs[1].pages, recs[1].data),
-            (0x3000, 2, None)
-        );
+        assert_eq!((recs[1].gpa, recs[1].pages, recs[1].data), (0x3000, 2, None));
         assert_eq!((recs[2].gpa, recs[2].pages), (0x5000, 1));
         assert_eq!((recs[3].gpa, recs[3].pages), (0x9000, 1));
     }
@@ -287,32 +273,17 @@ mod tests {
         let mut w = BatchWriter::default();
         w.push_page(0x1000, &page(3));
         let good = w.as_bytes().to_vec();
-        assert!(matches!(
-            BatchReader::new(&good[..good.len() - 1]).next(),
-            Some(Err(BatchError::Truncated(_)))
-        ));
-        assert!(matches!(
-            BatchReader::new(&good[..10]).next(),
-            Some(Err(BatchError::Truncated(_)))
-        ));
+        assert!(matches!(BatchReader::new(&good[..good.len() - 1]).next(), Some(Err(BatchError::Truncated(_)))));
+        assert!(matches!(BatchReader::new(&good[..10]).next(), Some(Err(BatchError::Truncated(_)))));
         let mut kind = good.clone();
         kind[12] = 9;
-        assert_eq!(
-            BatchReader::new(&kind).next(),
-            Some(Err(BatchError::Kind(9)))
-        );
+        assert_eq!(BatchReader::new(&kind).next(), Some(Err(BatchError::Kind(9))));
         let mut addr = good.clone();
         addr[0] = 1;
-        assert!(matches!(
-            BatchReader::new(&addr).next(),
-            Some(Err(BatchError::Address(_)))
-        ));
+        assert!(matches!(BatchReader::new(&addr).next(), Some(Err(BatchError::Address(_)))));
         let mut big = good.clone();
         big[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            BatchReader::new(&big).next(),
-            Some(Err(BatchError::Truncated(_)))
-        ));
+        assert!(matches!(BatchReader::new(&big).next(), Some(Err(BatchError::Truncated(_)))));
     }
 
     #[test]

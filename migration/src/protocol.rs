@@ -77,10 +77,7 @@ pub enum ProtocolError {
     #[error("frame checksum mismatch: the stream is corrupted")]
     Checksum,
     #[error("expected {expected:?}, got {got:?}")]
-    Unexpected {
-        expected: &'static str,
-        got: Command,
-    },
+    Unexpected { expected: &'static str, got: Command },
     #[error("invalid {what}: {why}")]
     Invalid { what: &'static str, why: String },
 }
@@ -103,11 +100,7 @@ fn header(command: Command, payload: &[u8]) -> [u8; HEADER_LEN] {
 }
 
 /// Writes one frame.
-pub fn write_frame(
-    w: &mut impl Write,
-    command: Command,
-    payload: &[u8],
-) -> Result<(), ProtocolError> {
+pub fn write_frame(w: &mut impl Write, command: Command, payload: &[u8]) -> Result<(), ProtocolError> {
     if payload.len() as u64 > MAX_PAYLOAD {
         return Err(ProtocolError::TooLarge(payload.len() as u64));
     }
@@ -117,15 +110,9 @@ pub fn write_frame(
 }
 
 /// Writes a frame whose payload is JSON.
-pub fn write_json<T: Serialize>(
-    w: &mut impl Write,
-    command: Command,
-    value: &T,
-) -> Result<(), ProtocolError> {
-    let payload = serde_json::to_vec(value).map_err(|e| ProtocolError::Invalid {
-        what: "payload",
-        why: e.to_string(),
-    })?;
+pub fn write_json<T: Serialize>(w: &mut impl Write, command: Command, value: &T) -> Result<(), ProtocolError> {
+    let payload =
+        serde_json::to_vec(value).map_err(|e| ProtocolError::Invalid { what: "payload", why: e.to_string() })?;
     write_frame(w, command, &payload)
 }
 
@@ -146,14 +133,10 @@ pub fn read_frame_into(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Command, 
     }
     let version = u16::from_le_bytes([h[4], h[5]]);
     if version != PROTOCOL_VERSION {
-        return Err(ProtocolError::Version {
-            peer: version,
-            ours: PROTOCOL_VERSION,
-        });
+        return Err(ProtocolError::Version { peer: version, ours: PROTOCOL_VERSION });
     }
     let raw_command = u16::from_le_bytes([h[6], h[7]]);
-    let command =
-        Command::from_u16(raw_command).ok_or(ProtocolError::UnknownCommand(raw_command))?;
+    let command = Command::from_u16(raw_command).ok_or(ProtocolError::UnknownCommand(raw_command))?;
     let mut len8 = [0u8; 8];
     len8.copy_from_slice(&h[8..16]);
     let len = u64::from_le_bytes(len8);
@@ -178,14 +161,8 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
 }
 
 /// Parses a JSON payload.
-pub fn parse_json<T: for<'de> Deserialize<'de>>(
-    what: &'static str,
-    payload: &[u8],
-) -> Result<T, ProtocolError> {
-    serde_json::from_slice(payload).map_err(|e| ProtocolError::Invalid {
-        what,
-        why: e.to_string(),
-    })
+pub fn parse_json<T: for<'de> Deserialize<'de>>(what: &'static str, payload: &[u8]) -> Result<T, ProtocolError> {
+    serde_json::from_slice(payload).map_err(|e| ProtocolError::Invalid { what, why: e.to_string() })
 }
 
 /// The destination's answer to `Start` and `Complete`.
@@ -201,19 +178,11 @@ pub struct Response {
 
 impl Response {
     pub fn ok() -> Self {
-        Response {
-            ok: true,
-            error: None,
-            downtime_us: None,
-        }
+        Response { ok: true, error: None, downtime_us: None }
     }
 
     pub fn error(msg: impl Into<String>) -> Self {
-        Response {
-            ok: false,
-            error: Some(msg.into()),
-            downtime_us: None,
-        }
+        Response { ok: false, error: Some(msg.into()), downtime_us: None }
     }
 }
 
@@ -221,10 +190,7 @@ impl Response {
 pub fn read_response(r: &mut impl Read) -> Result<Response, ProtocolError> {
     let frame = read_frame(r)?;
     if frame.command != Command::Response {
-        return Err(ProtocolError::Unexpected {
-            expected: "Response",
-            got: frame.command,
-        });
+        return Err(ProtocolError::Unexpected { expected: "Response", got: frame.command });
     }
     parse_json("response", &frame.payload)
 }
@@ -265,10 +231,7 @@ mod tests {
         write_json(&mut buf, Command::Response, &Response::error("no")).unwrap();
         let mut r = Cursor::new(buf);
         let f = read_frame(&mut r).unwrap();
-        assert_eq!(
-            (f.command, f.payload.as_slice()),
-            (Command::Memory, b"pages".as_slice())
-        );
+        assert_eq!((f.command, f.payload.as_slice()), (Command::Memory, b"pages".as_slice()));
         let resp = read_response(&mut r).unwrap();
         assert_eq!(resp.error.as_deref(), Some("no"));
         assert!(matches!(read_frame(&mut r), Err(ProtocolError::Truncated)));
@@ -280,38 +243,20 @@ mod tests {
         write_frame(&mut buf, Command::State, b"{\"a\":1}").unwrap();
         let n = buf.len();
         buf[n - 2] ^= 0x40;
-        assert!(matches!(
-            read_frame(&mut Cursor::new(&buf)),
-            Err(ProtocolError::Checksum)
-        ));
+        assert!(matches!(read_frame(&mut Cursor::new(&buf)), Err(ProtocolError::Checksum)));
         let mut bad = buf.clone();
         bad[0] = 0;
-        assert!(matches!(
-            read_frame(&mut Cursor::new(&bad)),
-            Err(ProtocolError::BadMagic(_))
-        ));
+        assert!(matches!(read_frame(&mut Cursor::new(&bad)), Err(ProtocolError::BadMagic(_))));
         let mut v2 = buf.clone();
         v2[4] = 2;
-        assert!(matches!(
-            read_frame(&mut Cursor::new(&v2)),
-            Err(ProtocolError::Version { peer: 2, ours: 1 })
-        ));
+        assert!(matches!(read_frame(&mut Cursor::new(&v2)), Err(ProtocolError::Version { peer: 2, ours: 1 })));
         let mut cmd = buf.clone();
         cmd[6] = 99;
-        assert!(matches!(
-            read_frame(&mut Cursor::new(&cmd)),
-            Err(ProtocolError::UnknownCommand(99))
-        ));
+        assert!(matches!(read_frame(&mut Cursor::new(&cmd)), Err(ProtocolError::UnknownCommand(99))));
         let mut huge = buf.clone();
         huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(
-            read_frame(&mut Cursor::new(&huge)),
-            Err(ProtocolError::TooLarge(_))
-        ));
-        assert!(matches!(
-            read_frame(&mut Cursor::new(&buf[..n - 1])),
-            Err(ProtocolError::Truncated)
-        ));
+        assert!(matches!(read_frame(&mut Cursor::new(&huge)), Err(ProtocolError::TooLarge(_))));
+        assert!(matches!(read_frame(&mut Cursor::new(&buf[..n - 1])), Err(ProtocolError::Truncated)));
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! renaming or removing a field bumps the major version.
 
 use kvm_bindings::{
-    CpuId, Msrs, kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_state2, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use serde::{Deserialize, Serialize};
 
@@ -68,13 +68,7 @@ mod tests {
         assert!(STATE_VERSION.compatible());
         assert!(StateVersion { major: 1, minor: 0 }.compatible());
         assert!(!StateVersion { major: 2, minor: 0 }.compatible());
-        assert!(
-            !StateVersion {
-                major: 1,
-                minor: STATE_VERSION.minor + 1
-            }
-            .compatible()
-        );
+        assert!(!StateVersion { major: 1, minor: STATE_VERSION.minor + 1 }.compatible());
     }
 
     #[test]
@@ -107,15 +101,9 @@ mod tests {
         let vm = VmState {
             pic_master: kvm_irqchip::default(),
             pic_slave: kvm_irqchip::default(),
-            ioapic: kvm_irqchip {
-                chip_id: 2,
-                ..Default::default()
-            },
+            ioapic: kvm_irqchip { chip_id: 2, ..Default::default() },
             pit: kvm_pit_state2::default(),
-            clock: kvm_clock_data {
-                clock: 42,
-                ..Default::default()
-            },
+            clock: kvm_clock_data { clock: 42, ..Default::default() },
         };
         let back: VmState = serde_json::from_str(&serde_json::to_string(&vm).unwrap()).unwrap();
         assert_eq!((back.ioapic.chip_id, back.clock.clock), (2, 42));

@@ -161,11 +161,7 @@ impl Net {
     }
 
     fn ready(&self) -> Option<GuestMemoryMmap> {
-        if self.needs_reset || self.paused {
-            None
-        } else {
-            self.mem.clone()
-        }
+        if self.needs_reset || self.paused { None } else { self.mem.clone() }
     }
 
     fn signal_used(&mut self, index: usize, mem: &GuestMemoryMmap) {
@@ -215,10 +211,7 @@ impl Net {
                         ok = false;
                         break;
                     }
-                    if mem
-                        .read_slice(&mut self.tx_frame[len..len + n], desc.addr())
-                        .is_err()
-                    {
+                    if mem.read_slice(&mut self.tx_frame[len..len + n], desc.addr()).is_err() {
                         ok = false;
                         break;
                     }
@@ -228,9 +221,7 @@ impl Net {
                     match self.tap.write_frame(&self.tx_frame[..len]) {
                         Ok(_) => {
                             self.metrics.tx_packets.fetch_add(1, Ordering::Relaxed);
-                            self.metrics
-                                .tx_bytes
-                                .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+                            self.metrics.tx_bytes.fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
                         }
                         Err(e) => {
                             log::debug!("virtio-net: TAP write failed: {e}");
@@ -239,9 +230,7 @@ impl Net {
                     }
                 } else {
                     self.metrics.tx_dropped.fetch_add(1, Ordering::Relaxed);
-                    self.metrics
-                        .tx_bad_descriptors
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.tx_bad_descriptors.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Err(e) = self.queues[TX_INDEX].add_used(&mem, head, 0) {
                     return self.broken(&format!("tx used ring: {e:?}"));
@@ -389,16 +378,12 @@ impl Net {
         }
         self.rx_used = per_chain;
         self.metrics.rx_packets.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .rx_bytes
-            .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+        self.metrics.rx_bytes.fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
         Deliver::Done
     }
 
     fn return_empty(&mut self, mem: &GuestMemoryMmap) -> Deliver {
-        self.metrics
-            .rx_bad_descriptors
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.rx_bad_descriptors.fetch_add(1, Ordering::Relaxed);
         let mut last = None;
         for i in 0..self.rx_descs.len() {
             let head = self.rx_descs[i].2;
@@ -433,21 +418,13 @@ impl Net {
                     ack_at = Some(desc.addr());
                 } else if got < 2 {
                     let n = (desc.len() as usize).min(2 - got);
-                    if mem
-                        .read_slice(&mut header[got..got + n], desc.addr())
-                        .is_err()
-                    {
+                    if mem.read_slice(&mut header[got..got + n], desc.addr()).is_err() {
                         break;
                     }
                     got += n;
                 }
             }
-            let ok = got == 2
-                && header
-                    == [
-                        VIRTIO_NET_CTRL_ANNOUNCE as u8,
-                        VIRTIO_NET_CTRL_ANNOUNCE_ACK as u8,
-                    ];
+            let ok = got == 2 && header == [VIRTIO_NET_CTRL_ANNOUNCE as u8, VIRTIO_NET_CTRL_ANNOUNCE_ACK as u8];
             if ok {
                 self.config_status &= !(VIRTIO_NET_S_ANNOUNCE as u16);
             }
@@ -540,11 +517,7 @@ impl VirtioDevice for Net {
         config[..6].copy_from_slice(&self.mac);
         config[6..8].copy_from_slice(&self.config_status.to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| config.get(o + i))
-                .copied()
-                .unwrap_or(0);
+            *b = usize::try_from(offset).ok().and_then(|o| config.get(o + i)).copied().unwrap_or(0);
         }
     }
 
@@ -565,9 +538,7 @@ impl VirtioDevice for Net {
             }
             q.set_event_idx(event_idx);
         }
-        self.tap
-            .set_offload(self.tap_offloads())
-            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        self.tap.set_offload(self.tap_offloads()).map_err(|e| ActivateError::Backend(e.to_string()))?;
         self.mem = Some(mem);
         // The TAP may have frames waiting, and the driver may have queued some already.
         self.process_rx();
@@ -619,14 +590,7 @@ mod tests {
     const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
     fn features(extra: &[u32]) -> u64 {
-        [
-            VIRTIO_F_VERSION_1,
-            VIRTIO_NET_F_MAC,
-            VIRTIO_RING_F_EVENT_IDX,
-        ]
-        .iter()
-        .chain(extra)
-        .fold(0, |a, b| a | 1 << b)
+        [VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_RING_F_EVENT_IDX].iter().chain(extra).fold(0, |a, b| a | 1 << b)
     }
 
     fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
@@ -635,10 +599,7 @@ mod tests {
 
     fn used(q: &MockSplitQueue<'_, GuestMemoryMmap>) -> Vec<(u32, u32)> {
         let n = q.used().idx().load();
-        (0..n)
-            .map(|i| q.used().ring().ref_at(i as usize).unwrap().load())
-            .map(|e| (e.id(), e.len()))
-            .collect()
+        (0..n).map(|i| q.used().ring().ref_at(i as usize).unwrap().load()).map(|e| (e.id(), e.len())).collect()
     }
 
     /// Puts `frame` behind a virtio-net header at `at` in guest memory and returns its length.
@@ -672,10 +633,7 @@ mod tests {
         assert_eq!(rig.read_reg(VIRTIO_MMIO_VERSION), 2);
         assert_eq!(rig.read_reg(VIRTIO_MMIO_DEVICE_ID), VIRTIO_ID_NET);
         rig.write_reg(VIRTIO_MMIO_QUEUE_SEL, 0);
-        assert_eq!(
-            rig.read_reg(VIRTIO_MMIO_QUEUE_NUM_MAX),
-            u32::from(QUEUE_SIZE)
-        );
+        assert_eq!(rig.read_reg(VIRTIO_MMIO_QUEUE_NUM_MAX), u32::from(QUEUE_SIZE));
         rig.write_reg(VIRTIO_MMIO_QUEUE_SEL, 7);
         assert_eq!(rig.read_reg(VIRTIO_MMIO_QUEUE_NUM_MAX), 0, "no queue 7");
         let mut mac = [0u8; 6];
@@ -704,14 +662,7 @@ mod tests {
         let frame = test_frame(b"hello from the guest");
         let len = put_tx_frame(&rig, BUFFERS, &frame);
         // Header and frame in two descriptors, as Linux sends them.
-        txq.add_desc_chains(
-            &[
-                desc(BUFFERS, 12, NEXT, 1),
-                desc(BUFFERS + 12, len - 12, 0, 0),
-            ],
-            0,
-        )
-        .unwrap();
+        txq.add_desc_chains(&[desc(BUFFERS, 12, NEXT, 1), desc(BUFFERS + 12, len - 12, 0, 0)], 0).unwrap();
         rig.net.lock().unwrap().process_tx();
         assert!(rig.wire.wait_for(&frame, Duration::from_secs(2)));
         assert_eq!(used(&txq), vec![(0, 0)]);
@@ -725,8 +676,7 @@ mod tests {
         rig.init(features(&[]), SIZE);
         let mem = rig.mem.clone();
         let rxq = queue(&mem, RX_INDEX, SIZE);
-        rxq.add_desc_chains(&[desc(BUFFERS, 2048, WRITE, 0)], 0)
-            .unwrap();
+        rxq.add_desc_chains(&[desc(BUFFERS, 2048, WRITE, 0)], 0).unwrap();
         // Reset the dirty bitmap so that only what the device writes from now on is set.
         let region = rig.mem.iter().next().unwrap();
         let bitmap = (**region).bitmap();
@@ -741,10 +691,7 @@ mod tests {
         assert_eq!(&got[VNET_HDR_LEN..], &frame[..]);
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
         assert!(bitmap.is_addr_set(BUFFERS as usize), "RX buffer page dirty");
-        assert!(
-            bitmap.is_addr_set(rxq.used_addr().0 as usize),
-            "used ring page dirty"
-        );
+        assert!(bitmap.is_addr_set(rxq.used_addr().0 as usize), "used ring page dirty");
         assert!(rig.irq.read().is_ok(), "interrupt raised");
     }
 
@@ -754,27 +701,17 @@ mod tests {
         rig.init(features(&[VIRTIO_NET_F_MRG_RXBUF]), SIZE);
         let mem = rig.mem.clone();
         let rxq = queue(&mem, RX_INDEX, SIZE);
-        let descs: Vec<_> = (0..4)
-            .map(|i| desc(BUFFERS + i * 0x1000, 64, WRITE, 0))
-            .collect();
+        let descs: Vec<_> = (0..4).map(|i| desc(BUFFERS + i * 0x1000, 64, WRITE, 0)).collect();
         rxq.add_desc_chains(&descs, 0).unwrap();
         let frame = test_frame(&[7; 150]);
         rig.wire.send(&frame);
         assert!(rx_until(&rig, &rxq, 3));
         let total = VNET_HDR_LEN + frame.len();
-        assert_eq!(
-            used(&rxq),
-            vec![(0, 64), (1, 64), (2, (total - 128) as u32)]
-        );
+        assert_eq!(used(&rxq), vec![(0, 64), (1, 64), (2, (total - 128) as u32)]);
         let mut got = vec![0u8; total];
         for i in 0..3u64 {
             let n = (total - 64 * i as usize).min(64);
-            rig.mem
-                .read_slice(
-                    &mut got[64 * i as usize..][..n],
-                    GuestAddress(BUFFERS + i * 0x1000),
-                )
-                .unwrap();
+            rig.mem.read_slice(&mut got[64 * i as usize..][..n], GuestAddress(BUFFERS + i * 0x1000)).unwrap();
         }
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
         assert_eq!(&got[VNET_HDR_LEN..], &frame[..]);
@@ -791,13 +728,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         rig.net.lock().unwrap().process_rx();
         assert!(used(&rxq).is_empty());
-        rxq.add_desc_chains(&[desc(BUFFERS, 2048, WRITE, 0)], 0)
-            .unwrap();
+        rxq.add_desc_chains(&[desc(BUFFERS, 2048, WRITE, 0)], 0).unwrap();
         assert!(rx_until(&rig, &rxq, 1));
         let mut got = vec![0u8; frame.len()];
-        rig.mem
-            .read_slice(&mut got, GuestAddress(BUFFERS + VNET_HDR_LEN as u64))
-            .unwrap();
+        rig.mem.read_slice(&mut got, GuestAddress(BUFFERS + VNET_HDR_LEN as u64)).unwrap();
         assert_eq!(got, frame);
     }
 
@@ -830,10 +764,7 @@ mod tests {
             offset += c.len() as u16;
         }
         rig.net.lock().unwrap().process_tx();
-        assert!(
-            rig.wire.wait_for(&frame, Duration::from_secs(2)),
-            "the good frame got through"
-        );
+        assert!(rig.wire.wait_for(&frame, Duration::from_secs(2)), "the good frame got through");
         assert_eq!(used(&txq).len(), chains.len(), "every chain is returned");
         assert!(!status_needs_reset(&mut rig));
         let m = rig.net.lock().unwrap().metrics();
@@ -850,11 +781,7 @@ mod tests {
         let rxq = queue(&mem, RX_INDEX, SIZE);
         // Read-only RX buffer, then one too small without mergeable buffers, then a good one.
         rxq.add_desc_chains(
-            &[
-                desc(BUFFERS, 2048, 0, 0),
-                desc(BUFFERS, 16, WRITE, 0),
-                desc(BUFFERS + 0x1000, 2048, WRITE, 0),
-            ],
+            &[desc(BUFFERS, 2048, 0, 0), desc(BUFFERS, 16, WRITE, 0), desc(BUFFERS + 0x1000, 2048, WRITE, 0)],
             0,
         )
         .unwrap();
@@ -866,12 +793,7 @@ mod tests {
         assert_eq!((u[0].1, u[1].1), (0, 0), "bad buffers returned empty");
         assert!(u[2].1 > 0);
         let mut got = vec![0u8; 5];
-        rig.mem
-            .read_slice(
-                &mut got,
-                GuestAddress(BUFFERS + 0x1000 + VNET_HDR_LEN as u64 + 14),
-            )
-            .unwrap();
+        rig.mem.read_slice(&mut got, GuestAddress(BUFFERS + 0x1000 + VNET_HDR_LEN as u64 + 14)).unwrap();
         assert_eq!(&got, b"three");
         assert!(!status_needs_reset(&mut rig));
     }
@@ -880,11 +802,7 @@ mod tests {
     fn bogus_queue_size_needs_reset_and_a_reset_recovers() {
         let mut rig = Rig::new();
         let status = rig.init(features(&[]), 3);
-        assert_ne!(
-            status & VIRTIO_CONFIG_S_NEEDS_RESET,
-            0,
-            "size 3 is not a power of two"
-        );
+        assert_ne!(status & VIRTIO_CONFIG_S_NEEDS_RESET, 0, "size 3 is not a power of two");
         assert!(!rig.net.lock().unwrap().is_activated());
         // The driver resets and tries again, properly.
         let status = rig.init(features(&[]), SIZE);
@@ -908,14 +826,8 @@ mod tests {
         txq.avail().idx().store(100);
         rig.net.lock().unwrap().process_tx();
         assert!(status_needs_reset(&mut rig));
-        assert_ne!(
-            rig.read_reg(VIRTIO_MMIO_INTERRUPT_STATUS) & crate::virtio::INT_CONFIG,
-            0
-        );
-        assert!(
-            used(&txq).is_empty(),
-            "nothing processed from a broken ring"
-        );
+        assert_ne!(rig.read_reg(VIRTIO_MMIO_INTERRUPT_STATUS) & crate::virtio::INT_CONFIG, 0);
+        assert!(used(&txq).is_empty(), "nothing processed from a broken ring");
     }
 
     #[test]
@@ -933,29 +845,19 @@ mod tests {
         rig.init(features(&[]), SIZE);
         let mem = rig.mem.clone();
         let rxq = queue(&mem, RX_INDEX, SIZE);
-        rxq.add_desc_chains(&[desc(BUFFERS, 2048, WRITE, 0)], 0)
-            .unwrap();
+        rxq.add_desc_chains(&[desc(BUFFERS, 2048, WRITE, 0)], 0).unwrap();
         let fresh = test_frame(b"fresh");
         rig.wire.send(&fresh);
         assert!(rx_until(&rig, &rxq, 1));
         let mut got = vec![0u8; fresh.len()];
-        rig.mem
-            .read_slice(&mut got, GuestAddress(BUFFERS + VNET_HDR_LEN as u64))
-            .unwrap();
+        rig.mem.read_slice(&mut got, GuestAddress(BUFFERS + VNET_HDR_LEN as u64)).unwrap();
         assert_eq!(got, fresh, "the frame from before the reset is gone");
     }
 
     #[test]
     fn guest_announce_is_requested_and_acknowledged_on_the_control_queue() {
         let mut rig = Rig::new();
-        rig.init(
-            features(&[
-                VIRTIO_NET_F_STATUS,
-                VIRTIO_NET_F_CTRL_VQ,
-                VIRTIO_NET_F_GUEST_ANNOUNCE,
-            ]),
-            SIZE,
-        );
+        rig.init(features(&[VIRTIO_NET_F_STATUS, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE]), SIZE);
         let mem = rig.mem.clone();
         let ctrlq = queue(&mem, CTRL_INDEX, SIZE);
         rig.irq.read().ok();
@@ -963,30 +865,15 @@ mod tests {
         let mut status = [0u8; 2];
         rig.transport.mmio_read_config(6, &mut status);
         assert_ne!(u16::from_le_bytes(status) & VIRTIO_NET_S_ANNOUNCE as u16, 0);
-        assert_ne!(
-            rig.read_reg(VIRTIO_MMIO_INTERRUPT_STATUS) & crate::virtio::INT_CONFIG,
-            0
-        );
+        assert_ne!(rig.read_reg(VIRTIO_MMIO_INTERRUPT_STATUS) & crate::virtio::INT_CONFIG, 0);
         assert!(rig.irq.read().is_ok());
         // The driver acknowledges; then sends a command we do not support.
         rig.mem
-            .write_slice(
-                &[
-                    VIRTIO_NET_CTRL_ANNOUNCE as u8,
-                    VIRTIO_NET_CTRL_ANNOUNCE_ACK as u8,
-                ],
-                GuestAddress(BUFFERS),
-            )
+            .write_slice(&[VIRTIO_NET_CTRL_ANNOUNCE as u8, VIRTIO_NET_CTRL_ANNOUNCE_ACK as u8], GuestAddress(BUFFERS))
             .unwrap();
-        rig.mem
-            .write_slice(&[0xee, 0x00], GuestAddress(BUFFERS + 0x100))
-            .unwrap();
-        rig.mem
-            .write_obj(0xffu8, GuestAddress(BUFFERS + 0x10))
-            .unwrap();
-        rig.mem
-            .write_obj(0xffu8, GuestAddress(BUFFERS + 0x110))
-            .unwrap();
+        rig.mem.write_slice(&[0xee, 0x00], GuestAddress(BUFFERS + 0x100)).unwrap();
+        rig.mem.write_obj(0xffu8, GuestAddress(BUFFERS + 0x10)).unwrap();
+        rig.mem.write_obj(0xffu8, GuestAddress(BUFFERS + 0x110)).unwrap();
         ctrlq
             .add_desc_chains(
                 &[
@@ -1003,11 +890,7 @@ mod tests {
         let nak: u8 = rig.mem.read_obj(GuestAddress(BUFFERS + 0x110)).unwrap();
         assert_eq!((ack, nak), (VIRTIO_NET_OK as u8, VIRTIO_NET_ERR as u8));
         rig.transport.mmio_read_config(6, &mut status);
-        assert_eq!(
-            u16::from_le_bytes(status) & VIRTIO_NET_S_ANNOUNCE as u16,
-            0,
-            "cleared by the ack"
-        );
+        assert_eq!(u16::from_le_bytes(status) & VIRTIO_NET_S_ANNOUNCE as u16, 0, "cleared by the ack");
     }
 
     #[test]

@@ -41,11 +41,7 @@ impl MutEventSubscriber for Net {
         // Edge-triggered: process_rx reads until the TAP is empty or the guest has no buffers;
         // in the second case the RX queue notification resumes it.
         let tap = self.tap().as_raw_fd();
-        if let Err(e) = ops.add(Events::with_data_raw(
-            tap,
-            TAP,
-            EventSet::IN | EventSet::EDGE_TRIGGERED,
-        )) {
+        if let Err(e) = ops.add(Events::with_data_raw(tap, TAP, EventSet::IN | EventSet::EDGE_TRIGGERED)) {
             log::error!("virtio-net: cannot watch the TAP: {e}");
         }
     }

@@ -65,22 +65,14 @@ impl Net {
             config_status: self.config_status,
             activated: self.mem.is_some(),
             needs_reset: self.needs_reset,
-            queues: self
-                .queues
-                .iter()
-                .map(|q| QueueSnapshot(q.state()))
-                .collect(),
+            queues: self.queues.iter().map(|q| QueueSnapshot(q.state())).collect(),
             pending_rx_frame: self.rx_frame_len.map(|n| self.rx_frame[..n].to_vec()),
         }
     }
 
     /// Restores a saved device into this (freshly created, not activated) one. `mem` is the
     /// guest memory the restored queues live in.
-    pub fn restore_state(
-        &mut self,
-        state: &NetState,
-        mem: &GuestMemoryMmap,
-    ) -> Result<(), NetError> {
+    pub fn restore_state(&mut self, state: &NetState, mem: &GuestMemoryMmap) -> Result<(), NetError> {
         if state.queues.len() != self.queues.len() {
             return Err(NetError::State(format!(
                 "{} queues saved, the device has {}",
@@ -98,18 +90,13 @@ impl Net {
         self.rx_frame_len = None;
         if let Some(frame) = &state.pending_rx_frame {
             if frame.len() > self.rx_frame.len() {
-                return Err(NetError::State(format!(
-                    "pending frame of {} bytes is too large",
-                    frame.len()
-                )));
+                return Err(NetError::State(format!("pending frame of {} bytes is too large", frame.len())));
             }
             self.rx_frame[..frame.len()].copy_from_slice(frame);
             self.rx_frame_len = Some(frame.len());
         }
         if state.activated {
-            self.tap
-                .set_offload(self.tap_offloads())
-                .map_err(NetError::Tap)?;
+            self.tap.set_offload(self.tap_offloads()).map_err(NetError::Tap)?;
             self.mem = Some(mem.clone());
         }
         Ok(())
@@ -147,10 +134,7 @@ mod tests {
         rig.net.lock().unwrap().process_rx();
         rig.net.lock().unwrap().pause();
         let state = rig.net.lock().unwrap().save_state();
-        assert_eq!(
-            state.pending_rx_frame.as_ref().map(|f| f.len()),
-            Some(VNET_HDR_LEN + frame.len())
-        );
+        assert_eq!(state.pending_rx_frame.as_ref().map(|f| f.len()), Some(VNET_HDR_LEN + frame.len()));
         let json = serde_json::to_string(&state).unwrap();
         let state: NetState = serde_json::from_str(&json).unwrap();
 
@@ -158,39 +142,23 @@ mod tests {
         let old = std::mem::replace(
             &mut rig.net,
             std::sync::Arc::new(std::sync::Mutex::new(
-                Net::new(
-                    "vmmtest1",
-                    GUEST_MAC,
-                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-                )
-                .unwrap(),
+                Net::new("vmmtest1", GUEST_MAC, EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap(),
             )),
         );
         drop(old);
         let mut dest = rig.net.lock().unwrap();
         dest.restore_state(&state, &rig.mem).unwrap();
-        assert_eq!(
-            dest.save_state(),
-            state,
-            "restore then save gives the same state"
-        );
+        assert_eq!(dest.save_state(), state, "restore then save gives the same state");
         // The pending frame reaches the guest once it offers a buffer.
         rxq.add_desc_chains(
-            &[RawDescriptor::from(SplitDescriptor::new(
-                BUFFERS,
-                2048,
-                VRING_DESC_F_WRITE as u16,
-                0,
-            ))],
+            &[RawDescriptor::from(SplitDescriptor::new(BUFFERS, 2048, VRING_DESC_F_WRITE as u16, 0))],
             0,
         )
         .unwrap();
         dest.process_rx();
         assert_eq!(rxq.used().idx().load(), 1);
         let mut got = vec![0u8; frame.len()];
-        rig.mem
-            .read_slice(&mut got, GuestAddress(BUFFERS + VNET_HDR_LEN as u64))
-            .unwrap();
+        rig.mem.read_slice(&mut got, GuestAddress(BUFFERS + VNET_HDR_LEN as u64)).unwrap();
         assert_eq!(got, frame);
         // And the restored TX queue works on the new TAP.
         drop(dest);
@@ -199,19 +167,9 @@ mod tests {
         let out = test_frame(b"after restore");
         let mut buf = vec![0u8; VNET_HDR_LEN];
         buf.extend_from_slice(&out);
-        rig.mem
-            .write_slice(&buf, GuestAddress(BUFFERS + 0x4000))
+        rig.mem.write_slice(&buf, GuestAddress(BUFFERS + 0x4000)).unwrap();
+        txq.add_desc_chains(&[RawDescriptor::from(SplitDescriptor::new(BUFFERS + 0x4000, buf.len() as u32, 0, 0))], 0)
             .unwrap();
-        txq.add_desc_chains(
-            &[RawDescriptor::from(SplitDescriptor::new(
-                BUFFERS + 0x4000,
-                buf.len() as u32,
-                0,
-                0,
-            ))],
-            0,
-        )
-        .unwrap();
         rig.net.lock().unwrap().process_tx();
         assert!(wire.wait_for(&out, Duration::from_secs(2)));
     }
@@ -223,12 +181,7 @@ mod tests {
         let mem = rig.mem.clone();
         let rxq = queue(&mem, RX_INDEX, 16);
         rxq.add_desc_chains(
-            &[RawDescriptor::from(SplitDescriptor::new(
-                BUFFERS,
-                2048,
-                VRING_DESC_F_WRITE as u16,
-                0,
-            ))],
+            &[RawDescriptor::from(SplitDescriptor::new(BUFFERS, 2048, VRING_DESC_F_WRITE as u16, 0))],
             0,
         )
         .unwrap();
@@ -246,12 +199,6 @@ mod tests {
         let rig = Rig::new();
         let mut state = rig.net.lock().unwrap().save_state();
         state.queues.pop();
-        assert!(
-            rig.net
-                .lock()
-                .unwrap()
-                .restore_state(&state, &rig.mem)
-                .is_err()
-        );
+        assert!(rig.net.lock().unwrap().restore_state(&state, &rig.mem).is_err());
     }
 }

@@ -33,16 +33,9 @@ pub enum TapError {
     #[error("cannot open /dev/net/tun: {0}")]
     OpenTun(std::io::Error),
     #[error("cannot attach to TAP device '{name}': {source}")]
-    Attach {
-        name: String,
-        source: std::io::Error,
-    },
+    Attach { name: String, source: std::io::Error },
     #[error("cannot configure TAP device '{name}' ({what}): {source}")]
-    Configure {
-        name: String,
-        what: &'static str,
-        source: std::io::Error,
-    },
+    Configure { name: String, what: &'static str, source: std::io::Error },
 }
 
 #[repr(C)]
@@ -64,9 +57,7 @@ impl Tap {
     pub fn open(name: &str) -> Result<Self, TapError> {
         if name.is_empty()
             || name.len() >= libc::IFNAMSIZ
-            || name
-                .bytes()
-                .any(|b| b == b'/' || b.is_ascii_whitespace() || b == 0)
+            || name.bytes().any(|b| b == b'/' || b.is_ascii_whitespace() || b == 0)
         {
             return Err(TapError::InvalidName(name.into()));
         }
@@ -76,43 +67,26 @@ impl Tap {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
             .map_err(TapError::OpenTun)?;
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-            _pad: [0; 22],
-        };
+        let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, _pad: [0; 22] };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as; `file` is an
         // open tun fd.
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            return Err(TapError::Attach {
-                name: name.into(),
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(TapError::Attach { name: name.into(), source: std::io::Error::last_os_error() });
         }
         // The kernel may have picked a name for a template; keep what it says.
-        let actual = CStr::from_bytes_until_nul(&req.name)
-            .map(|c| c.to_string_lossy().into_owned())
-            .unwrap_or(name.into());
+        let actual =
+            CStr::from_bytes_until_nul(&req.name).map(|c| c.to_string_lossy().into_owned()).unwrap_or(name.into());
         let tap = Tap { file, name: actual };
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         tap.ioctl_int(TUNSETVNETHDRSZ, &hdr_len, "vnet header size")?;
         Ok(tap)
     }
 
-    fn ioctl_int(
-        &self,
-        req: libc::c_ulong,
-        arg: &libc::c_int,
-        what: &'static str,
-    ) -> Result<(), TapError> {
+    fn ioctl_int(&self, req: libc::c_ulong, arg: &libc::c_int, what: &'static str) -> Result<(), TapError> {
         // SAFETY: these TUN ioctls read one int through the pointer.
         if unsafe { libc::ioctl(self.file.as_raw_fd(), req, arg as *const libc::c_int) } < 0 {
-            return Err(TapError::Configure {
-                name: self.name.clone(),
-                what,
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(TapError::Configure { name: self.name.clone(), what, source: std::io::Error::last_os_error() });
         }
         Ok(())
     }
@@ -120,8 +94,7 @@ impl Tap {
     /// Tells the kernel which offloads the guest accepts on frames it receives (TUN_F_*).
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
         // SAFETY: TUNSETOFFLOAD takes the flags by value.
-        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0
-        {
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
             return Err(TapError::Configure {
                 name: self.name.clone(),
                 what: "offloads",
@@ -159,10 +132,7 @@ mod tests {
     #[test]
     fn names_are_checked_before_the_kernel_sees_them() {
         for bad in ["", "a/b", "has space", "0123456789abcdef"] {
-            assert!(
-                matches!(Tap::open(bad), Err(TapError::InvalidName(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(Tap::open(bad), Err(TapError::InvalidName(_))), "{bad:?}");
         }
     }
 }

@@ -28,12 +28,7 @@ pub const TEST_ETHERTYPE: u16 = 0x88b5;
 pub fn private_netns() {
     // SAFETY: unshare(CLONE_NEWNET) only changes this thread's network namespace.
     let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "unshare(CLONE_NEWNET) failed (tests need root): {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "unshare(CLONE_NEWNET) failed (tests need root): {}", std::io::Error::last_os_error());
     // No IPv6 autoconfiguration chatter on the TAP.
     std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1").ok();
 }
@@ -47,10 +42,7 @@ fn ifindex(name: &str) -> i32 {
 }
 
 pub fn link_up(name: &str) {
-    let st = std::process::Command::new("ip")
-        .args(["link", "set", name, "up"])
-        .status()
-        .unwrap();
+    let st = std::process::Command::new("ip").args(["link", "set", name, "up"]).status().unwrap();
     assert!(st.success());
 }
 
@@ -65,11 +57,7 @@ impl Wire {
         let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
         // SAFETY: plain socket creation; the fd is owned right away.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
-        assert!(
-            fd >= 0,
-            "packet socket: {}",
-            std::io::Error::last_os_error()
-        );
+        assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
         // SAFETY: fd is a fresh, valid descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
@@ -79,17 +67,10 @@ impl Wire {
         sll.sll_ifindex = ifindex(name);
         // SAFETY: binding with a correctly sized sockaddr_ll.
         let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const sll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
+            libc::bind(fd.as_raw_fd(), (&raw const sll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
         };
         assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
+        let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
         // SAFETY: setting a timeval option with its size.
         unsafe {
             libc::setsockopt(
@@ -106,12 +87,7 @@ impl Wire {
     pub fn send(&self, frame: &[u8]) {
         // SAFETY: sending from a valid buffer.
         let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            n,
-            frame.len() as isize,
-            "send: {}",
-            std::io::Error::last_os_error()
-        );
+        assert_eq!(n, frame.len() as isize, "send: {}", std::io::Error::last_os_error());
     }
 
     /// The next test frame the device wrote to the TAP, if one comes within `timeout`.
@@ -153,9 +129,7 @@ impl Wire {
     /// Whether `frame` is among the test frames the device writes within `timeout`.
     pub fn wait_for(&self, frame: &[u8], timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
-        while let Some(got) =
-            self.recv_test_frame(deadline.saturating_duration_since(std::time::Instant::now()))
-        {
+        while let Some(got) = self.recv_test_frame(deadline.saturating_duration_since(std::time::Instant::now())) {
             if got == frame {
                 return true;
             }
@@ -200,24 +174,16 @@ impl Rig {
         let wire = Wire::open(TAP_NAME);
         let net = Arc::new(Mutex::new(net));
         let transport = MmioTransport::new(mem.clone(), net.clone());
-        Rig {
-            mem,
-            net,
-            transport,
-            wire,
-            irq,
-        }
+        Rig { mem, net, transport, wire, irq }
     }
 
     pub fn write_reg(&mut self, reg: u32, v: u32) {
-        self.transport
-            .mmio_write(MmioAddress(0), u64::from(reg), &v.to_le_bytes());
+        self.transport.mmio_write(MmioAddress(0), u64::from(reg), &v.to_le_bytes());
     }
 
     pub fn read_reg(&mut self, reg: u32) -> u32 {
         let mut b = [0u8; 4];
-        self.transport
-            .mmio_read(MmioAddress(0), u64::from(reg), &mut b);
+        self.transport.mmio_read(MmioAddress(0), u64::from(reg), &mut b);
         u32::from_le_bytes(b)
     }
 
@@ -242,10 +208,7 @@ impl Rig {
     pub fn init(&mut self, features: u64, size: u16) -> u32 {
         self.write_reg(VIRTIO_MMIO_STATUS, 0);
         self.write_reg(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-        self.write_reg(
-            VIRTIO_MMIO_STATUS,
-            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
-        );
+        self.write_reg(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
         for sel in 0..2u32 {
             self.write_reg(VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel);
             self.write_reg(VIRTIO_MMIO_DRIVER_FEATURES, (features >> (32 * sel)) as u32);
@@ -262,11 +225,7 @@ impl Rig {
 
 /// The driver's view of queue `index` in `mem` (the memory the device uses). Creating it
 /// clears the rings, so take it once, right after [`Rig::init`].
-pub fn queue(
-    mem: &GuestMemoryMmap,
-    index: usize,
-    size: u16,
-) -> MockSplitQueue<'_, GuestMemoryMmap> {
+pub fn queue(mem: &GuestMemoryMmap, index: usize, size: u16) -> MockSplitQueue<'_, GuestMemoryMmap> {
     let ring = [RX_RING, TX_RING, CTRL_RING][index];
     MockSplitQueue::create(mem, ring, size)
 }

@@ -1,1 +1,28 @@
-//! placeholder
+// SPDX-License-Identifier: Apache-2.0
+//! End-to-end test support for `vmm`: a multi-host network test bed built from network
+//! namespaces on one L2 segment (see [`bed`]), plus the end-to-end tests in `tests/`.
+//!
+//! ```no_run
+//! use vmm_tests::TestBed;
+//!
+//! let bed = TestBed::builder().host("a").host("b").client("client").build()?;
+//! let mut vmm = bed.host("a").command("/path/to/vmm");
+//! vmm.args(["run", "--kernel", "/path/to/kernel", "--net", &format!("tap={}", bed.host("a").tap())]);
+//! vmm.args(["--cmdline", &format!("console=ttyS0 {}", bed.guest_ip_cmdline(0))]);
+//! let _vmm = bed.host("a").spawn(&mut vmm)?; // killed when `bed` drops
+//! bed.client().wait_for_tcp((bed.guest_ip(0), 22).into(), std::time::Duration::from_secs(10))?;
+//! # Ok::<(), vmm_tests::TestBedError>(())
+//! ```
+//!
+//! The test bed needs root (it runs `ip netns add` and opens `/dev/net/tun`) and iproute2.
+
+pub mod bed;
+mod error;
+pub mod l2;
+pub mod netns;
+mod process;
+
+pub use bed::{Client, Host, TestBed, TestBedBuilder};
+pub use error::TestBedError;
+pub use netns::{Netns, NsThread, list_netns, sweep_stale};
+pub use process::Process;

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::IoEventAddress;
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
 use kvm_ioctls::Kvm;
 use net::virtio::VirtioDevice;
 use net::{MmioTransport, Net};
@@ -15,9 +16,7 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot_params::{BootInfo, BootParamsError, write_boot_params};
-use crate::arch::layout::{
-    CMDLINE_START, IRQ_BASE, IRQ_MAX, SERIAL_IRQ, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
-};
+use crate::arch::layout::{CMDLINE_START, IRQ_BASE, IRQ_MAX, SERIAL_IRQ, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::arch::mptable::{MptableError, setup_mptable};
 use crate::config::VmConfig;
 use crate::devices::EventFdTrigger;
@@ -27,7 +26,7 @@ use crate::devices::serial::{SERIAL_PORT_BASE, SERIAL_PORT_SIZE, SerialPort};
 use crate::loader::{self, LoaderError};
 use crate::net_config::NetConfig;
 use crate::vstate::memory::{self, MemoryError};
-use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuShared};
 use crate::vstate::vm::{Vm, VmError};
 use vm_memory::GuestAddress;
 
@@ -63,9 +62,7 @@ pub enum BuildError {
 /// Why /dev/kvm could not be used, in words a user can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum KvmOpenError {
-    #[error(
-        "/dev/kvm does not exist: this host has no KVM (enable virtualization, or load kvm_intel/kvm_amd)"
-    )]
+    #[error("/dev/kvm does not exist: this host has no KVM (enable virtualization, or load kvm_intel/kvm_amd)")]
     Missing,
     #[error("no permission to open /dev/kvm: run as root or add your user to the 'kvm' group")]
     Permission,
@@ -82,97 +79,104 @@ pub fn open_kvm() -> Result<Kvm, KvmOpenError> {
     })
 }
 
-/// Everything a built VM is made of, before its vCPUs run.
-pub struct BuiltVm {
+/// The parts of a VM that live as long as it does and that the VMM thread, the API and a
+/// migration share.
+pub struct Machine {
+    pub config: VmConfig,
     pub kvm: Kvm,
     pub vm: Vm,
     pub io: Arc<IoManager>,
     pub serial: Arc<Mutex<SerialPort>>,
+    pub nets: Vec<NetDevice>,
+    pub vcpu_shared: Arc<VcpuShared>,
+    /// The CPUID the guest runs with (vCPU 0's), which a migration destination must support.
+    pub cpuid: Mutex<Vec<kvm_cpuid_entry2>>,
+}
+
+/// A built VM whose vCPUs do not run yet.
+pub struct BuiltVm {
+    pub machine: Machine,
     /// Fires when the guest resets through the i8042.
     pub reset_evt: EventFd,
     /// Fires when the guest reports a panic.
     pub panic_evt: EventFd,
-    pub nets: Vec<NetDevice>,
     pub vcpus: Vec<Vcpu>,
 }
 
-/// Builds a VM that boots `config.kernel`, with the serial console writing to `console`.
-pub fn build_vm_for_boot(
-    config: &VmConfig,
-    console: Box<dyn Write + Send>,
-) -> Result<BuiltVm, BuildError> {
+fn check_config(config: &VmConfig) -> Result<(), BuildError> {
     let max = crate::arch::mptable::MAX_VCPUS;
     if config.vcpus == 0 || config.vcpus > max {
-        return Err(BuildError::VcpuCount {
-            got: config.vcpus,
-            max,
-        });
+        return Err(BuildError::VcpuCount { got: config.vcpus, max });
     }
     memory::check_mem_size(config.mem_mib)?;
+    Ok(())
+}
+
+/// KVM, memory, devices and (unconfigured) vCPUs: what booting and receiving a migration share.
+fn build_machine(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<BuiltVm, BuildError> {
+    let kvm = open_kvm()?;
+    let mem = memory::create_guest_memory(config.mem_mib << 20)?;
+    let vm = Vm::new(&kvm, mem)?;
+    let LegacyDevices { mut io, serial, reset_evt, panic_evt } = attach_legacy_devices(&vm, console)?;
+    let mut nets = Vec::with_capacity(config.nets.len());
+    for (i, nc) in config.nets.iter().enumerate() {
+        nets.push(attach_net_device(&vm, &mut io, i, nc)?);
+    }
+    let io = Arc::new(io);
+    let vcpu_shared = Arc::new(VcpuShared::default());
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
+        vcpus.push(Vcpu::new(&kvm, &vm, index, io.clone(), vcpu_shared.clone())?);
+    }
+    let machine =
+        Machine { config: config.clone(), kvm, vm, io, serial, nets, vcpu_shared, cpuid: Mutex::new(Vec::new()) };
+    Ok(BuiltVm { machine, reset_evt, panic_evt, vcpus })
+}
+
+/// Builds a VM that boots `config.kernel`, with the serial console writing to `console`.
+pub fn build_vm_for_boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<BuiltVm, BuildError> {
+    check_config(config)?;
     // Check the files before touching KVM, so bad input gets the error about the input.
     let mut kernel_file = loader::open_kernel(&config.kernel)?;
     if let Some(initrd) = &config.initrd {
-        std::fs::File::open(initrd).map_err(|source| LoaderError::Open {
-            kind: "initrd",
-            path: initrd.clone(),
-            source,
-        })?;
+        std::fs::File::open(initrd).map_err(|source| LoaderError::Open { kind: "initrd", path: initrd.clone(), source })?;
     }
-
-    let kvm = open_kvm()?;
-    let mem = memory::create_guest_memory(config.mem_mib << 20)?;
-    let vm = Vm::new(&kvm, mem.clone())?;
-
-    let kernel = loader::load_kernel(&mem, &mut kernel_file, &config.kernel)?;
+    let built = build_machine(config, console)?;
+    let m = &built.machine;
+    let mem = m.vm.memory();
+    let kernel = loader::load_kernel(mem, &mut kernel_file, &config.kernel)?;
     let initrd = match &config.initrd {
-        Some(path) => Some(loader::load_initrd(&mem, path, &kernel)?),
+        Some(path) => Some(loader::load_initrd(mem, path, &kernel)?),
         None => None,
     };
-    let LegacyDevices {
-        mut io,
-        serial,
-        reset_evt,
-        panic_evt,
-    } = attach_legacy_devices(&vm, console)?;
-    let mut nets = Vec::with_capacity(config.nets.len());
-    let mut device_args = Vec::new();
-    for (i, nc) in config.nets.iter().enumerate() {
-        let dev = attach_net_device(&vm, &mut io, i, nc)?;
-        device_args.push(dev.cmdline_arg());
-        nets.push(dev);
-    }
+    let device_args: Vec<String> = m.nets.iter().map(NetDevice::cmdline_arg).collect();
     let mut parts: Vec<&str> = vec![&config.cmdline];
     parts.extend(device_args.iter().map(String::as_str));
-    let cmdline_size = loader::load_cmdline(&mem, &parts)?;
+    let cmdline_size = loader::load_cmdline(mem, &parts)?;
     write_boot_params(
-        &mem,
-        &BootInfo {
-            cmdline_addr: GuestAddress(CMDLINE_START),
-            cmdline_size,
-            initrd,
-            setup_header: kernel.setup_header,
-        },
+        mem,
+        &BootInfo { cmdline_addr: GuestAddress(CMDLINE_START), cmdline_size, initrd, setup_header: kernel.setup_header },
     )?;
-    setup_mptable(&mem, config.vcpus)?;
-
-    let io = Arc::new(io);
-
-    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-    for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(&vm, index, io.clone())?;
-        vcpu.configure_for_boot(&kvm, kernel.entry, config.vcpus, config.cpu_template)?;
-        vcpus.push(vcpu);
+    setup_mptable(mem, config.vcpus)?;
+    for vcpu in &built.vcpus {
+        vcpu.configure_for_boot(&m.kvm, kernel.entry, config.vcpus, config.cpu_template)?;
     }
-    Ok(BuiltVm {
-        kvm,
-        vm,
-        io,
-        serial,
-        reset_evt,
-        panic_evt,
-        nets,
-        vcpus,
-    })
+    if let Some(v0) = built.vcpus.first() {
+        let cpuid = v0.fd().get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(|source| VcpuError::Get {
+            index: 0,
+            what: "CPUID",
+            source,
+        })?;
+        *m.cpuid.lock().expect("Poisoned lock") = cpuid.as_slice().to_vec();
+    }
+    Ok(built)
+}
+
+/// Builds an empty VM of `config`'s shape for an incoming migration: memory, devices and vCPUs
+/// exist; their contents come from the source.
+pub fn build_vm_for_incoming(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<BuiltVm, BuildError> {
+    check_config(config)?;
+    build_machine(config, console)
 }
 
 /// A virtio-net device and its virtio-mmio transport.
@@ -193,52 +197,28 @@ impl NetDevice {
 
 /// The `index`-th NIC: its MMIO window and interrupt line, the device, its ioeventfds (one per
 /// queue, matched on the queue index written to QueueNotify) and its irqfd.
-fn attach_net_device(
-    vm: &Vm,
-    io: &mut IoManager,
-    index: usize,
-    config: &NetConfig,
-) -> Result<NetDevice, BuildError> {
+fn attach_net_device(vm: &Vm, io: &mut IoManager, index: usize, config: &NetConfig) -> Result<NetDevice, BuildError> {
     let max = (IRQ_MAX - IRQ_BASE + 1) as usize;
     if index >= max {
         return Err(BuildError::TooManyNets(max));
     }
     let irq = IRQ_BASE + index as u32;
     let mmio_base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-    let net_err = |source| BuildError::Net {
-        tap: config.tap.clone(),
-        source,
-    };
+    let net_err = |source| BuildError::Net { tap: config.tap.clone(), source };
     let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    vm.fd()
-        .register_irqfd(&irqfd, irq)
-        .map_err(|e| BuildError::Device("virtio-net", format!("irqfd: {e}")))?;
+    vm.fd().register_irqfd(&irqfd, irq).map_err(|e| BuildError::Device("virtio-net", format!("irqfd: {e}")))?;
     let net = Net::new(&config.tap, config.mac.0, irqfd).map_err(net_err)?;
     for (q, evt) in net.queue_events().iter().enumerate() {
         vm.fd()
-            .register_ioevent(
-                evt,
-                &IoEventAddress::Mmio(mmio_base + NOTIFY_OFFSET),
-                q as u32,
-            )
+            .register_ioevent(evt, &IoEventAddress::Mmio(mmio_base + NOTIFY_OFFSET), q as u32)
             .map_err(|e| BuildError::Device("virtio-net", format!("ioeventfd: {e}")))?;
     }
     let net = Arc::new(Mutex::new(net));
-    let transport = Arc::new(Mutex::new(MmioTransport::new(
-        vm.memory().clone(),
-        net.clone(),
-    )));
+    let transport = Arc::new(Mutex::new(MmioTransport::new(vm.memory().clone(), net.clone())));
     let range = MmioRange::new(MmioAddress(mmio_base), VIRTIO_MMIO_SIZE)
         .map_err(|e| BuildError::Device("virtio-net", format!("{e:?}")))?;
-    io.register_mmio(range, transport.clone())
-        .map_err(|e| BuildError::Device("virtio-net", format!("{e:?}")))?;
-    Ok(NetDevice {
-        config: config.clone(),
-        net,
-        transport,
-        mmio_base,
-        irq,
-    })
+    io.register_mmio(range, transport.clone()).map_err(|e| BuildError::Device("virtio-net", format!("{e:?}")))?;
+    Ok(NetDevice { config: config.clone(), net, transport, mmio_base, irq })
 }
 
 /// Offset of QueueNotify in a virtio-mmio window.
@@ -252,10 +232,7 @@ struct LegacyDevices {
 }
 
 /// COM1 on IRQ 4, the i8042 reset line and pvpanic.
-fn attach_legacy_devices(
-    vm: &Vm,
-    console: Box<dyn Write + Send>,
-) -> Result<LegacyDevices, BuildError> {
+fn attach_legacy_devices(vm: &Vm, console: Box<dyn Write + Send>) -> Result<LegacyDevices, BuildError> {
     let mut io = IoManager::new();
     let serial_irq = EventFdTrigger::new().map_err(BuildError::EventFd)?;
     vm.fd()
@@ -264,26 +241,19 @@ fn attach_legacy_devices(
     let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, console)));
     let range = PioRange::new(PioAddress(SERIAL_PORT_BASE), SERIAL_PORT_SIZE)
         .map_err(|e| BuildError::Device("serial", format!("{e:?}")))?;
-    io.register_pio(range, serial.clone())
-        .map_err(|e| BuildError::Device("serial", format!("{e:?}")))?;
+    io.register_pio(range, serial.clone()).map_err(|e| BuildError::Device("serial", format!("{e:?}")))?;
 
     let reset = EventFdTrigger::new().map_err(BuildError::EventFd)?;
     let reset_evt = reset.0.try_clone().map_err(BuildError::EventFd)?;
     let i8042 = Arc::new(Mutex::new(I8042::new(reset)));
     let range = PioRange::new(PioAddress(I8042_PORT_BASE), I8042_PORT_SIZE)
         .map_err(|e| BuildError::Device("i8042", format!("{e:?}")))?;
-    io.register_pio(range, i8042)
-        .map_err(|e| BuildError::Device("i8042", format!("{e:?}")))?;
+    io.register_pio(range, i8042).map_err(|e| BuildError::Device("i8042", format!("{e:?}")))?;
 
     let panic = EventFdTrigger::new().map_err(BuildError::EventFd)?;
     let panic_evt = panic.0.try_clone().map_err(BuildError::EventFd)?;
     let pvpanic = Arc::new(Mutex::new(PvPanic::new(panic)));
     io.register_pio(PioRange::unit(PioAddress(PVPANIC_PORT)), pvpanic)
         .map_err(|e| BuildError::Device("pvpanic", format!("{e:?}")))?;
-    Ok(LegacyDevices {
-        io,
-        serial,
-        reset_evt,
-        panic_evt,
-    })
+    Ok(LegacyDevices { io, serial, reset_evt, panic_evt })
 }

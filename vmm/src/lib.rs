@@ -10,6 +10,8 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod loader;
+pub mod metrics;
+pub mod migrate;
 pub mod net_config;
 pub mod probe;
 pub mod vmm;

@@ -29,16 +29,9 @@ const PAGE_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     #[error("cannot open {kind} {path}: {source}")]
-    Open {
-        kind: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Open { kind: &'static str, path: PathBuf, source: std::io::Error },
     #[error("cannot read kernel {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{0} is not a kernel: it is neither an ELF vmlinux nor a bzImage")]
     NotAKernel(PathBuf),
     #[error("{path} is an ELF file but not an x86_64 kernel ({why})")]
@@ -46,10 +39,7 @@ pub enum LoaderError {
     #[error("{path} is a bzImage without a 64-bit entry point")]
     No64BitEntry { path: PathBuf },
     #[error("failed to load kernel {path}: {source} (is guest memory large enough?)")]
-    Load {
-        path: PathBuf,
-        source: linux_loader::loader::Error,
-    },
+    Load { path: PathBuf, source: linux_loader::loader::Error },
     #[error("initrd {path} ({size} bytes) does not fit in guest memory above the kernel")]
     InitrdTooLarge { path: PathBuf, size: u64 },
     #[error("failed to copy initrd {path} into guest memory")]
@@ -77,11 +67,7 @@ enum KernelFormat {
 }
 
 fn open(kind: &'static str, path: &Path) -> Result<File, LoaderError> {
-    let file = File::open(path).map_err(|source| LoaderError::Open {
-        kind,
-        path: path.into(),
-        source,
-    })?;
+    let file = File::open(path).map_err(|source| LoaderError::Open { kind, path: path.into(), source })?;
     // Opening a directory succeeds; reading it does not. Say so now, with the path.
     match file.metadata() {
         Ok(m) if m.is_dir() => Err(LoaderError::Open {
@@ -101,25 +87,16 @@ pub fn open_kernel(path: &Path) -> Result<File, LoaderError> {
 }
 
 fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, LoaderError> {
-    let read_err = |source| LoaderError::Read {
-        path: path.into(),
-        source,
-    };
+    let read_err = |source| LoaderError::Read { path: path.into(), source };
     let mut head = [0u8; 64];
     file.seek(SeekFrom::Start(0)).map_err(read_err)?;
     let n = read_up_to(file, &mut head).map_err(read_err)?;
     if n >= 20 && &head[0..4] == ELF_MAGIC {
         if head[4] != ELFCLASS64 {
-            return Err(LoaderError::WrongElf {
-                path: path.into(),
-                why: "not 64-bit",
-            });
+            return Err(LoaderError::WrongElf { path: path.into(), why: "not 64-bit" });
         }
         if u16::from_le_bytes([head[18], head[19]]) != EM_X86_64 {
-            return Err(LoaderError::WrongElf {
-                path: path.into(),
-                why: "not built for x86_64",
-            });
+            return Err(LoaderError::WrongElf { path: path.into(), why: "not built for x86_64" });
         }
         return Ok(KernelFormat::Elf);
     }
@@ -145,31 +122,16 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Loads the kernel into guest memory.
-pub fn load_kernel(
-    mem: &GuestMemoryMmap,
-    file: &mut File,
-    path: &Path,
-) -> Result<LoadedKernel, LoaderError> {
-    let load_err = |source| LoaderError::Load {
-        path: path.into(),
-        source,
-    };
+pub fn load_kernel(mem: &GuestMemoryMmap, file: &mut File, path: &Path) -> Result<LoadedKernel, LoaderError> {
+    let load_err = |source| LoaderError::Load { path: path.into(), source };
     match detect_format(file, path)? {
         KernelFormat::Elf => {
-            let r =
-                Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
-            Ok(LoadedKernel {
-                entry: r.kernel_load.raw_value(),
-                end: r.kernel_end,
-                setup_header: None,
-            })
+            let r = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+            Ok(LoadedKernel { entry: r.kernel_load.raw_value(), end: r.kernel_end, setup_header: None })
         }
         KernelFormat::BzImage => {
-            let r = BzImage::load(mem, None, file, Some(GuestAddress(HIMEM_START)))
-                .map_err(load_err)?;
-            let hdr = r
-                .setup_header
-                .ok_or_else(|| LoaderError::NotAKernel(path.into()))?;
+            let r = BzImage::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+            let hdr = r.setup_header.ok_or_else(|| LoaderError::NotAKernel(path.into()))?;
             if hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(LoaderError::No64BitEntry { path: path.into() });
             }
@@ -190,25 +152,10 @@ pub fn load_initrd(
     kernel: &LoadedKernel,
 ) -> Result<(GuestAddress, u32), LoaderError> {
     let mut file = open("initrd", path)?;
-    let size = file
-        .metadata()
-        .map_err(|source| LoaderError::Open {
-            kind: "initrd",
-            path: path.into(),
-            source,
-        })?
-        .len();
-    let too_large = || LoaderError::InitrdTooLarge {
-        path: path.into(),
-        size,
-    };
+    let size = file.metadata().map_err(|source| LoaderError::Open { kind: "initrd", path: path.into(), source })?.len();
+    let too_large = || LoaderError::InitrdTooLarge { path: path.into(), size };
     let size32 = u32::try_from(size).map_err(|_| too_large())?;
-    let lowmem_end = mem
-        .iter()
-        .next()
-        .map(|r| r.start_addr().raw_value() + r.len())
-        .unwrap_or(0)
-        .min(MMIO_GAP_START);
+    let lowmem_end = mem.iter().next().map(|r| r.start_addr().raw_value() + r.len()).unwrap_or(0).min(MMIO_GAP_START);
     let addr_max = kernel
         .setup_header
         .map(|h| u64::from(h.initrd_addr_max) + 1)
@@ -228,14 +175,11 @@ pub fn load_initrd(
 pub fn load_cmdline(mem: &GuestMemoryMmap, parts: &[&str]) -> Result<u32, LoaderError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(LoaderError::Cmdline)?;
     for part in parts.iter().filter(|p| !p.trim().is_empty()) {
-        cmdline
-            .insert_str(part.trim())
-            .map_err(LoaderError::Cmdline)?;
+        cmdline.insert_str(part.trim()).map_err(LoaderError::Cmdline)?;
     }
     let cstring = cmdline.as_cstring().map_err(LoaderError::Cmdline)?;
     let bytes = cstring.as_bytes_with_nul();
-    mem.write_slice(bytes, GuestAddress(CMDLINE_START))
-        .map_err(|_| LoaderError::CmdlineWrite)?;
+    mem.write_slice(bytes, GuestAddress(CMDLINE_START)).map_err(|_| LoaderError::CmdlineWrite)?;
     Ok(bytes.len() as u32)
 }
 
@@ -295,15 +239,9 @@ mod tests {
     #[test]
     fn rejects_files_that_are_not_kernels() {
         let text = temp_file("text", b"#!/bin/sh\necho not a kernel\n");
-        assert!(matches!(
-            open_kernel(&text),
-            Err(LoaderError::NotAKernel(_))
-        ));
+        assert!(matches!(open_kernel(&text), Err(LoaderError::NotAKernel(_))));
         let empty = temp_file("empty", b"");
-        assert!(matches!(
-            open_kernel(&empty),
-            Err(LoaderError::NotAKernel(_))
-        ));
+        assert!(matches!(open_kernel(&empty), Err(LoaderError::NotAKernel(_))));
         let mut arm = tiny_elf(0x20_0000, &[0]);
         arm[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
         let arm = temp_file("arm", &arm);
@@ -313,17 +251,8 @@ mod tests {
             std::fs::remove_file(p).unwrap();
         }
         let err = open_kernel(Path::new("/nonexistent/vmlinux")).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("cannot open kernel /nonexistent/vmlinux"),
-            "{err}"
-        );
-        assert!(
-            open_kernel(Path::new("/"))
-                .unwrap_err()
-                .to_string()
-                .contains("is a directory")
-        );
+        assert!(err.to_string().starts_with("cannot open kernel /nonexistent/vmlinux"), "{err}");
+        assert!(open_kernel(Path::new("/")).unwrap_err().to_string().contains("is a directory"));
     }
 
     #[test]
@@ -331,10 +260,7 @@ mod tests {
         let path = temp_file("high", &tiny_elf(0x4000_0000, &[0xf4]));
         let mem = create_guest_memory(16 << 20).unwrap();
         let mut f = open_kernel(&path).unwrap();
-        assert!(matches!(
-            load_kernel(&mem, &mut f, &path),
-            Err(LoaderError::Load { .. })
-        ));
+        assert!(matches!(load_kernel(&mem, &mut f, &path), Err(LoaderError::Load { .. })));
         std::fs::remove_file(path).unwrap();
     }
 
@@ -359,10 +285,7 @@ mod tests {
         img[0x236] = 0;
         std::fs::write(&path, &img).unwrap();
         let mut f = open_kernel(&path).unwrap();
-        assert!(matches!(
-            load_kernel(&mem, &mut f, &path),
-            Err(LoaderError::No64BitEntry { .. })
-        ));
+        assert!(matches!(load_kernel(&mem, &mut f, &path), Err(LoaderError::No64BitEntry { .. })));
         std::fs::remove_file(path).unwrap();
     }
 
@@ -370,11 +293,7 @@ mod tests {
     fn initrd_goes_to_the_top_of_low_memory() {
         let mem = create_guest_memory(32 << 20).unwrap();
         let path = temp_file("initrd", &[7u8; 10000]);
-        let kernel = LoadedKernel {
-            entry: HIMEM_START,
-            end: 2 << 20,
-            setup_header: None,
-        };
+        let kernel = LoadedKernel { entry: HIMEM_START, end: 2 << 20, setup_header: None };
         let (addr, size) = load_initrd(&mem, &path, &kernel).unwrap();
         assert_eq!(size, 10000);
         assert_eq!(addr.raw_value() % PAGE_SIZE, 0);
@@ -382,14 +301,8 @@ mod tests {
         assert!(addr.raw_value() + 10000 + PAGE_SIZE > 32 << 20);
         let b: u8 = mem.read_obj(addr.unchecked_add(9999)).unwrap();
         assert_eq!(b, 7);
-        let big = LoadedKernel {
-            end: 32 << 20,
-            ..kernel
-        };
-        assert!(matches!(
-            load_initrd(&mem, &path, &big),
-            Err(LoaderError::InitrdTooLarge { .. })
-        ));
+        let big = LoadedKernel { end: 32 << 20, ..kernel };
+        assert!(matches!(load_initrd(&mem, &path, &big), Err(LoaderError::InitrdTooLarge { .. })));
         std::fs::remove_file(path).unwrap();
     }
 
@@ -398,13 +311,9 @@ mod tests {
         let mem = create_guest_memory(16 << 20).unwrap();
         let n = load_cmdline(&mem, &["console=ttyS0", "", "quiet "]).unwrap();
         let mut buf = vec![0u8; n as usize];
-        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START))
-            .unwrap();
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
         assert_eq!(buf, b"console=ttyS0 quiet\0");
         let long = "x".repeat(CMDLINE_MAX_SIZE);
-        assert!(matches!(
-            load_cmdline(&mem, &[&long]),
-            Err(LoaderError::Cmdline(_))
-        ));
+        assert!(matches!(load_cmdline(&mem, &[&long]), Err(LoaderError::Cmdline(_))));
     }
 }

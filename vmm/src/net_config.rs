@@ -21,11 +21,7 @@ pub struct Mac(pub [u8; 6]);
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
     }
 }
 
@@ -33,8 +29,7 @@ impl FromStr for Mac {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("invalid MAC address '{s}': expected six hex bytes like 52:54:00:12:34:56");
+        let bad = || format!("invalid MAC address '{s}': expected six hex bytes like 52:54:00:12:34:56");
         let mut mac = [0u8; 6];
         let mut parts = s.split(':');
         for b in mac.iter_mut() {
@@ -48,9 +43,7 @@ impl FromStr for Mac {
             return Err(bad());
         }
         if mac[0] & 1 != 0 {
-            return Err(format!(
-                "invalid MAC address '{s}': a multicast address cannot be a NIC's"
-            ));
+            return Err(format!("invalid MAC address '{s}': a multicast address cannot be a NIC's"));
         }
         Ok(Mac(mac))
     }
@@ -75,15 +68,8 @@ impl Mac {
     pub fn generate(seed: &str) -> Mac {
         // FNV-1a over the seed, the pid and the time: different VMs, different MACs.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        for b in seed
-            .bytes()
-            .chain(std::process::id().to_le_bytes())
-            .chain(now.to_le_bytes())
-        {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        for b in seed.bytes().chain(std::process::id().to_le_bytes()).chain(now.to_le_bytes()) {
             h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
         }
         let b = h.to_le_bytes();
@@ -102,9 +88,7 @@ impl FromStr for NetConfig {
                 Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
                 Some(("mac", v)) => mac = Some(v.parse()?),
                 _ => {
-                    return Err(format!(
-                        "invalid --net '{s}': expected tap=NAME[,mac=MAC], got '{part}'"
-                    ));
+                    return Err(format!("invalid --net '{s}': expected tap=NAME[,mac=MAC], got '{part}'"));
                 }
             }
         }
@@ -124,10 +108,7 @@ mod tests {
         assert_eq!(n.tap, "tap0");
         assert_eq!(n.mac.to_string(), "52:54:00:ab:cd:01");
         let n: NetConfig = "tap=tap1".parse().unwrap();
-        assert_eq!(
-            n.mac.0[0], 0x02,
-            "generated MACs are locally administered unicast"
-        );
+        assert_eq!(n.mac.0[0], 0x02, "generated MACs are locally administered unicast");
     }
 
     #[test]

@@ -1,20 +1,26 @@
 // SPDX-License-Identifier: Apache-2.0
-//! A running VM: vCPU threads plus the VMM thread's event loop, which feeds console input to the
-//! UART and notices when the guest is done.
+//! A running VM: vCPU threads plus the VMM thread's event loop, which serves the devices, feeds
+//! console input to the UART, answers API requests and notices when the guest is done. A
+//! migration runs on a worker thread of its own, so none of that stops while memory is copied.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::builder::BuiltVm;
+use crate::api::{
+    ApiError, ApiMessage, ApiRequest, ApiResponse, MigrateRequest, MigrationInfo, MigrationPhase, VmInfo, VmState,
+};
+use crate::builder::{BuiltVm, Machine};
 use crate::devices::serial::SerialPort;
-use crate::vstate::vcpu::{ExitNotifier, ExitReason, VcpuEvent, VcpuHandle, VcpuResponse};
-use crate::vstate::vm::Vm;
+use crate::metrics;
+use crate::migrate::send::{self, MigrateParams, Outcome};
+use crate::vstate::vcpu::{ExitNotifier, ExitReason, VcpuSet};
 
 /// Errors of a running VM.
 #[derive(Debug, thiserror::Error)]
@@ -25,18 +31,34 @@ pub enum VmmError {
     EventLoop(event_manager::Error),
     #[error("{0}")]
     Vcpu(#[from] crate::vstate::vcpu::VcpuError),
-    #[error("vCPU {0} did not answer {1}")]
-    VcpuTimeout(u8, &'static str),
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// How long a guest asked to power off may take before it is stopped.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// "Not a vCPU" index for exits reported by the migration worker.
+const MIGRATION: u8 = u8::MAX;
+
+/// What the VMM thread and a migration worker share.
+#[derive(Default)]
+pub struct Status {
+    pub state: Mutex<Option<VmState>>,
+    pub migration: Mutex<MigrationInfo>,
+}
+
 /// A VM whose vCPUs run.
 pub struct Vmm {
-    vm: Vm,
-    vcpus: Vec<VcpuHandle>,
+    machine: Arc<Machine>,
+    vcpus: Arc<Mutex<VcpuSet>>,
     events: EventManager<Subscriber>,
     exit: Arc<Mutex<ExitWatcher>>,
+    notifier: ExitNotifier,
+    status: Arc<Status>,
+    api: Option<Receiver<ApiMessage>>,
+    started: Instant,
+    shutdown_deadline: Option<Instant>,
+    migration: Option<JoinHandle<()>>,
 }
 
 impl Vmm {
@@ -54,27 +76,48 @@ impl Vmm {
             reason: None,
         }));
         events.add_subscriber(exit.clone());
-        for dev in &built.nets {
+        let machine = Arc::new(built.machine);
+        for dev in &machine.nets {
             events.add_subscriber(dev.net.clone());
         }
-        events.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
-            serial: built.serial,
-        })));
+        events.add_subscriber(Arc::new(Mutex::new(ConsoleInput { serial: machine.serial.clone() })));
 
-        let mut vcpus = Vec::with_capacity(built.vcpus.len());
+        let mut handles = Vec::with_capacity(built.vcpus.len());
         for vcpu in built.vcpus {
-            vcpus.push(vcpu.start(notifier.clone(), false)?);
+            handles.push(vcpu.start(notifier.clone(), false)?);
         }
+        let status = Arc::new(Status::default());
+        *status.state.lock().expect("Poisoned lock") = Some(VmState::Running);
         Ok(Self {
-            vm: built.vm,
-            vcpus,
+            machine,
+            vcpus: Arc::new(Mutex::new(VcpuSet::new(handles))),
             events,
             exit,
+            notifier,
+            status,
+            api: None,
+            started: Instant::now(),
+            shutdown_deadline: None,
+            migration: None,
         })
     }
 
-    pub fn vm(&self) -> &Vm {
-        &self.vm
+    /// Serves API requests that arrive on `requests`; `wake` is written for each one.
+    pub fn attach_api(&mut self, requests: Receiver<ApiMessage>, wake: Arc<EventFd>) {
+        self.events.add_subscriber(Arc::new(Mutex::new(Wakeup { evt: wake })));
+        self.api = Some(requests);
+    }
+
+    pub fn machine(&self) -> &Arc<Machine> {
+        &self.machine
+    }
+
+    fn state(&self) -> VmState {
+        self.status.state.lock().expect("Poisoned lock").unwrap_or(VmState::Running)
+    }
+
+    fn set_state(&self, s: VmState) {
+        *self.status.state.lock().expect("Poisoned lock") = Some(s);
     }
 
     /// Runs the event loop until the guest is done, then stops the vCPUs.
@@ -83,50 +126,127 @@ impl Vmm {
             if let Some(reason) = self.exit.lock().expect("Poisoned lock").reason.take() {
                 break reason;
             }
-            self.events.run().map_err(VmmError::EventLoop)?;
+            if self.shutdown_deadline.is_some_and(|d| Instant::now() >= d) {
+                log::warn!("the guest did not power off within {} s; stopping it", SHUTDOWN_GRACE.as_secs());
+                break ExitReason::Reset("stopped after the shutdown grace period");
+            }
+            // Wake up now and then only when a deadline is pending.
+            let timeout = if self.shutdown_deadline.is_some() { 100 } else { -1 };
+            self.events.run_with_timeout(timeout).map_err(VmmError::EventLoop)?;
+            self.serve_api();
         };
-        self.stop_vcpus();
+        if let Some(t) = self.migration.take() {
+            let _ = t.join();
+        }
+        self.vcpus.lock().expect("Poisoned lock").finish();
         Ok(reason)
     }
 
-    /// Pauses every vCPU and waits until each has stopped running guest code.
-    pub fn pause(&self) -> Result<(), VmmError> {
-        self.broadcast(|| VcpuEvent::Pause, VcpuResponse::Paused, "pause")
+    fn serve_api(&mut self) {
+        let Some(rx) = self.api.take() else { return };
+        while let Ok((request, reply)) = rx.try_recv() {
+            let answer = self.handle(request);
+            // The client may have gone; nothing to do about it.
+            let _ = reply.send(answer);
+        }
+        self.api = Some(rx);
     }
 
-    /// Resumes every vCPU.
-    pub fn resume(&self) -> Result<(), VmmError> {
-        self.broadcast(|| VcpuEvent::Resume, VcpuResponse::Resumed, "resume")
+    fn handle(&mut self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        match request {
+            ApiRequest::GetVm => Ok(ApiResponse::Vm(VmInfo {
+                state: self.state(),
+                config: self.machine.config.clone(),
+                uptime_ms: self.started.elapsed().as_millis() as u64,
+            })),
+            ApiRequest::Pause => match self.state() {
+                VmState::Running => {
+                    self.vcpus.lock().expect("Poisoned lock").pause().map_err(ApiError::Internal)?;
+                    self.set_state(VmState::Paused);
+                    Ok(ApiResponse::Done)
+                }
+                s => Err(ApiError::Conflict(format!("cannot pause a VM that is {}", state_word(s)))),
+            },
+            ApiRequest::Resume => match self.state() {
+                VmState::Paused => {
+                    self.vcpus.lock().expect("Poisoned lock").resume().map_err(ApiError::Internal)?;
+                    self.set_state(VmState::Running);
+                    Ok(ApiResponse::Done)
+                }
+                s => Err(ApiError::Conflict(format!("cannot resume a VM that is {}", state_word(s)))),
+            },
+            ApiRequest::Shutdown => match self.state() {
+                VmState::Running | VmState::Paused => {
+                    if self.state() == VmState::Paused {
+                        self.vcpus.lock().expect("Poisoned lock").resume().map_err(ApiError::Internal)?;
+                    }
+                    // Our guests (Linux init and our own kernel) power off on a `poweroff` line
+                    // on their console; whatever does not is stopped after the grace period.
+                    self.machine.serial.lock().expect("Poisoned lock").enqueue_input(b"poweroff\n");
+                    self.shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
+                    self.set_state(VmState::ShuttingDown);
+                    Ok(ApiResponse::Done)
+                }
+                s => Err(ApiError::Conflict(format!("cannot shut down a VM that is {}", state_word(s)))),
+            },
+            ApiRequest::Migrate(req) => self.start_migration(&req),
+            ApiRequest::GetMigration => Ok(ApiResponse::Migration(self.status.migration.lock().expect("Poisoned lock").clone())),
+            ApiRequest::Metrics => Ok(ApiResponse::Metrics(metrics::render(
+                &self.machine,
+                &self.status.migration.lock().expect("Poisoned lock"),
+                self.started.elapsed(),
+            ))),
+        }
     }
 
-    fn broadcast(
-        &self,
-        event: fn() -> VcpuEvent,
-        want: VcpuResponse,
-        what: &'static str,
-    ) -> Result<(), VmmError> {
-        for v in &self.vcpus {
-            v.send(event());
+    fn start_migration(&mut self, req: &MigrateRequest) -> Result<ApiResponse, ApiError> {
+        match self.state() {
+            VmState::Running => {}
+            s => return Err(ApiError::Conflict(format!("cannot migrate a VM that is {}", state_word(s)))),
         }
-        for v in &self.vcpus {
-            match v.recv(Duration::from_secs(5)) {
-                Some(r) if r == want => {}
-                _ => return Err(VmmError::VcpuTimeout(v.index(), what)),
-            }
+        let params = MigrateParams::try_from(req).map_err(ApiError::BadRequest)?;
+        if let Some(t) = self.migration.take() {
+            let _ = t.join();
         }
-        Ok(())
+        self.set_state(VmState::Migrating);
+        {
+            let mut p = self.status.migration.lock().expect("Poisoned lock");
+            *p = MigrationInfo { phase: MigrationPhase::Setup, destination: Some(params.to.clone()), ..Default::default() };
+        }
+        let (machine, vcpus, status, notifier) =
+            (self.machine.clone(), self.vcpus.clone(), self.status.clone(), self.notifier.clone());
+        let worker = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || {
+                let outcome = send::migrate(&machine, &vcpus, params, &status.migration);
+                match outcome {
+                    Outcome::Completed => {
+                        *status.state.lock().expect("Poisoned lock") = Some(VmState::Migrated);
+                        notifier.notify(MIGRATION, ExitReason::Migrated);
+                    }
+                    Outcome::Failed(_) => *status.state.lock().expect("Poisoned lock") = Some(VmState::Running),
+                    Outcome::InDoubt(_) => *status.state.lock().expect("Poisoned lock") = Some(VmState::Paused),
+                }
+            })
+            .map_err(|e| ApiError::Internal(format!("cannot start the migration thread: {e}")))?;
+        self.migration = Some(worker);
+        Ok(ApiResponse::Accepted)
     }
+}
 
-    fn stop_vcpus(&mut self) {
-        for v in self.vcpus.drain(..) {
-            v.finish();
-        }
+fn state_word(s: VmState) -> &'static str {
+    match s {
+        VmState::Running => "running",
+        VmState::Paused => "paused",
+        VmState::Migrating => "migrating",
+        VmState::Migrated => "migrated",
+        VmState::ShuttingDown => "shutting down",
     }
 }
 
 impl Drop for Vmm {
     fn drop(&mut self) {
-        self.stop_vcpus();
+        self.vcpus.lock().expect("Poisoned lock").finish();
     }
 }
 
@@ -146,8 +266,7 @@ impl MutEventSubscriber for ExitWatcher {
             self.reason.get_or_insert(ExitReason::Reset("i8042 reset"));
         } else if events.fd() == self.panic_evt.as_raw_fd() {
             let _ = self.panic_evt.read();
-            self.reason
-                .get_or_insert(ExitReason::Error("the guest panicked".into()));
+            self.reason.get_or_insert(ExitReason::Error("the guest panicked".into()));
         } else {
             let _ = self.exit_evt.read();
             // The first exit decides; a second vCPU's exit while stopping changes nothing.
@@ -155,7 +274,7 @@ impl MutEventSubscriber for ExitWatcher {
                 if let ExitReason::Error(e) = &reason {
                     log::error!("{e}");
                 } else {
-                    log::debug!("vCPU {index}: {reason:?}");
+                    log::debug!("exit from {index}: {reason:?}");
                 }
                 self.reason.get_or_insert(reason);
             }
@@ -163,14 +282,27 @@ impl MutEventSubscriber for ExitWatcher {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [
-            self.exit_evt.as_raw_fd(),
-            self.reset_evt.as_raw_fd(),
-            self.panic_evt.as_raw_fd(),
-        ] {
+        for fd in [self.exit_evt.as_raw_fd(), self.reset_evt.as_raw_fd(), self.panic_evt.as_raw_fd()] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, 0, EventSet::IN)) {
                 log::error!("failed to watch exit event: {e}");
             }
+        }
+    }
+}
+
+/// Wakes the event loop for API requests; the loop serves them after `run` returns.
+struct Wakeup {
+    evt: Arc<EventFd>,
+}
+
+impl MutEventSubscriber for Wakeup {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&*self.evt, EventSet::IN)) {
+            log::error!("failed to watch API requests: {e}");
         }
     }
 }
@@ -188,10 +320,7 @@ impl MutEventSubscriber for ConsoleInput {
         // SAFETY: reading into a local buffer of the given length from fd 0.
         let n = unsafe { libc::read(STDIN, buf.as_mut_ptr().cast(), buf.len()) };
         if n > 0 {
-            self.serial
-                .lock()
-                .expect("Poisoned lock")
-                .enqueue_input(&buf[..n as usize]);
+            self.serial.lock().expect("Poisoned lock").enqueue_input(&buf[..n as usize]);
         } else if n == 0 || events.event_set().contains(EventSet::HANG_UP) {
             // End of input: stop watching, the guest keeps running.
             let _ = ops.remove(Events::empty_raw(STDIN));

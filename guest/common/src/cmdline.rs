@@ -94,9 +94,7 @@ impl Params {
                     }
                 }
                 "vmm.dirty_mib" => p.dirty_mib = value.parse().unwrap_or(p.dirty_mib),
-                "vmm.dirty_rate" => {
-                    p.dirty_rate_mib_s = value.parse().unwrap_or(p.dirty_rate_mib_s)
-                }
+                "vmm.dirty_rate" => p.dirty_rate_mib_s = value.parse().unwrap_or(p.dirty_rate_mib_s),
                 "vmm.poweroff_after_ms" => p.poweroff_after_ms = value.parse().ok(),
                 "ip" => p.ipv4 = parse_ip(value),
                 "virtio_mmio.device" => {
@@ -147,11 +145,7 @@ fn parse_ip(value: &str) -> Option<Ipv4Config> {
         }
         None => 24,
     };
-    Some(Ipv4Config {
-        address,
-        gateway,
-        prefix_len,
-    })
+    Some(Ipv4Config { address, gateway, prefix_len })
 }
 
 fn parse_size(s: &str) -> Option<u64> {
@@ -176,11 +170,7 @@ fn parse_virtio_mmio(value: &str) -> Option<VirtioMmioDevice> {
     let (base, irq) = rest.split_once(':')?;
     // Linux allows `:irq[:id]`; the id is not ours to care about.
     let irq = irq.split(':').next()?;
-    Some(VirtioMmioDevice {
-        base: parse_u64(base)?,
-        size: parse_size(size)?,
-        irq: irq.parse().ok()?,
-    })
+    Some(VirtioMmioDevice { base: parse_u64(base)?, size: parse_size(size)?, irq: irq.parse().ok()? })
 }
 
 #[cfg(test)]
@@ -202,35 +192,11 @@ mod tests {
              virtio_mmio.device=4K@0xd0001000:6:2",
         );
         assert_eq!(p.workload, Workload::Dirty);
-        assert_eq!(
-            (p.dirty_mib, p.dirty_rate_mib_s, p.poweroff_after_ms),
-            (128, 32, Some(500))
-        );
-        assert_eq!(
-            p.ipv4,
-            Some(Ipv4Config {
-                address: [10, 0, 0, 2],
-                gateway: Some([10, 0, 0, 1]),
-                prefix_len: 24
-            })
-        );
+        assert_eq!((p.dirty_mib, p.dirty_rate_mib_s, p.poweroff_after_ms), (128, 32, Some(500)));
+        assert_eq!(p.ipv4, Some(Ipv4Config { address: [10, 0, 0, 2], gateway: Some([10, 0, 0, 1]), prefix_len: 24 }));
         let d: [_; 2] = core::array::from_fn(|i| p.devices[i].unwrap());
-        assert_eq!(
-            d[0],
-            VirtioMmioDevice {
-                base: 0xd000_0000,
-                size: 4096,
-                irq: 5
-            }
-        );
-        assert_eq!(
-            d[1],
-            VirtioMmioDevice {
-                base: 0xd000_1000,
-                size: 4096,
-                irq: 6
-            }
-        );
+        assert_eq!(d[0], VirtioMmioDevice { base: 0xd000_0000, size: 4096, irq: 5 });
+        assert_eq!(d[1], VirtioMmioDevice { base: 0xd000_1000, size: 4096, irq: 6 });
         assert_eq!(p.devices().count(), 2);
     }
 
@@ -241,11 +207,7 @@ mod tests {
              virtio_mmio.device=@:",
         );
         assert_eq!(p, Params::default());
-        assert_eq!(
-            Params::parse("ip=10.0.0.2::10.0.0.1:255.0.255.0").ipv4,
-            None,
-            "holes in the mask"
-        );
+        assert_eq!(Params::parse("ip=10.0.0.2::10.0.0.1:255.0.255.0").ipv4, None, "holes in the mask");
         assert_eq!(Params::parse("ip=10.1.2.3").ipv4.unwrap().prefix_len, 24);
     }
 }

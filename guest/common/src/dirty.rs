@@ -10,11 +10,7 @@ pub const WORDS_PER_PAGE: usize = 512;
 /// The value word `index` holds after pass `pass` (pass 0 means never written: zero).
 #[inline]
 pub fn expected(pass: u64, index: u64) -> u64 {
-    if pass == 0 {
-        0
-    } else {
-        (pass << 44) ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5a5a
-    }
+    if pass == 0 { 0 } else { (pass << 44) ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5a5a }
 }
 
 /// A word that did not hold what it should.
@@ -38,11 +34,7 @@ pub fn verify_and_write(page: &mut [u64], first: u64, pass: u64) -> Option<Misma
         // SAFETY: `w` is a valid, aligned, exclusive reference.
         let found = unsafe { core::ptr::read_volatile(w) };
         if found != want && bad.is_none() {
-            bad = Some(Mismatch {
-                index,
-                expected: want,
-                found,
-            });
+            bad = Some(Mismatch { index, expected: want, found });
         }
         // SAFETY: as above.
         unsafe { core::ptr::write_volatile(w, expected(pass, index)) };
@@ -59,11 +51,7 @@ mod tests {
         let mut mem = [0u64; 2 * WORDS_PER_PAGE];
         for pass in 1..4 {
             for (p, page) in mem.chunks_mut(WORDS_PER_PAGE).enumerate() {
-                assert_eq!(
-                    verify_and_write(page, (p * WORDS_PER_PAGE) as u64, pass),
-                    None,
-                    "pass {pass}"
-                );
+                assert_eq!(verify_and_write(page, (p * WORDS_PER_PAGE) as u64, pass), None, "pass {pass}");
             }
         }
     }

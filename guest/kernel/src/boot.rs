@@ -305,21 +305,14 @@ pub fn init_idt() {
     }
     set(3, gate_descriptor(gate_entry as *const () as u64, 3));
     for n in 0..IRQ_VECTORS {
-        set(
-            usize::from(IRQ_VECTOR_BASE) + n,
-            gate_descriptor(irq + (n * IRQ_STUB_SIZE) as u64, 0),
-        );
+        set(usize::from(IRQ_VECTOR_BASE) + n, gate_descriptor(irq + (n * IRQ_STUB_SIZE) as u64, 0));
     }
     set(0xff, gate_descriptor(&raw const SPURIOUS_STUB as u64, 0));
 }
 
 /// Whether the interrupt of `vector` fired since the last call (and forgets it).
 pub fn take_irq(vector: u8) -> bool {
-    let Some(n) = vector
-        .checked_sub(IRQ_VECTOR_BASE)
-        .map(usize::from)
-        .filter(|n| *n < IRQ_VECTORS)
-    else {
+    let Some(n) = vector.checked_sub(IRQ_VECTOR_BASE).map(usize::from).filter(|n| *n < IRQ_VECTORS) else {
         return false;
     };
     let p = (&raw mut IRQ_PENDING).cast::<u8>();

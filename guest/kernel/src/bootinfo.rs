@@ -27,12 +27,7 @@ impl BootInfo {
     /// at a NUL-terminated string, as the boot protocol promises.
     pub unsafe fn read(zero_page: u64) -> Self {
         let zp = zero_page as *const u8;
-        let mut info = BootInfo {
-            cmdline: [0; MAX_CMDLINE],
-            cmdline_len: 0,
-            ram: [(0, 0); MAX_RANGES],
-            ram_count: 0,
-        };
+        let mut info = BootInfo { cmdline: [0; MAX_CMDLINE], cmdline_len: 0, ram: [(0, 0); MAX_RANGES], ram_count: 0 };
         // SAFETY: per this function's contract.
         unsafe {
             let ptr = u64::from(zp.add(CMD_LINE_PTR).cast::<u32>().read_unaligned()) as *const u8;

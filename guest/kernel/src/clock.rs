@@ -24,10 +24,8 @@ fn snapshot() -> Snapshot {
             let v1 = read_volatile(p);
             core::sync::atomic::fence(core::sync::atomic::Ordering::Acquire);
             let s = Snapshot {
-                tsc_timestamp: u64::from(read_volatile(p.add(2)))
-                    | u64::from(read_volatile(p.add(3))) << 32,
-                system_time: u64::from(read_volatile(p.add(4)))
-                    | u64::from(read_volatile(p.add(5))) << 32,
+                tsc_timestamp: u64::from(read_volatile(p.add(2))) | u64::from(read_volatile(p.add(3))) << 32,
+                system_time: u64::from(read_volatile(p.add(4))) | u64::from(read_volatile(p.add(5))) << 32,
                 mul: read_volatile(p.add(6)),
                 shift: (read_volatile(p.add(7)) & 0xff) as u8 as i8,
             };
@@ -59,8 +57,7 @@ pub fn now_ns() -> u64 {
     } else {
         delta <<= s.shift;
     }
-    s.system_time
-        .wrapping_add(((u128::from(delta) * u128::from(s.mul)) >> 32) as u64)
+    s.system_time.wrapping_add(((u128::from(delta) * u128::from(s.mul)) >> 32) as u64)
 }
 
 pub fn now_ms() -> u64 {
@@ -74,8 +71,7 @@ pub fn tsc_at(ns: u64) -> u64 {
         return ns;
     }
     let delta_ns = ns.saturating_sub(s.system_time);
-    let mut delta =
-        ((u128::from(delta_ns) << 32) / u128::from(s.mul)).min(u128::from(u64::MAX >> 8)) as u64;
+    let mut delta = ((u128::from(delta_ns) << 32) / u128::from(s.mul)).min(u128::from(u64::MAX >> 8)) as u64;
     if s.shift < 0 {
         delta <<= -s.shift;
     } else {

@@ -15,10 +15,7 @@ pub struct Console {
 
 impl Console {
     pub const fn new() -> Self {
-        Self {
-            buf: [0; 256],
-            len: 0,
-        }
+        Self { buf: [0; 256], len: 0 }
     }
 
     fn flush(&mut self) {

@@ -83,11 +83,7 @@ impl Dirty {
             if now - self.last_report_ns >= REPORT_INTERVAL_NS {
                 let ms = (now - self.pass_start_ns) / 1_000_000;
                 let mib = self.region.len() * 8 >> 20;
-                crate::println!(
-                    "DIRTY pass={} mib={mib} ms={ms} mismatches={}",
-                    self.pass,
-                    self.mismatches
-                );
+                crate::println!("DIRTY pass={} mib={mib} ms={ms} mismatches={}", self.pass, self.mismatches);
                 self.last_report_ns = now;
             }
             self.passes_done += 1;

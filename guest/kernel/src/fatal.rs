@@ -42,9 +42,7 @@ const NAMES: [&str; 32] = [
 #[unsafe(no_mangle)]
 extern "C" fn guest_fatal(vector: u64, error: u64, rip: u64, cr2: u64) -> ! {
     let name = NAMES.get(vector as usize).copied().unwrap_or("unknown");
-    crate::println!(
-        "GUEST-PANIC exception {vector} ({name}) error={error:#x} rip={rip:#x} cr2={cr2:#x}"
-    );
+    crate::println!("GUEST-PANIC exception {vector} ({name}) error={error:#x} rip={rip:#x} cr2={cr2:#x}");
     crate::power::panicked()
 }
 

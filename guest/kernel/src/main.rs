@@ -60,17 +60,11 @@ extern "C" fn rust_main(zero_page: u64) -> ! {
 
     let mut net = bring_up_network(&params);
     if net.is_none() && params.workload == Workload::Echo {
-        println!(
-            "GUEST-ERROR the echo workload needs a virtio-net device and ip= on the command line"
-        );
+        println!("GUEST-ERROR the echo workload needs a virtio-net device and ip= on the command line");
     }
 
     let ready_ns = clock::now_ns();
-    println!(
-        "{READY_PREFIX} uptime_ms={} workload={} kernel=vmm-guest",
-        ready_ns / 1_000_000,
-        params.workload.name()
-    );
+    println!("{READY_PREFIX} uptime_ms={} workload={} kernel=vmm-guest", ready_ns / 1_000_000, params.workload.name());
     let poweroff_at = params.poweroff_after_ms.map(|ms| ready_ns + ms * 1_000_000);
     loop {
         let now = clock::now_ns();
@@ -80,9 +74,7 @@ extern "C" fn rust_main(zero_page: u64) -> ! {
         let mut busy = false;
         let mut wake = now + MAX_SLEEP_NS;
         if let Some(n) = net.as_mut() {
-            let (passes, mismatches) = dirty
-                .as_ref()
-                .map_or((0, 0), |d| (d.passes_done, d.mismatches));
+            let (passes, mismatches) = dirty.as_ref().map_or((0, 0), |d| (d.passes_done, d.mismatches));
             let workload = params.workload.name();
             let status_line = move || {
                 alloc::format!(
@@ -128,8 +120,7 @@ fn bring_up_network(params: &Params) -> Option<netstack::NetStack> {
         match virtio_net::VirtioNet::init(dev.base) {
             Ok(nic) => {
                 apic::route_pin(dev.irq);
-                let mut stack =
-                    netstack::NetStack::new(nic, params.ipv4, params.workload == Workload::Echo);
+                let mut stack = netstack::NetStack::new(nic, params.ipv4, params.workload == Workload::Echo);
                 stack.irq = dev.irq as u8;
                 return Some(stack);
             }

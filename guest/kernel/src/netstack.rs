@@ -64,9 +64,7 @@ impl NetStack {
                 let _ = addrs.push(IpCidr::new(IpAddress::v4(a, b, c, d), ip.prefix_len));
             });
             if let Some([a, b, c, d]) = ip.gateway {
-                let _ = iface
-                    .routes_mut()
-                    .add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
+                let _ = iface.routes_mut().add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
             }
         }
         let mut sockets = SocketSet::new(vec![]);
@@ -86,22 +84,9 @@ impl NetStack {
                 tcp::SocketBuffer::new(vec![0; CONTROL_BUFFER]),
                 tcp::SocketBuffer::new(vec![0; CONTROL_BUFFER]),
             );
-            control.push(Control {
-                handle: sockets.add(s),
-                line: Vec::new(),
-                poweroff_pending: false,
-            });
+            control.push(Control { handle: sockets.add(s), line: Vec::new(), poweroff_pending: false });
         }
-        NetStack {
-            device,
-            irq: 0,
-            iface,
-            sockets,
-            echo,
-            control,
-            echo_enabled,
-            scratch: vec![0; 64 << 10],
-        }
+        NetStack { device, irq: 0, iface, sockets, echo, control, echo_enabled, scratch: vec![0; 64 << 10] }
     }
 
     /// Moves frames and serves sockets until nothing more happens right now. Returns whether
@@ -112,8 +97,7 @@ impl NetStack {
         loop {
             let mut progress = false;
             let t = now();
-            if self.iface.poll(t, &mut self.device, &mut self.sockets)
-                == smoltcp::iface::PollResult::SocketStateChanged
+            if self.iface.poll(t, &mut self.device, &mut self.sockets) == smoltcp::iface::PollResult::SocketStateChanged
             {
                 progress = true;
             }
@@ -139,9 +123,7 @@ impl NetStack {
     /// When smoltcp next needs to run (retransmits, delayed ACKs), in kvmclock nanoseconds.
     pub fn next_deadline_ns(&mut self) -> Option<u64> {
         let t = now();
-        self.iface
-            .poll_delay(t, &self.sockets)
-            .map(|d| clock::now_ns() + d.total_micros() * 1000)
+        self.iface.poll_delay(t, &self.sockets).map(|d| clock::now_ns() + d.total_micros() * 1000)
     }
 
     fn serve_echo(&mut self) -> bool {
@@ -177,10 +159,7 @@ impl NetStack {
         progress
     }
 
-    fn serve_control(
-        &mut self,
-        status_line: &dyn Fn() -> alloc::string::String,
-    ) -> (bool, Request) {
+    fn serve_control(&mut self, status_line: &dyn Fn() -> alloc::string::String) -> (bool, Request) {
         let mut progress = false;
         let mut request = Request::None;
         for c in &mut self.control {

@@ -151,17 +151,10 @@ impl VirtioNet {
         } else {
             mac = [0x02, 0, 0, 0, 0, 1];
         }
-        regs.write(
-            REG_STATUS,
-            STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-        );
+        regs.write(REG_STATUS, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
 
         let rx_n = usize::from(rxq.size);
-        let mut rx = Rx {
-            queue: rxq,
-            buffers: vec![0; rx_n * BUF_SIZE],
-            pending: false,
-        };
+        let mut rx = Rx { queue: rxq, buffers: vec![0; rx_n * BUF_SIZE], pending: false };
         for id in 0..rx.queue.size {
             let addr = rx.buffers.as_ptr() as u64 + u64::from(id) * BUF_SIZE as u64;
             rx.queue.set_desc(id, addr, BUF_SIZE as u32, DESC_F_WRITE);
@@ -240,18 +233,12 @@ fn setup_queue(regs: &Regs, index: u32) -> Result<VirtQueue, InitError> {
     }
     // Queue sizes are powers of two; take the largest one both sides allow.
     let size = (max.min(u32::from(QUEUE_SIZE)) as u16).next_power_of_two();
-    let size = if u32::from(size) > max {
-        size / 2
-    } else {
-        size
-    };
+    let size = if u32::from(size) > max { size / 2 } else { size };
     let q = VirtQueue::new(size);
     regs.write(REG_QUEUE_NUM, u32::from(size));
-    for (reg, addr) in [
-        (REG_QUEUE_DESC, q.desc_addr()),
-        (REG_QUEUE_AVAIL, q.avail_addr()),
-        (REG_QUEUE_USED, q.used_addr()),
-    ] {
+    for (reg, addr) in
+        [(REG_QUEUE_DESC, q.desc_addr()), (REG_QUEUE_AVAIL, q.avail_addr()), (REG_QUEUE_USED, q.used_addr())]
+    {
         regs.write(reg, addr as u32);
         regs.write(reg + 4, (addr >> 32) as u32);
     }
@@ -318,14 +305,7 @@ impl phy::Device for VirtioNet {
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let (id, len) = self.rx.queue.pop_used()?;
-        Some((
-            RxToken {
-                rx: &mut self.rx,
-                id,
-                len: len as usize,
-            },
-            TxToken { tx: &mut self.tx },
-        ))
+        Some((RxToken { rx: &mut self.rx, id, len: len as usize }, TxToken { tx: &mut self.tx }))
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<TxToken<'_>> {

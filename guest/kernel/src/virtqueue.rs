@@ -73,17 +73,7 @@ impl VirtQueue {
     pub fn set_desc(&mut self, id: u16, addr: u64, len: u32, flags: u16) {
         assert!(id < self.size);
         // SAFETY: `id` is within the table we allocated.
-        unsafe {
-            write_volatile(
-                self.desc.add(usize::from(id)),
-                Desc {
-                    addr,
-                    len,
-                    flags,
-                    next: 0,
-                },
-            )
-        };
+        unsafe { write_volatile(self.desc.add(usize::from(id)), Desc { addr, len, flags, next: 0 }) };
     }
 
     /// Changes the length of descriptor `id`.
@@ -128,10 +118,7 @@ impl VirtQueue {
         };
         self.last_used = self.last_used.wrapping_add(1);
         // A device that returns an id we never gave it is broken; ignore the entry.
-        u16::try_from(id)
-            .ok()
-            .filter(|id| *id < self.size)
-            .map(|id| (id, len))
+        u16::try_from(id).ok().filter(|id| *id < self.size).map(|id| (id, len))
     }
 
     /// Whether the device returned entries we have not popped.

@@ -10,9 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::QueueT;
@@ -47,11 +46,7 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     pub fn new(mem: GuestMemoryMmap, device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
-        Self {
-            device,
-            mem,
-            state: MmioTransportState::default(),
-        }
+        Self { device, mem, state: MmioTransportState::default() }
     }
 
     pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
@@ -60,22 +55,13 @@ impl MmioTransport {
 
     pub fn save_state(&self) -> MmioTransportState {
         let mut s = self.state.clone();
-        s.interrupt_status = self
-            .device
-            .lock()
-            .expect("Poisoned lock")
-            .interrupt()
-            .status();
+        s.interrupt_status = self.device.lock().expect("Poisoned lock").interrupt().status();
         s
     }
 
     pub fn restore_state(&mut self, state: &MmioTransportState) {
         self.state = state.clone();
-        self.device
-            .lock()
-            .expect("Poisoned lock")
-            .interrupt()
-            .set_status(state.interrupt_status);
+        self.device.lock().expect("Poisoned lock").interrupt().set_status(state.interrupt_status);
     }
 
     fn status(&self) -> u32 {
@@ -94,22 +80,11 @@ impl MmioTransport {
                 1 => (dev.avail_features() >> 32) as u32,
                 _ => 0,
             },
-            VIRTIO_MMIO_QUEUE_NUM_MAX => self
-                .selected(&*dev)
-                .map(|q| u32::from(q.max_size()))
-                .unwrap_or(0),
-            VIRTIO_MMIO_QUEUE_READY => self
-                .selected(&*dev)
-                .map(|q| u32::from(q.ready()))
-                .unwrap_or(0),
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected(&*dev).map(|q| u32::from(q.max_size())).unwrap_or(0),
+            VIRTIO_MMIO_QUEUE_READY => self.selected(&*dev).map(|q| u32::from(q.ready())).unwrap_or(0),
             VIRTIO_MMIO_INTERRUPT_STATUS => dev.interrupt().status(),
             VIRTIO_MMIO_STATUS => {
-                self.state.device_status
-                    | if dev.needs_reset() {
-                        VIRTIO_CONFIG_S_NEEDS_RESET
-                    } else {
-                        0
-                    }
+                self.state.device_status | if dev.needs_reset() { VIRTIO_CONFIG_S_NEEDS_RESET } else { 0 }
             }
             VIRTIO_MMIO_CONFIG_GENERATION => self.state.config_generation,
             // SHM regions: none (length all ones means "no such region").
@@ -127,8 +102,7 @@ impl MmioTransport {
         let mut dev = device.lock().expect("Poisoned lock");
         let status = self.status();
         // Queue and feature registers may change only while the driver sets the device up.
-        let configuring =
-            status & VIRTIO_CONFIG_S_DRIVER != 0 && status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
+        let configuring = status & VIRTIO_CONFIG_S_DRIVER != 0 && status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
         let features_open = configuring && status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
         match offset {
             VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.state.features_select = v,
@@ -151,10 +125,9 @@ impl MmioTransport {
                 // A size that is zero, not a power of two or above the maximum would leave the
                 // device and the driver with different rings: the device cannot go on.
                 let bad = match dev.queues_mut().get_mut(sel as usize) {
-                    Some(q) => u16::try_from(v)
-                        .map_err(|_| ())
-                        .and_then(|n| q.try_set_size(n).map_err(|_| ()))
-                        .is_err(),
+                    Some(q) => {
+                        u16::try_from(v).map_err(|_| ()).and_then(|n| q.try_set_size(n).map_err(|_| ())).is_err()
+                    }
                     None => false,
                 };
                 if bad {
@@ -175,11 +148,7 @@ impl MmioTransport {
                 if configuring =>
             {
                 if let Some(q) = dev.queues_mut().get_mut(self.state.queue_select as usize) {
-                    let (lo, hi) = if offset & 4 == 0 {
-                        (Some(v), None)
-                    } else {
-                        (None, Some(v))
-                    };
+                    let (lo, hi) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
                     match offset & !4 {
                         VIRTIO_MMIO_QUEUE_DESC_LOW => q.set_desc_table_address(lo, hi),
                         VIRTIO_MMIO_QUEUE_AVAIL_LOW => q.set_avail_ring_address(lo, hi),
@@ -202,17 +171,11 @@ impl MmioTransport {
     }
 
     fn write_status(&mut self, dev: &mut dyn VirtioDevice, v: u32) {
-        log::debug!(
-            "virtio-mmio: status {:#x} -> {v:#x}",
-            self.state.device_status
-        );
+        log::debug!("virtio-mmio: status {:#x} -> {v:#x}", self.state.device_status);
         if v == 0 {
             dev.reset();
             dev.interrupt().ack(u32::MAX);
-            self.state = MmioTransportState {
-                config_generation: self.state.config_generation,
-                ..Default::default()
-            };
+            self.state = MmioTransportState { config_generation: self.state.config_generation, ..Default::default() };
             return;
         }
         let old = self.state.device_status;
@@ -238,9 +201,7 @@ impl MmioTransport {
                 return;
             }
         }
-        if new_bits & VIRTIO_CONFIG_S_FEATURES_OK != 0
-            && dev.acked_features() & (1 << VIRTIO_F_VERSION_1) == 0
-        {
+        if new_bits & VIRTIO_CONFIG_S_FEATURES_OK != 0 && dev.acked_features() & (1 << VIRTIO_F_VERSION_1) == 0 {
             // We only speak virtio 1.x; a legacy driver must see FEATURES_OK refused.
             self.state.device_status = old | (new_bits & !VIRTIO_CONFIG_S_FEATURES_OK);
             return;
@@ -250,11 +211,7 @@ impl MmioTransport {
             if dev.needs_reset() {
                 return;
             }
-            if let Some(i) = dev
-                .queues()
-                .iter()
-                .position(|q| q.ready() && !q.is_valid(&self.mem))
-            {
+            if let Some(i) = dev.queues().iter().position(|q| q.ready() && !q.is_valid(&self.mem)) {
                 dev.mark_needs_reset(&format!("the driver set up queue {i} wrongly"));
                 return;
             }

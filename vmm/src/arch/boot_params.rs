@@ -38,12 +38,7 @@ pub struct BootInfo {
     pub setup_header: Option<setup_header>,
 }
 
-fn add_e820_entry(
-    params: &mut boot_params,
-    addr: u64,
-    size: u64,
-    type_: u32,
-) -> Result<(), BootParamsError> {
+fn add_e820_entry(params: &mut boot_params, addr: u64, size: u64, type_: u32) -> Result<(), BootParamsError> {
     let n = params.e820_entries as usize;
     if n >= E820_MAX_ENTRIES.min(params.e820_table.len()) {
         return Err(BootParamsError::E820Overflow);
@@ -114,10 +109,7 @@ mod tests {
         assert_eq!({ p.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!(p.e820_entries, 3);
         let high = p.e820_table[2];
-        assert_eq!(
-            ({ high.addr }, { high.size }, { high.r#type }),
-            (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM)
-        );
+        assert_eq!(({ high.addr }, { high.size }, { high.r#type }), (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM));
         let ebda = p.e820_table[1];
         assert_eq!({ ebda.r#type }, E820_RESERVED);
     }
@@ -127,21 +119,13 @@ mod tests {
         let mem = create_guest_memory(4 << 30).unwrap();
         write_boot_params(
             &mem,
-            &BootInfo {
-                cmdline_addr: GuestAddress(0x20000),
-                cmdline_size: 1,
-                initrd: None,
-                setup_header: None,
-            },
+            &BootInfo { cmdline_addr: GuestAddress(0x20000), cmdline_size: 1, initrd: None, setup_header: None },
         )
         .unwrap();
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!(p.e820_entries, 4);
         let top = p.e820_table[3];
         assert_eq!({ top.addr }, 1 << 32);
-        assert_eq!(
-            { top.size },
-            (4 << 30) - super::super::layout::MMIO_GAP_START
-        );
+        assert_eq!({ top.size }, (4 << 30) - super::super::layout::MMIO_GAP_START);
     }
 }

@@ -70,11 +70,7 @@ fn normalize_entry(e: &mut kvm_cpuid_entry2, apic_id: u32, count: u8, shift: u32
             e.eax &= 0x3ff;
             e.eax |= (u32::from(count).saturating_sub(1) & 0x3f) << 26;
             let cache_level = (e.eax >> 5) & 0x7;
-            let sharing = if cache_level >= 3 {
-                u32::from(count)
-            } else {
-                1
-            };
+            let sharing = if cache_level >= 3 { u32::from(count) } else { 1 };
             e.eax |= (sharing.saturating_sub(1) & 0xfff) << 14;
         }
         0x6 => {
@@ -150,35 +146,13 @@ fn baseline_entry(e: &mut kvm_cpuid_entry2) {
 mod tests {
     use super::*;
 
-    fn entry(
-        function: u32,
-        index: u32,
-        eax: u32,
-        ebx: u32,
-        ecx: u32,
-        edx: u32,
-    ) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            eax,
-            ebx,
-            ecx,
-            edx,
-            ..Default::default()
-        }
+    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 { function, index, eax, ebx, ecx, edx, ..Default::default() }
     }
 
     fn sample() -> CpuId {
         CpuId::from_entries(&[
-            entry(
-                0x1,
-                0,
-                0x00a2_0f12,
-                0x0004_0800,
-                0xfef8_3203 | (1 << 23) | (1 << 26),
-                0x178b_fbff,
-            ),
+            entry(0x1, 0, 0x00a2_0f12, 0x0004_0800, 0xfef8_3203 | (1 << 23) | (1 << 26), 0x178b_fbff),
             entry(0x7, 0, 0, 0x219c_97a9, 0x0040_069c, 0x10),
             entry(0xa, 0, 0x0760_3002, 0, 0, 0x603),
             entry(0xb, 0, 1, 2, 0x100, 7),
@@ -190,10 +164,7 @@ mod tests {
     }
 
     fn find(c: &CpuId, f: u32, i: u32) -> kvm_cpuid_entry2 {
-        *c.as_slice()
-            .iter()
-            .find(|e| e.function == f && e.index == i)
-            .unwrap()
+        *c.as_slice().iter().find(|e| e.function == f && e.index == i).unwrap()
     }
 
     #[test]

@@ -20,14 +20,9 @@ fn get_base(entry: u64) -> u64 {
 }
 
 fn get_limit(entry: u64) -> u32 {
-    let limit =
-        ((((entry) & 0x000f_0000_0000_0000) >> 32) | ((entry) & 0x0000_0000_0000_ffff)) as u32;
+    let limit = ((((entry) & 0x000f_0000_0000_0000) >> 32) | ((entry) & 0x0000_0000_0000_ffff)) as u32;
     // With the granularity bit the limit counts 4 KiB pages.
-    if get_g(entry) == 1 {
-        (limit << 12) | 0xfff
-    } else {
-        limit
-    }
+    if get_g(entry) == 1 { (limit << 12) | 0xfff } else { limit }
 }
 
 fn get_g(entry: u64) -> u8 {
@@ -77,12 +72,7 @@ pub fn kvm_segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
 
 /// The boot GDT: null, 64-bit code, data, and a TSS descriptor (KVM wants a usable TR).
 pub fn boot_gdt() -> [u64; super::layout::BOOT_GDT_MAX] {
-    [
-        gdt_entry(0, 0, 0),
-        gdt_entry(0xa09b, 0, 0xfffff),
-        gdt_entry(0xc093, 0, 0xfffff),
-        gdt_entry(0x808b, 0, 0xfffff),
-    ]
+    [gdt_entry(0, 0, 0), gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
 }
 
 #[cfg(test)]

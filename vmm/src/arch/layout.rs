@@ -58,10 +58,7 @@ pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
     if mem_size <= MMIO_GAP_START {
         vec![(0, mem_size)]
     } else {
-        vec![
-            (0, MMIO_GAP_START),
-            (MMIO_GAP_END, mem_size - MMIO_GAP_START),
-        ]
+        vec![(0, MMIO_GAP_START), (MMIO_GAP_END, mem_size - MMIO_GAP_START)]
     }
 }
 
@@ -78,13 +75,7 @@ mod tests {
     #[test]
     fn large_memory_skips_the_mmio_hole() {
         let r = ram_regions(4 << 30);
-        assert_eq!(
-            r,
-            vec![
-                (0, MMIO_GAP_START),
-                (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)
-            ]
-        );
+        assert_eq!(r, vec![(0, MMIO_GAP_START), (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)]);
         assert_eq!(r.iter().map(|r| r.1).sum::<u64>(), 4 << 30);
     }
 

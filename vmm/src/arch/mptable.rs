@@ -115,8 +115,7 @@ pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MptableE
     if MPTABLE_START + bytes.len() as u64 > EBDA_START + 0x400 {
         return Err(MptableError::TooLarge);
     }
-    mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
-        .map_err(|_| MptableError::Write)
+    mem.write_slice(&bytes, GuestAddress(MPTABLE_START)).map_err(|_| MptableError::Write)
 }
 
 #[cfg(test)]
@@ -137,21 +136,13 @@ mod tests {
             setup_mptable(&mem, cpus).unwrap();
             let fp = read(&mem, MPTABLE_START, 16);
             assert_eq!(&fp[0..4], b"_MP_");
-            assert_eq!(
-                fp.iter().fold(0u8, |a, b| a.wrapping_add(*b)),
-                0,
-                "fp checksum"
-            );
+            assert_eq!(fp.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "fp checksum");
             let table_addr = u32::from_le_bytes(fp[4..8].try_into().unwrap()) as u64;
             let head = read(&mem, table_addr, 44);
             assert_eq!(&head[0..4], b"PCMP");
             let len = u16::from_le_bytes([head[4], head[5]]) as usize;
             let table = read(&mem, table_addr, len);
-            assert_eq!(
-                table.iter().fold(0u8, |a, b| a.wrapping_add(*b)),
-                0,
-                "table checksum"
-            );
+            assert_eq!(table.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "table checksum");
             let count = u16::from_le_bytes([table[34], table[35]]) as usize;
             // Walk the entries: processors are 20 bytes, everything else 8.
             let (mut off, mut procs, mut ioapics, mut intsrcs) = (44, 0, 0, 0);
@@ -184,10 +175,7 @@ mod tests {
     #[test]
     fn rejects_bad_cpu_counts() {
         let mem = create_guest_memory(16 << 20).unwrap();
-        assert!(matches!(
-            setup_mptable(&mem, 0),
-            Err(MptableError::TooManyCpus(0))
-        ));
+        assert!(matches!(setup_mptable(&mem, 0), Err(MptableError::TooManyCpus(0))));
         assert!(setup_mptable(&mem, MAX_VCPUS + 1).is_err());
     }
 }

@@ -34,11 +34,7 @@ pub fn boot_msrs() -> Msrs {
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB),
     ]
-    .map(|(index, data)| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    });
+    .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() });
     // Eleven fixed entries fit the FAM wrapper's limit, so this cannot fail.
     Msrs::from_entries(&entries).expect("boot MSR list is within KVM_MAX_MSR_ENTRIES")
 }
@@ -50,12 +46,7 @@ mod tests {
     #[test]
     fn boot_msrs_enable_mtrrs_and_fast_strings() {
         let msrs = boot_msrs();
-        let get = |i| {
-            msrs.as_slice()
-                .iter()
-                .find(|e| e.index == i)
-                .map(|e| e.data)
-        };
+        let get = |i| msrs.as_slice().iter().find(|e| e.index == i).map(|e| e.data);
         assert_eq!(get(MSR_MTRR_DEF_TYPE), Some(MTRR_ENABLE_WB));
         assert_eq!(get(MSR_IA32_MISC_ENABLE), Some(1));
         assert_eq!(msrs.as_slice().len(), 11);

@@ -43,11 +43,7 @@ pub fn boot_regs(entry: u64) -> kvm_regs {
 
 /// x87 and SSE control words as after FNINIT / reset.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    }
+    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
 }
 
 /// Writes the boot GDT, IDT and page tables into guest memory and returns `sregs` updated for
@@ -55,11 +51,9 @@ pub fn boot_fpu() -> kvm_fpu {
 pub fn boot_sregs(mem: &GuestMemoryMmap, mut sregs: kvm_sregs) -> Result<kvm_sregs, RegsError> {
     let gdt = boot_gdt();
     for (i, entry) in gdt.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + 8 * i as u64))
-            .map_err(|_| RegsError::WriteGdt)?;
+        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + 8 * i as u64)).map_err(|_| RegsError::WriteGdt)?;
     }
-    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
-        .map_err(|_| RegsError::WriteIdt)?;
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)).map_err(|_| RegsError::WriteIdt)?;
 
     let code = kvm_segment_from_gdt(gdt[1], 1);
     let data = kvm_segment_from_gdt(gdt[2], 2);
@@ -91,14 +85,11 @@ fn write_identity_map(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
     let pdpte = GuestAddress(PDPTE_START);
     let pde = GuestAddress(PDE_START);
     // Present | writable.
-    mem.write_obj(pdpte.raw_value() | 0x03, pml4)
-        .map_err(|_| RegsError::WritePageTables)?;
-    mem.write_obj(pde.raw_value() | 0x03, pdpte)
-        .map_err(|_| RegsError::WritePageTables)?;
+    mem.write_obj(pdpte.raw_value() | 0x03, pml4).map_err(|_| RegsError::WritePageTables)?;
+    mem.write_obj(pde.raw_value() | 0x03, pdpte).map_err(|_| RegsError::WritePageTables)?;
     for i in 0..512u64 {
         // Present | writable | page size (2 MiB).
-        mem.write_obj((i << 21) | 0x83, pde.unchecked_add(i * 8))
-            .map_err(|_| RegsError::WritePageTables)?;
+        mem.write_obj((i << 21) | 0x83, pde.unchecked_add(i * 8)).map_err(|_| RegsError::WritePageTables)?;
     }
     Ok(())
 }
@@ -112,10 +103,7 @@ mod tests {
     fn sregs_enter_long_mode_with_identity_map() {
         let mem = create_guest_memory(16 << 20).unwrap();
         let sregs = boot_sregs(&mem, kvm_sregs::default()).unwrap();
-        assert_eq!(
-            sregs.cr0 & (X86_CR0_PE | X86_CR0_PG),
-            X86_CR0_PE | X86_CR0_PG
-        );
+        assert_eq!(sregs.cr0 & (X86_CR0_PE | X86_CR0_PG), X86_CR0_PE | X86_CR0_PG);
         assert_ne!(sregs.cr4 & X86_CR4_PAE, 0);
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(sregs.cs.l, 1);

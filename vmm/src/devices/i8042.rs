@@ -20,9 +20,7 @@ pub struct I8042 {
 
 impl I8042 {
     pub fn new(reset: EventFdTrigger) -> Self {
-        Self {
-            device: I8042Device::new(reset),
-        }
+        Self { device: I8042Device::new(reset) }
     }
 
     /// Fires when the guest asks for a reset.
@@ -56,10 +54,7 @@ mod tests {
         let mut dev = I8042::new(EventFdTrigger::new().unwrap());
         let base = PioAddress(I8042_PORT_BASE);
         dev.pio_write(base, 0, &[0xfe]);
-        assert!(
-            dev.reset_evt().0.read().is_err(),
-            "a data-port write is not a reset"
-        );
+        assert!(dev.reset_evt().0.read().is_err(), "a data-port write is not a reset");
         dev.pio_write(base, 4, &[0xfe]);
         assert_eq!(dev.reset_evt().0.read().unwrap(), 1);
     }

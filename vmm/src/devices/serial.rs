@@ -6,8 +6,9 @@ use std::io::Write;
 
 use vm_device::MutDevicePio;
 use vm_device::bus::{PioAddress, PioAddressOffset};
+use serde::{Deserialize, Serialize};
 use vm_superio::Serial;
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 
 use super::EventFdTrigger;
 
@@ -17,6 +18,32 @@ pub const SERIAL_PORT_BASE: u16 = 0x3f8;
 pub const SERIAL_PORT_SIZE: u16 = 8;
 const DATA_OFFSET: u8 = 0;
 
+/// vm-superio's `SerialState`, made serialisable (the `vm-superio-ser` crate pins an older
+/// vm-superio).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+/// The UART's registers and unread input, for migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialPortState {
+    #[serde(with = "SerialStateDef")]
+    pub uart: SerialState,
+    /// Console input not yet in the FIFO.
+    pub pending_input: Vec<u8>,
+}
+
 /// The UART plus console input it could not take yet (its FIFO holds 64 bytes).
 pub struct SerialPort {
     serial: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
@@ -25,10 +52,7 @@ pub struct SerialPort {
 
 impl SerialPort {
     pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
-        Self {
-            serial: Serial::new(interrupt, out),
-            pending_input: VecDeque::new(),
-        }
+        Self { serial: Serial::new(interrupt, out), pending_input: VecDeque::new() }
     }
 
     /// The eventfd that raises the UART's interrupt (registered as an irqfd).
@@ -40,6 +64,20 @@ impl SerialPort {
     pub fn enqueue_input(&mut self, bytes: &[u8]) {
         self.pending_input.extend(bytes);
         self.fill_fifo();
+    }
+
+    pub fn save_state(&self) -> SerialPortState {
+        SerialPortState { uart: self.serial.state(), pending_input: self.pending_input.iter().copied().collect() }
+    }
+
+    /// Restores the registers and FIFO; the interrupt line and the output stay this port's.
+    pub fn restore_state(&mut self, state: &SerialPortState) -> std::io::Result<()> {
+        let trigger = EventFdTrigger(self.serial.interrupt_evt().0.try_clone()?);
+        let out = std::mem::replace(self.serial.writer_mut(), Box::new(std::io::sink()));
+        self.serial = Serial::from_state(&state.uart, trigger, NoEvents, out)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("serial state: {e:?}")))?;
+        self.pending_input = state.pending_input.iter().copied().collect();
+        Ok(())
     }
 
     fn fill_fifo(&mut self) {
@@ -119,11 +157,7 @@ mod tests {
         port.pio_write(BASE, 1, &[1]);
         let input: Vec<u8> = (0..200u8).collect();
         port.enqueue_input(&input);
-        assert_eq!(
-            port.interrupt_evt().0.read().unwrap(),
-            1,
-            "interrupt raised"
-        );
+        assert_eq!(port.interrupt_evt().0.read().unwrap(), 1, "interrupt raised");
         let mut got = Vec::new();
         for _ in 0..200 {
             let mut lsr = [0u8];
@@ -137,6 +171,36 @@ mod tests {
         let mut lsr = [0u8];
         port.pio_read(BASE, 5, &mut lsr);
         assert_eq!(lsr[0] & 1, 0, "drained");
+    }
+
+    #[test]
+    fn state_round_trips_with_unread_input() {
+        let buf = SharedBuf::default();
+        let mut src = SerialPort::new(EventFdTrigger::new().unwrap(), Box::new(std::io::sink()));
+        src.pio_write(BASE, 3, &[0x03]); // 8N1
+        src.pio_write(BASE, 7, &[0x5a]); // scratch
+        src.enqueue_input(&[b'x'; 70]); // 64 in the FIFO, 6 waiting
+        let json = serde_json::to_string(&src.save_state()).unwrap();
+        let state: SerialPortState = serde_json::from_str(&json).unwrap();
+        let mut dst = SerialPort::new(EventFdTrigger::new().unwrap(), Box::new(buf.clone()));
+        dst.restore_state(&state).unwrap();
+        assert_eq!(dst.save_state(), state);
+        let mut b = [0u8];
+        dst.pio_read(BASE, 7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        let mut n = 0;
+        loop {
+            let mut lsr = [0u8];
+            dst.pio_read(BASE, 5, &mut lsr);
+            if lsr[0] & 1 == 0 {
+                break;
+            }
+            dst.pio_read(BASE, 0, &mut b);
+            n += 1;
+        }
+        assert_eq!(n, 70, "no console input lost across the move");
+        dst.pio_write(BASE, 0, b"!");
+        assert_eq!(&*buf.0.lock().unwrap(), b"!", "output goes to the destination's console");
     }
 
     #[test]

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs,
-};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs};
 use kvm_ioctls::{Cap, Kvm, VcpuExit};
 use vm_device::device_manager::IoManager;
 use vm_memory::{Bytes, GuestAddress};
@@ -21,9 +19,7 @@ use crate::arch::cpuid::{CpuTemplate, normalize};
 use crate::arch::gdt::{gdt_entry, kvm_segment_from_gdt};
 use crate::arch::msr::{MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK};
 use crate::vstate::memory::create_guest_memory;
-use crate::vstate::vcpu::{
-    Vcpu, clear_kick_target, init_kick_signal, kick_signal, set_kick_target,
-};
+use crate::vstate::vcpu::{Vcpu, VcpuShared, clear_kick_target, init_kick_signal, kick_signal, set_kick_target};
 use crate::vstate::vm::Vm;
 
 const MEM_SIZE: u64 = 16 << 20;
@@ -57,11 +53,7 @@ pub const CPUID_MARKER: u32 = 0x2156_4d4d; // "MMV!"
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// The program ran to its end; the value it reported last.
-    Done {
-        value: u32,
-        elapsed: Duration,
-        exits: u64,
-    },
+    Done { value: u32, elapsed: Duration, exits: u64 },
     /// The guest took an exception the runtime does not handle (e.g. #GP = 13).
     Exception(u32),
     /// KVM could not emulate an instruction.
@@ -133,33 +125,21 @@ fn run_inner(kvm: &Kvm, probe: ProbeRun) -> Result<Outcome, String> {
     // IDT: every exception to a reporting stub, then the handlers.
     let rt = runtime();
     w(mem.write_slice(rt.bytes, GuestAddress(RUNTIME_ADDR)))?;
-    let mut gates: Vec<(u8, u64, u8)> = (0..32u8)
-        .map(|v| (v, RUNTIME_ADDR + 16 * u64::from(v), 0))
-        .collect();
-    let int3 = if probe.program == Program::Int3Halt {
-        rt.int3_halt
-    } else {
-        rt.int3
-    };
+    let mut gates: Vec<(u8, u64, u8)> = (0..32u8).map(|v| (v, RUNTIME_ADDR + 16 * u64::from(v), 0)).collect();
+    let int3 = if probe.program == Program::Int3Halt { rt.int3_halt } else { rt.int3 };
     gates[3] = (3, RUNTIME_ADDR + int3 as u64, 3);
     gates[14] = (14, RUNTIME_ADDR + rt.page_fault as u64, 0);
     gates.push((0x20, RUNTIME_ADDR + rt.timer as u64, 0));
     gates.push((0x80, RUNTIME_ADDR + rt.int_gate as u64, 3));
     gates.push((0xff, RUNTIME_ADDR + rt.spurious as u64, 0));
     for (vector, handler, dpl) in gates {
-        w(mem.write_slice(
-            &idt_gate(handler, dpl),
-            GuestAddress(IDT_ADDR + 16 * u64::from(vector)),
-        ))?;
+        w(mem.write_slice(&idt_gate(handler, dpl), GuestAddress(IDT_ADDR + 16 * u64::from(vector))))?;
     }
 
     // Identity map of 4 GiB with 2 MiB pages, all user-accessible.
     w(mem.write_obj(PDPT_ADDR | 0x7, GuestAddress(PML4_ADDR)))?;
     for i in 0..4u64 {
-        w(mem.write_obj(
-            (PD_ADDR + i * 0x1000) | 0x7,
-            GuestAddress(PDPT_ADDR + i * 8),
-        ))?;
+        w(mem.write_obj((PD_ADDR + i * 0x1000) | 0x7, GuestAddress(PDPT_ADDR + i * 8)))?;
     }
     for i in 0..2048u64 {
         w(mem.write_obj((i << 21) | 0x87, GuestAddress(PD_ADDR + i * 8)))?;
@@ -167,21 +147,13 @@ fn run_inner(kvm: &Kvm, probe: ProbeRun) -> Result<Outcome, String> {
     w(mem.write_slice(probe.program.bytes(), GuestAddress(CODE_ADDR)))?;
     w(mem.write_obj(0u64, GuestAddress(TICKS_ADDR)))?;
 
-    let mut vcpu = Vcpu::new(&vm, 0, Arc::new(IoManager::new())).map_err(|e| e.to_string())?;
-    let mut cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+    let mut vcpu = Vcpu::new(kvm, &vm, 0, Arc::new(IoManager::new()), Arc::new(VcpuShared::default()))
         .map_err(|e| e.to_string())?;
+    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| e.to_string())?;
     normalize(&mut cpuid, 0, 1, CpuTemplate::Host);
-    let has_xsave = kvm.check_extension(Cap::Xsave)
-        && cpuid
-            .as_slice()
-            .iter()
-            .any(|e| e.function == 1 && e.ecx & (1 << 26) != 0);
-    for e in cpuid
-        .as_mut_slice()
-        .iter_mut()
-        .filter(|e| e.function == 0x4000_0000)
-    {
+    let has_xsave =
+        kvm.check_extension(Cap::Xsave) && cpuid.as_slice().iter().any(|e| e.function == 1 && e.ecx & (1 << 26) != 0);
+    for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 0x4000_0000) {
         e.ebx = CPUID_MARKER;
     }
     let fd = vcpu.fd();
@@ -215,21 +187,14 @@ fn run_inner(kvm: &Kvm, probe: ProbeRun) -> Result<Outcome, String> {
     sregs.efer = 0x501; // SCE | LME | LMA
     fd.set_sregs(&sregs).map_err(|e| e.to_string())?;
     if has_xsave {
-        let mut xcrs = kvm_xcrs {
-            nr_xcrs: 1,
-            ..Default::default()
-        };
+        let mut xcrs = kvm_xcrs { nr_xcrs: 1, ..Default::default() };
         xcrs.xcrs[0].xcr = 0;
         xcrs.xcrs[0].value = 3; // x87 | SSE
         fd.set_xcrs(&xcrs).map_err(|e| e.to_string())?;
     }
     let regs = kvm_regs {
         rip: CODE_ADDR,
-        rsp: if user {
-            USER_STACK_TOP
-        } else {
-            KERNEL_STACK_TOP
-        },
+        rsp: if user { USER_STACK_TOP } else { KERNEL_STACK_TOP },
         // Reserved bit 1, IOPL 3 (port I/O, CLI/STI from CPL 3), IF on request.
         rflags: 0x2 | 0x3000 | if probe.interrupts { 0x200 } else { 0 },
         rdi: probe.arg0,
@@ -239,25 +204,11 @@ fn run_inner(kvm: &Kvm, probe: ProbeRun) -> Result<Outcome, String> {
     fd.set_regs(&regs).map_err(|e| e.to_string())?;
     // SYSCALL: kernel CS/SS from STAR[47:32], user CS/SS from STAR[63:48] (+16 / +8), entry at
     // LSTAR, no RFLAGS bits masked.
-    let lstar = RUNTIME_ADDR
-        + if probe.program == Program::SyscallHalt {
-            rt.syscall_halt
-        } else {
-            rt.syscall_ret
-        } as u64;
-    let msrs = [
-        (
-            MSR_STAR,
-            (0x10u64 << 48) | (u64::from(SEL_KERNEL_CODE) << 32),
-        ),
-        (MSR_LSTAR, lstar),
-        (MSR_SYSCALL_MASK, 0),
-    ]
-    .map(|(index, data)| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    });
+    let lstar =
+        RUNTIME_ADDR + if probe.program == Program::SyscallHalt { rt.syscall_halt } else { rt.syscall_ret } as u64;
+    let msrs =
+        [(MSR_STAR, (0x10u64 << 48) | (u64::from(SEL_KERNEL_CODE) << 32)), (MSR_LSTAR, lstar), (MSR_SYSCALL_MASK, 0)]
+            .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() });
     let msrs = Msrs::from_entries(&msrs).map_err(|e| format!("{e:?}"))?;
     fd.set_msrs(&msrs).map_err(|e| e.to_string())?;
 
@@ -274,9 +225,7 @@ fn run_inner(kvm: &Kvm, probe: ProbeRun) -> Result<Outcome, String> {
     if rx.recv_timeout(probe.timeout).is_err() {
         let _ = thread.kill(kick_signal());
     }
-    let outcome = thread
-        .join()
-        .map_err(|_| "probe thread panicked".to_string())?;
+    let outcome = thread.join().map_err(|_| "probe thread panicked".to_string())?;
     drop(vm);
     Ok(outcome)
 }
@@ -295,11 +244,7 @@ fn drive(vcpu: &mut Vcpu) -> Outcome {
         };
         match exit {
             VcpuExit::MmioWrite(REPORT_DONE, data) => {
-                return Outcome::Done {
-                    value: le32(data),
-                    elapsed: start.elapsed(),
-                    exits,
-                };
+                return Outcome::Done { value: le32(data), elapsed: start.elapsed(), exits };
             }
             VcpuExit::MmioWrite(REPORT_EXCEPTION, data) => return Outcome::Exception(le32(data)),
             VcpuExit::IoOut(PORT_MEASURED, _) | VcpuExit::MmioWrite(MMIO_MEASURED, _) => exits += 1,

@@ -32,92 +32,23 @@ pub const TIMER_TICKS: u64 = 20;
 
 /// The probes, in table order.
 pub fn rows() -> Vec<Row> {
-    let row = |label, program, cpl3, cpl0| Row {
-        label,
-        program,
-        iterations: [cpl3, cpl0],
-        arg1: 0,
-        interrupts: false,
-    };
+    let row = |label, program, cpl3, cpl0| Row { label, program, iterations: [cpl3, cpl0], arg1: 0, interrupts: false };
     vec![
-        row(
-            "integer loop (`dec; jnz`)",
-            Program::IntLoop,
-            Some(10_000_000),
-            Some(100_000),
-        ),
-        row(
-            "SSE loop (`xorps`)",
-            Program::SseLoop,
-            Some(10_000_000),
-            Some(10_000),
-        ),
+        row("integer loop (`dec; jnz`)", Program::IntLoop, Some(10_000_000), Some(100_000)),
+        row("SSE loop (`xorps`)", Program::SseLoop, Some(10_000_000), Some(10_000)),
         row("`popcnt`", Program::Popcnt, Some(10_000_000), Some(10_000)),
-        Row {
-            arg1: 64 << 10,
-            ..row(
-                "`rep movsb` of 64 KiB",
-                Program::RepMovs,
-                Some(1000),
-                Some(2),
-            )
-        },
+        Row { arg1: 64 << 10, ..row("`rep movsb` of 64 KiB", Program::RepMovs, Some(1000), Some(2)) },
         row("`rdtsc`", Program::Rdtsc, Some(1_000_000), Some(10_000)),
-        row(
-            "`cpuid` (leaf 0x40000000)",
-            Program::Cpuid,
-            Some(10_000),
-            Some(1000),
-        ),
-        row(
-            "`wrmsr` (KERNEL_GS_BASE)",
-            Program::Wrmsr,
-            Some(1000),
-            Some(1000),
-        ),
+        row("`cpuid` (leaf 0x40000000)", Program::Cpuid, Some(10_000), Some(1000)),
+        row("`wrmsr` (KERNEL_GS_BASE)", Program::Wrmsr, Some(1000), Some(1000)),
         row("`xsave`", Program::Xsave, Some(100_000), Some(1000)),
-        row(
-            "`int3` round trip (IDT gate to CPL 0, `iretq`)",
-            Program::Int3,
-            Some(100_000),
-            Some(1000),
-        ),
-        row(
-            "page fault round trip (#PF handler, `iretq`)",
-            Program::PageFault,
-            Some(100_000),
-            Some(1000),
-        ),
-        row(
-            "port I/O exit (`out` to the VMM)",
-            Program::PortOut,
-            Some(100_000),
-            Some(10_000),
-        ),
-        row(
-            "MMIO write exit (to the VMM)",
-            Program::MmioWrite,
-            Some(100_000),
-            Some(10_000),
-        ),
-        row(
-            "MMIO read exit (from the VMM)",
-            Program::MmioRead,
-            Some(100_000),
-            Some(10_000),
-        ),
-        row(
-            "`int 0x80` round trip (IDT gate to CPL 0, `iretq`)",
-            Program::IntGate,
-            Some(100_000),
-            Some(1000),
-        ),
-        row(
-            "`syscall` round trip (`sysretq`)",
-            Program::Syscall,
-            Some(100_000),
-            Some(1000),
-        ),
+        row("`int3` round trip (IDT gate to CPL 0, `iretq`)", Program::Int3, Some(100_000), Some(1000)),
+        row("page fault round trip (#PF handler, `iretq`)", Program::PageFault, Some(100_000), Some(1000)),
+        row("port I/O exit (`out` to the VMM)", Program::PortOut, Some(100_000), Some(10_000)),
+        row("MMIO write exit (to the VMM)", Program::MmioWrite, Some(100_000), Some(10_000)),
+        row("MMIO read exit (from the VMM)", Program::MmioRead, Some(100_000), Some(10_000)),
+        row("`int 0x80` round trip (IDT gate to CPL 0, `iretq`)", Program::IntGate, Some(100_000), Some(1000)),
+        row("`syscall` round trip (`sysretq`)", Program::Syscall, Some(100_000), Some(1000)),
         row("`hlt`", Program::Hlt, Some(1), None),
         Row {
             arg1: TIMER_COUNT_1MS,
@@ -132,12 +63,7 @@ pub fn rows() -> Vec<Row> {
         Row {
             arg1: TIMER_COUNT_1MS,
             interrupts: true,
-            ..row(
-                "`hlt` until the timer fires",
-                Program::HltWait,
-                None,
-                Some(TIMER_TICKS),
-            )
+            ..row("`hlt` until the timer fires", Program::HltWait, None, Some(TIMER_TICKS))
         },
         Row {
             arg1: TIMER_COUNT_1MS,
@@ -198,10 +124,7 @@ pub fn describe(program: Program, outcome: &Outcome, iterations: u64) -> String 
                     format!("ok, {value} ticks in {:.0} ms", elapsed.as_secs_f64() * 1e3)
                 }
                 Program::Hlt => "ok (returned)".into(),
-                _ => format!(
-                    "ok, {cost} each ({iterations} in {:.0} ms)",
-                    elapsed.as_secs_f64() * 1e3
-                ),
+                _ => format!("ok, {cost} each ({iterations} in {:.0} ms)", elapsed.as_secs_f64() * 1e3),
             }
         }
         Outcome::Exception(13) => "#GP".into(),
@@ -215,8 +138,7 @@ pub fn describe(program: Program, outcome: &Outcome, iterations: u64) -> String 
 
 /// Runs every probe and returns the markdown table.
 pub fn table(kvm: &Kvm) -> String {
-    let mut out =
-        String::from("| guest code | CPL 3 (user mode) | CPL 0 (kernel mode) |\n|---|---|---|\n");
+    let mut out = String::from("| guest code | CPL 3 (user mode) | CPL 0 (kernel mode) |\n|---|---|---|\n");
     for row in rows() {
         let cells: Vec<String> = [3u8, 0]
             .iter()

@@ -122,24 +122,9 @@ global_asm!(
     ".popsection",
 );
 
-snippet!(
-    "int_loop",
-    concat!("mov rcx, rdi\n2: dec rcx\njnz 2b\n", done!())
-);
-snippet!(
-    "sse_loop",
-    concat!(
-        "mov rcx, rdi\n2: xorps xmm0, xmm1\ndec rcx\njnz 2b\n",
-        done!()
-    )
-);
-snippet!(
-    "popcnt",
-    concat!(
-        "mov rcx, rdi\n2: popcnt rax, rcx\ndec rcx\njnz 2b\n",
-        done!()
-    )
-);
+snippet!("int_loop", concat!("mov rcx, rdi\n2: dec rcx\njnz 2b\n", done!()));
+snippet!("sse_loop", concat!("mov rcx, rdi\n2: xorps xmm0, xmm1\ndec rcx\njnz 2b\n", done!()));
+snippet!("popcnt", concat!("mov rcx, rdi\n2: popcnt rax, rcx\ndec rcx\njnz 2b\n", done!()));
 snippet!(
     "rep_movs",
     concat!(
@@ -148,16 +133,10 @@ snippet!(
         done!()
     )
 );
-snippet!(
-    "rdtsc",
-    concat!("mov rcx, rdi\n2: rdtsc\ndec rcx\njnz 2b\n", done!())
-);
+snippet!("rdtsc", concat!("mov rcx, rdi\n2: rdtsc\ndec rcx\njnz 2b\n", done!()));
 snippet!(
     "cpuid",
-    concat!(
-        "mov r8, rdi\n2: mov eax, 0x40000000\nxor ecx, ecx\ncpuid\ndec r8\njnz 2b\nmov eax, ebx\n",
-        done!()
-    )
+    concat!("mov r8, rdi\n2: mov eax, 0x40000000\nxor ecx, ecx\ncpuid\ndec r8\njnz 2b\nmov eax, ebx\n", done!())
 );
 snippet!(
     "wrmsr",
@@ -169,35 +148,14 @@ snippet!(
 );
 snippet!(
     "xsave",
-    concat!(
-        "mov r8, rdi\nmov rbx, 0x600000\n2: mov eax, 3\nxor edx, edx\nxsave [rbx]\ndec r8\njnz 2b\n",
-        done!()
-    )
+    concat!("mov r8, rdi\nmov rbx, 0x600000\n2: mov eax, 3\nxor edx, edx\nxsave [rbx]\ndec r8\njnz 2b\n", done!())
 );
-snippet!(
-    "int3",
-    concat!("mov rcx, rdi\n2: int3\ndec rcx\njnz 2b\n", done!())
-);
-snippet!(
-    "page_fault",
-    concat!(
-        "mov rcx, rdi\nmov rbx, 0x8000000000\n2: mov rax, [rbx]\ndec rcx\njnz 2b\n",
-        done!()
-    )
-);
-snippet!(
-    "port_out",
-    concat!(
-        "mov rcx, rdi\nmov dx, 0x513\n2: out dx, al\ndec rcx\njnz 2b\n",
-        done!()
-    )
-);
+snippet!("int3", concat!("mov rcx, rdi\n2: int3\ndec rcx\njnz 2b\n", done!()));
+snippet!("page_fault", concat!("mov rcx, rdi\nmov rbx, 0x8000000000\n2: mov rax, [rbx]\ndec rcx\njnz 2b\n", done!()));
+snippet!("port_out", concat!("mov rcx, rdi\nmov dx, 0x513\n2: out dx, al\ndec rcx\njnz 2b\n", done!()));
 snippet!(
     "mmio_write",
-    concat!(
-        "mov rcx, rdi\nmov rbx, 0xd0000000\n2: mov dword ptr [rbx], ecx\ndec rcx\njnz 2b\n",
-        done!()
-    )
+    concat!("mov rcx, rdi\nmov rbx, 0xd0000000\n2: mov dword ptr [rbx], ecx\ndec rcx\njnz 2b\n", done!())
 );
 snippet!("hlt", concat!("hlt\n", done!()));
 // Program the LAPIC timer (periodic, vector 0x20, initial count RSI) through its MMIO window,
@@ -216,31 +174,13 @@ macro_rules! lapic_timer_setup {
 }
 macro_rules! lapic_timer_report {
     () => {
-        concat!(
-            "mov dword ptr [rbx + 0x320], 0x10000\n",
-            "mov rax, 0x5000\nmov eax, dword ptr [rax]\n",
-            done!()
-        )
+        concat!("mov dword ptr [rbx + 0x320], 0x10000\n", "mov rax, 0x5000\nmov eax, dword ptr [rax]\n", done!())
     };
 }
 // Interrupts are enabled by the harness (RFLAGS.IF at entry): CPL 3 cannot use STI/CLI
 // unless the KVM honours IOPL 3.
-snippet!(
-    "timer",
-    concat!(
-        lapic_timer_setup!(),
-        "2: cmp qword ptr [rax], rdi\njb 2b\n",
-        lapic_timer_report!()
-    )
-);
-snippet!(
-    "hlt_wait",
-    concat!(
-        lapic_timer_setup!(),
-        "2: hlt\ncmp qword ptr [rax], rdi\njb 2b\n",
-        lapic_timer_report!()
-    )
-);
+snippet!("timer", concat!(lapic_timer_setup!(), "2: cmp qword ptr [rax], rdi\njb 2b\n", lapic_timer_report!()));
+snippet!("hlt_wait", concat!(lapic_timer_setup!(), "2: hlt\ncmp qword ptr [rax], rdi\njb 2b\n", lapic_timer_report!()));
 snippet!(
     "syscall_halt",
     concat!(
@@ -251,26 +191,13 @@ snippet!(
 );
 snippet!(
     "int3_halt",
-    concat!(
-        lapic_timer_setup!(),
-        "2: int3\nmov rax, 0x5000\ncmp qword ptr [rax], rdi\njb 2b\n",
-        lapic_timer_report!()
-    )
+    concat!(lapic_timer_setup!(), "2: int3\nmov rax, 0x5000\ncmp qword ptr [rax], rdi\njb 2b\n", lapic_timer_report!())
 );
-snippet!(
-    "syscall",
-    concat!("mov r8, rdi\n2: syscall\ndec r8\njnz 2b\n", done!())
-);
-snippet!(
-    "int_gate",
-    concat!("mov rcx, rdi\n2: int 0x80\ndec rcx\njnz 2b\n", done!())
-);
+snippet!("syscall", concat!("mov r8, rdi\n2: syscall\ndec r8\njnz 2b\n", done!()));
+snippet!("int_gate", concat!("mov rcx, rdi\n2: int 0x80\ndec rcx\njnz 2b\n", done!()));
 snippet!(
     "mmio_read",
-    concat!(
-        "mov rcx, rdi\nmov rbx, 0xd0000000\n2: mov eax, dword ptr [rbx]\ndec rcx\njnz 2b\n",
-        done!()
-    )
+    concat!("mov rcx, rdi\nmov rbx, 0xd0000000\n2: mov eax, dword ptr [rbx]\ndec rcx\njnz 2b\n", done!())
 );
 
 /// The runtime's bytes and the offsets of its handlers within them.

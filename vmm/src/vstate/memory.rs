@@ -28,10 +28,8 @@ pub enum MemoryError {
 
 /// Allocates `size` bytes of guest RAM laid out by [`layout::ram_regions`].
 pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
-        .into_iter()
-        .map(|(start, len)| (GuestAddress(start), len as usize))
-        .collect();
+    let ranges: Vec<(GuestAddress, usize)> =
+        layout::ram_regions(size).into_iter().map(|(start, len)| (GuestAddress(start), len as usize)).collect();
     Ok(GuestMemoryMmap::from_ranges(&ranges)?)
 }
 
@@ -45,10 +43,7 @@ pub fn check_mem_size(mib: u64) -> Result<(), MemoryError> {
     if let Some(host) = host_mem_mib()
         && mib > host
     {
-        return Err(MemoryError::TooLarge {
-            requested: mib,
-            host,
-        });
+        return Err(MemoryError::TooLarge { requested: mib, host });
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-//! vCPUs: configuration for boot and the per-vCPU thread that runs `KVM_RUN` and dispatches
-//! port and MMIO exits to the device bus.
+//! vCPUs: configuration for boot, state save/restore for migration, and the per-vCPU thread that
+//! runs `KVM_RUN` and dispatches port and MMIO exits to the device bus.
 //!
 //! The thread is controlled over a channel. To make a running vCPU look at its channel, the VMM
 //! sends a signal to its thread ("kick"): the handler sets `immediate_exit` in the vCPU's
@@ -8,13 +8,16 @@
 
 use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_run,
+    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs, kvm_msr_entry, kvm_run,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
+use migration::VcpuState;
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_memory::{Bytes, GuestAddress};
@@ -26,7 +29,10 @@ use super::vm::Vm;
 use crate::arch::cpuid::{CpuTemplate, normalize};
 use crate::arch::{msr, regs};
 
-/// Errors while creating or configuring a vCPU.
+/// The migration throttle's time slice: a throttled vCPU is kicked this often.
+pub const THROTTLE_TICK: Duration = Duration::from_millis(10);
+
+/// Errors while creating, configuring or saving a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("failed to create vCPU {0}: {1}")]
@@ -34,23 +40,17 @@ pub enum VcpuError {
     #[error("failed to get KVM's supported CPUID: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
     #[error("failed to set {what} of vCPU {index}: {source}")]
-    Set {
-        index: u8,
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Set { index: u8, what: &'static str, source: kvm_ioctls::Error },
     #[error("failed to get {what} of vCPU {index}: {source}")]
-    Get {
-        index: u8,
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Get { index: u8, what: &'static str, source: kvm_ioctls::Error },
     #[error("failed to write vCPU {0}'s boot state: {1}")]
     BootState(u8, regs::RegsError),
     #[error("failed to register the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
     #[error("failed to spawn the thread of vCPU {0}: {1}")]
     Spawn(u8, std::io::Error),
+    #[error("vCPU {0} MSRs: {1}")]
+    Msrs(u8, String),
 }
 
 /// What the VMM asks of a vCPU thread.
@@ -60,15 +60,70 @@ pub enum VcpuEvent {
     Pause,
     /// Run guest code again.
     Resume,
+    /// Save the vCPU's state (only while paused).
+    SaveState,
     /// Leave the thread.
     Finish,
 }
 
 /// A vCPU thread's answer to a [`VcpuEvent`].
-#[derive(Debug, PartialEq, Eq)]
 pub enum VcpuResponse {
     Paused,
     Resumed,
+    State(Box<VcpuState>),
+    Error(String),
+}
+
+impl std::fmt::Debug for VcpuResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VcpuResponse::Paused => write!(f, "Paused"),
+            VcpuResponse::Resumed => write!(f, "Resumed"),
+            VcpuResponse::State(_) => write!(f, "State(..)"),
+            VcpuResponse::Error(e) => write!(f, "Error({e})"),
+        }
+    }
+}
+
+/// How often each kind of exit happened, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    pub io_in: AtomicU64,
+    pub io_out: AtomicU64,
+    pub mmio_read: AtomicU64,
+    pub mmio_write: AtomicU64,
+    pub hlt: AtomicU64,
+    pub shutdown: AtomicU64,
+    pub internal_error: AtomicU64,
+    /// KVM_RUN interrupted by a kick (pause, state save, throttling).
+    pub interrupted: AtomicU64,
+    pub other: AtomicU64,
+}
+
+impl ExitCounters {
+    /// (reason, count) pairs.
+    pub fn snapshot(&self) -> [(&'static str, u64); 9] {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("io_in", l(&self.io_in)),
+            ("io_out", l(&self.io_out)),
+            ("mmio_read", l(&self.mmio_read)),
+            ("mmio_write", l(&self.mmio_write)),
+            ("hlt", l(&self.hlt)),
+            ("shutdown", l(&self.shutdown)),
+            ("internal_error", l(&self.internal_error)),
+            ("interrupted", l(&self.interrupted)),
+            ("other", l(&self.other)),
+        ]
+    }
+}
+
+/// What all vCPUs of a VM share with the VMM.
+#[derive(Debug, Default)]
+pub struct VcpuShared {
+    pub exits: ExitCounters,
+    /// Percentage of time vCPUs sleep instead of running (migration auto-converge).
+    pub throttle_pct: AtomicU32,
 }
 
 /// Why the guest stopped.
@@ -77,7 +132,9 @@ pub enum ExitReason {
     /// The guest reset the machine (i8042, triple fault, or a KVM system event): for a micro-VM
     /// that means it is done, as after poweroff.
     Reset(&'static str),
-    /// The vCPU hit an error it cannot go on from.
+    /// The guest now runs on a migration destination.
+    Migrated,
+    /// Something went wrong that the VM cannot go on from.
     Error(String),
 }
 
@@ -102,27 +159,39 @@ impl ExitNotifier {
     }
 }
 
-/// A configured vCPU, not yet running.
+fn msr_entries(indices: &[u32]) -> Vec<kvm_msr_entry> {
+    indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect()
+}
+
+/// A vCPU, not yet running.
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
     io: Arc<IoManager>,
     memory: GuestMemoryMmap,
+    shared: Arc<VcpuShared>,
+    /// MSRs to save and restore (the saveable ones KVM lists and this vCPU can read).
+    msrs: Vec<u32>,
+    has_xsave: bool,
+    has_xcrs: bool,
 }
 
 impl Vcpu {
     /// Creates vCPU `index` of `vm`; its port and MMIO exits go to `io`.
-    pub fn new(vm: &Vm, index: u8, io: Arc<IoManager>) -> Result<Self, VcpuError> {
-        let fd = vm
-            .fd()
-            .create_vcpu(u64::from(index))
-            .map_err(|e| VcpuError::Create(index, e))?;
-        Ok(Self {
+    pub fn new(kvm: &Kvm, vm: &Vm, index: u8, io: Arc<IoManager>, shared: Arc<VcpuShared>) -> Result<Self, VcpuError> {
+        let fd = vm.fd().create_vcpu(u64::from(index)).map_err(|e| VcpuError::Create(index, e))?;
+        let mut vcpu = Self {
             index,
             fd,
             io,
             memory: vm.memory().clone(),
-        })
+            shared,
+            msrs: Vec::new(),
+            has_xsave: kvm.check_extension(Cap::Xsave),
+            has_xcrs: kvm.check_extension(Cap::Xcrs),
+        };
+        vcpu.msrs = vcpu.saveable_msrs(kvm)?;
+        Ok(vcpu)
     }
 
     pub fn index(&self) -> u8 {
@@ -137,48 +206,40 @@ impl Vcpu {
         &mut self.fd
     }
 
+    /// The MSRs KVM lists as saveable that this vCPU actually reads: KVM_GET_MSRS stops at the
+    /// first one it cannot read, so drop that one and try again.
+    fn saveable_msrs(&self, kvm: &Kvm) -> Result<Vec<u32>, VcpuError> {
+        let index = self.index;
+        let list = kvm.get_msr_index_list().map_err(|source| VcpuError::Get { index, what: "MSR list", source })?;
+        let mut msrs: Vec<u32> = list.as_slice().to_vec();
+        loop {
+            let mut req = Msrs::from_entries(&msr_entries(&msrs)).map_err(|e| VcpuError::Msrs(index, format!("{e:?}")))?;
+            let n = self.fd.get_msrs(&mut req).map_err(|source| VcpuError::Get { index, what: "MSRs", source })?;
+            if n >= msrs.len() {
+                return Ok(msrs);
+            }
+            log::debug!("vCPU {index}: MSR {:#x} is listed but not readable; it is not migrated", msrs[n]);
+            msrs.remove(n);
+        }
+    }
+
     /// Sets CPUID, MSRs, registers, FPU and local APIC for the 64-bit boot protocol. Only the
     /// boot vCPU starts at `entry`; the others wait in the LAPIC for INIT/SIPI as on hardware.
-    pub fn configure_for_boot(
-        &self,
-        kvm: &Kvm,
-        entry: u64,
-        count: u8,
-        template: CpuTemplate,
-    ) -> Result<(), VcpuError> {
+    pub fn configure_for_boot(&self, kvm: &Kvm, entry: u64, count: u8, template: CpuTemplate) -> Result<(), VcpuError> {
         let index = self.index;
-        let set = |what| {
-            move |source| VcpuError::Set {
-                index,
-                what,
-                source,
-            }
-        };
-        let get = |what| {
-            move |source| VcpuError::Get {
-                index,
-                what,
-                source,
-            }
-        };
+        let set = |what| move |source| VcpuError::Set { index, what, source };
+        let get = |what| move |source| VcpuError::Get { index, what, source };
 
-        let mut cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(VcpuError::SupportedCpuid)?;
+        let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VcpuError::SupportedCpuid)?;
         normalize(&mut cpuid, index, count, template);
         self.fd.set_cpuid2(&cpuid).map_err(set("CPUID"))?;
         self.fd.set_msrs(&msr::boot_msrs()).map_err(set("MSRs"))?;
         self.set_lint()?;
         if index == 0 {
-            self.fd
-                .set_regs(&regs::boot_regs(entry))
-                .map_err(set("registers"))?;
+            self.fd.set_regs(&regs::boot_regs(entry)).map_err(set("registers"))?;
             let sregs = self.fd.get_sregs().map_err(get("special registers"))?;
-            let sregs = regs::boot_sregs(&self.memory, sregs)
-                .map_err(|e| VcpuError::BootState(index, e))?;
-            self.fd
-                .set_sregs(&sregs)
-                .map_err(set("special registers"))?;
+            let sregs = regs::boot_sregs(&self.memory, sregs).map_err(|e| VcpuError::BootState(index, e))?;
+            self.fd.set_sregs(&sregs).map_err(set("special registers"))?;
             self.fd.set_fpu(&regs::boot_fpu()).map_err(set("FPU"))?;
         }
         Ok(())
@@ -191,22 +252,71 @@ impl Vcpu {
         const APIC_MODE_NMI: u32 = 0x4;
         const APIC_MODE_EXTINT: u32 = 0x7;
         let index = self.index;
-        let mut lapic = self.fd.get_lapic().map_err(|source| VcpuError::Get {
-            index,
-            what: "LAPIC",
-            source,
-        })?;
+        let mut lapic = self.fd.get_lapic().map_err(|source| VcpuError::Get { index, what: "LAPIC", source })?;
         for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
             let bytes: &mut [u8] = bytemuck_regs(&mut lapic.regs[reg..reg + 4]);
             let v = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
             let v = (v & !0x700) | (mode << 8);
             bytes.copy_from_slice(&v.to_le_bytes());
         }
-        self.fd.set_lapic(&lapic).map_err(|source| VcpuError::Set {
-            index,
-            what: "LAPIC",
-            source,
+        self.fd.set_lapic(&lapic).map_err(|source| VcpuError::Set { index, what: "LAPIC", source })
+    }
+
+    /// Reads everything that makes up this vCPU. It must not be running.
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        let index = self.index;
+        let get = |what| move |source| VcpuError::Get { index, what, source };
+        let fd = &self.fd;
+        let mut msrs = Msrs::from_entries(&msr_entries(&self.msrs)).map_err(|e| VcpuError::Msrs(index, format!("{e:?}")))?;
+        let n = fd.get_msrs(&mut msrs).map_err(get("MSRs"))?;
+        if n != self.msrs.len() {
+            return Err(VcpuError::Msrs(index, format!("read {n} of {} MSRs", self.msrs.len())));
+        }
+        Ok(VcpuState {
+            cpuid: fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(get("CPUID"))?,
+            mp_state: fd.get_mp_state().map_err(get("MP state"))?,
+            regs: fd.get_regs().map_err(get("registers"))?,
+            sregs: fd.get_sregs().map_err(get("special registers"))?,
+            xsave: if self.has_xsave { Some(fd.get_xsave().map_err(get("XSAVE"))?) } else { None },
+            xcrs: if self.has_xcrs { Some(fd.get_xcrs().map_err(get("XCRs"))?) } else { None },
+            debug_regs: fd.get_debug_regs().map_err(get("debug registers"))?,
+            lapic: fd.get_lapic().map_err(get("LAPIC"))?,
+            msrs,
+            vcpu_events: fd.get_vcpu_events().map_err(get("events"))?,
+            tsc_khz: fd.get_tsc_khz().ok(),
         })
+    }
+
+    /// Puts a saved state into this (not running) vCPU, in the order KVM needs: CPUID first
+    /// (several setters consult it), MP state, registers before special registers, SET_REGS
+    /// before SET_VCPU_EVENTS (it clears pending exceptions that the events restore), SREGS
+    /// before the LAPIC (SREGS restores the APIC base), the LAPIC before MSRs (the TSC deadline
+    /// MSR needs a configured LAPIC). This is Firecracker's documented order.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        let index = self.index;
+        let set = |what| move |source| VcpuError::Set { index, what, source };
+        let fd = &self.fd;
+        fd.set_cpuid2(&state.cpuid).map_err(set("CPUID"))?;
+        fd.set_mp_state(state.mp_state).map_err(set("MP state"))?;
+        fd.set_regs(&state.regs).map_err(set("registers"))?;
+        fd.set_sregs(&state.sregs).map_err(set("special registers"))?;
+        if let Some(xsave) = &state.xsave {
+            // SAFETY: the buffer is a whole kvm_xsave saved from a vCPU of the same KVM API.
+            unsafe { fd.set_xsave(xsave) }.map_err(set("XSAVE"))?;
+        }
+        if let Some(xcrs) = &state.xcrs {
+            fd.set_xcrs(xcrs).map_err(set("XCRs"))?;
+        }
+        fd.set_debug_regs(&state.debug_regs).map_err(set("debug registers"))?;
+        fd.set_lapic(&state.lapic).map_err(set("LAPIC"))?;
+        let want = state.msrs.as_slice().len();
+        let n = fd.set_msrs(&state.msrs).map_err(set("MSRs"))?;
+        if n != want {
+            let bad = state.msrs.as_slice().get(n).map(|e| e.index).unwrap_or(0);
+            return Err(VcpuError::Msrs(index, format!("KVM refused MSR {bad:#x} ({n} of {want} restored)")));
+        }
+        fd.set_vcpu_events(&state.vcpu_events).map_err(set("events"))?;
+        Ok(())
     }
 
     /// Starts the vCPU's thread; it runs guest code at once unless `paused`.
@@ -219,12 +329,7 @@ impl Vcpu {
             .name(format!("vcpu{index}"))
             .spawn(move || self.thread_main(event_rx, resp_tx, exits, paused))
             .map_err(|e| VcpuError::Spawn(index, e))?;
-        Ok(VcpuHandle {
-            index,
-            thread: Some(thread),
-            events: event_tx,
-            responses: resp_rx,
-        })
+        Ok(VcpuHandle { index, thread: Some(thread), events: event_tx, responses: resp_rx })
     }
 
     fn thread_main(
@@ -238,14 +343,12 @@ impl Vcpu {
         loop {
             if paused {
                 match events.recv() {
-                    Ok(VcpuEvent::Resume) => {
-                        paused = false;
-                        let _ = responses.send(VcpuResponse::Resumed);
+                    Ok(event) => {
+                        if !self.handle_event(event, &mut paused, &responses) {
+                            break;
+                        }
                     }
-                    Ok(VcpuEvent::Pause) => {
-                        let _ = responses.send(VcpuResponse::Paused);
-                    }
-                    Ok(VcpuEvent::Finish) | Err(_) => break,
+                    Err(_) => break,
                 }
                 continue;
             }
@@ -253,25 +356,28 @@ impl Vcpu {
                 RunResult::Continue => {}
                 RunResult::Interrupted => {
                     // Handle everything that was asked while we ran.
+                    let mut asked = false;
                     loop {
                         match events.try_recv() {
-                            Ok(VcpuEvent::Pause) => {
-                                paused = true;
-                                // Tell KVM the guest was stopped on purpose, so that its
-                                // watchdogs do not count the pause as a soft lockup.
-                                let _ = self.fd.kvmclock_ctrl();
-                                let _ = responses.send(VcpuResponse::Paused);
+                            Ok(event) => {
+                                asked = true;
+                                if !self.handle_event(event, &mut paused, &responses) {
+                                    clear_kick_target();
+                                    return;
+                                }
                             }
-                            Ok(VcpuEvent::Resume) => {
-                                paused = false;
-                                let _ = responses.send(VcpuResponse::Resumed);
-                            }
-                            Ok(VcpuEvent::Finish) | Err(TryRecvError::Disconnected) => {
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => {
                                 clear_kick_target();
                                 return;
                             }
-                            Err(TryRecvError::Empty) => break,
                         }
+                    }
+                    // A kick that asked nothing comes from the migration throttle: give up the
+                    // CPU for the throttled share of each tick.
+                    let pct = self.shared.throttle_pct.load(Ordering::Relaxed).min(99);
+                    if !asked && !paused && pct > 0 {
+                        std::thread::sleep(THROTTLE_TICK * pct / (100 - pct));
                     }
                 }
                 RunResult::Exit(reason) => {
@@ -284,8 +390,39 @@ impl Vcpu {
         clear_kick_target();
     }
 
+    /// Acts on one event; returns false when the thread must end.
+    fn handle_event(&mut self, event: VcpuEvent, paused: &mut bool, responses: &Sender<VcpuResponse>) -> bool {
+        let reply = match event {
+            VcpuEvent::Pause => {
+                if !*paused {
+                    *paused = true;
+                    // Tell KVM the guest was stopped on purpose, so that its watchdogs do not
+                    // count the pause as a soft lockup.
+                    let _ = self.fd.kvmclock_ctrl();
+                }
+                VcpuResponse::Paused
+            }
+            VcpuEvent::Resume => {
+                *paused = false;
+                VcpuResponse::Resumed
+            }
+            VcpuEvent::SaveState if *paused => match self.save_state() {
+                Ok(s) => VcpuResponse::State(Box::new(s)),
+                Err(e) => VcpuResponse::Error(e.to_string()),
+            },
+            VcpuEvent::SaveState => VcpuResponse::Error("a running vCPU cannot be saved".into()),
+            VcpuEvent::Finish => return false,
+        };
+        let _ = responses.send(reply);
+        true
+    }
+
     fn run_once(&mut self) -> RunResult {
         let index = self.index;
+        let exits = &self.shared.exits;
+        let count = |c: &AtomicU64| {
+            c.fetch_add(1, Ordering::Relaxed);
+        };
         // For string port I/O (`rep outsb`) KVM hands over `count` accesses of `size` bytes in
         // one exit; the exit's data slice does not say the size, kvm_run does.
         let run = self.fd.get_kvm_run() as *const kvm_run;
@@ -297,6 +434,7 @@ impl Vcpu {
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    count(&exits.io_in);
                     for chunk in data.chunks_mut(io_size()) {
                         if self.io.pio_read(PioAddress(port), chunk).is_err() {
                             // Nothing there: a floating ISA bus reads as all ones.
@@ -306,43 +444,57 @@ impl Vcpu {
                     RunResult::Continue
                 }
                 VcpuExit::IoOut(port, data) => {
+                    count(&exits.io_out);
                     for chunk in data.chunks(io_size()) {
                         let _ = self.io.pio_write(PioAddress(port), chunk);
                     }
                     RunResult::Continue
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    count(&exits.mmio_read);
                     if self.io.mmio_read(MmioAddress(addr), data).is_err() {
                         data.fill(0xff);
                     }
                     RunResult::Continue
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    count(&exits.mmio_write);
                     let _ = self.io.mmio_write(MmioAddress(addr), data);
                     RunResult::Continue
                 }
-                VcpuExit::Shutdown => RunResult::Exit(ExitReason::Reset("triple fault")),
+                VcpuExit::Shutdown => {
+                    count(&exits.shutdown);
+                    RunResult::Exit(ExitReason::Reset("triple fault"))
+                }
                 VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET, _) => {
+                    count(&exits.shutdown);
                     RunResult::Exit(ExitReason::Reset("system event"))
                 }
-                VcpuExit::Hlt => RunResult::Continue,
+                VcpuExit::Hlt => {
+                    count(&exits.hlt);
+                    RunResult::Continue
+                }
                 VcpuExit::InternalError => {
+                    count(&exits.internal_error);
                     RunResult::Exit(ExitReason::Error(self.describe_internal_error()))
                 }
-                VcpuExit::FailEntry(reason, cpu) => RunResult::Exit(ExitReason::Error(format!(
-                    "vCPU {index}: KVM failed to enter the guest (hardware reason {reason:#x}, cpu {cpu})"
-                ))),
-                other => RunResult::Exit(ExitReason::Error(format!(
-                    "vCPU {index}: unexpected exit {other:?}"
-                ))),
+                VcpuExit::FailEntry(reason, cpu) => {
+                    count(&exits.other);
+                    RunResult::Exit(ExitReason::Error(format!(
+                        "vCPU {index}: KVM failed to enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+                    )))
+                }
+                other => {
+                    count(&exits.other);
+                    RunResult::Exit(ExitReason::Error(format!("vCPU {index}: unexpected exit {other:?}")))
+                }
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                count(&exits.interrupted);
                 self.fd.set_kvm_immediate_exit(0);
                 RunResult::Interrupted
             }
-            Err(e) => RunResult::Exit(ExitReason::Error(format!(
-                "vCPU {index}: KVM_RUN failed: {e}"
-            ))),
+            Err(e) => RunResult::Exit(ExitReason::Error(format!("vCPU {index}: KVM_RUN failed: {e}"))),
         }
     }
 
@@ -358,10 +510,7 @@ impl Vcpu {
             3 => "delivery event",
             _ => "unknown",
         };
-        let mut msg = format!(
-            "vCPU {}: KVM internal error (suberror {}: {what})",
-            self.index, internal.suberror
-        );
+        let mut msg = format!("vCPU {}: KVM internal error (suberror {}: {what})", self.index, internal.suberror);
         if let Ok(regs) = self.fd.get_regs() {
             let cpl = self.fd.get_sregs().map(|s| s.cs.dpl).unwrap_or(0);
             msg += &format!(" at rip {:#x} (CPL {cpl})", regs.rip);
@@ -369,11 +518,7 @@ impl Vcpu {
                 && t.valid != 0
             {
                 let mut insn = [0u8; 15];
-                if self
-                    .memory
-                    .read_slice(&mut insn, GuestAddress(t.physical_address))
-                    .is_ok()
-                {
+                if self.memory.read_slice(&mut insn, GuestAddress(t.physical_address)).is_ok() {
                     let hex: Vec<String> = insn.iter().map(|b| format!("{b:02x}")).collect();
                     msg += &format!(", instruction bytes {}", hex.join(" "));
                 }
@@ -417,11 +562,12 @@ impl VcpuHandle {
     }
 
     /// Waits for the thread's answer.
-    pub fn recv(&self, timeout: std::time::Duration) -> Option<VcpuResponse> {
+    pub fn recv(&self, timeout: Duration) -> Option<VcpuResponse> {
         self.responses.recv_timeout(timeout).ok()
     }
 
-    fn kick(&self) {
+    /// Interrupts `KVM_RUN` without asking anything (the throttle's tick).
+    pub fn kick(&self) {
         if let Some(t) = &self.thread
             && let Err(e) = t.kill(kick_signal())
         {
@@ -436,6 +582,92 @@ impl VcpuHandle {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// All vCPU threads of a VM, driven together.
+#[derive(Default)]
+pub struct VcpuSet {
+    handles: Vec<VcpuHandle>,
+}
+
+/// How long a vCPU may take to answer.
+const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl VcpuSet {
+    pub fn new(handles: Vec<VcpuHandle>) -> Self {
+        Self { handles }
+    }
+
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    fn broadcast(&self, event: fn() -> VcpuEvent) -> Result<Vec<VcpuResponse>, String> {
+        for v in &self.handles {
+            if !v.send(event()) {
+                return Err(format!("vCPU {} is gone", v.index()));
+            }
+        }
+        self.handles
+            .iter()
+            .map(|v| v.recv(VCPU_ANSWER_TIMEOUT).ok_or_else(|| format!("vCPU {} did not answer", v.index())))
+            .collect()
+    }
+
+    /// Stops every vCPU and waits until none runs guest code.
+    pub fn pause(&self) -> Result<(), String> {
+        for r in self.broadcast(|| VcpuEvent::Pause)? {
+            if !matches!(r, VcpuResponse::Paused) {
+                return Err(format!("unexpected answer to pause: {r:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), String> {
+        for r in self.broadcast(|| VcpuEvent::Resume)? {
+            if !matches!(r, VcpuResponse::Resumed) {
+                return Err(format!("unexpected answer to resume: {r:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The state of every (paused) vCPU, in index order.
+    pub fn save(&self) -> Result<Vec<VcpuState>, String> {
+        self.broadcast(|| VcpuEvent::SaveState)?
+            .into_iter()
+            .map(|r| match r {
+                VcpuResponse::State(s) => Ok(*s),
+                VcpuResponse::Error(e) => Err(e),
+                other => Err(format!("unexpected answer to save: {other:?}")),
+            })
+            .collect()
+    }
+
+    /// Kicks every vCPU once (see [`VcpuHandle::kick`]).
+    pub fn kick_all(&self) {
+        for v in &self.handles {
+            v.kick();
+        }
+    }
+
+    /// Ends every vCPU thread.
+    pub fn finish(&mut self) {
+        for v in self.handles.drain(..) {
+            v.finish();
+        }
+    }
+}
+
+impl Drop for VcpuSet {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
@@ -471,9 +703,6 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 }
 
 pub(crate) fn init_kick_signal() -> Result<(), VcpuError> {
-    static INIT: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> =
-        std::sync::OnceLock::new();
-    INIT.get_or_init(|| register_signal_handler(kick_signal(), handle_kick))
-        .clone()
-        .map_err(VcpuError::Signal)
+    static INIT: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> = std::sync::OnceLock::new();
+    INIT.get_or_init(|| register_signal_handler(kick_signal(), handle_kick)).clone().map_err(VcpuError::Signal)
 }

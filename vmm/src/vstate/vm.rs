@@ -1,9 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The KVM VM: memory slots, the in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and PIT.
 
-use kvm_bindings::{
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
-};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -30,15 +28,8 @@ pub enum VmError {
 }
 
 /// Capabilities without which a VM cannot run here.
-const REQUIRED_CAPS: [Cap; 7] = [
-    Cap::Irqchip,
-    Cap::Ioeventfd,
-    Cap::Irqfd,
-    Cap::UserMemory,
-    Cap::SetTssAddr,
-    Cap::Pit2,
-    Cap::ImmediateExit,
-];
+const REQUIRED_CAPS: [Cap; 7] =
+    [Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory, Cap::SetTssAddr, Cap::Pit2, Cap::ImmediateExit];
 
 /// A KVM VM with its guest memory registered.
 pub struct Vm {
@@ -55,14 +46,10 @@ impl Vm {
             }
         }
         let fd = kvm.create_vm().map_err(VmError::Create)?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(VmError::Tss)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(VmError::Tss)?;
         fd.create_irq_chip().map_err(VmError::Irqchip)?;
         // The PC speaker port is emulated as a dummy so that guests probing it do not exit.
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(VmError::Pit)?;
         let vm = Self { fd, memory };
         vm.set_memslots(false)?;
@@ -72,17 +59,10 @@ impl Vm {
     /// (Re)registers every memory region, with or without KVM dirty-page logging.
     pub fn set_memslots(&self, log_dirty: bool) -> Result<(), VmError> {
         for (slot, region) in self.memory.iter().enumerate() {
-            let host = self
-                .memory
-                .get_host_address(region.start_addr())
-                .map_err(|_| VmError::HostAddress)?;
+            let host = self.memory.get_host_address(region.start_addr()).map_err(|_| VmError::HostAddress)?;
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: if log_dirty {
-                    KVM_MEM_LOG_DIRTY_PAGES
-                } else {
-                    0
-                },
+                flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: host as u64,

@@ -1,0 +1,82 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `GET /metrics`: the VMM's counters in the Prometheus text exposition format.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::api::{MigrationInfo, MigrationPhase};
+use crate::builder::Machine;
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Renders every counter of `m` and the last migration.
+pub fn render(m: &Machine, migration: &MigrationInfo, uptime: Duration) -> String {
+    let mut out = String::new();
+    family(&mut out, "vmm_uptime_seconds", "gauge", "Time since the VMM started the guest.");
+    let _ = writeln!(out, "vmm_uptime_seconds {:.3}", uptime.as_secs_f64());
+
+    family(&mut out, "vmm_vcpu_exits_total", "counter", "vCPU exits to the VMM, by reason.");
+    for (reason, n) in m.vcpu_shared.exits.snapshot() {
+        let _ = writeln!(out, "vmm_vcpu_exits_total{{reason=\"{reason}\"}} {n}");
+    }
+
+    let nets: Vec<_> = m.nets.iter().map(|d| (d.config.tap.clone(), d.net.lock().expect("Poisoned lock").metrics())).collect();
+    let counters: [(&str, &str, fn(&net::metrics::NetMetrics) -> u64); 7] = [
+        ("vmm_net_rx_packets_total", "Frames delivered to the guest.", |n| n.rx_packets.load(Ordering::Relaxed)),
+        ("vmm_net_rx_bytes_total", "Bytes delivered to the guest.", |n| n.rx_bytes.load(Ordering::Relaxed)),
+        ("vmm_net_rx_dropped_total", "Frames lost on the way to the guest.", |n| n.rx_dropped.load(Ordering::Relaxed)),
+        ("vmm_net_tx_packets_total", "Frames sent by the guest.", |n| n.tx_packets.load(Ordering::Relaxed)),
+        ("vmm_net_tx_bytes_total", "Bytes sent by the guest.", |n| n.tx_bytes.load(Ordering::Relaxed)),
+        ("vmm_net_tx_dropped_total", "Guest frames dropped.", |n| n.tx_dropped.load(Ordering::Relaxed)),
+        ("vmm_net_bad_descriptors_total", "Descriptor chains the device refused.", |n| {
+            n.rx_bad_descriptors.load(Ordering::Relaxed) + n.tx_bad_descriptors.load(Ordering::Relaxed)
+        }),
+    ];
+    for (name, help, get) in counters {
+        family(&mut out, name, "counter", help);
+        for (i, (tap, metrics)) in nets.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{nic=\"{i}\",tap=\"{tap}\"}} {}", get(metrics));
+        }
+    }
+
+    let phase = |p: MigrationPhase| serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned));
+    family(&mut out, "vmm_migration_phase", "gauge", "1 for the phase the last migration is in.");
+    for p in [
+        MigrationPhase::None,
+        MigrationPhase::Setup,
+        MigrationPhase::Precopy,
+        MigrationPhase::StopAndCopy,
+        MigrationPhase::Completed,
+        MigrationPhase::Failed,
+    ] {
+        let _ = writeln!(
+            out,
+            "vmm_migration_phase{{phase=\"{}\"}} {}",
+            phase(p).unwrap_or_default(),
+            u8::from(migration.phase == p)
+        );
+    }
+    let gauges: [(&str, &str, u64); 8] = [
+        ("vmm_migration_rounds", "Pre-copy rounds of the last migration.", u64::from(migration.round)),
+        ("vmm_migration_bytes_sent", "Bytes sent by the last migration.", migration.bytes_sent),
+        ("vmm_migration_pages_sent", "Pages sent by the last migration.", migration.pages_sent),
+        ("vmm_migration_pages_skipped", "Untouched or zero pages not sent.", migration.pages_skipped),
+        ("vmm_migration_total_milliseconds", "Duration of the last migration.", migration.total_ms),
+        ("vmm_migration_downtime_milliseconds", "Guest pause, measured here.", migration.downtime_ms.unwrap_or(0)),
+        (
+            "vmm_migration_destination_downtime_milliseconds",
+            "Guest pause, measured by the destination.",
+            migration.downtime_destination_ms.unwrap_or(0),
+        ),
+        ("vmm_migration_dirty_rate_pages_per_second", "Pages dirtied per second, last round.", migration.dirty_rate_pages_s),
+    ];
+    for (name, help, v) in gauges {
+        family(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    out
+}

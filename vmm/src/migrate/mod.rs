@@ -1,0 +1,185 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Live migration, VMM side: what a machine's state is made of, saving and restoring it, and
+//! the two ends of a migration ([`send`] on the source, [`receive`] on the destination). The
+//! wire protocol and the state types of KVM objects are the `migration` crate's.
+
+pub mod dirty;
+pub mod receive;
+pub mod send;
+
+use kvm_bindings::{KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_cpuid_entry2, kvm_irqchip};
+use kvm_ioctls::Kvm;
+use migration::{StateVersion, VcpuState, VmState};
+use net::persist::NetState;
+use net::virtio::mmio::MmioTransportState;
+use serde::{Deserialize, Serialize};
+
+use crate::builder::Machine;
+use crate::devices::serial::SerialPortState;
+use crate::vstate::vm::Vm;
+
+/// Errors of a migration, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("{0}")]
+    Protocol(#[from] migration::ProtocolError),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, std::io::Error),
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    #[error("KVM: {what}: {source}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("{0}")]
+    Vm(#[from] crate::vstate::vm::VmError),
+    #[error("vCPUs: {0}")]
+    Vcpus(String),
+    #[error("device state: {0}")]
+    Device(String),
+    #[error("memory: {0}")]
+    Memory(String),
+    #[error("incompatible: {0}")]
+    Incompatible(String),
+    #[error("{0}")]
+    Build(#[from] crate::builder::BuildError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Everything besides memory that makes up a running machine.
+#[derive(Serialize, Deserialize)]
+pub struct MachineState {
+    pub version: StateVersion,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: SerialPortState,
+    pub nets: Vec<NetDeviceState>,
+}
+
+/// One NIC: the transport's registers and the device's state.
+#[derive(Serialize, Deserialize)]
+pub struct NetDeviceState {
+    pub transport: MmioTransportState,
+    pub device: NetState,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MigrateError {
+    move |source| MigrateError::Kvm { what, source }
+}
+
+/// Reads the interrupt controllers, PIT and clock. vCPUs must be paused.
+pub fn save_vm_state(vm: &Vm) -> Result<VmState, MigrateError> {
+    let fd = vm.fd();
+    let chip = |id| -> Result<kvm_irqchip, MigrateError> {
+        let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
+        fd.get_irqchip(&mut c).map_err(kvm_err("get irqchip"))?;
+        Ok(c)
+    };
+    let mut clock = fd.get_clock().map_err(kvm_err("get clock"))?;
+    // KVM reports flags (TSC stable, host TSC) that KVM_SET_CLOCK refuses; the value is what
+    // matters. The guest's clock then simply stands still while it is paused.
+    clock.flags = 0;
+    Ok(VmState {
+        pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        pit: fd.get_pit2().map_err(kvm_err("get PIT"))?,
+        clock,
+    })
+}
+
+/// Restores what [`save_vm_state`] read, before any vCPU runs.
+pub fn restore_vm_state(vm: &Vm, state: &VmState) -> Result<(), MigrateError> {
+    let fd = vm.fd();
+    fd.set_pit2(&state.pit).map_err(kvm_err("set PIT"))?;
+    fd.set_clock(&state.clock).map_err(kvm_err("set clock"))?;
+    for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+        fd.set_irqchip(chip).map_err(kvm_err("set irqchip"))?;
+    }
+    Ok(())
+}
+
+/// Saves the devices. They must be paused (see [`pause_devices`]).
+pub fn save_devices(m: &Machine) -> (SerialPortState, Vec<NetDeviceState>) {
+    let serial = m.serial.lock().expect("Poisoned lock").save_state();
+    let nets = m
+        .nets
+        .iter()
+        .map(|d| NetDeviceState {
+            transport: d.transport.lock().expect("Poisoned lock").save_state(),
+            device: d.net.lock().expect("Poisoned lock").save_state(),
+        })
+        .collect();
+    (serial, nets)
+}
+
+/// Stops the NICs from touching guest memory.
+pub fn pause_devices(m: &Machine) {
+    for d in &m.nets {
+        d.net.lock().expect("Poisoned lock").pause();
+    }
+}
+
+/// Lets the NICs move frames again.
+pub fn resume_devices(m: &Machine) {
+    for d in &m.nets {
+        d.net.lock().expect("Poisoned lock").resume();
+    }
+}
+
+/// Restores the devices of a freshly built machine.
+pub fn restore_devices(m: &Machine, serial: &SerialPortState, nets: &[NetDeviceState]) -> Result<(), MigrateError> {
+    m.serial.lock().expect("Poisoned lock").restore_state(serial).map_err(|e| MigrateError::Device(e.to_string()))?;
+    if nets.len() != m.nets.len() {
+        return Err(MigrateError::Device(format!("{} NICs saved, {} here", nets.len(), m.nets.len())));
+    }
+    for (d, s) in m.nets.iter().zip(nets) {
+        d.net
+            .lock()
+            .expect("Poisoned lock")
+            .restore_state(&s.device, m.vm.memory())
+            .map_err(|e| MigrateError::Device(format!("NIC on {}: {e}", d.config.tap)))?;
+        d.transport.lock().expect("Poisoned lock").restore_state(&s.transport);
+    }
+    Ok(())
+}
+
+/// Feature bits the VMM sets in CPUID itself, so they need no support check.
+fn vmm_owned_bits(function: u32, reg: usize) -> u32 {
+    match (function, reg) {
+        // ECX: hypervisor, TSC deadline (in-kernel LAPIC), OSXSAVE (follows CR4).
+        (0x1, 2) => (1 << 31) | (1 << 24) | (1 << 27),
+        // EDX: HTT (set with more than one vCPU).
+        (0x1, 3) => 1 << 28,
+        _ => 0,
+    }
+}
+
+/// Checks that this host's KVM can give the guest every feature in `wanted` (the CPUID it ran
+/// with on the source), so it will not crash on an instruction this host lacks.
+pub fn check_cpuid(kvm: &Kvm, wanted: &[kvm_cpuid_entry2]) -> Result<(), MigrateError> {
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| MigrateError::Incompatible(format!("cannot read this host's CPUID: {e}")))?;
+    // Leaves whose registers are feature bitmaps.
+    let feature_leaves: [(u32, u32); 3] = [(0x1, 0), (0x7, 0), (0x8000_0001, 0)];
+    let mut missing = Vec::new();
+    for (function, index) in feature_leaves {
+        let Some(w) = wanted.iter().find(|e| e.function == function && e.index == index) else { continue };
+        let s = supported.as_slice().iter().find(|e| e.function == function && e.index == index);
+        let have = s.map(|e| [e.eax, e.ebx, e.ecx, e.edx]).unwrap_or([0; 4]);
+        let want = [w.eax, w.ebx, w.ecx, w.edx];
+        // EAX of leaf 1 is the signature, of leaf 7 the number of subleaves: not features.
+        for reg in 1..4 {
+            let lacking = want[reg] & !have[reg] & !vmm_owned_bits(function, reg);
+            if lacking != 0 {
+                let name = ["eax", "ebx", "ecx", "edx"][reg];
+                missing.push(format!("leaf {function:#x}.{index} {name} bits {lacking:#x}"));
+            }
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(MigrateError::Incompatible(format!("this host's CPU lacks features the guest uses: {}", missing.join(", "))))
+    }
+}

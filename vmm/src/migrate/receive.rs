@@ -1,0 +1,279 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The destination side of a live migration: `vmm run --incoming ADDR:PORT`.
+//!
+//! One connection is accepted, and only one: the listener closes as soon as it is taken. The
+//! source's `Start` is checked (versions, memory, CPU features, NICs) before anything else
+//! happens, so an incompatible source hears "no" while its guest still runs undisturbed. Memory
+//! batches are applied as they come; a separate thread faults in the memory the source says is
+//! in use, so that first-touch page faults happen during pre-copy and not while the guest is
+//! paused. On `Complete` the machine is restored, its vCPUs start, and the answer carries the
+//! pause as measured here. Anything unexpected ends the process with a clear error; the source
+//! then resumes its guest.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use migration::memory::{BatchReader, PAGE_SIZE};
+use migration::protocol::{self, Command, Response, StartPayload};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::{MachineState, MigrateError, check_cpuid, restore_devices, restore_vm_state};
+use crate::arch::layout::ram_regions;
+use crate::builder::{BuiltVm, build_vm_for_incoming, open_kvm};
+use crate::config::VmConfig;
+use crate::net_config::NetConfig;
+
+/// How long the destination waits for the next frame before giving up on the source.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A received, restored machine whose vCPUs are ready to start, and the connection on which
+/// the source waits for the answer.
+pub struct Incoming {
+    pub built: BuiltVm,
+    pub answer: Acknowledger,
+}
+
+/// Tells the source how the migration ended.
+pub struct Acknowledger {
+    stream: TcpStream,
+    /// When the source said it paused the guest.
+    paused_at: Option<Instant>,
+}
+
+impl Acknowledger {
+    /// The guest runs here now (call once the vCPUs run); returns the pause measured here.
+    pub fn acknowledge(mut self) -> Result<Option<Duration>, MigrateError> {
+        let downtime = self.paused_at.map(|t| t.elapsed());
+        let downtime_us = downtime.map(|d| d.as_micros() as u64);
+        protocol::write_json(&mut self.stream, Command::Response, &Response { ok: true, error: None, downtime_us })?;
+        Ok(downtime)
+    }
+
+    /// Starting the restored guest failed: the source must take it back.
+    pub fn refuse(mut self, why: &str) {
+        let _ = protocol::write_json(&mut self.stream, Command::Response, &Response::error(why));
+    }
+}
+
+/// Waits on `listen` for a migration and receives it into a new machine. `nets` (from the
+/// destination's command line) replaces the source's TAP names, NIC by NIC; if empty, the
+/// source's names are used. Console output of the guest goes to `console`.
+pub fn receive(listen: &str, nets: &[NetConfig], console: Box<dyn std::io::Write + Send>) -> Result<Incoming, MigrateError> {
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|e| MigrateError::Other(format!("--incoming '{listen}': not an ADDR:PORT ({e})")))?;
+    let listener =
+        TcpListener::bind(addr).map_err(|e| MigrateError::Other(format!("cannot listen on {listen}: {e}")))?;
+    log::info!("waiting for a migration on {listen}");
+    let (mut stream, peer) = listener.accept().map_err(|e| MigrateError::Other(format!("accept: {e}")))?;
+    // Nobody else gets in while (and after) this migration runs.
+    drop(listener);
+    log::info!("incoming migration from {peer}");
+    stream.set_nodelay(true).ok();
+    stream.set_read_timeout(Some(FRAME_TIMEOUT)).ok();
+    stream.set_write_timeout(Some(FRAME_TIMEOUT)).ok();
+
+    let result = receive_on(&mut stream, nets, console);
+    match result {
+        Ok((built, paused_at)) => Ok(Incoming { built, answer: Acknowledger { stream, paused_at } }),
+        Err(e) => {
+            // Tell the source why, if it still listens; it resumes its guest.
+            let _ = protocol::write_json(&mut stream, Command::Response, &Response::error(e.to_string()));
+            Err(e)
+        }
+    }
+}
+
+fn receive_on(
+    stream: &mut TcpStream,
+    nets: &[NetConfig],
+    console: Box<dyn std::io::Write + Send>,
+) -> Result<(BuiltVm, Option<Instant>), MigrateError> {
+    let first = protocol::read_frame(stream)?;
+    if first.command != Command::Start {
+        return Err(MigrateError::Other(format!("expected a migration Start, got {:?}", first.command)));
+    }
+    let start: StartPayload = protocol::parse_json("Start", &first.payload)?;
+    let config = check_start(&start, nets)?;
+    let built = build_vm_for_incoming(&config, console)?;
+    protocol::write_json(stream, Command::Response, &Response::ok())?;
+    prefault(&built, &start.populated);
+
+    let mem = built.machine.vm.memory().clone();
+    let mut written = Written::new(&mem);
+    let mut buf = Vec::new();
+    let mut paused_at = None;
+    let mut state: Option<MachineState> = None;
+    loop {
+        match protocol::read_frame_into(stream, &mut buf)? {
+            Command::Memory => apply_batch(&mem, &buf, &mut written)?,
+            Command::Paused => paused_at = Some(Instant::now()),
+            Command::State => {
+                let s: MachineState = protocol::parse_json("State", &buf)?;
+                if !s.version.compatible() {
+                    return Err(MigrateError::Incompatible(format!("state version {:?}", s.version)));
+                }
+                state = Some(s);
+            }
+            Command::Complete => break,
+            Command::Abandon => return Err(MigrateError::Other("the source abandoned the migration".into())),
+            other => return Err(MigrateError::Other(format!("unexpected {other:?} during a migration"))),
+        }
+    }
+    let state = state.ok_or_else(|| MigrateError::Other("Complete came before the machine's State".into()))?;
+    restore(&built, &state)?;
+    Ok((built, paused_at))
+}
+
+/// Whether this host can take the VM described by `start`; returns its config with this host's
+/// TAP names.
+fn check_start(start: &StartPayload, nets: &[NetConfig]) -> Result<VmConfig, MigrateError> {
+    if !start.state_version.compatible() {
+        return Err(MigrateError::Incompatible(format!(
+            "state version {}.{} (this VMM reads {}.x up to {}.{})",
+            start.state_version.major,
+            start.state_version.minor,
+            migration::STATE_VERSION.major,
+            migration::STATE_VERSION.major,
+            migration::STATE_VERSION.minor
+        )));
+    }
+    let mut config: VmConfig = serde_json::from_value(start.config.clone())
+        .map_err(|e| MigrateError::Incompatible(format!("VM config: {e}")))?;
+    let expected: Vec<(u64, u64)> = ram_regions(config.mem_mib << 20);
+    let got: Vec<(u64, u64)> = start.memory.iter().map(|r| (r.start, r.size)).collect();
+    if expected != got {
+        return Err(MigrateError::Incompatible(format!("memory layout {got:x?} is not what this VMM lays out ({expected:x?})")));
+    }
+    crate::vstate::memory::check_mem_size(config.mem_mib).map_err(|e| MigrateError::Incompatible(e.to_string()))?;
+    if !nets.is_empty() {
+        if nets.len() != config.nets.len() {
+            return Err(MigrateError::Incompatible(format!(
+                "the guest has {} NIC(s), this destination was given {}",
+                config.nets.len(),
+                nets.len()
+            )));
+        }
+        // The TAPs are this host's; the MACs stay the guest's.
+        for (n, local) in config.nets.iter_mut().zip(nets) {
+            n.tap = local.tap.clone();
+        }
+    }
+    let kvm = open_kvm().map_err(|e| MigrateError::Incompatible(e.to_string()))?;
+    check_cpuid(&kvm, &start.cpuid)?;
+    Ok(config)
+}
+
+/// Faults in, on a thread of its own, the memory the source reports in use.
+fn prefault(built: &BuiltVm, ranges: &[migration::protocol::RegionLayout]) {
+    let mem = built.machine.vm.memory().clone();
+    let ranges = ranges.to_vec();
+    let spawned = std::thread::Builder::new().name("prefault".into()).spawn(move || {
+        for r in ranges {
+            let Ok(host) = mem.get_host_address(GuestAddress(r.start)) else { continue };
+            // The range must lie inside one region.
+            if !mem.check_range(GuestAddress(r.start), r.size as usize) {
+                continue;
+            }
+            // SAFETY: the range is part of this VM's live anonymous mapping; populating it only
+            // allocates the pages, it does not change their (zero) contents.
+            let rc = unsafe { libc::madvise(host.cast(), r.size as usize, libc::MADV_POPULATE_WRITE) };
+            if rc != 0 {
+                log::debug!("prefault: {}", std::io::Error::last_os_error());
+                return;
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        log::debug!("prefault thread: {e}");
+    }
+}
+
+/// Which pages received data: a zero page need not be written unless it held something.
+struct Written {
+    bits: Vec<u64>,
+}
+
+impl Written {
+    fn new(mem: &crate::vstate::memory::GuestMemoryMmap) -> Self {
+        let pages = (mem.last_addr().raw_value() / PAGE_SIZE as u64 + 1) as usize;
+        Written { bits: vec![0; pages.div_ceil(64)] }
+    }
+
+    /// Marks `page`; returns whether it was marked before.
+    fn mark(&mut self, page: usize) -> bool {
+        let (w, b) = (page / 64, 1u64 << (page % 64));
+        let Some(word) = self.bits.get_mut(w) else { return false };
+        let was = *word & b != 0;
+        *word |= b;
+        was
+    }
+
+    fn clear(&mut self, page: usize) -> bool {
+        let (w, b) = (page / 64, 1u64 << (page % 64));
+        let Some(word) = self.bits.get_mut(w) else { return false };
+        let was = *word & b != 0;
+        *word &= !b;
+        was
+    }
+}
+
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+fn apply_batch(
+    mem: &crate::vstate::memory::GuestMemoryMmap,
+    batch: &[u8],
+    written: &mut Written,
+) -> Result<(), MigrateError> {
+    for record in BatchReader::new(batch) {
+        let record = record.map_err(|e| MigrateError::Memory(e.to_string()))?;
+        let bytes = u64::from(record.pages) * PAGE_SIZE as u64;
+        if !mem.check_range(GuestAddress(record.gpa), bytes as usize) {
+            return Err(MigrateError::Memory(format!(
+                "pages at {:#x}..{:#x} are outside guest memory",
+                record.gpa,
+                record.gpa.saturating_add(bytes)
+            )));
+        }
+        let first = (record.gpa / PAGE_SIZE as u64) as usize;
+        match record.data {
+            Some(data) => {
+                mem.write_slice(data, GuestAddress(record.gpa)).map_err(|e| MigrateError::Memory(e.to_string()))?;
+                for p in 0..record.pages as usize {
+                    written.mark(first + p);
+                }
+            }
+            None => {
+                for p in 0..record.pages as usize {
+                    // Fresh memory is zero: only a page that got data before needs clearing.
+                    if written.clear(first + p) {
+                        let gpa = GuestAddress(((first + p) * PAGE_SIZE) as u64);
+                        mem.write_slice(&ZERO_PAGE, gpa).map_err(|e| MigrateError::Memory(e.to_string()))?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Puts the machine's state into the freshly built machine, before its vCPUs run.
+fn restore(built: &BuiltVm, state: &MachineState) -> Result<(), MigrateError> {
+    let m = &built.machine;
+    if state.vcpus.len() != built.vcpus.len() {
+        return Err(MigrateError::Incompatible(format!("{} vCPU states for {} vCPUs", state.vcpus.len(), built.vcpus.len())));
+    }
+    restore_vm_state(&m.vm, &state.vm)?;
+    for (vcpu, s) in built.vcpus.iter().zip(&state.vcpus) {
+        vcpu.restore_state(s).map_err(|e| MigrateError::Vcpus(e.to_string()))?;
+    }
+    restore_devices(m, &state.serial, &state.nets)?;
+    if let Some(v0) = state.vcpus.first() {
+        *m.cpuid.lock().expect("Poisoned lock") = v0.cpuid.as_slice().to_vec();
+    }
+    // The VMM's own dirty bitmap recorded every page this side wrote; nobody needs that.
+    for region in m.vm.memory().iter() {
+        (**region).bitmap().reset();
+    }
+    Ok(())
+}

@@ -1,0 +1,396 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The source side of a live migration, run on a thread of its own while the VMM thread keeps
+//! serving devices and the API.
+//!
+//! Pre-copy: round 1 sends every page the guest ever touched; each later round sends the pages
+//! dirtied meanwhile (KVM's log ORed with the VMM's own writes) until what is left could be sent
+//! within the downtime target at the bandwidth just measured, or the round limit is reached.
+//! When rounds stop shrinking, vCPUs are throttled (QEMU's auto-converge) so the guest dirties
+//! memory more slowly than it is copied. Then the guest and its devices are paused, the last
+//! pages and all state go over, and `Complete` hands the guest to the destination.
+//!
+//! Failure is safe: any error before `Complete` resumes the guest here. After `Complete`, only
+//! an explicit refusal from the destination does; if the answer never comes the guest stays
+//! paused here, because it may already be running there (never two live copies).
+
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use migration::memory::{BatchWriter, PAGE_SIZE, count, or_into, set_bits};
+use migration::protocol::{self, Command, RegionLayout, StartPayload};
+use migration::STATE_VERSION;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::dirty::{self, Bitmap};
+use super::{MachineState, MigrateError, pause_devices, resume_devices, save_devices, save_vm_state};
+use crate::api::{MigrateRequest, MigrationInfo, MigrationPhase};
+use crate::builder::Machine;
+use crate::vstate::vcpu::{THROTTLE_TICK, VcpuSet};
+
+/// Default guest pause target (QEMU and Cloud Hypervisor default to 300 ms).
+pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(50);
+/// Default limit on pre-copy rounds.
+pub const DEFAULT_MAX_ROUNDS: u32 = 30;
+/// A memory frame is sent once its batch is this large.
+const BATCH_BYTES: usize = 8 << 20;
+/// How long to wait for the destination's answers.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time the stop-and-copy phase needs besides pages (state, restore, acknowledgement).
+const FIXED_DOWNTIME: Duration = Duration::from_millis(5);
+/// Throttle steps, as QEMU's auto-converge (initial 20 %, +10 % per stalled round).
+const THROTTLE_INITIAL: u32 = 20;
+const THROTTLE_STEP: u32 = 10;
+const THROTTLE_MAX: u32 = 90;
+
+/// What the user asked for, checked.
+#[derive(Clone, Debug)]
+pub struct MigrateParams {
+    pub to: String,
+    pub downtime: Duration,
+    /// Bytes per second, if capped.
+    pub max_bandwidth: Option<u64>,
+    pub max_rounds: u32,
+}
+
+impl TryFrom<&MigrateRequest> for MigrateParams {
+    type Error = String;
+
+    fn try_from(r: &MigrateRequest) -> Result<Self, String> {
+        if r.to.to_socket_addrs().map(|mut a| a.next().is_none()).unwrap_or(true) {
+            return Err(format!("to: '{}' is not a reachable host:port", r.to));
+        }
+        let downtime = match r.downtime_ms {
+            Some(0) => return Err("downtime_ms: must be at least 1".into()),
+            Some(ms) => Duration::from_millis(ms),
+            None => DEFAULT_DOWNTIME,
+        };
+        let max_bandwidth = match r.max_bandwidth_mib_s {
+            Some(0) => return Err("max_bandwidth_mib_s: must be at least 1".into()),
+            other => other.map(|m| m << 20),
+        };
+        let max_rounds = match r.max_rounds {
+            Some(0) => return Err("max_rounds: must be at least 1".into()),
+            other => other.unwrap_or(DEFAULT_MAX_ROUNDS),
+        };
+        Ok(MigrateParams { to: r.to.clone(), downtime, max_bandwidth, max_rounds })
+    }
+}
+
+/// How a migration ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The destination runs the guest.
+    Completed,
+    /// It failed; the guest runs on here.
+    Failed(String),
+    /// It failed after the commit point without an answer: the guest may be running on the
+    /// destination, so it stays paused here.
+    InDoubt(String),
+}
+
+struct Source<'a> {
+    m: &'a Machine,
+    vcpus: &'a Mutex<VcpuSet>,
+    progress: &'a Mutex<MigrationInfo>,
+    params: MigrateParams,
+    stream: Option<TcpStream>,
+    batch: BatchWriter,
+    started: Instant,
+    bytes_sent: u64,
+    paused: bool,
+    complete_sent: bool,
+    throttling: Arc<AtomicBool>,
+}
+
+/// Migrates `m` to `params.to`, reporting progress as it goes.
+pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progress: &Mutex<MigrationInfo>) -> Outcome {
+    {
+        let mut p = progress.lock().expect("Poisoned lock");
+        *p = MigrationInfo { phase: MigrationPhase::Setup, destination: Some(params.to.clone()), ..Default::default() };
+    }
+    let mut src = Source {
+        m,
+        vcpus,
+        progress,
+        params,
+        stream: None,
+        batch: BatchWriter::with_capacity(BATCH_BYTES + PAGE_SIZE + 64),
+        started: Instant::now(),
+        bytes_sent: 0,
+        paused: false,
+        complete_sent: false,
+        throttling: Arc::new(AtomicBool::new(false)),
+    };
+    let result = std::thread::scope(|scope| {
+        // The auto-converge ticker: while throttling, kick the vCPUs every tick so each sleeps
+        // its share (see the vCPU loop).
+        let ticking = src.throttling.clone();
+        let done = Arc::new(AtomicBool::new(false));
+        let done2 = done.clone();
+        scope.spawn(move || {
+            while !done2.load(Ordering::Relaxed) {
+                std::thread::sleep(THROTTLE_TICK);
+                if ticking.load(Ordering::Relaxed) {
+                    vcpus.lock().expect("Poisoned lock").kick_all();
+                }
+            }
+        });
+        let r = src.run();
+        src.set_throttle(0);
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    let outcome = match result {
+        Ok(downtime_dest) => {
+            src.update(|p| {
+                p.phase = MigrationPhase::Completed;
+                p.downtime_destination_ms = downtime_dest.map(|us| us / 1000);
+            });
+            Outcome::Completed
+        }
+        Err(e) => src.fail(e),
+    };
+    src.update(|p| p.total_ms = src.started.elapsed().as_millis() as u64);
+    outcome
+}
+
+impl Source<'_> {
+    fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {
+        f(&mut self.progress.lock().expect("Poisoned lock"));
+    }
+
+    fn stream(&mut self) -> Result<&mut TcpStream, MigrateError> {
+        self.stream.as_mut().ok_or_else(|| MigrateError::Other("not connected".into()))
+    }
+
+    fn set_throttle(&self, pct: u32) {
+        self.m.vcpu_shared.throttle_pct.store(pct, Ordering::Relaxed);
+        self.throttling.store(pct > 0, Ordering::Relaxed);
+    }
+
+    /// The whole migration; returns the destination's downtime in µs.
+    fn run(&mut self) -> Result<Option<u64>, MigrateError> {
+        self.setup()?;
+        let carried = self.precopy()?;
+        self.stop_and_copy(carried)
+    }
+
+    fn setup(&mut self) -> Result<(), MigrateError> {
+        let to = self.params.to.clone();
+        let addr = to
+            .to_socket_addrs()
+            .map_err(|e| MigrateError::Connect(to.clone(), e))?
+            .next()
+            .ok_or_else(|| MigrateError::Connect(to.clone(), std::io::ErrorKind::NotFound.into()))?;
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| MigrateError::Connect(to, e))?;
+        stream.set_nodelay(true).ok();
+        // A destination that stops reading must not hang us forever.
+        stream.set_write_timeout(Some(ANSWER_TIMEOUT)).ok();
+        stream.set_read_timeout(Some(ANSWER_TIMEOUT)).ok();
+        self.stream = Some(stream);
+
+        let vm = &self.m.vm;
+        let memory = vm
+            .memory()
+            .iter()
+            .map(|r| RegionLayout { start: r.start_addr().raw_value(), size: r.len() })
+            .collect();
+        let start = StartPayload {
+            state_version: STATE_VERSION,
+            config: serde_json::to_value(&self.m.config).map_err(|e| MigrateError::Other(e.to_string()))?,
+            memory,
+            cpuid: self.m.cpuid.lock().expect("Poisoned lock").clone(),
+            tsc_khz: None,
+            populated: dirty::ranges(vm, &dirty::touched(vm)),
+        };
+        protocol::write_json(self.stream()?, Command::Start, &start)?;
+        let answer = protocol::read_response(self.stream()?)?;
+        if !answer.ok {
+            return Err(MigrateError::Refused(answer.error.unwrap_or_else(|| "no reason given".into())));
+        }
+        Ok(())
+    }
+
+    /// Pre-copy rounds; returns the dirty set the last round left unsent.
+    fn precopy(&mut self) -> Result<Vec<Bitmap>, MigrateError> {
+        let vm = &self.m.vm;
+        dirty::start(vm)?;
+        self.update(|p| {
+            p.phase = MigrationPhase::Precopy;
+            p.round = 1;
+        });
+        // Round 1: everything ever touched. Read residency only now that logging is on, so a
+        // page first touched after this is in the next dirty set.
+        let touched = dirty::touched(vm);
+        let total_pages: u64 = vm.memory().iter().map(|r| r.len() / PAGE_SIZE as u64).sum();
+        let untouched = total_pages - count_all(&touched);
+        self.update(|p| p.pages_skipped += untouched);
+        let mut round_start = Instant::now();
+        let mut round_bytes = self.bytes_sent;
+        self.send_bitmaps(&touched)?;
+        let mut prev_dirty = u64::MAX;
+        let mut round = 1;
+        loop {
+            let elapsed = round_start.elapsed().max(Duration::from_micros(100));
+            let sent = self.bytes_sent - round_bytes;
+            // At least 100 MB/s assumed: a round of nothing measures nothing.
+            let bandwidth = (sent as f64 / elapsed.as_secs_f64()).max(100e6);
+            let dirty = dirty::collect(vm)?;
+            let n = count_all(&dirty);
+            let estimate = Duration::from_secs_f64(n as f64 * PAGE_SIZE as f64 / bandwidth) + FIXED_DOWNTIME;
+            self.update(|p| {
+                p.dirty_rate_pages_s = (n as f64 / elapsed.as_secs_f64()) as u64;
+                p.bandwidth_bytes_s = bandwidth as u64;
+                p.estimated_downtime_ms = estimate.as_millis() as u64;
+                p.eta_ms = estimate.as_millis() as u64;
+            });
+            if estimate <= self.params.downtime || round >= self.params.max_rounds {
+                return Ok(dirty);
+            }
+            // Not shrinking by at least a tenth: the guest dirties as fast as we copy.
+            if round >= 2 && n * 10 >= prev_dirty * 9 {
+                let pct = match self.m.vcpu_shared.throttle_pct.load(Ordering::Relaxed) {
+                    0 => THROTTLE_INITIAL,
+                    p => (p + THROTTLE_STEP).min(THROTTLE_MAX),
+                };
+                log::info!("migration: round {round} left {n} dirty pages; throttling vCPUs to {pct}%");
+                self.set_throttle(pct);
+            }
+            prev_dirty = n;
+            round += 1;
+            self.update(|p| p.round = round);
+            round_start = Instant::now();
+            round_bytes = self.bytes_sent;
+            self.send_bitmaps(&dirty)?;
+        }
+    }
+
+    fn stop_and_copy(&mut self, carried: Vec<Bitmap>) -> Result<Option<u64>, MigrateError> {
+        let vm = &self.m.vm;
+        let paused_at = Instant::now();
+        self.vcpus.lock().expect("Poisoned lock").pause().map_err(MigrateError::Vcpus)?;
+        self.paused = true;
+        self.update(|p| p.phase = MigrationPhase::StopAndCopy);
+        protocol::write_frame(self.stream()?, Command::Paused, &[])?;
+        pause_devices(self.m);
+        self.set_throttle(0);
+        // What the last round left, and what changed since (including the devices' last writes).
+        let mut last = carried;
+        for (a, b) in last.iter_mut().zip(dirty::collect(vm)?) {
+            or_into(a, &b);
+        }
+        self.send_bitmaps(&last)?;
+        let vcpus = self.vcpus.lock().expect("Poisoned lock").save().map_err(MigrateError::Vcpus)?;
+        let (serial, nets) = save_devices(self.m);
+        let state = MachineState { version: STATE_VERSION, vm: save_vm_state(vm)?, vcpus, serial, nets };
+        protocol::write_json(self.stream()?, Command::State, &state)?;
+        protocol::write_frame(self.stream()?, Command::Complete, &[])?;
+        self.complete_sent = true;
+        let answer = protocol::read_response(self.stream()?)?;
+        if !answer.ok {
+            return Err(MigrateError::Refused(answer.error.unwrap_or_else(|| "no reason given".into())));
+        }
+        let downtime = paused_at.elapsed();
+        self.update(|p| p.downtime_ms = Some(downtime.as_millis() as u64));
+        log::info!(
+            "migration: completed in {} ms, {} bytes, downtime {} ms (destination: {:?} µs)",
+            self.started.elapsed().as_millis(),
+            self.bytes_sent,
+            downtime.as_millis(),
+            answer.downtime_us
+        );
+        Ok(answer.downtime_us)
+    }
+
+    /// Sends the pages set in `maps` (one bitmap per memory region).
+    fn send_bitmaps(&mut self, maps: &[Bitmap]) -> Result<(), MigrateError> {
+        let mem = self.m.vm.memory().clone();
+        for (region, map) in mem.iter().zip(maps) {
+            let base = region.start_addr().raw_value();
+            for page in set_bits(map) {
+                let gpa = base + (page * PAGE_SIZE) as u64;
+                self.batch
+                    .push_page_with(gpa, |dst| mem.read_slice(dst, GuestAddress(gpa)))
+                    .map_err(|e| MigrateError::Memory(format!("reading guest page {gpa:#x}: {e}")))?;
+                if self.batch.len() >= BATCH_BYTES {
+                    self.flush()?;
+                }
+            }
+        }
+        self.flush()
+    }
+
+    fn flush(&mut self) -> Result<(), MigrateError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let (data, zero) = (self.batch.data_pages, self.batch.zero_pages);
+        let len = self.batch.len() as u64;
+        let stream = self.stream.as_mut().ok_or_else(|| MigrateError::Other("not connected".into()))?;
+        protocol::write_frame(stream, Command::Memory, self.batch.as_bytes())?;
+        self.batch.clear();
+        self.bytes_sent += len + protocol::HEADER_LEN as u64;
+        let bytes = self.bytes_sent;
+        self.update(|p| {
+            p.bytes_sent = bytes;
+            p.pages_sent += data;
+            p.pages_skipped += zero;
+        });
+        if let Some(limit) = self.params.max_bandwidth {
+            let due = Duration::from_secs_f64(self.bytes_sent as f64 / limit as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(())
+    }
+
+    /// Cleans up after an error and says how it ended.
+    fn fail(&mut self, e: MigrateError) -> Outcome {
+        let refused = matches!(e, MigrateError::Refused(_));
+        let msg = e.to_string();
+        if self.complete_sent && !refused {
+            let msg = format!(
+                "{msg}; the destination may be running the guest, so it stays paused here \
+                 (resume it only if the destination is known not to run it)"
+            );
+            log::error!("migration: {msg}");
+            self.update(|p| {
+                p.phase = MigrationPhase::Failed;
+                p.error = Some(msg.clone());
+            });
+            return Outcome::InDoubt(msg);
+        }
+        log::warn!("migration failed, the guest keeps running here: {msg}");
+        if let Some(s) = self.stream.as_mut() {
+            // Best effort: tell the destination to give up, then hang up.
+            let _ = protocol::write_frame(s, Command::Abandon, &[]);
+            let _ = s.flush();
+        }
+        self.stream = None;
+        let mut cleanup = Vec::new();
+        if let Err(e) = dirty::stop(&self.m.vm) {
+            cleanup.push(format!("stopping dirty logging: {e}"));
+        }
+        if self.paused {
+            resume_devices(self.m);
+            if let Err(e) = self.vcpus.lock().expect("Poisoned lock").resume() {
+                cleanup.push(format!("resuming vCPUs: {e}"));
+            }
+            self.paused = false;
+        }
+        let msg = if cleanup.is_empty() { msg } else { format!("{msg} (and {})", cleanup.join("; ")) };
+        self.update(|p| {
+            p.phase = MigrationPhase::Failed;
+            p.error = Some(msg.clone());
+        });
+        Outcome::Failed(msg)
+    }
+}
+
+fn count_all(maps: &[Bitmap]) -> u64 {
+    maps.iter().map(|m| count(m)).sum()
+}
