@@ -107,7 +107,8 @@ impl BatchWriter {
         if let Some((off, _, _)) = saved_open
             && self.open.map(|o| o.0) == Some(off)
         {
-            let pages = u32::from_le_bytes([self.buf[off + 8], self.buf[off + 9], self.buf[off + 10], self.buf[off + 11]]);
+            let pages =
+                u32::from_le_bytes([self.buf[off + 8], self.buf[off + 9], self.buf[off + 10], self.buf[off + 11]]);
             self.buf[off + 8..off + 12].copy_from_slice(&(pages - 1).to_le_bytes());
         }
         self.open = saved_open;

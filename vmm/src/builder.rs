@@ -6,8 +6,8 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::IoEventAddress;
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
+use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::Kvm;
 use net::virtio::VirtioDevice;
 use net::{MmioTransport, Net};
@@ -139,7 +139,11 @@ pub fn build_vm_for_boot(config: &VmConfig, console: Box<dyn Write + Send>) -> R
     // Check the files before touching KVM, so bad input gets the error about the input.
     let mut kernel_file = loader::open_kernel(&config.kernel)?;
     if let Some(initrd) = &config.initrd {
-        std::fs::File::open(initrd).map_err(|source| LoaderError::Open { kind: "initrd", path: initrd.clone(), source })?;
+        std::fs::File::open(initrd).map_err(|source| LoaderError::Open {
+            kind: "initrd",
+            path: initrd.clone(),
+            source,
+        })?;
     }
     let built = build_machine(config, console)?;
     let m = &built.machine;
@@ -155,7 +159,12 @@ pub fn build_vm_for_boot(config: &VmConfig, console: Box<dyn Write + Send>) -> R
     let cmdline_size = loader::load_cmdline(mem, &parts)?;
     write_boot_params(
         mem,
-        &BootInfo { cmdline_addr: GuestAddress(CMDLINE_START), cmdline_size, initrd, setup_header: kernel.setup_header },
+        &BootInfo {
+            cmdline_addr: GuestAddress(CMDLINE_START),
+            cmdline_size,
+            initrd,
+            setup_header: kernel.setup_header,
+        },
     )?;
     setup_mptable(mem, config.vcpus)?;
     for vcpu in &built.vcpus {

@@ -3,19 +3,22 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
 
 use clap::{Parser, Subcommand};
+use vmm::api::client::{ApiClient, ClientError};
+use vmm::api::display;
+use vmm::api::server::start_api_server;
+use vmm::api::{MigrateRequest, MigrationPhase};
 use vmm::arch::cpuid::CpuTemplate;
 use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
 use vmm::net_config::NetConfig;
 use vmm::{ExitReason, VmConfig, Vmm};
 
 #[derive(Parser)]
-#[command(
-    name = "vmm",
-    version,
-    about = "A KVM micro-VM monitor built for live migration"
-)]
+#[command(name = "vmm", version, about = "A KVM micro-VM monitor built for live migration")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,13 +30,75 @@ enum Command {
     Run(RunArgs),
     /// Measure what this host's KVM runs natively, emulates or cannot run, at CPL 3 and CPL 0.
     Probe,
+    /// Show the state and configuration of a running VM.
+    Status(StatusArgs),
+    /// Pause a running VM's vCPUs.
+    Pause(ApiArgs),
+    /// Resume a paused VM.
+    Resume(ApiArgs),
+    /// Ask the guest to power off; the VMM exits when it has.
+    Stop(ApiArgs),
+    /// Live-migrate a running VM to a `vmm run --incoming` on another host, and wait for the end.
+    Migrate(MigrateArgs),
+}
+
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The API socket of the VMM to talk to.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Print the VM's description as JSON (the API's `GET /vm` answer).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Where the destination VMM listens.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    to: String,
+    /// Longest acceptable pause of the guest, in ms [VMM default: 50].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    downtime_ms: Option<u64>,
+    /// Cap on the copy bandwidth, in MiB/s [VMM default: unlimited].
+    #[arg(long, value_name = "MIB_S", value_parser = clap::value_parser!(u64).range(1..))]
+    max_bandwidth_mib_s: Option<u64>,
+    /// Most pre-copy rounds before forcing convergence [VMM default: 30].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_rounds: Option<u32>,
+    /// Print the final migration state as JSON (the API's `GET /vm/migration` answer).
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_host_port(s: &str) -> Result<String, String> {
+    if vmm::api::routes::is_host_port(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("expected HOST:PORT with a numeric port, got '{s}'"))
+    }
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
     /// Guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "incoming")]
+    kernel: Option<PathBuf>,
+    /// Instead of booting, wait on ADDR:PORT for a live migration and run the guest it brings
+    /// (its memory, vCPUs and devices come from the source; only --net, --api-sock apply).
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template"])]
+    incoming: Option<String>,
+    /// Serve the API (HTTP + JSON) on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     /// Initial ramdisk (cpio archive) for the guest.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -65,6 +130,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Probe => probe(),
+        Command::Status(args) => status(args),
+        Command::Pause(args) => api_call(args, ApiClient::pause),
+        Command::Resume(args) => api_call(args, ApiClient::resume),
+        Command::Stop(args) => api_call(args, ApiClient::shutdown),
+        Command::Migrate(args) => migrate(args),
     };
     match result {
         Ok(code) => code,
@@ -76,20 +146,48 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let config = VmConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        mem_mib: args.mem_mib,
-        vcpus: args.vcpus,
-        cpu_template: args.cpu_template,
-        nets: args.nets,
+    // The API socket first: a path in use is an error before anything else happens.
+    let api = match &args.api_sock {
+        Some(path) => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+            let server = start_api_server(path, tx, wake.clone())?;
+            Some((server, rx, wake))
+        }
+        None => None,
     };
-    let built = vmm::build_vm_for_boot(&config, Box::new(std::io::stdout()))?;
-    let vmm = Vmm::start(built)?;
+    let mut vmm = match &args.incoming {
+        Some(listen) => {
+            let (vmm, downtime) =
+                vmm::migrate::receive::start_incoming(listen, &args.nets, Box::new(std::io::stdout()))?;
+            log::info!("migration received; the guest was paused {:?}", downtime.unwrap_or_default());
+            vmm
+        }
+        None => {
+            let config = VmConfig {
+                kernel: args.kernel.unwrap_or_default(),
+                initrd: args.initrd,
+                cmdline: args.cmdline,
+                mem_mib: args.mem_mib,
+                vcpus: args.vcpus,
+                cpu_template: args.cpu_template,
+                nets: args.nets,
+            };
+            let built = vmm::build_vm_for_boot(&config, Box::new(std::io::stdout()))?;
+            Vmm::start(built)?
+        }
+    };
+    let _server = api.map(|(server, rx, wake)| {
+        vmm.attach_api(rx, wake);
+        server
+    });
     match vmm.run()? {
         ExitReason::Reset(how) => {
             log::info!("guest stopped ({how})");
+            Ok(ExitCode::SUCCESS)
+        }
+        ExitReason::Migrated => {
+            log::info!("the guest now runs on the migration destination");
             Ok(ExitCode::SUCCESS)
         }
         ExitReason::Error(e) => Err(e.into()),
@@ -102,6 +200,77 @@ fn probe() -> Result<ExitCode, Box<dyn std::error::Error>> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `vmm pause|resume|stop`: silent on success, like `kill`.
+fn api_call(
+    args: ApiArgs,
+    call: fn(&ApiClient) -> Result<(), ClientError>,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    call(&ApiClient::new(args.api_sock))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(args: StatusArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let info = ApiClient::new(args.api.api_sock).get_vm()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", display::vm_summary(&info));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the migration, follows it every 100 ms until it completes or fails, then prints the
+/// summary; fails if the migration did.
+fn migrate(args: MigrateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let client = ApiClient::new(&args.api.api_sock);
+    let request = MigrateRequest {
+        to: args.to.clone(),
+        downtime_ms: args.downtime_ms,
+        max_bandwidth_mib_s: args.max_bandwidth_mib_s,
+        max_rounds: args.max_rounds,
+    };
+    // Only to size the progress bar, so a failure here is no reason to stop.
+    let guest_bytes = client.get_vm().ok().map(|vm| vm.config.mem_mib.saturating_mul(1 << 20));
+    client.migrate(&request)?;
+
+    let bar = display::MigrationBar::new(guest_bytes);
+    let mut phase = MigrationPhase::Setup;
+    let info = loop {
+        let info = match client.migration() {
+            Ok(info) => info,
+            Err(e) => {
+                bar.finish();
+                // A source VMM exits soon after a migration completes; if it went before we saw
+                // that, say where we were rather than just "connection refused".
+                return Err(format!(
+                    "lost track of the migration to {} during {}: {e}",
+                    args.to,
+                    display::phase_name(phase)
+                )
+                .into());
+            }
+        };
+        phase = info.phase;
+        bar.update(&info);
+        if matches!(phase, MigrationPhase::Completed | MigrationPhase::Failed) {
+            break info;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    bar.finish();
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", display::migration_summary(&info));
+    }
+    if info.phase == MigrationPhase::Failed {
+        let why = info.error.as_deref().unwrap_or("no reason given");
+        return Err(format!("migration to {} failed: {why}", args.to).into());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Logs go to stderr (stdout is the guest's console); `VMM_LOG=debug` for more.
 fn init_logging() {
     struct StderrLogger;
@@ -111,11 +280,7 @@ fn init_logging() {
         }
         fn log(&self, record: &log::Record) {
             if self.enabled(record.metadata()) {
-                eprintln!(
-                    "vmm: {}: {}",
-                    record.level().as_str().to_lowercase(),
-                    record.args()
-                );
+                eprintln!("vmm: {}: {}", record.level().as_str().to_lowercase(), record.args());
             }
         }
         fn flush(&self) {}

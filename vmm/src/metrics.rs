@@ -24,7 +24,8 @@ pub fn render(m: &Machine, migration: &MigrationInfo, uptime: Duration) -> Strin
         let _ = writeln!(out, "vmm_vcpu_exits_total{{reason=\"{reason}\"}} {n}");
     }
 
-    let nets: Vec<_> = m.nets.iter().map(|d| (d.config.tap.clone(), d.net.lock().expect("Poisoned lock").metrics())).collect();
+    let nets: Vec<_> =
+        m.nets.iter().map(|d| (d.config.tap.clone(), d.net.lock().expect("Poisoned lock").metrics())).collect();
     let counters: [(&str, &str, fn(&net::metrics::NetMetrics) -> u64); 7] = [
         ("vmm_net_rx_packets_total", "Frames delivered to the guest.", |n| n.rx_packets.load(Ordering::Relaxed)),
         ("vmm_net_rx_bytes_total", "Bytes delivered to the guest.", |n| n.rx_bytes.load(Ordering::Relaxed)),
@@ -72,7 +73,11 @@ pub fn render(m: &Machine, migration: &MigrationInfo, uptime: Duration) -> Strin
             "Guest pause, measured by the destination.",
             migration.downtime_destination_ms.unwrap_or(0),
         ),
-        ("vmm_migration_dirty_rate_pages_per_second", "Pages dirtied per second, last round.", migration.dirty_rate_pages_s),
+        (
+            "vmm_migration_dirty_rate_pages_per_second",
+            "Pages dirtied per second, last round.",
+            migration.dirty_rate_pages_s,
+        ),
     ];
     for (name, help, v) in gauges {
         family(&mut out, name, "gauge", help);

@@ -37,6 +37,9 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// How long a guest asked to power off may take before it is stopped.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// After a completed migration the source answers API requests this much longer, so whoever
+/// started the migration can read how it ended.
+const MIGRATED_LINGER: Duration = Duration::from_secs(2);
 /// "Not a vCPU" index for exits reported by the migration worker.
 const MIGRATION: u8 = u8::MAX;
 
@@ -59,6 +62,8 @@ pub struct Vmm {
     started: Instant,
     shutdown_deadline: Option<Instant>,
     migration: Option<JoinHandle<()>>,
+    /// Someone read the completed migration's status (the source may go).
+    outcome_read: bool,
 }
 
 impl Vmm {
@@ -99,6 +104,7 @@ impl Vmm {
             started: Instant::now(),
             shutdown_deadline: None,
             migration: None,
+            outcome_read: false,
         })
     }
 
@@ -137,6 +143,14 @@ impl Vmm {
         };
         if let Some(t) = self.migration.take() {
             let _ = t.join();
+        }
+        if reason == ExitReason::Migrated && self.api.is_some() {
+            // The guest stays paused here; only the API keeps answering, briefly.
+            let until = Instant::now() + MIGRATED_LINGER;
+            while !self.outcome_read && Instant::now() < until {
+                self.events.run_with_timeout(50).map_err(VmmError::EventLoop)?;
+                self.serve_api();
+            }
         }
         self.vcpus.lock().expect("Poisoned lock").finish();
         Ok(reason)
@@ -190,7 +204,11 @@ impl Vmm {
                 s => Err(ApiError::Conflict(format!("cannot shut down a VM that is {}", state_word(s)))),
             },
             ApiRequest::Migrate(req) => self.start_migration(&req),
-            ApiRequest::GetMigration => Ok(ApiResponse::Migration(self.status.migration.lock().expect("Poisoned lock").clone())),
+            ApiRequest::GetMigration => {
+                let info = self.status.migration.lock().expect("Poisoned lock").clone();
+                self.outcome_read |= info.phase == MigrationPhase::Completed;
+                Ok(ApiResponse::Migration(info))
+            }
             ApiRequest::Metrics => Ok(ApiResponse::Metrics(metrics::render(
                 &self.machine,
                 &self.status.migration.lock().expect("Poisoned lock"),
@@ -211,7 +229,11 @@ impl Vmm {
         self.set_state(VmState::Migrating);
         {
             let mut p = self.status.migration.lock().expect("Poisoned lock");
-            *p = MigrationInfo { phase: MigrationPhase::Setup, destination: Some(params.to.clone()), ..Default::default() };
+            *p = MigrationInfo {
+                phase: MigrationPhase::Setup,
+                destination: Some(params.to.clone()),
+                ..Default::default()
+            };
         }
         let (machine, vcpus, status, notifier) =
             (self.machine.clone(), self.vcpus.clone(), self.status.clone(), self.notifier.clone());

@@ -44,8 +44,8 @@ fn answer(line: &[u8], workload: Workload) -> Answer {
 
 /// Starts listening on [`CONTROL_PORT`]; connections are served from then on.
 pub fn start(workload: Workload, mode: Mode) -> Result<(), String> {
-    let listeners = crate::net::listen(CONTROL_PORT)
-        .map_err(|e| format!("control: cannot listen on {CONTROL_PORT}: {e}"))?;
+    let listeners =
+        crate::net::listen(CONTROL_PORT).map_err(|e| format!("control: cannot listen on {CONTROL_PORT}: {e}"))?;
     crate::net::serve("control", listeners, move |stream| {
         if let Err(e) = serve_client(stream, workload, mode) {
             say!("control: {e}");
@@ -129,25 +129,12 @@ mod tests {
 
     #[test]
     fn commands() {
-        assert!(matches!(
-            answer(b"poweroff\r\n", Workload::Idle),
-            Answer::PowerOff
-        ));
+        assert!(matches!(answer(b"poweroff\r\n", Workload::Idle), Answer::PowerOff));
         assert!(matches!(answer(b"  \n", Workload::Idle), Answer::None));
-        let Answer::Line(status) = answer(b"status\n", Workload::Dirty) else {
-            panic!()
-        };
-        assert!(
-            status.starts_with("STATUS workload=dirty uptime_ms="),
-            "{status}"
-        );
-        assert!(
-            status.ends_with(" dirty_passes=0 dirty_mismatches=0"),
-            "{status}"
-        );
-        let Answer::Line(err) = answer(b"reboot\n", Workload::Echo) else {
-            panic!()
-        };
+        let Answer::Line(status) = answer(b"status\n", Workload::Dirty) else { panic!() };
+        assert!(status.starts_with("STATUS workload=dirty uptime_ms="), "{status}");
+        assert!(status.ends_with(" dirty_passes=0 dirty_mismatches=0"), "{status}");
+        let Answer::Line(err) = answer(b"reboot\n", Workload::Echo) else { panic!() };
         assert_eq!(err, "ERR unknown command");
     }
 }

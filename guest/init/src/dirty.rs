@@ -31,9 +31,7 @@ pub fn start(mib: u64, rate_mib_s: u64) -> Result<(), String> {
         .and_then(|w| usize::try_from(w).ok())
         .ok_or_else(|| format!("dirty: {mib} MiB is too large"))?;
     let mut region: Vec<u64> = Vec::new();
-    region
-        .try_reserve_exact(words)
-        .map_err(|e| format!("dirty: cannot allocate {mib} MiB: {e}"))?;
+    region.try_reserve_exact(words).map_err(|e| format!("dirty: cannot allocate {mib} MiB: {e}"))?;
     // Zero is what pass 0 means (never written), so pass 1 verifies the allocation too.
     region.resize(words, 0);
     crate::spawn("dirty", move || run(&mut region, mib, rate_mib_s))
@@ -48,10 +46,7 @@ fn run(region: &mut [u64], mib: u64, rate_mib_s: u64) -> ! {
         let start = Instant::now();
         let mut next = start;
         let mut reported = 0;
-        for (mib_no, chunk) in region
-            .chunks_mut(PAGES_PER_MIB * WORDS_PER_PAGE)
-            .enumerate()
-        {
+        for (mib_no, chunk) in region.chunks_mut(PAGES_PER_MIB * WORDS_PER_PAGE).enumerate() {
             for (page_no, page) in chunk.chunks_mut(WORDS_PER_PAGE).enumerate() {
                 let first = ((mib_no * PAGES_PER_MIB + page_no) * WORDS_PER_PAGE) as u64;
                 if let Some(m) = verify_and_write(page, first, pass) {
@@ -79,9 +74,6 @@ fn run(region: &mut [u64], mib: u64, rate_mib_s: u64) -> ! {
             }
         }
         PASSES.store(pass, Ordering::Relaxed);
-        say!(
-            "DIRTY pass={pass} mib={mib} ms={}",
-            start.elapsed().as_millis()
-        );
+        say!("DIRTY pass={pass} mib={mib} ms={}", start.elapsed().as_millis());
     }
 }

@@ -9,12 +9,9 @@ use guest_common::ECHO_PORT;
 
 /// Starts listening; connections are served from then on.
 pub fn start() -> Result<(), String> {
-    let listeners = crate::net::listen(ECHO_PORT)
-        .map_err(|e| format!("echo: cannot listen on {ECHO_PORT}: {e}"))?;
+    let listeners = crate::net::listen(ECHO_PORT).map_err(|e| format!("echo: cannot listen on {ECHO_PORT}: {e}"))?;
     crate::net::serve("echo", listeners, |stream| {
-        let peer = stream
-            .peer_addr()
-            .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
         if let Err(e) = echo(stream) {
             say!("echo: {peer}: {e}");
         }

@@ -33,11 +33,7 @@ pub enum Mode {
 }
 
 fn main() {
-    let mode = if std::process::id() == 1 {
-        Mode::Init
-    } else {
-        Mode::Test
-    };
+    let mode = if std::process::id() == 1 { Mode::Init } else { Mode::Test };
     let cmdline = match mode {
         Mode::Init => {
             system::setup();
@@ -53,11 +49,7 @@ fn main() {
     if let Err(e) = start(params, mode) {
         fatal(mode, &e);
     }
-    say!(
-        "{READY_PREFIX} uptime_ms={} workload={} kernel=linux",
-        system::uptime_ms(),
-        params.workload.name()
-    );
+    say!("{READY_PREFIX} uptime_ms={} workload={} kernel=linux", system::uptime_ms(), params.workload.name());
 
     if let Some(ms) = params.poweroff_after_ms {
         thread::sleep(Duration::from_millis(ms));
@@ -70,9 +62,7 @@ fn main() {
 /// workload is listening or running.
 fn start(params: Params, mode: Mode) -> Result<(), String> {
     control::start(params.workload, mode)?;
-    spawn("console", move || {
-        control::serve_console(params.workload, mode)
-    })?;
+    spawn("console", move || control::serve_console(params.workload, mode))?;
     match params.workload {
         Workload::Echo => echo::start(),
         Workload::Dirty => dirty::start(params.dirty_mib, params.dirty_rate_mib_s),

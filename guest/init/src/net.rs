@@ -14,9 +14,7 @@ pub fn listen(port: u16) -> io::Result<Vec<TcpListener>> {
     let v6 = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).ok();
     match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
         Ok(v4) => Ok(v6.into_iter().chain([v4]).collect()),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse && v6.is_some() => {
-            Ok(v6.into_iter().collect())
-        }
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse && v6.is_some() => Ok(v6.into_iter().collect()),
         Err(e) => Err(e),
     }
 }
@@ -35,11 +33,7 @@ pub fn serve(
     Ok(())
 }
 
-fn accept_loop(
-    name: &'static str,
-    listener: &TcpListener,
-    handle: impl Fn(TcpStream) + Clone + Send + 'static,
-) {
+fn accept_loop(name: &'static str, listener: &TcpListener, handle: impl Fn(TcpStream) + Clone + Send + 'static) {
     loop {
         match listener.accept() {
             Ok((stream, _)) => {

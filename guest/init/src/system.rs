@@ -12,18 +12,8 @@ use crate::Mode;
 /// Mounts the pseudo file systems, makes sure fds 0-2 are the console and sets `lo` up. Each
 /// step that fails is logged and skipped: a guest without sysfs can still run its workload.
 pub fn setup() {
-    mount(
-        c"proc",
-        c"/proc",
-        c"proc",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-    );
-    mount(
-        c"sysfs",
-        c"/sys",
-        c"sysfs",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-    );
+    mount(c"proc", c"/proc", c"proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC);
+    mount(c"sysfs", c"/sys", c"sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC);
     mount(c"devtmpfs", c"/dev", c"devtmpfs", libc::MS_NOSUID);
     reopen_console();
     // eth0 needs nothing: the kernel's `ip=` (IP_PNP) configured it before running us.
@@ -39,15 +29,7 @@ fn mount(source: &CStr, target: &CStr, fstype: &CStr, flags: libc::c_ulong) {
         return;
     }
     // SAFETY: all strings are NUL-terminated and outlive the call; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, std::ptr::null()) };
     let err = io::Error::last_os_error();
     // EBUSY: already mounted (the kernel may automount devtmpfs), which is what we want.
     if rc != 0 && err.raw_os_error() != Some(libc::EBUSY) {
@@ -62,11 +44,7 @@ fn reopen_console() {
     if unsafe { libc::fcntl(1, libc::F_GETFD) } >= 0 {
         return;
     }
-    let Ok(console) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/console")
-    else {
+    let Ok(console) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/console") else {
         return;
     };
     for fd in 0..3 {
@@ -109,15 +87,8 @@ pub fn uptime_ms() -> u64 {
     let secs = text.split_ascii_whitespace().next().unwrap_or("");
     // "12345.67": parse the parts rather than go through f64 and its rounding.
     let (whole, frac) = secs.split_once('.').unwrap_or((secs, ""));
-    let frac_ms: u64 = format!("{frac:0<3}")
-        .get(..3)
-        .and_then(|f| f.parse().ok())
-        .unwrap_or(0);
-    whole
-        .parse::<u64>()
-        .unwrap_or(0)
-        .saturating_mul(1000)
-        .saturating_add(frac_ms)
+    let frac_ms: u64 = format!("{frac:0<3}").get(..3).and_then(|f| f.parse().ok()).unwrap_or(0);
+    whole.parse::<u64>().unwrap_or(0).saturating_mul(1000).saturating_add(frac_ms)
 }
 
 /// Set by the first caller of [`poweroff`].

@@ -43,8 +43,7 @@ fn in_netns_with<T: Send>(lo_up: bool, body: impl FnOnce() -> T + Send) -> T {
             }
             body()
         });
-        t.join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
 }
 
@@ -56,22 +55,12 @@ fn set_lo_up() {
     req.ifr_name[..2].copy_from_slice(&[b'l' as libc::c_char, b'o' as libc::c_char]);
     // SAFETY: `req` is a valid ifreq naming `lo`; the kernel fills in its flags.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
-    assert_eq!(
-        rc,
-        0,
-        "SIOCGIFFLAGS lo: {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "SIOCGIFFLAGS lo: {}", std::io::Error::last_os_error());
     // SAFETY: SIOCGIFFLAGS filled `ifru_flags`.
     unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
     // SAFETY: as above; the kernel only reads `req`.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
-    assert_eq!(
-        rc,
-        0,
-        "SIOCSIFFLAGS lo: {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "SIOCSIFFLAGS lo: {}", std::io::Error::last_os_error());
 }
 
 /// A running `init`, killed when dropped so that a failing test leaves nothing behind.
@@ -100,24 +89,14 @@ impl Init {
     fn start_as_pid1() -> Self {
         let mut cmd = Command::new("unshare");
         // --kill-child: killing unshare (our Drop) kills init too.
-        cmd.args([
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount",
-            "--propagation",
-            "private",
-        ])
-        .arg(env!("CARGO_BIN_EXE_init"))
-        .stdin(Stdio::null());
+        cmd.args(["--pid", "--fork", "--kill-child", "--mount", "--propagation", "private"])
+            .arg(env!("CARGO_BIN_EXE_init"))
+            .stdin(Stdio::null());
         Self::spawn(cmd)
     }
 
     fn spawn(mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("cannot start init");
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("cannot start init");
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, lines) = channel();
         thread::spawn(move || {
@@ -128,11 +107,7 @@ impl Init {
                 }
             }
         });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
+        Self { child, lines, seen: Vec::new() }
     }
 
     fn stdin(&mut self) -> ChildStdin {
@@ -152,10 +127,7 @@ impl Init {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "no line starting with {prefix:?} within {timeout:?}; console: {:#?}",
-                        self.seen
-                    )
+                    panic!("no line starting with {prefix:?} within {timeout:?}; console: {:#?}", self.seen)
                 }
                 Err(RecvTimeoutError::Disconnected) => panic!(
                     "init ended ({:?}) before a line starting with {prefix:?}; console: {:#?}",
@@ -172,10 +144,7 @@ impl Init {
         assert_eq!(fields.len(), 4, "{line}");
         let uptime = fields[1].strip_prefix("uptime_ms=").expect(&line);
         assert!(uptime.parse::<u64>().is_ok_and(|ms| ms > 0), "{line}");
-        assert_eq!(
-            fields[2..],
-            [format!("workload={workload}"), "kernel=linux".to_string()]
-        );
+        assert_eq!(fields[2..], [format!("workload={workload}"), "kernel=linux".to_string()]);
         line
     }
 
@@ -186,11 +155,7 @@ impl Init {
             if let Some(status) = self.child.try_wait().expect("wait for init") {
                 break status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "init still runs; console: {:#?}",
-                self.seen
-            );
+            assert!(Instant::now() < deadline, "init still runs; console: {:#?}", self.seen);
             thread::sleep(Duration::from_millis(10));
         };
         // The pipe closes once init is gone.
@@ -202,11 +167,7 @@ impl Init {
 
     fn assert_running(&mut self) {
         let status = self.child.try_wait().expect("wait for init");
-        assert!(
-            status.is_none(),
-            "init ended ({status:?}); console: {:#?}",
-            self.seen
-        );
+        assert!(status.is_none(), "init ended ({status:?}); console: {:#?}", self.seen);
     }
 }
 
@@ -219,8 +180,7 @@ impl Drop for Init {
 
 fn connect(port: u16) -> TcpStream {
     let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("read timeout");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
     s
 }
 
@@ -235,10 +195,7 @@ fn control(line: &str) -> String {
 
 /// Closes `s` with a reset (SO_LINGER with a zero timeout) instead of a FIN.
 fn reset(s: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: `linger` is a valid SO_LINGER value of the size given.
     let rc = unsafe {
         libc::setsockopt(
@@ -317,8 +274,7 @@ fn echo_is_exact_concurrent_and_survives_resets() {
         thread::sleep(Duration::from_millis(100));
         round_trip(connect(ECHO_PORT), b"still here\n");
         let v6 = TcpStream::connect(("::1", ECHO_PORT)).expect("connect over IPv6");
-        v6.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("read timeout");
+        v6.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
         round_trip(v6, &pattern(4, 64 << 10));
         init.assert_running();
     });
@@ -330,14 +286,8 @@ fn status_answers() {
         let mut init = Init::start("vmm.workload=idle");
         init.expect_ready("idle");
         let status = control("status");
-        assert!(
-            status.starts_with("STATUS workload=idle uptime_ms="),
-            "{status}"
-        );
-        assert!(
-            status.ends_with(" dirty_passes=0 dirty_mismatches=0\n"),
-            "{status}"
-        );
+        assert!(status.starts_with("STATUS workload=idle uptime_ms="), "{status}");
+        assert!(status.ends_with(" dirty_passes=0 dirty_mismatches=0\n"), "{status}");
         assert_eq!(control("reboot"), "ERR unknown command\n");
         init.assert_running();
     });
@@ -351,8 +301,7 @@ fn poweroff_over_control_exits_0() {
         let mut s = connect(CONTROL_PORT);
         s.write_all(b"poweroff\n").expect("send");
         let mut answer = String::new();
-        s.read_to_string(&mut answer)
-            .expect("answer, then end of stream");
+        s.read_to_string(&mut answer).expect("answer, then end of stream");
         assert_eq!(answer, "OK\n");
         assert_eq!(init.expect_exit().code(), Some(0));
         assert_eq!(init.seen.last().map(String::as_str), Some("GUEST-POWEROFF"));
@@ -380,16 +329,8 @@ fn poweroff_after_ms() {
         init.expect_ready("idle");
         let ready = Instant::now();
         assert_eq!(init.expect_exit().code(), Some(0));
-        assert!(
-            ready.elapsed() >= Duration::from_millis(150),
-            "{:?}",
-            ready.elapsed()
-        );
-        assert!(
-            init.seen.iter().any(|l| l == "GUEST-POWEROFF"),
-            "{:#?}",
-            init.seen
-        );
+        assert!(ready.elapsed() >= Duration::from_millis(150), "{:?}", ready.elapsed());
+        assert!(init.seen.iter().any(|l| l == "GUEST-POWEROFF"), "{:#?}", init.seen);
     });
 }
 
@@ -410,11 +351,7 @@ fn dirty_passes_verify() {
         assert!(passes >= 3, "{status}");
         assert_eq!(control("poweroff"), "OK\n");
         assert_eq!(init.expect_exit().code(), Some(0));
-        let bad: Vec<_> = init
-            .seen
-            .iter()
-            .filter(|l| l.starts_with("DIRTY-MISMATCH"))
-            .collect();
+        let bad: Vec<_> = init.seen.iter().filter(|l| l.starts_with("DIRTY-MISMATCH")).collect();
         assert!(bad.is_empty(), "{bad:#?}");
     });
 }
@@ -426,11 +363,7 @@ fn dirty_rate_is_throttled() {
         let mut init = Init::start("vmm.workload=dirty vmm.dirty_mib=2 vmm.dirty_rate=20");
         init.expect_ready("dirty");
         let line = init.expect_line("DIRTY pass=2 mib=2 ms=", Duration::from_secs(30));
-        let ms: u64 = line
-            .rsplit('=')
-            .next()
-            .and_then(|n| n.parse().ok())
-            .expect(&line);
+        let ms: u64 = line.rsplit('=').next().and_then(|n| n.parse().ok()).expect(&line);
         assert!(ms >= 90, "{line}");
     });
 }
@@ -447,19 +380,10 @@ fn as_pid1_it_sets_up_the_system_and_restarts() {
         assert_eq!(control("poweroff"), "OK\n");
         // RB_AUTOBOOT in a PID namespace kills its init with SIGHUP; unshare passes it on.
         let status = init.expect_exit();
-        assert_eq!(
-            status.signal(),
-            Some(libc::SIGHUP),
-            "{status:?}; console: {:#?}",
-            init.seen
-        );
+        assert_eq!(status.signal(), Some(libc::SIGHUP), "{status:?}; console: {:#?}", init.seen);
         assert_eq!(init.seen.last().map(String::as_str), Some("GUEST-POWEROFF"));
         // Setup (mounts, lo) logged no errors.
-        let errors: Vec<_> = init
-            .seen
-            .iter()
-            .filter(|l| l.starts_with("init:"))
-            .collect();
+        let errors: Vec<_> = init.seen.iter().filter(|l| l.starts_with("init:")).collect();
         assert!(errors.is_empty(), "{errors:#?}");
     });
 }

@@ -2,6 +2,10 @@
 //! The API: HTTP/1.1 with JSON bodies on a unix socket, served on a thread of its own; requests
 //! reach the VMM thread over a channel plus an eventfd, so API clients never block vCPUs.
 
+pub mod client;
+pub mod display;
+pub mod routes;
+pub mod server;
 pub mod types;
 
 pub use types::*;

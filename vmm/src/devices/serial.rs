@@ -4,9 +4,9 @@
 use std::collections::VecDeque;
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
 use vm_device::MutDevicePio;
 use vm_device::bus::{PioAddress, PioAddressOffset};
-use serde::{Deserialize, Serialize};
 use vm_superio::Serial;
 use vm_superio::serial::{NoEvents, SerialState};
 

@@ -7,7 +7,10 @@ pub mod dirty;
 pub mod receive;
 pub mod send;
 
-use kvm_bindings::{KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_cpuid_entry2, kvm_irqchip};
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2,
+    kvm_irqchip,
+};
 use kvm_ioctls::Kvm;
 use migration::{StateVersion, VcpuState, VmState};
 use net::persist::NetState;
@@ -154,22 +157,32 @@ fn vmm_owned_bits(function: u32, reg: usize) -> u32 {
     }
 }
 
+/// The CPUID a guest on this host effectively gets: what a vCPU reports after being given
+/// KVM's supported set. On ordinary KVM that is the supported set itself; on paravirtual nested
+/// KVM (kvm_pvm), where CPUID runs natively, it is the host's full set.
+fn effective_cpuid(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, String> {
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| format!("supported CPUID: {e}"))?;
+    let vm = kvm.create_vm().map_err(|e| format!("probe VM: {e}"))?;
+    let vcpu = vm.create_vcpu(0).map_err(|e| format!("probe vCPU: {e}"))?;
+    vcpu.set_cpuid2(&supported).map_err(|e| format!("probe CPUID: {e}"))?;
+    let got = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(|e| format!("probe CPUID: {e}"))?;
+    Ok(got.as_slice().to_vec())
+}
+
 /// Checks that this host's KVM can give the guest every feature in `wanted` (the CPUID it ran
 /// with on the source), so it will not crash on an instruction this host lacks.
 pub fn check_cpuid(kvm: &Kvm, wanted: &[kvm_cpuid_entry2]) -> Result<(), MigrateError> {
-    let supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| MigrateError::Incompatible(format!("cannot read this host's CPUID: {e}")))?;
-    // Leaves whose registers are feature bitmaps.
-    let feature_leaves: [(u32, u32); 3] = [(0x1, 0), (0x7, 0), (0x8000_0001, 0)];
+    let have_all =
+        effective_cpuid(kvm).map_err(|e| MigrateError::Incompatible(format!("cannot read this host's CPUID: {e}")))?;
+    // (leaf, subleaf, registers holding feature bits: 0 = eax .. 3 = edx)
+    let feature_regs: [(u32, u32, &[usize]); 3] = [(0x1, 0, &[2, 3]), (0x7, 0, &[1, 2, 3]), (0x8000_0001, 0, &[2, 3])];
     let mut missing = Vec::new();
-    for (function, index) in feature_leaves {
+    for (function, index, regs) in feature_regs {
         let Some(w) = wanted.iter().find(|e| e.function == function && e.index == index) else { continue };
-        let s = supported.as_slice().iter().find(|e| e.function == function && e.index == index);
-        let have = s.map(|e| [e.eax, e.ebx, e.ecx, e.edx]).unwrap_or([0; 4]);
+        let h = have_all.iter().find(|e| e.function == function && e.index == index);
+        let have = h.map(|e| [e.eax, e.ebx, e.ecx, e.edx]).unwrap_or([0; 4]);
         let want = [w.eax, w.ebx, w.ecx, w.edx];
-        // EAX of leaf 1 is the signature, of leaf 7 the number of subleaves: not features.
-        for reg in 1..4 {
+        for &reg in regs {
             let lacking = want[reg] & !have[reg] & !vmm_owned_bits(function, reg);
             if lacking != 0 {
                 let name = ["eax", "ebx", "ecx", "edx"][reg];
@@ -180,6 +193,9 @@ pub fn check_cpuid(kvm: &Kvm, wanted: &[kvm_cpuid_entry2]) -> Result<(), Migrate
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(MigrateError::Incompatible(format!("this host's CPU lacks features the guest uses: {}", missing.join(", "))))
+        Err(MigrateError::Incompatible(format!(
+            "this host's CPU lacks features the guest uses: {}",
+            missing.join(", ")
+        )))
     }
 }

@@ -58,10 +58,13 @@ impl Acknowledger {
 /// Waits on `listen` for a migration and receives it into a new machine. `nets` (from the
 /// destination's command line) replaces the source's TAP names, NIC by NIC; if empty, the
 /// source's names are used. Console output of the guest goes to `console`.
-pub fn receive(listen: &str, nets: &[NetConfig], console: Box<dyn std::io::Write + Send>) -> Result<Incoming, MigrateError> {
-    let addr: SocketAddr = listen
-        .parse()
-        .map_err(|e| MigrateError::Other(format!("--incoming '{listen}': not an ADDR:PORT ({e})")))?;
+pub fn receive(
+    listen: &str,
+    nets: &[NetConfig],
+    console: Box<dyn std::io::Write + Send>,
+) -> Result<Incoming, MigrateError> {
+    let addr: SocketAddr =
+        listen.parse().map_err(|e| MigrateError::Other(format!("--incoming '{listen}': not an ADDR:PORT ({e})")))?;
     let listener =
         TcpListener::bind(addr).map_err(|e| MigrateError::Other(format!("cannot listen on {listen}: {e}")))?;
     log::info!("waiting for a migration on {listen}");
@@ -143,7 +146,9 @@ fn check_start(start: &StartPayload, nets: &[NetConfig]) -> Result<VmConfig, Mig
     let expected: Vec<(u64, u64)> = ram_regions(config.mem_mib << 20);
     let got: Vec<(u64, u64)> = start.memory.iter().map(|r| (r.start, r.size)).collect();
     if expected != got {
-        return Err(MigrateError::Incompatible(format!("memory layout {got:x?} is not what this VMM lays out ({expected:x?})")));
+        return Err(MigrateError::Incompatible(format!(
+            "memory layout {got:x?} is not what this VMM lays out ({expected:x?})"
+        )));
     }
     crate::vstate::memory::check_mem_size(config.mem_mib).map_err(|e| MigrateError::Incompatible(e.to_string()))?;
     if !nets.is_empty() {
@@ -261,7 +266,11 @@ fn apply_batch(
 fn restore(built: &BuiltVm, state: &MachineState) -> Result<(), MigrateError> {
     let m = &built.machine;
     if state.vcpus.len() != built.vcpus.len() {
-        return Err(MigrateError::Incompatible(format!("{} vCPU states for {} vCPUs", state.vcpus.len(), built.vcpus.len())));
+        return Err(MigrateError::Incompatible(format!(
+            "{} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            built.vcpus.len()
+        )));
     }
     restore_vm_state(&m.vm, &state.vm)?;
     for (vcpu, s) in built.vcpus.iter().zip(&state.vcpus) {
@@ -276,4 +285,33 @@ fn restore(built: &BuiltVm, state: &MachineState) -> Result<(), MigrateError> {
         (**region).bitmap().reset();
     }
     Ok(())
+}
+
+/// `vmm run --incoming`: receives a migration and runs the guest here. Returns the running VMM
+/// and the guest's pause as measured here.
+pub fn start_incoming(
+    listen: &str,
+    nets: &[NetConfig],
+    console: Box<dyn std::io::Write + Send>,
+) -> Result<(crate::Vmm, Option<Duration>), MigrateError> {
+    let Incoming { built, answer } = receive(listen, nets, console)?;
+    let vmm = match crate::Vmm::start(built) {
+        Ok(v) => v,
+        Err(e) => {
+            answer.refuse(&e.to_string());
+            return Err(MigrateError::Other(format!("starting the received guest: {e}")));
+        }
+    };
+    // The NICs pick up whatever the source left queued (TX descriptors, a waiting RX frame).
+    super::resume_devices(vmm.machine());
+    // From `Complete` on, the guest is ours: even if the source cannot hear this answer any
+    // more, the guest runs here (the source then keeps its copy paused).
+    let downtime = match answer.acknowledge() {
+        Ok(d) => d,
+        Err(e) => {
+            log::warn!("could not tell the source the migration completed: {e}");
+            None
+        }
+    };
+    Ok((vmm, downtime))
 }

@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use migration::STATE_VERSION;
 use migration::memory::{BatchWriter, PAGE_SIZE, count, or_into, set_bits};
 use migration::protocol::{self, Command, RegionLayout, StartPayload};
-use migration::STATE_VERSION;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::dirty::{self, Bitmap};
@@ -185,7 +185,8 @@ impl Source<'_> {
             .map_err(|e| MigrateError::Connect(to.clone(), e))?
             .next()
             .ok_or_else(|| MigrateError::Connect(to.clone(), std::io::ErrorKind::NotFound.into()))?;
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| MigrateError::Connect(to, e))?;
+        let stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| MigrateError::Connect(to, e))?;
         stream.set_nodelay(true).ok();
         // A destination that stops reading must not hang us forever.
         stream.set_write_timeout(Some(ANSWER_TIMEOUT)).ok();
@@ -193,11 +194,8 @@ impl Source<'_> {
         self.stream = Some(stream);
 
         let vm = &self.m.vm;
-        let memory = vm
-            .memory()
-            .iter()
-            .map(|r| RegionLayout { start: r.start_addr().raw_value(), size: r.len() })
-            .collect();
+        let memory =
+            vm.memory().iter().map(|r| RegionLayout { start: r.start_addr().raw_value(), size: r.len() }).collect();
         let start = StartPayload {
             state_version: STATE_VERSION,
             config: serde_json::to_value(&self.m.config).map_err(|e| MigrateError::Other(e.to_string()))?,

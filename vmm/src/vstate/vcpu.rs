@@ -213,7 +213,8 @@ impl Vcpu {
         let list = kvm.get_msr_index_list().map_err(|source| VcpuError::Get { index, what: "MSR list", source })?;
         let mut msrs: Vec<u32> = list.as_slice().to_vec();
         loop {
-            let mut req = Msrs::from_entries(&msr_entries(&msrs)).map_err(|e| VcpuError::Msrs(index, format!("{e:?}")))?;
+            let mut req =
+                Msrs::from_entries(&msr_entries(&msrs)).map_err(|e| VcpuError::Msrs(index, format!("{e:?}")))?;
             let n = self.fd.get_msrs(&mut req).map_err(|source| VcpuError::Get { index, what: "MSRs", source })?;
             if n >= msrs.len() {
                 return Ok(msrs);
@@ -267,7 +268,8 @@ impl Vcpu {
         let index = self.index;
         let get = |what| move |source| VcpuError::Get { index, what, source };
         let fd = &self.fd;
-        let mut msrs = Msrs::from_entries(&msr_entries(&self.msrs)).map_err(|e| VcpuError::Msrs(index, format!("{e:?}")))?;
+        let mut msrs =
+            Msrs::from_entries(&msr_entries(&self.msrs)).map_err(|e| VcpuError::Msrs(index, format!("{e:?}")))?;
         let n = fd.get_msrs(&mut msrs).map_err(get("MSRs"))?;
         if n != self.msrs.len() {
             return Err(VcpuError::Msrs(index, format!("read {n} of {} MSRs", self.msrs.len())));

@@ -1,0 +1,230 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The API's routes: which (method, path) pairs exist, and how a request's method, path and body
+//! become an [`ApiRequest`]. No sockets here, so the whole request side is testable on its own.
+
+use super::types::{ApiError, ApiRequest, ApiResponse, MigrateRequest};
+
+/// One thing the API can be asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    GetVm,
+    Pause,
+    Resume,
+    Shutdown,
+    Migrate,
+    GetMigration,
+    Metrics,
+}
+
+/// Every endpoint with its method and path. The router reads this table and nothing else, and
+/// [`ROUTES`] is derived from it, so the OpenAPI document's sync test checks what is served.
+const TABLE: [(&str, &str, Endpoint); 7] = [
+    ("GET", "/vm", Endpoint::GetVm),
+    ("PUT", "/vm/pause", Endpoint::Pause),
+    ("PUT", "/vm/resume", Endpoint::Resume),
+    ("PUT", "/vm/shutdown", Endpoint::Shutdown),
+    ("PUT", "/vm/migrate", Endpoint::Migrate),
+    ("GET", "/vm/migration", Endpoint::GetMigration),
+    ("GET", "/metrics", Endpoint::Metrics),
+];
+
+/// The (method, path) pairs the server answers.
+pub const ROUTES: &[(&str, &str)] = &method_path_pairs(TABLE);
+
+const fn method_path_pairs<const N: usize>(
+    table: [(&'static str, &'static str, Endpoint); N],
+) -> [(&'static str, &'static str); N] {
+    let mut out = [("", ""); N];
+    let mut i = 0;
+    while i < N {
+        out[i] = (table[i].0, table[i].1);
+        i += 1;
+    }
+    out
+}
+
+/// Why a (method, path) pair names no endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteError {
+    /// No route has this path (HTTP 404).
+    NotFound,
+    /// The path exists but not with this method (HTTP 405); these are the methods it has.
+    MethodNotAllowed(Vec<&'static str>),
+}
+
+/// Finds the endpoint for `method` on `path` (the request target without its query string).
+pub fn route(method: &str, path: &str) -> Result<Endpoint, RouteError> {
+    let mut allowed = Vec::new();
+    for &(m, p, endpoint) in &TABLE {
+        if p != path {
+            continue;
+        }
+        if m == method {
+            return Ok(endpoint);
+        }
+        allowed.push(m);
+    }
+    if allowed.is_empty() { Err(RouteError::NotFound) } else { Err(RouteError::MethodNotAllowed(allowed)) }
+}
+
+impl Endpoint {
+    /// Whether requests to this endpoint carry a body worth reading.
+    pub fn takes_body(self) -> bool {
+        self == Endpoint::Migrate
+    }
+
+    /// The request for the VMM thread. Only `PUT /vm/migrate` looks at `body`; other endpoints
+    /// ignore theirs, as clients like `curl -X PUT -d ''` send one anyway.
+    pub fn request(self, body: &[u8]) -> Result<ApiRequest, ApiError> {
+        Ok(match self {
+            Endpoint::GetVm => ApiRequest::GetVm,
+            Endpoint::Pause => ApiRequest::Pause,
+            Endpoint::Resume => ApiRequest::Resume,
+            Endpoint::Shutdown => ApiRequest::Shutdown,
+            Endpoint::Migrate => ApiRequest::Migrate(parse_migrate(body)?),
+            Endpoint::GetMigration => ApiRequest::GetMigration,
+            Endpoint::Metrics => ApiRequest::Metrics,
+        })
+    }
+
+    /// The status of a successful answer.
+    pub fn success_status(self) -> u16 {
+        match self {
+            Endpoint::GetVm | Endpoint::GetMigration | Endpoint::Metrics => 200,
+            Endpoint::Pause | Endpoint::Resume | Endpoint::Shutdown => 204,
+            Endpoint::Migrate => 202,
+        }
+    }
+
+    /// Whether `response` is what this endpoint promises (and so has the documented status code);
+    /// anything else is a VMM bug that the server reports as a 500 rather than pass on.
+    pub fn expects(self, response: &ApiResponse) -> bool {
+        matches!(
+            (self, response),
+            (Endpoint::GetVm, ApiResponse::Vm(_))
+                | (Endpoint::Pause | Endpoint::Resume | Endpoint::Shutdown, ApiResponse::Done)
+                | (Endpoint::Migrate, ApiResponse::Accepted)
+                | (Endpoint::GetMigration, ApiResponse::Migration(_))
+                | (Endpoint::Metrics, ApiResponse::Metrics(_))
+        )
+    }
+}
+
+/// Parses and checks a `PUT /vm/migrate` body. Messages name the offending field, as serde_json's
+/// own messages do for type errors and missing or unknown fields.
+pub fn parse_migrate(body: &[u8]) -> Result<MigrateRequest, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest(
+            "invalid body: expected a JSON object with at least the field `to`, got an empty body".to_string(),
+        ));
+    }
+    let req: MigrateRequest =
+        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
+    validate_migrate(&req)?;
+    Ok(req)
+}
+
+fn validate_migrate(req: &MigrateRequest) -> Result<(), ApiError> {
+    let bad = |field: &str, why: String| Err(ApiError::BadRequest(format!("invalid field `{field}`: {why}")));
+    if !is_host_port(&req.to) {
+        return bad("to", format!("expected HOST:PORT with a numeric port, got {:?}", req.to));
+    }
+    // Zero would mean "never pause", "send nothing" or "no rounds": none can finish, so they are
+    // refused here rather than discovered by a migration that hangs.
+    if req.downtime_ms == Some(0) {
+        return bad("downtime_ms", "must be greater than 0".to_string());
+    }
+    if req.max_bandwidth_mib_s == Some(0) {
+        return bad("max_bandwidth_mib_s", "must be greater than 0 (leave it out for no limit)".to_string());
+    }
+    if req.max_rounds == Some(0) {
+        return bad("max_rounds", "must be at least 1".to_string());
+    }
+    Ok(())
+}
+
+/// `host:port` with a non-empty host and a port in 1..=65535; `[v6addr]:port` too.
+pub fn is_host_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = if let Some(inner) = host.strip_prefix('[') {
+        inner.strip_suffix(']').is_some_and(|a| !a.is_empty())
+    } else {
+        !host.is_empty() && !host.contains(':') && !host.contains(char::is_whitespace)
+    };
+    host_ok && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_routes_to_itself() {
+        for &(method, path, endpoint) in TABLE.iter() {
+            assert_eq!(route(method, path), Ok(endpoint), "{method} {path}");
+        }
+        assert_eq!(ROUTES.len(), TABLE.len());
+    }
+
+    #[test]
+    fn unknown_path_and_wrong_method() {
+        assert_eq!(route("GET", "/nope"), Err(RouteError::NotFound));
+        assert_eq!(route("GET", "/vm/"), Err(RouteError::NotFound));
+        assert_eq!(route("POST", "/vm"), Err(RouteError::MethodNotAllowed(vec!["GET"])));
+        assert_eq!(route("GET", "/vm/pause"), Err(RouteError::MethodNotAllowed(vec!["PUT"])));
+    }
+
+    #[test]
+    fn migrate_body_parses_with_defaults() {
+        let r = parse_migrate(br#"{"to":"10.0.0.2:4000"}"#).unwrap();
+        assert_eq!(r.to, "10.0.0.2:4000");
+        assert_eq!(r.downtime_ms, None);
+        let r = parse_migrate(br#"{"to":"[::1]:4000","downtime_ms":20,"max_rounds":3}"#).unwrap();
+        assert_eq!((r.downtime_ms, r.max_rounds), (Some(20), Some(3)));
+    }
+
+    #[test]
+    fn migrate_body_errors_name_the_field() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "`to`"),
+            (b"{}", "missing field `to`"),
+            (b"{", "invalid body"),
+            (br#"{"to":"host"}"#, "`to`"),
+            (br#"{"to":"host:port"}"#, "`to`"),
+            (br#"{"to":":80"}"#, "`to`"),
+            (br#"{"to":"h:0"}"#, "`to`"),
+            (br#"{"to":"h:70000"}"#, "`to`"),
+            (br#"{"to":"h:1","downtime_ms":0}"#, "`downtime_ms`"),
+            (br#"{"to":"h:1","downtime_ms":"5"}"#, "invalid type"),
+            (br#"{"to":"h:1","max_rounds":0}"#, "`max_rounds`"),
+            (br#"{"to":"h:1","max_bandwidth_mib_s":0}"#, "`max_bandwidth_mib_s`"),
+            (br#"{"to":"h:1","speed":1}"#, "unknown field `speed`"),
+        ];
+        for (body, needle) in cases {
+            let Err(ApiError::BadRequest(msg)) = parse_migrate(body) else {
+                panic!("{} was accepted", String::from_utf8_lossy(body));
+            };
+            assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn host_port() {
+        for ok in ["a:1", "10.0.0.1:65535", "[::1]:4000", "host.example:80"] {
+            assert!(is_host_port(ok), "{ok}");
+        }
+        for bad in ["", "a", "a:", ":1", "a:b", "a:+1", "::1:80", "[]:1", "a b:1", "a:0"] {
+            assert!(!is_host_port(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_promised_responses_pass() {
+        assert!(Endpoint::Pause.expects(&ApiResponse::Done));
+        assert!(!Endpoint::Pause.expects(&ApiResponse::Accepted));
+        assert!(Endpoint::Migrate.expects(&ApiResponse::Accepted));
+        assert!(!Endpoint::GetVm.expects(&ApiResponse::Done));
+    }
+}
