@@ -18,6 +18,7 @@ mod boot;
 mod bootinfo;
 mod clock;
 mod console;
+mod console_input;
 mod dirty;
 mod fatal;
 mod gate;
@@ -66,22 +67,29 @@ extern "C" fn rust_main(zero_page: u64) -> ! {
     let ready_ns = clock::now_ns();
     println!("{READY_PREFIX} uptime_ms={} workload={} kernel=vmm-guest", ready_ns / 1_000_000, params.workload.name());
     let poweroff_at = params.poweroff_after_ms.map(|ms| ready_ns + ms * 1_000_000);
+    let mut console = console_input::ConsoleInput::new();
     loop {
         let now = clock::now_ns();
         if poweroff_at.is_some_and(|t| now >= t) {
             power::poweroff();
         }
+        let (passes, mismatches) = dirty.as_ref().map_or((0, 0), |d| (d.passes_done, d.mismatches));
+        let workload = params.workload.name();
+        let status_line = move || {
+            alloc::format!(
+                "STATUS workload={workload} uptime_ms={} dirty_passes={passes} dirty_mismatches={mismatches}",
+                clock::now_ms()
+            )
+        };
+        match console.poll(now) {
+            Some(console_input::Command::Poweroff) => power::poweroff(),
+            Some(console_input::Command::Status) => println!("{}", status_line()),
+            None => {}
+        }
         let mut busy = false;
+        // No need to wake for the console: its interrupt ends the sleep.
         let mut wake = now + MAX_SLEEP_NS;
         if let Some(n) = net.as_mut() {
-            let (passes, mismatches) = dirty.as_ref().map_or((0, 0), |d| (d.passes_done, d.mismatches));
-            let workload = params.workload.name();
-            let status_line = move || {
-                alloc::format!(
-                    "STATUS workload={workload} uptime_ms={} dirty_passes={passes} dirty_mismatches={mismatches}",
-                    clock::now_ms()
-                )
-            };
             let (b, request) = n.poll(&status_line);
             busy |= b;
             if request == netstack::Request::Poweroff {
