@@ -21,6 +21,7 @@ mod error;
 pub mod l2;
 pub mod netns;
 mod process;
+pub mod vm;
 
 pub use bed::{Client, Host, TestBed, TestBedBuilder};
 pub use error::TestBedError;

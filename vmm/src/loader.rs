@@ -17,6 +17,7 @@ use crate::vstate::memory::GuestMemoryMmap;
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const ELFCLASS64: u8 = 2;
 const EM_X86_64: u16 = 62;
+const ET_EXEC: u16 = 2;
 const BZIMAGE_HDR_OFFSET: u64 = 0x202;
 const BZIMAGE_HDR_MAGIC: &[u8; 4] = b"HdrS";
 /// The 64-bit entry of a bzImage is 0x200 past where its protected-mode part is loaded.
@@ -34,7 +35,7 @@ pub enum LoaderError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{0} is not a kernel: it is neither an ELF vmlinux nor a bzImage")]
     NotAKernel(PathBuf),
-    #[error("{path} is an ELF file but not an x86_64 kernel ({why})")]
+    #[error("{path} is not a kernel: an ELF file, but {why}")]
     WrongElf { path: PathBuf, why: &'static str },
     #[error("{path} is a bzImage without a 64-bit entry point")]
     No64BitEntry { path: PathBuf },
@@ -97,6 +98,13 @@ fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, LoaderErr
         }
         if u16::from_le_bytes([head[18], head[19]]) != EM_X86_64 {
             return Err(LoaderError::WrongElf { path: path.into(), why: "not built for x86_64" });
+        }
+        // A kernel image is linked to run where it is loaded; a program or library is not.
+        if u16::from_le_bytes([head[16], head[17]]) != ET_EXEC {
+            return Err(LoaderError::WrongElf {
+                path: path.into(),
+                why: "a program or library, not an executable image",
+            });
         }
         return Ok(KernelFormat::Elf);
     }
@@ -247,6 +255,11 @@ mod tests {
         let arm = temp_file("arm", &arm);
         let err = open_kernel(&arm).unwrap_err();
         assert!(err.to_string().contains("not built for x86_64"), "{err}");
+        let mut pie = tiny_elf(0x20_0000, &[0]);
+        pie[16] = 3; // ET_DYN
+        let pie = temp_file("pie", &pie);
+        assert!(open_kernel(&pie).unwrap_err().to_string().contains("a program or library"));
+        std::fs::remove_file(pie).unwrap();
         for p in [text, empty, arm] {
             std::fs::remove_file(p).unwrap();
         }

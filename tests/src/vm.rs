@@ -1,0 +1,329 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Running `vmm` processes in tests: where the binaries are, starting a VM (in a test bed
+//! namespace or in the caller's), following its console, and talking to its API.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm::api::client::ApiClient;
+
+use crate::{Netns, Process};
+
+/// The build directory of the test executable (`target/<profile>`): the binaries a test uses
+/// are the ones built with the same profile.
+pub fn build_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    exe.parent().and_then(Path::parent).map(Path::to_path_buf).expect("target/<profile>/deps layout")
+}
+
+fn workspace_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn built(name: &str, how: &str) -> PathBuf {
+    let p = build_dir().join(name);
+    assert!(p.exists(), "{} is missing: {how} (the README's test command does this)", p.display());
+    p
+}
+
+/// The `vmm` binary.
+pub fn vmm_bin() -> PathBuf {
+    built("vmm", "build the workspace first with the same profile as the tests (`cargo build --workspace --release`)")
+}
+
+/// Our own guest kernel.
+pub fn guest_kernel() -> PathBuf {
+    built(
+        "vmm-guest",
+        "build the workspace first with the same profile as the tests (`cargo build --workspace --release`)",
+    )
+}
+
+/// The Linux guest kernel and initramfs built by `resources/`, if they exist.
+pub fn linux_artifacts() -> Option<(PathBuf, PathBuf)> {
+    let dir = workspace_dir().join("resources/build");
+    let (k, i) = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
+    (k.exists() && i.exists()).then_some((k, i))
+}
+
+/// Whether KVM is there. When it is not, say so loudly: the caller skips the test.
+pub fn kvm_or_skip(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("\n*** SKIPPED {test}: /dev/kvm does not exist on this host, so no guest can run ***\n");
+    false
+}
+
+/// A unique path for an API socket.
+pub fn api_sock_path(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "vmm-test-{}-{}-{tag}.sock",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Text a process printed, with a way to wait for more.
+#[derive(Clone, Default)]
+pub struct Output {
+    inner: Arc<(Mutex<String>, Condvar)>,
+}
+
+impl Output {
+    fn follow(reader: impl Read + Send + 'static) -> Output {
+        let out = Output::default();
+        let o = out.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(reader);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match r.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let (text, cv) = &*o.inner;
+                        text.lock().expect("Poisoned lock").push_str(&String::from_utf8_lossy(&line));
+                        cv.notify_all();
+                    }
+                }
+            }
+            // Wake waiters so they notice the end.
+            o.inner.1.notify_all();
+        });
+        out
+    }
+
+    /// Everything so far.
+    pub fn text(&self) -> String {
+        self.inner.0.lock().expect("Poisoned lock").clone()
+    }
+
+    /// Waits until a line satisfying `pred` was printed (at any time so far); returns it.
+    pub fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let (text, cv) = &*self.inner;
+        let mut guard = text.lock().expect("Poisoned lock");
+        loop {
+            if let Some(l) = guard.lines().find(|l| pred(l)) {
+                return Some(l.to_string());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            guard = cv.wait_timeout(guard, deadline - now).expect("Poisoned lock").0;
+        }
+    }
+
+    /// Lines satisfying `pred` so far.
+    pub fn lines(&self, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        self.text().lines().filter(|l| pred(l)).map(str::to_string).collect()
+    }
+}
+
+enum Proc {
+    Ns(Process),
+    Here(Mutex<Child>),
+}
+
+/// A running `vmm` process. It is killed when dropped (and, if started in a test bed
+/// namespace, also when the bed goes away).
+pub struct Vm {
+    proc: Proc,
+    pub console: Output,
+    pub log: Output,
+    pub api_sock: Option<PathBuf>,
+}
+
+impl Vm {
+    /// Starts `vmm` with `args` inside `netns` (or in this process's namespace if `None`).
+    /// Passing `--api-sock` in `args` makes [`Vm::api`] available.
+    pub fn start(netns: Option<&Netns>, args: &[String]) -> Vm {
+        let mut cmd = match netns {
+            Some(ns) => ns.command(vmm_bin()),
+            None => Command::new(vmm_bin()),
+        };
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let api_sock = args.iter().position(|a| a == "--api-sock").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+        let (proc, stdout, stderr) = match netns {
+            Some(ns) => {
+                let p = ns.spawn(&mut cmd).expect("start vmm in the namespace");
+                let (o, e) = (p.take_stdout(), p.take_stderr());
+                (Proc::Ns(p), o, e)
+            }
+            None => {
+                let mut c = cmd.spawn().expect("start vmm");
+                let (o, e) = (c.stdout.take(), c.stderr.take());
+                (Proc::Here(Mutex::new(c)), o, e)
+            }
+        };
+        let console = Output::follow(stdout.expect("piped stdout"));
+        let log = Output::follow(stderr.expect("piped stderr"));
+        Vm { proc, console, log, api_sock }
+    }
+
+    /// The API client for this VM (it must have been started with `--api-sock`).
+    pub fn api(&self) -> ApiClient {
+        ApiClient::new(self.api_sock.clone().expect("VM started without --api-sock"))
+    }
+
+    /// Waits for the API socket to answer.
+    pub fn wait_api(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.api().get_vm().is_ok() {
+                return true;
+            }
+            if self.try_wait().is_some() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// The exit status if the process ended.
+    pub fn try_wait(&self) -> Option<ExitStatus> {
+        match &self.proc {
+            Proc::Ns(p) => p.try_wait().ok().flatten(),
+            Proc::Here(c) => c.lock().expect("Poisoned lock").try_wait().ok().flatten(),
+        }
+    }
+
+    /// Waits up to `timeout` for the process to end.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the process now.
+    pub fn kill(&self) {
+        match &self.proc {
+            Proc::Ns(p) => {
+                let _ = p.kill();
+            }
+            Proc::Here(c) => {
+                let mut c = c.lock().expect("Poisoned lock");
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        match &self.proc {
+            Proc::Ns(p) => p.id(),
+            Proc::Here(c) => c.lock().expect("Poisoned lock").id(),
+        }
+    }
+
+    /// Console and log, for a failing assertion's message.
+    pub fn describe(&self) -> String {
+        format!("--- console ---\n{}\n--- vmm log ---\n{}", self.console.text(), self.log.text())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Proc::Here(c) = &self.proc {
+            let mut c = c.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if let Some(p) = &self.api_sock {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Sends one ICMP echo request to `to` from the calling thread's namespace and waits for the
+/// reply (`ping` is not always installed; a raw socket is).
+pub fn ping(to: std::net::Ipv4Addr, timeout: Duration) -> std::io::Result<Duration> {
+    // SAFETY: plain socket creation; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor we own.
+    let sock: std::fs::File = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+    let id = (std::process::id() & 0xffff) as u16;
+    let mut pkt = vec![8u8, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1];
+    pkt.extend_from_slice(b"vmm-test-ping");
+    let sum = checksum(&pkt);
+    pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+    // SAFETY: sockaddr_in is plain data.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    addr.sin_family = libc::AF_INET as u16;
+    addr.sin_addr.s_addr = u32::from_ne_bytes(to.octets());
+    let start = Instant::now();
+    // SAFETY: sending a valid buffer to a valid address of the given size.
+    let n = unsafe {
+        libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let deadline = start + timeout;
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        let left = deadline - Instant::now();
+        let tv = libc::timeval {
+            tv_sec: left.as_secs() as libc::time_t,
+            tv_usec: left.subsec_micros().max(1) as libc::suseconds_t,
+        };
+        // SAFETY: setting a timeval option with its size.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        let n = (&sock).read(&mut buf).unwrap_or(0);
+        // Raw ICMP sockets deliver the IP header too: skip it, then look for our echo reply.
+        if n > 20 {
+            let ihl = usize::from(buf[0] & 0xf) * 4;
+            let icmp = &buf[ihl.min(n)..n];
+            let src = std::net::Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+            if icmp.len() >= 8 && icmp[0] == 0 && src == to && u16::from_be_bytes([icmp[4], icmp[5]]) == id {
+                return Ok(start.elapsed());
+            }
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no echo reply from {to}")))
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
