@@ -7,9 +7,10 @@ use alloc::vec::Vec;
 
 use guest_common::{CONTROL_PORT, ECHO_PORT, Ipv4Config};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::socket::tcp;
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::socket::{icmp, tcp};
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, Ipv4Address};
 
 use crate::clock;
 use crate::virtio_net::VirtioNet;
@@ -22,6 +23,17 @@ const CONTROL_SOCKETS: usize = 2;
 const CONTROL_BUFFER: usize = 4096;
 /// How long a control connection may take to say something.
 const CONTROL_IDLE: Duration = Duration::from_secs(30);
+
+/// How long `ping` waits for the reply.
+const PING_TIMEOUT_NS: u64 = 2_000_000_000;
+
+/// A `ping` the control service is waiting on: (control connection, target, sent at, sequence).
+struct PendingPing {
+    control: usize,
+    target: Ipv4Address,
+    sent_ns: u64,
+    seq: u16,
+}
 
 /// What the control service asks of the rest of the guest.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -47,6 +59,10 @@ pub struct NetStack {
     control: Vec<Control>,
     echo_enabled: bool,
     scratch: Vec<u8>,
+    icmp: SocketHandle,
+    ping_ident: u16,
+    ping: Option<PendingPing>,
+    ping_seq: u16,
 }
 
 pub fn now() -> Instant {
@@ -86,7 +102,29 @@ impl NetStack {
             );
             control.push(Control { handle: sockets.add(s), line: Vec::new(), poweroff_pending: false });
         }
-        NetStack { device, irq: 0, iface, sockets, echo, control, echo_enabled, scratch: vec![0; 64 << 10] }
+        let mut icmp_socket = icmp::Socket::new(
+            icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 4], vec![0; 2048]),
+            icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 4], vec![0; 2048]),
+        );
+        // Each guest its own identifier: a socket bound to an identifier swallows incoming echo
+        // requests carrying it, and then smoltcp does not answer them.
+        let ping_ident = (clock::rdtsc() as u16) | 1;
+        let _ = icmp_socket.bind(icmp::Endpoint::Ident(ping_ident));
+        let icmp = sockets.add(icmp_socket);
+        NetStack {
+            device,
+            irq: 0,
+            iface,
+            sockets,
+            echo,
+            control,
+            echo_enabled,
+            scratch: vec![0; 64 << 10],
+            icmp,
+            ping_ident,
+            ping: None,
+            ping_seq: 0,
+        }
     }
 
     /// Moves frames and serves sockets until nothing more happens right now. Returns whether
@@ -106,6 +144,7 @@ impl NetStack {
             }
             let (p, r) = self.serve_control(status_line);
             progress |= p;
+            progress |= self.serve_ping();
             if r != Request::None {
                 request = r;
             }
@@ -123,8 +162,14 @@ impl NetStack {
     /// When smoltcp next needs to run (retransmits, delayed ACKs), in kvmclock nanoseconds.
     pub fn next_deadline_ns(&mut self) -> Option<u64> {
         let t = now();
-        self.iface.poll_delay(t, &self.sockets).map(|d| clock::now_ns() + d.total_micros() * 1000)
+        let stack = self.iface.poll_delay(t, &self.sockets).map(|d| clock::now_ns() + d.total_micros() * 1000);
+        let ping = self.ping.as_ref().map(|p| p.sent_ns + PING_TIMEOUT_NS);
+        match (stack, ping) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
+
 
     fn serve_echo(&mut self) -> bool {
         let mut progress = false;
@@ -162,7 +207,8 @@ impl NetStack {
     fn serve_control(&mut self, status_line: &dyn Fn() -> alloc::string::String) -> (bool, Request) {
         let mut progress = false;
         let mut request = Request::None;
-        for c in &mut self.control {
+        let mut ping_request = None;
+        for (ci, c) in self.control.iter_mut().enumerate() {
             let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
             if !s.is_open() {
                 c.line.clear();
@@ -194,6 +240,14 @@ impl NetStack {
                     let line = core::str::from_utf8(&c.line).unwrap_or("").trim();
                     let reply = match line {
                         "status" => status_line(),
+                        l if l.starts_with("ping ") => match l[5..].trim().parse::<Ipv4Address>() {
+                            Ok(ip) => {
+                                // Answered when the echo reply comes (see serve_ping).
+                                ping_request = Some((ci, ip));
+                                alloc::string::String::new()
+                            }
+                            Err(_) => alloc::format!("ERROR not an IPv4 address: '{}'", &l[5..]),
+                        },
                         "poweroff" => {
                             c.poweroff_pending = true;
                             "OK".into()
@@ -212,6 +266,62 @@ impl NetStack {
                 s.close();
             }
         }
+        if let Some((control, target)) = ping_request {
+            self.start_ping(control, target);
+        }
         (progress, request)
+    }
+
+    fn control_reply(&mut self, control: usize, text: &str) {
+        if let Some(c) = self.control.get(control) {
+            let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
+            let _ = s.send_slice(text.as_bytes());
+            let _ = s.send_slice(b"\n");
+        }
+    }
+
+    fn start_ping(&mut self, control: usize, target: Ipv4Address) {
+        if self.ping.is_some() {
+            self.control_reply(control, "ERROR a ping is already in flight");
+            return;
+        }
+        self.ping_seq = self.ping_seq.wrapping_add(1);
+        let repr = Icmpv4Repr::EchoRequest { ident: self.ping_ident, seq_no: self.ping_seq, data: b"vmm-guest-ping" };
+        let s = self.sockets.get_mut::<icmp::Socket>(self.icmp);
+        match s.send(repr.buffer_len(), IpAddress::Ipv4(target)) {
+            Ok(buf) => {
+                repr.emit(&mut Icmpv4Packet::new_unchecked(buf), &ChecksumCapabilities::default());
+                self.ping = Some(PendingPing { control, target, sent_ns: clock::now_ns(), seq: self.ping_seq });
+            }
+            Err(_) => self.control_reply(control, &alloc::format!("NO-REPLY {target} (cannot send)")),
+        }
+    }
+
+    /// Answers a pending `ping` when its echo reply arrives or it times out.
+    fn serve_ping(&mut self) -> bool {
+        let Some(p) = &self.ping else { return false };
+        let (control, target, sent_ns, seq) = (p.control, p.target, p.sent_ns, p.seq);
+        let ping_ident = self.ping_ident;
+        let s = self.sockets.get_mut::<icmp::Socket>(self.icmp);
+        while let Ok((data, from)) = s.recv() {
+            let Ok(packet) = Icmpv4Packet::new_checked(data) else { continue };
+            let Ok(repr) = Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default()) else { continue };
+            if let Icmpv4Repr::EchoReply { ident, seq_no, .. } = repr
+                && ident == ping_ident
+                && seq_no == seq
+                && from == IpAddress::Ipv4(target)
+            {
+                let rtt_us = (clock::now_ns() - sent_ns) / 1000;
+                self.ping = None;
+                self.control_reply(control, &alloc::format!("PONG {target} rtt_us={rtt_us}"));
+                return true;
+            }
+        }
+        if clock::now_ns() - sent_ns > PING_TIMEOUT_NS {
+            self.ping = None;
+            self.control_reply(control, &alloc::format!("NO-REPLY {target}"));
+            return true;
+        }
+        false
     }
 }
