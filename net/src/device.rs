@@ -23,6 +23,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemoryMmap;
+use crate::announce::{AddressLearner, announce_frames};
 use crate::metrics::NetMetrics;
 use crate::tap::{TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6, Tap, TapError, VNET_HDR_LEN};
 use crate::virtio::{ActivateError, INT_CONFIG, INT_VRING, Interrupt, VirtioDevice};
@@ -103,6 +104,8 @@ pub struct Net {
     rx_descs: Vec<(GuestAddress, u32, u16)>,
     /// Scratch for the RX path: (chain head, bytes written) per chain of a frame.
     rx_used: Vec<(u16, u32)>,
+    /// The guest's IPv4 addresses, for announcing it after a migration.
+    pub(crate) addresses: AddressLearner,
     metrics: Arc<NetMetrics>,
 }
 
@@ -132,6 +135,7 @@ impl Net {
             tx_frame: vec![0; MAX_FRAME],
             rx_descs: Vec::with_capacity(QUEUE_SIZE as usize),
             rx_used: Vec::with_capacity(QUEUE_SIZE as usize),
+            addresses: AddressLearner::default(),
             metrics: Arc::new(NetMetrics::default()),
         })
     }
@@ -164,6 +168,12 @@ impl Net {
         if self.needs_reset || self.paused { None } else { self.mem.clone() }
     }
 
+    /// Whether queue `index` was set up by the driver (the control queue only exists with
+    /// VIRTIO_NET_F_CTRL_VQ); an unused queue is not an error, just nothing to do.
+    fn queue_in_use(&self, index: usize) -> bool {
+        self.queues[index].ready()
+    }
+
     fn signal_used(&mut self, index: usize, mem: &GuestMemoryMmap) {
         match self.queues[index].needs_notification(mem) {
             Ok(true) => {
@@ -193,6 +203,9 @@ impl Net {
     /// Sends every frame the driver queued.
     pub fn process_tx(&mut self) {
         let Some(mem) = self.ready() else { return };
+        if !self.queue_in_use(TX_INDEX) {
+            return;
+        }
         loop {
             if !self.avail_ok(TX_INDEX, &mem) {
                 return;
@@ -218,6 +231,7 @@ impl Net {
                     len += n;
                 }
                 if ok && len > VNET_HDR_LEN {
+                    self.addresses.observe(&self.mac, &self.tx_frame[VNET_HDR_LEN..len]);
                     match self.tap.write_frame(&self.tx_frame[..len]) {
                         Ok(_) => {
                             self.metrics.tx_packets.fetch_add(1, Ordering::Relaxed);
@@ -253,6 +267,9 @@ impl Net {
     /// Moves frames from the TAP into the guest until either runs dry.
     pub fn process_rx(&mut self) {
         let Some(mem) = self.ready() else { return };
+        if !self.queue_in_use(RX_INDEX) {
+            return;
+        }
         if !self.avail_ok(RX_INDEX, &mem) {
             return;
         }
@@ -403,6 +420,9 @@ impl Net {
     /// act on; everything else is refused.
     pub fn process_ctrl(&mut self) {
         let Some(mem) = self.ready() else { return };
+        if !self.queue_in_use(CTRL_INDEX) {
+            return;
+        }
         if !self.avail_ok(CTRL_INDEX, &mem) {
             return;
         }
@@ -440,6 +460,31 @@ impl Net {
         if any {
             self.signal_used(CTRL_INDEX, &mem);
         }
+    }
+
+    /// Adds an address the guest uses (e.g. from `ip=` on its command line).
+    pub fn add_address(&mut self, ip: [u8; 4]) {
+        self.addresses.add(ip);
+    }
+
+    /// The guest's IPv4 addresses known so far.
+    pub fn addresses(&self) -> &[[u8; 4]] {
+        &self.addresses.ipv4
+    }
+
+    /// Writes one announce round (RARP and gratuitous ARP, see [`crate::announce`]) into the
+    /// TAP, as if the guest had sent it. Returns the number of frames written.
+    pub fn announce(&mut self) -> usize {
+        let mut n = 0;
+        for frame in announce_frames(self.mac, &self.addresses.ipv4) {
+            let mut f = vec![0u8; VNET_HDR_LEN];
+            f.extend_from_slice(&frame);
+            match self.tap.write_frame(&f) {
+                Ok(_) => n += 1,
+                Err(e) => log::debug!("virtio-net: announce on {}: {e}", self.tap.name()),
+            }
+        }
+        n
     }
 
     /// Asks the guest to announce itself (VIRTIO_NET_S_ANNOUNCE plus a config interrupt), if
@@ -891,6 +936,28 @@ mod tests {
         assert_eq!((ack, nak), (VIRTIO_NET_OK as u8, VIRTIO_NET_ERR as u8));
         rig.transport.mmio_read_config(6, &mut status);
         assert_eq!(u16::from_le_bytes(status) & VIRTIO_NET_S_ANNOUNCE as u16, 0, "cleared by the ack");
+    }
+
+    #[test]
+    fn addresses_are_learned_from_tx_and_announced_on_the_tap() {
+        let mut rig = Rig::new();
+        rig.init(features(&[]), SIZE);
+        let mem = rig.mem.clone();
+        let txq = queue(&mem, TX_INDEX, SIZE);
+        // The guest ARPs for its gateway: that tells us its own address.
+        let arp = crate::announce::announce_frames(GUEST_MAC, &[[10, 7, 0, 2]]).remove(1);
+        let len = put_tx_frame(&rig, BUFFERS, &arp);
+        txq.add_desc_chains(&[desc(BUFFERS, len, 0, 0)], 0).unwrap();
+        rig.net.lock().unwrap().process_tx();
+        assert_eq!(rig.net.lock().unwrap().addresses(), &[[10, 7, 0, 2]]);
+        assert_eq!(rig.net.lock().unwrap().announce(), 3, "RARP, ARP request, ARP reply");
+        let ethertype = |f: &[u8]| u16::from_be_bytes([f[12], f[13]]);
+        let rarp = rig.wire.recv_matching(Duration::from_secs(2), |f| f.len() >= 14 && ethertype(f) == 0x8035);
+        assert_eq!(rarp.map(|f| f[6..12].to_vec()), Some(GUEST_MAC.to_vec()));
+        let garp = rig.wire.recv_matching(Duration::from_secs(2), |f| {
+            f.len() >= 42 && ethertype(f) == 0x0806 && f[21] == 2 && f[28..32] == [10, 7, 0, 2]
+        });
+        assert!(garp.is_some(), "gratuitous ARP reply for 10.7.0.2 on the wire");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Networking for the VMM: a TAP backend, the virtio-mmio transport and the virtio-net device.
 
+pub mod announce;
 pub mod device;
 pub mod event_handler;
 pub mod metrics;

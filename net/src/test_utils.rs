@@ -92,6 +92,11 @@ impl Wire {
 
     /// The next test frame the device wrote to the TAP, if one comes within `timeout`.
     pub fn recv_test_frame(&self, timeout: Duration) -> Option<Vec<u8>> {
+        self.recv_matching(timeout, |f| f.len() >= 14 && u16::from_be_bytes([f[12], f[13]]) == TEST_ETHERTYPE)
+    }
+
+    /// The next frame the device wrote to the TAP that satisfies `pred`.
+    pub fn recv_matching(&self, timeout: Duration, pred: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
         let deadline = std::time::Instant::now() + timeout;
         let mut buf = vec![0u8; 70000];
         while std::time::Instant::now() < deadline {
@@ -117,7 +122,7 @@ impl Wire {
                 continue;
             }
             let frame = &buf[..n as usize];
-            if frame.len() >= 14 && u16::from_be_bytes([frame[12], frame[13]]) == TEST_ETHERTYPE {
+            if pred(frame) {
                 return Some(frame.to_vec());
             }
         }

@@ -16,9 +16,11 @@ use crate::{Netns, Process};
 /// The build directory of the test executable (`target/<profile>`): the binaries a test uses
 /// are the ones built with the same profile.
 pub fn build_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>
-    exe.parent().and_then(Path::parent).map(Path::to_path_buf).expect("target/<profile>/deps layout")
+    let exe = std::env::current_exe().expect("executable path");
+    // target/<profile>/deps/<test> for tests, target/<profile>/<bin> for the demo.
+    let dir = exe.parent().expect("executable directory");
+    if dir.file_name().is_some_and(|n| n == "deps") { dir.parent().expect("target/<profile>") } else { dir }
+        .to_path_buf()
 }
 
 fn workspace_dir() -> PathBuf {

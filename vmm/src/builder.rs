@@ -122,6 +122,11 @@ fn build_machine(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Bu
     for (i, nc) in config.nets.iter().enumerate() {
         nets.push(attach_net_device(&vm, &mut io, i, nc)?);
     }
+    // `ip=` names the first NIC's address: seed it for announcing the guest after a migration
+    // (the device also learns addresses from the guest's traffic).
+    if let (Some(ip), Some(first)) = (guest_common::Params::parse(&config.cmdline).ipv4, nets.first()) {
+        first.net.lock().expect("Poisoned lock").add_address(ip.address);
+    }
     let io = Arc::new(io);
     let vcpu_shared = Arc::new(VcpuShared::default());
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);

@@ -4,6 +4,7 @@
 //! The library holds everything host-side except the migration protocol (`migration` crate) and
 //! the virtio-net device (`net` crate); `main.rs` is the command line on top of it.
 
+pub mod announce;
 pub mod api;
 pub mod arch;
 pub mod builder;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 use clap::{Parser, Subcommand};
+use net::announce::AnnounceSchedule;
 use vmm::api::client::{ApiClient, ClientError};
 use vmm::api::display;
 use vmm::api::server::start_api_server;
@@ -99,6 +100,19 @@ struct RunArgs {
     /// Serve the API (HTTP + JSON) on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// After an incoming migration, do not announce the guest (RARP, gratuitous ARP, and the
+    /// guest's own announce): for measuring what the announce is worth.
+    #[arg(long, requires = "incoming")]
+    no_announce: bool,
+    /// Announce rounds after an incoming migration.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    announce_rounds: u32,
+    /// Gap before the second announce round, in ms; each later gap grows by --announce-step-ms.
+    #[arg(long, default_value_t = 50, value_name = "MS")]
+    announce_initial_ms: u64,
+    /// Growth of the gap between announce rounds, in ms.
+    #[arg(long, default_value_t = 100, value_name = "MS")]
+    announce_step_ms: u64,
     /// Initial ramdisk (cpio archive) for the guest.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -158,8 +172,13 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     let mut vmm = match &args.incoming {
         Some(listen) => {
+            let schedule = (!args.no_announce).then_some(AnnounceSchedule {
+                rounds: args.announce_rounds,
+                initial_ms: args.announce_initial_ms,
+                step_ms: args.announce_step_ms,
+            });
             let (vmm, downtime) =
-                vmm::migrate::receive::start_incoming(listen, &args.nets, Box::new(std::io::stdout()))?;
+                vmm::migrate::receive::start_incoming(listen, &args.nets, schedule, Box::new(std::io::stdout()))?;
             log::info!("migration received; the guest was paused {:?}", downtime.unwrap_or_default());
             vmm
         }

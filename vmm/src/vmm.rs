@@ -118,6 +118,17 @@ impl Vmm {
         &self.machine
     }
 
+    /// Announces the guest's new location on every NIC (after an incoming migration).
+    pub fn announce(&mut self, schedule: net::announce::AnnounceSchedule) {
+        let nets = self.machine.nets.iter().map(|d| d.net.clone()).collect();
+        match crate::announce::Announcer::new(nets, schedule) {
+            Ok(a) => {
+                self.events.add_subscriber(Arc::new(Mutex::new(a)));
+            }
+            Err(e) => log::warn!("cannot announce the guest: {e}"),
+        }
+    }
+
     fn state(&self) -> VmState {
         self.status.state.lock().expect("Poisoned lock").unwrap_or(VmState::Running)
     }

@@ -170,7 +170,6 @@ impl NetStack {
         }
     }
 
-
     fn serve_echo(&mut self) -> bool {
         let mut progress = false;
         for &h in &self.echo {

@@ -67,7 +67,8 @@ pub fn receive(
         listen.parse().map_err(|e| MigrateError::Other(format!("--incoming '{listen}': not an ADDR:PORT ({e})")))?;
     let listener =
         TcpListener::bind(addr).map_err(|e| MigrateError::Other(format!("cannot listen on {listen}: {e}")))?;
-    log::info!("waiting for a migration on {listen}");
+    // On stderr whatever the log level: scripts wait for this line before they migrate.
+    eprintln!("vmm: waiting for an incoming migration on {listen}");
     let (mut stream, peer) = listener.accept().map_err(|e| MigrateError::Other(format!("accept: {e}")))?;
     // Nobody else gets in while (and after) this migration runs.
     drop(listener);
@@ -292,10 +293,11 @@ fn restore(built: &BuiltVm, state: &MachineState) -> Result<(), MigrateError> {
 pub fn start_incoming(
     listen: &str,
     nets: &[NetConfig],
+    announce: Option<net::announce::AnnounceSchedule>,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<(crate::Vmm, Option<Duration>), MigrateError> {
     let Incoming { built, answer } = receive(listen, nets, console)?;
-    let vmm = match crate::Vmm::start(built) {
+    let mut vmm = match crate::Vmm::start(built) {
         Ok(v) => v,
         Err(e) => {
             answer.refuse(&e.to_string());
@@ -304,6 +306,10 @@ pub fn start_incoming(
     };
     // The NICs pick up whatever the source left queued (TX descriptors, a waiting RX frame).
     super::resume_devices(vmm.machine());
+    // Tell the network where the guest is now, before anyone's frames get lost at the old host.
+    if let Some(schedule) = announce {
+        vmm.announce(schedule);
+    }
     // From `Complete` on, the guest is ours: even if the source cannot hear this answer any
     // more, the guest runs here (the source then keeps its copy paused).
     let downtime = match answer.acknowledge() {

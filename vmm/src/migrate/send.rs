@@ -36,6 +36,8 @@ pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(50);
 pub const DEFAULT_MAX_ROUNDS: u32 = 30;
 /// A memory frame is sent once its batch is this large.
 const BATCH_BYTES: usize = 8 << 20;
+/// How long a refused connection is retried (the destination may still be starting).
+const CONNECT_RETRY: Duration = Duration::from_secs(5);
 /// How long to wait for the destination's answers.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time the stop-and-copy phase needs besides pages (state, restore, acknowledgement).
@@ -185,8 +187,17 @@ impl Source<'_> {
             .map_err(|e| MigrateError::Connect(to.clone(), e))?
             .next()
             .ok_or_else(|| MigrateError::Connect(to.clone(), std::io::ErrorKind::NotFound.into()))?;
-        let stream =
-            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| MigrateError::Connect(to, e))?;
+        // A destination that is still starting refuses for a moment: try again for a while.
+        let deadline = Instant::now() + CONNECT_RETRY;
+        let stream = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(s) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(MigrateError::Connect(to, e)),
+            }
+        };
         stream.set_nodelay(true).ok();
         // A destination that stops reading must not hang us forever.
         stream.set_write_timeout(Some(ANSWER_TIMEOUT)).ok();

@@ -1,0 +1,266 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The migration demo: two "hosts" and a client on one L2 segment (network namespaces), a guest
+//! running the echo workload on host A, a client streaming numbered messages to it every 10 ms
+//! and checking every echo, a live migration to host B (and back, with `--round-trip`), a new
+//! connection after each move, and a summary. Everything it creates is removed when it ends.
+//!
+//! Usage: vmm-demo [--round-trip] [--no-announce] (run as root; see the README).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase};
+use vmm_tests::TestBed;
+use vmm_tests::vm::{Vm, api_sock_path, guest_kernel};
+
+const MIGRATION_PORT: u16 = 7100;
+const INTERVAL: Duration = Duration::from_millis(10);
+
+/// What the client saw.
+#[derive(Default)]
+struct Stream {
+    sent: u64,
+    echoed: u64,
+    largest_gap: Duration,
+    errors: Vec<String>,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let round_trip = args.iter().any(|a| a == "--round-trip");
+    let no_announce = args.iter().any(|a| a == "--no-announce");
+    if let Err(e) = run(round_trip, no_announce) {
+        eprintln!("vmm-demo: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(round_trip: bool, no_announce: bool) -> Result<(), String> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        return Err("/dev/kvm does not exist: this demo needs KVM".into());
+    }
+    let kernel = guest_kernel();
+    println!("== building hosts A and B and a client on one L2 segment (network namespaces)");
+    let bed = TestBed::builder().host("a").host("b").client("client").host_ips().build().map_err(|e| e.to_string())?;
+    let guest_ip = bed.guest_ip(0);
+    let announce = if no_announce { vec!["--no-announce".to_string()] } else { Vec::new() };
+
+    let src_sock = api_sock_path("demo-a");
+    let mut args = vec![
+        "run".to_string(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--mem-mib".into(),
+        "256".into(),
+        "--api-sock".into(),
+        src_sock.display().to_string(),
+        "--net".into(),
+        format!("tap={},mac=52:54:00:de:e0:01", bed.host("a").tap()),
+        "--cmdline".into(),
+        format!("{} vmm.workload=echo", bed.guest_ip_cmdline(0)),
+    ];
+    args.extend(announce.iter().cloned());
+    let mut current = Vm::start(Some(bed.host("a")), &args);
+    current
+        .console
+        .wait_line(Duration::from_secs(30), |l| l.starts_with("GUEST-READY"))
+        .ok_or("the guest did not boot")?;
+    println!("== guest up on host A at {guest_ip} (echo server on port 7000)");
+
+    let client = bed.client();
+    let stream = client.run_in(move || TcpStream::connect((guest_ip, 7000))).map_err(|e| e.to_string())?;
+    let stream = stream.map_err(|e| format!("connecting to the guest: {e}"))?;
+    let stats = Arc::new(Mutex::new(Stream::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (writer, reader) = start_stream(stream, stats.clone(), stop.clone())?;
+    std::thread::sleep(Duration::from_secs(2));
+
+    let hops: &[(&str, &str)] = if round_trip { &[("a", "b"), ("b", "a")] } else { &[("a", "b")] };
+    let mut reports = Vec::new();
+    for (i, &(from, to)) in hops.iter().enumerate() {
+        let dst_sock = api_sock_path(&format!("demo-{to}"));
+        let port = MIGRATION_PORT + i as u16;
+        let mut dargs = vec![
+            "run".to_string(),
+            "--incoming".into(),
+            format!("0.0.0.0:{port}"),
+            "--api-sock".into(),
+            dst_sock.display().to_string(),
+            "--net".into(),
+            format!("tap={}", bed.host(to).tap()),
+        ];
+        dargs.extend(announce.iter().cloned());
+        let next = Vm::start(Some(bed.host(to)), &dargs);
+        next.log
+            .wait_line(Duration::from_secs(10), |l| l.contains("waiting for an incoming migration"))
+            .ok_or("the destination did not start")?;
+        let to_ip: Ipv4Addr = bed.host(to).ip().ok_or("host has no IP")?;
+        println!(
+            "== migrating the guest from host {} to host {} ({to_ip}:{port})",
+            from.to_uppercase(),
+            to.to_uppercase()
+        );
+        let info = migrate(&current, &format!("{to_ip}:{port}"))?;
+        print_migration(&info);
+        if current.wait_timeout(Duration::from_secs(10)).is_none() {
+            return Err(format!("the VMM on host {from} did not exit after the migration"));
+        }
+        println!("   the VMM on host {} has exited; the guest runs on host {}", from.to_uppercase(), to.to_uppercase());
+        // A brand-new connection: the listening socket moved with the guest.
+        let t = Instant::now();
+        let ok = client
+            .run_in(move || -> std::io::Result<()> {
+                let mut s = TcpStream::connect_timeout(&(guest_ip, 7000).into(), Duration::from_secs(10))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                s.write_all(b"hello again\n")?;
+                let mut line = String::new();
+                BufReader::new(s).read_line(&mut line)?;
+                if line == "hello again\n" { Ok(()) } else { Err(std::io::Error::other(format!("got {line:?}"))) }
+            })
+            .map_err(|e| e.to_string())?;
+        match ok {
+            Ok(()) => println!("   a new connection to port 7000 works ({} ms)", t.elapsed().as_millis()),
+            Err(e) => {
+                println!("   a new connection to port 7000 FAILED: {e}");
+                if std::env::var_os("VMM_DEMO_DEBUG").is_some() {
+                    println!("{}", next.describe());
+                }
+            }
+        }
+        reports.push(info);
+        current = next;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    if round_trip {
+        // Prove there is no residual dependency on host B: it is gone, the guest is on A.
+        println!("== removing nothing: the guest is back on host A");
+    } else {
+        println!("== removing host A's TAP and the whole host A namespace (no residual dependency)");
+        bed.remove_tap("a").map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.join();
+    let _ = reader.join();
+    let s = stats.lock().map_err(|_| "poisoned")?;
+    println!("== summary");
+    for (i, info) in reports.iter().enumerate() {
+        println!(
+            "   migration {}: total {} ms, downtime {} ms (source) / {} ms (destination), {} round(s), {:.1} MiB sent, {} pages skipped",
+            i + 1,
+            info.total_ms,
+            info.downtime_ms.unwrap_or(0),
+            info.downtime_destination_ms.unwrap_or(0),
+            info.round,
+            info.bytes_sent as f64 / (1 << 20) as f64,
+            info.pages_skipped
+        );
+    }
+    let lost = s.sent.saturating_sub(s.echoed);
+    println!("   client: {} messages sent, {} echoed in order, {} lost", s.sent, s.echoed, lost);
+    println!("   client-observed largest gap between echoes: {} ms", s.largest_gap.as_millis());
+    for e in &s.errors {
+        println!("   client error: {e}");
+    }
+    drop(current);
+    drop(bed);
+    println!("== cleaned up");
+    if lost > 0 || !s.errors.is_empty() {
+        return Err("the connection did not survive the migration intact".into());
+    }
+    Ok(())
+}
+
+fn start_stream(
+    stream: TcpStream,
+    stats: Arc<Mutex<Stream>>,
+    stop: Arc<AtomicBool>,
+) -> Result<(std::thread::JoinHandle<()>, std::thread::JoinHandle<()>), String> {
+    let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| e.to_string())?;
+    let (s1, stop1) = (stats.clone(), stop.clone());
+    let writer = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !stop1.load(Ordering::Relaxed) {
+            if let Err(e) = w.write_all(format!("msg {n:08}\n").as_bytes()) {
+                s1.lock().expect("Poisoned lock").errors.push(format!("write: {e}"));
+                return;
+            }
+            n += 1;
+            s1.lock().expect("Poisoned lock").sent = n;
+            std::thread::sleep(INTERVAL);
+        }
+    });
+    let reader = std::thread::spawn(move || {
+        let mut r = BufReader::new(stream);
+        let mut expect = 0u64;
+        let mut last = Instant::now();
+        let mut line = String::new();
+        let mut drain_until = None;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                // Give the last echoes a moment to arrive.
+                let d = *drain_until.get_or_insert(Instant::now() + Duration::from_secs(2));
+                let done = stats.lock().expect("Poisoned lock").sent == expect;
+                if done || Instant::now() > d {
+                    return;
+                }
+            }
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) => {
+                    stats.lock().expect("Poisoned lock").errors.push("the guest closed the connection".into());
+                    return;
+                }
+                Ok(_) => {
+                    let now = Instant::now();
+                    let mut s = stats.lock().expect("Poisoned lock");
+                    if line != format!("msg {expect:08}\n") {
+                        s.errors.push(format!("expected msg {expect:08}, got {line:?}"));
+                        return;
+                    }
+                    expect += 1;
+                    s.echoed = expect;
+                    s.largest_gap = s.largest_gap.max(now - last);
+                    last = now;
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e) => {
+                    stats.lock().expect("Poisoned lock").errors.push(format!("read: {e}"));
+                    return;
+                }
+            }
+        }
+    });
+    Ok((writer, reader))
+}
+
+fn migrate(vm: &Vm, to: &str) -> Result<MigrationInfo, String> {
+    let api = vm.api();
+    api.migrate(&MigrateRequest { to: to.into(), downtime_ms: None, max_bandwidth_mib_s: None, max_rounds: None })
+        .map_err(|e| format!("starting the migration: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let info = api.migration().map_err(|e| format!("following the migration: {e}"))?;
+        match info.phase {
+            MigrationPhase::Completed => return Ok(info),
+            MigrationPhase::Failed => return Err(format!("migration failed: {}", info.error.unwrap_or_default())),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    Err("the migration did not finish within 60 s".into())
+}
+
+fn print_migration(i: &MigrationInfo) {
+    println!(
+        "   completed: total {} ms, guest paused {} ms (destination measured {} ms), {} round(s), {:.1} MiB sent",
+        i.total_ms,
+        i.downtime_ms.unwrap_or(0),
+        i.downtime_destination_ms.unwrap_or(0),
+        i.round,
+        i.bytes_sent as f64 / (1 << 20) as f64
+    );
+}
