@@ -12,10 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::MacAddr;
 
-const ETH_P_ARP: u16 = 0x0806;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_RARP: u16 = 0x8035;
-const BROADCAST: MacAddr = [0xff; 6];
+use guest_common::arp::{self, ETH_P_ARP, ETH_P_IP};
+
 /// Most addresses remembered per NIC.
 const MAX_ADDRESSES: usize = 8;
 
@@ -27,11 +25,14 @@ pub struct AnnounceSchedule {
     pub rounds: u32,
     pub initial_ms: u64,
     pub step_ms: u64,
+    /// With the first round, send duplicate ACKs on the guest's TCP flows (see
+    /// [`crate::flows`]).
+    pub kick_tcp: bool,
 }
 
 impl Default for AnnounceSchedule {
     fn default() -> Self {
-        AnnounceSchedule { rounds: 5, initial_ms: 50, step_ms: 100 }
+        AnnounceSchedule { rounds: 5, initial_ms: 50, step_ms: 100, kick_tcp: true }
     }
 }
 
@@ -88,42 +89,14 @@ impl AddressLearner {
     }
 }
 
-fn ethernet(dst: MacAddr, src: MacAddr, ethertype: u16) -> Vec<u8> {
-    let mut f = Vec::with_capacity(60);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f
-}
-
-fn arp_body(f: &mut Vec<u8>, op: u16, sha: MacAddr, spa: [u8; 4], tha: MacAddr, tpa: [u8; 4]) {
-    f.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
-    f.extend_from_slice(&ETH_P_IP.to_be_bytes());
-    f.extend_from_slice(&[6, 4]);
-    f.extend_from_slice(&op.to_be_bytes());
-    f.extend_from_slice(&sha);
-    f.extend_from_slice(&spa);
-    f.extend_from_slice(&tha);
-    f.extend_from_slice(&tpa);
-    // Pad to the 60-byte Ethernet minimum.
-    f.resize(60, 0);
-}
-
 /// The frames of one announce round for a guest with `mac` and `addresses`: a RARP, then for
 /// each address a gratuitous ARP request and a gratuitous ARP reply, all broadcast.
-pub fn announce_frames(mac: MacAddr, addresses: &[[u8; 4]]) -> Vec<Vec<u8>> {
+pub fn announce_frames(mac: MacAddr, addresses: &[[u8; 4]]) -> Vec<[u8; arp::FRAME_LEN]> {
     let mut frames = Vec::with_capacity(1 + 2 * addresses.len());
-    // RARP "reverse request": sender and target both the guest's MAC, addresses unknown.
-    let mut rarp = ethernet(BROADCAST, mac, ETH_P_RARP);
-    arp_body(&mut rarp, 3, mac, [0; 4], mac, [0; 4]);
-    frames.push(rarp);
+    frames.push(arp::rarp(mac));
     for &ip in addresses {
-        let mut req = ethernet(BROADCAST, mac, ETH_P_ARP);
-        arp_body(&mut req, 1, mac, ip, [0; 6], ip);
-        frames.push(req);
-        let mut reply = ethernet(BROADCAST, mac, ETH_P_ARP);
-        arp_body(&mut reply, 2, mac, ip, BROADCAST, ip);
-        frames.push(reply);
+        frames.push(arp::garp_request(mac, ip));
+        frames.push(arp::garp_reply(mac, ip));
     }
     frames
 }
@@ -137,8 +110,9 @@ mod tests {
     #[test]
     fn default_schedule_is_qemus() {
         assert_eq!(AnnounceSchedule::default().offsets_ms(), vec![0, 50, 200, 450, 800]);
-        assert_eq!(AnnounceSchedule { rounds: 1, initial_ms: 10, step_ms: 0 }.offsets_ms(), vec![0]);
-        assert!(AnnounceSchedule { rounds: 0, initial_ms: 10, step_ms: 0 }.offsets_ms().is_empty());
+        let s = |rounds| AnnounceSchedule { rounds, initial_ms: 10, step_ms: 0, kick_tcp: false };
+        assert_eq!(s(1).offsets_ms(), vec![0]);
+        assert!(s(0).offsets_ms().is_empty());
     }
 
     #[test]
@@ -147,11 +121,11 @@ mod tests {
         assert_eq!(frames.len(), 3);
         for f in &frames {
             assert_eq!(f.len(), 60);
-            assert_eq!(&f[0..6], &BROADCAST);
+            assert_eq!(&f[0..6], &[0xff; 6]);
             assert_eq!(&f[6..12], &MAC);
             assert_eq!(&f[22..28], &MAC, "sender hardware address");
         }
-        assert_eq!(u16::from_be_bytes([frames[0][12], frames[0][13]]), ETH_P_RARP);
+        assert_eq!(u16::from_be_bytes([frames[0][12], frames[0][13]]), arp::ETH_P_RARP);
         assert_eq!(u16::from_be_bytes([frames[0][20], frames[0][21]]), 3);
         assert_eq!(u16::from_be_bytes([frames[1][20], frames[1][21]]), 1, "request");
         assert_eq!(&frames[1][28..32], &[10, 0, 0, 2]);
@@ -163,15 +137,15 @@ mod tests {
     fn learns_from_the_guests_arp_and_ip_but_not_from_others() {
         let mut l = AddressLearner::default();
         // Our own ARP request: learn 10.0.0.2.
-        let arp = announce_frames(MAC, &[[10, 0, 0, 2]]).remove(1);
-        l.observe(&MAC, &arp);
+        l.observe(&MAC, &arp::garp_request(MAC, [10, 0, 0, 2]));
         // An IPv4 packet from 10.0.0.9.
-        let mut ip = ethernet([1; 6], MAC, ETH_P_IP);
+        let mut ip = vec![1u8; 6];
+        ip.extend_from_slice(&MAC);
+        ip.extend_from_slice(&ETH_P_IP.to_be_bytes());
         ip.extend_from_slice(&[0x45, 0, 0, 20, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 9, 10, 0, 0, 1]);
         l.observe(&MAC, &ip);
         // Someone else's frame and junk: ignored.
-        let other = announce_frames([2; 6], &[[10, 0, 0, 7]]).remove(1);
-        l.observe(&MAC, &other);
+        l.observe(&MAC, &arp::garp_request([2; 6], [10, 0, 0, 7]));
         l.observe(&MAC, &[0; 10]);
         l.add([0, 0, 0, 0]);
         l.add([224, 0, 0, 1]);

@@ -10,6 +10,7 @@
 //! Every write into guest memory (RX frames, used rings) goes through the dirty-tracked
 //! `GuestMemoryMmap`, so live migration sees it.
 
+use std::collections::VecDeque;
 use std::io::ErrorKind;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -24,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemoryMmap;
 use crate::announce::{AddressLearner, announce_frames};
+use crate::flows::{DUP_ACKS, FlowTracker};
 use crate::metrics::NetMetrics;
 use crate::tap::{TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6, Tap, TapError, VNET_HDR_LEN};
 use crate::virtio::{ActivateError, INT_CONFIG, INT_VRING, Interrupt, VirtioDevice};
@@ -36,6 +38,8 @@ pub const NUM_QUEUES: usize = 3;
 pub const QUEUE_SIZE: u16 = 256;
 /// Largest frame: a 64 KiB TSO frame plus Ethernet header and the virtio-net header.
 pub const MAX_FRAME: usize = 65_562;
+/// Most frames carried over from a migration source's TAP.
+const MAX_BACKLOG: usize = 256;
 
 /// A MAC address.
 pub type MacAddr = [u8; 6];
@@ -99,6 +103,9 @@ pub struct Net {
     /// One frame read from the TAP that found no guest buffer yet.
     pub(crate) rx_frame: Vec<u8>,
     pub(crate) rx_frame_len: Option<usize>,
+    /// Frames to deliver before reading the TAP: those that reached the source host's TAP while
+    /// the guest was paused for migration (see [`Net::drain_tap`]).
+    pub(crate) backlog: VecDeque<Vec<u8>>,
     tx_frame: Vec<u8>,
     /// Scratch for the RX path: (descriptor address, length, chain head) of the chains taken.
     rx_descs: Vec<(GuestAddress, u32, u16)>,
@@ -106,6 +113,8 @@ pub struct Net {
     rx_used: Vec<(u16, u32)>,
     /// The guest's IPv4 addresses, for announcing it after a migration.
     pub(crate) addresses: AddressLearner,
+    /// The guest's TCP flows, to restart them quickly after a migration.
+    pub(crate) flows: FlowTracker,
     metrics: Arc<NetMetrics>,
 }
 
@@ -132,10 +141,12 @@ impl Net {
             paused: false,
             rx_frame: vec![0; MAX_FRAME],
             rx_frame_len: None,
+            backlog: VecDeque::new(),
             tx_frame: vec![0; MAX_FRAME],
             rx_descs: Vec::with_capacity(QUEUE_SIZE as usize),
             rx_used: Vec::with_capacity(QUEUE_SIZE as usize),
             addresses: AddressLearner::default(),
+            flows: FlowTracker::default(),
             metrics: Arc::new(NetMetrics::default()),
         })
     }
@@ -232,6 +243,7 @@ impl Net {
                 }
                 if ok && len > VNET_HDR_LEN {
                     self.addresses.observe(&self.mac, &self.tx_frame[VNET_HDR_LEN..len]);
+                    self.flows.observe(&self.tx_frame[VNET_HDR_LEN..len]);
                     match self.tap.write_frame(&self.tx_frame[..len]) {
                         Ok(_) => {
                             self.metrics.tx_packets.fetch_add(1, Ordering::Relaxed);
@@ -277,6 +289,12 @@ impl Net {
         loop {
             let len = match self.rx_frame_len {
                 Some(len) => len,
+                None if !self.backlog.is_empty() => {
+                    let frame = self.backlog.pop_front().unwrap_or_default();
+                    let n = frame.len().min(self.rx_frame.len());
+                    self.rx_frame[..n].copy_from_slice(&frame[..n]);
+                    n
+                }
                 None => match self.tap.read_frame(&mut self.rx_frame) {
                     Ok(len) => len,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -462,6 +480,21 @@ impl Net {
         }
     }
 
+    /// Reads what waits in the TAP into the backlog, without touching guest memory: on a
+    /// migration source, frames that arrived after the device was paused travel to the
+    /// destination with the device state instead of being lost.
+    pub fn drain_tap(&mut self) {
+        let mut buf = vec![0u8; MAX_FRAME];
+        while self.backlog.len() < MAX_BACKLOG {
+            match self.tap.read_frame(&mut buf) {
+                Ok(n) if n > VNET_HDR_LEN => self.backlog.push_back(buf[..n].to_vec()),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+
     /// Adds an address the guest uses (e.g. from `ip=` on its command line).
     pub fn add_address(&mut self, ip: [u8; 4]) {
         self.addresses.add(ip);
@@ -482,6 +515,23 @@ impl Net {
             match self.tap.write_frame(&f) {
                 Ok(_) => n += 1,
                 Err(e) => log::debug!("virtio-net: announce on {}: {e}", self.tap.name()),
+            }
+        }
+        n
+    }
+
+    /// Sends, for each TCP flow of the guest, [`DUP_ACKS`] duplicate ACKs (see [`crate::flows`]): peers
+    /// whose segments were lost during the move retransmit them at once instead of waiting for
+    /// their retransmission timer. Returns the number of frames written.
+    pub fn kick_tcp_flows(&mut self) -> usize {
+        let mut n = 0;
+        for ack in self.flows.dup_acks() {
+            let mut f = vec![0u8; VNET_HDR_LEN];
+            f.extend_from_slice(&ack);
+            for _ in 0..DUP_ACKS {
+                if self.tap.write_frame(&f).is_ok() {
+                    n += 1;
+                }
             }
         }
         n
@@ -611,6 +661,7 @@ impl VirtioDevice for Net {
         self.mem = None;
         self.needs_reset = false;
         self.rx_frame_len = None;
+        self.backlog.clear();
         self.config_status = VIRTIO_NET_S_LINK_UP as u16;
     }
 }
@@ -945,7 +996,7 @@ mod tests {
         let mem = rig.mem.clone();
         let txq = queue(&mem, TX_INDEX, SIZE);
         // The guest ARPs for its gateway: that tells us its own address.
-        let arp = crate::announce::announce_frames(GUEST_MAC, &[[10, 7, 0, 2]]).remove(1);
+        let arp = guest_common::arp::garp_request(GUEST_MAC, [10, 7, 0, 2]);
         let len = put_tx_frame(&rig, BUFFERS, &arp);
         txq.add_desc_chains(&[desc(BUFFERS, len, 0, 0)], 0).unwrap();
         rig.net.lock().unwrap().process_tx();

@@ -4,6 +4,7 @@
 pub mod announce;
 pub mod device;
 pub mod event_handler;
+pub mod flows;
 pub mod metrics;
 pub mod persist;
 pub mod tap;

@@ -10,6 +10,7 @@ use virtio_queue::{Queue, QueueState};
 use crate::GuestMemoryMmap;
 use crate::announce::AddressLearner;
 use crate::device::{Net, NetError};
+use crate::flows::FlowTracker;
 
 /// virtio-queue's `QueueState`, made serialisable (the `virtio-queue-ser` crate pins an older
 /// virtio-queue).
@@ -40,11 +41,15 @@ pub struct NetState {
     pub activated: bool,
     pub needs_reset: bool,
     pub queues: Vec<QueueSnapshot>,
-    /// A frame read from the TAP that no guest buffer had taken yet (virtio-net header first).
-    pub pending_rx_frame: Option<Vec<u8>>,
+    /// Frames read from the TAP that no guest buffer had taken yet, oldest first (each with its
+    /// virtio-net header).
+    pub pending_rx_frames: Vec<Vec<u8>>,
     /// The guest's IPv4 addresses, so the destination can announce them.
     #[serde(default)]
     pub addresses: AddressLearner,
+    /// The guest's TCP flows, so the destination can restart them at once.
+    #[serde(default)]
+    pub flows: FlowTracker,
 }
 
 impl Net {
@@ -70,8 +75,14 @@ impl Net {
             activated: self.mem.is_some(),
             needs_reset: self.needs_reset,
             queues: self.queues.iter().map(|q| QueueSnapshot(q.state())).collect(),
-            pending_rx_frame: self.rx_frame_len.map(|n| self.rx_frame[..n].to_vec()),
+            pending_rx_frames: self
+                .rx_frame_len
+                .map(|n| self.rx_frame[..n].to_vec())
+                .into_iter()
+                .chain(self.backlog.iter().cloned())
+                .collect(),
             addresses: self.addresses.clone(),
+            flows: self.flows.clone(),
         }
     }
 
@@ -93,14 +104,12 @@ impl Net {
         self.config_status = state.config_status;
         self.needs_reset = state.needs_reset;
         self.addresses = state.addresses.clone();
+        self.flows = state.flows.clone();
         self.rx_frame_len = None;
-        if let Some(frame) = &state.pending_rx_frame {
-            if frame.len() > self.rx_frame.len() {
-                return Err(NetError::State(format!("pending frame of {} bytes is too large", frame.len())));
-            }
-            self.rx_frame[..frame.len()].copy_from_slice(frame);
-            self.rx_frame_len = Some(frame.len());
+        if let Some(f) = state.pending_rx_frames.iter().find(|f| f.len() > self.rx_frame.len()) {
+            return Err(NetError::State(format!("pending frame of {} bytes is too large", f.len())));
         }
+        self.backlog = state.pending_rx_frames.iter().cloned().collect();
         if state.activated {
             self.tap.set_offload(self.tap_offloads()).map_err(NetError::Tap)?;
             self.mem = Some(mem.clone());
@@ -140,7 +149,10 @@ mod tests {
         rig.net.lock().unwrap().process_rx();
         rig.net.lock().unwrap().pause();
         let state = rig.net.lock().unwrap().save_state();
-        assert_eq!(state.pending_rx_frame.as_ref().map(|f| f.len()), Some(VNET_HDR_LEN + frame.len()));
+        assert_eq!(
+            state.pending_rx_frames.iter().map(|f| f.len()).collect::<Vec<_>>(),
+            vec![VNET_HDR_LEN + frame.len()]
+        );
         let json = serde_json::to_string(&state).unwrap();
         let state: NetState = serde_json::from_str(&json).unwrap();
 
@@ -178,6 +190,39 @@ mod tests {
             .unwrap();
         rig.net.lock().unwrap().process_tx();
         assert!(wire.wait_for(&out, Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn frames_that_arrive_while_paused_travel_in_the_state() {
+        let mut rig = Rig::new();
+        rig.init((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC), 16);
+        let mem = rig.mem.clone();
+        let rxq = queue(&mem, RX_INDEX, 16);
+        rig.net.lock().unwrap().pause();
+        let frames: Vec<_> = (0..3u8).map(|i| test_frame(&[i; 20])).collect();
+        for f in &frames {
+            rig.wire.send(f);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut net = rig.net.lock().unwrap();
+        net.drain_tap();
+        let state = net.save_state();
+        assert_eq!(state.pending_rx_frames.len(), 3, "read from the TAP while paused");
+        // A device restored from it delivers them first, in order.
+        net.restore_state(&state, &rig.mem).unwrap();
+        let descs: Vec<_> = (0..3u64)
+            .map(|i| {
+                RawDescriptor::from(SplitDescriptor::new(BUFFERS + i * 0x1000, 2048, VRING_DESC_F_WRITE as u16, 0))
+            })
+            .collect();
+        rxq.add_desc_chains(&descs, 0).unwrap();
+        net.resume();
+        assert_eq!(rxq.used().idx().load(), 3);
+        for (i, f) in frames.iter().enumerate() {
+            let mut got = vec![0u8; f.len()];
+            rig.mem.read_slice(&mut got, GuestAddress(BUFFERS + i as u64 * 0x1000 + VNET_HDR_LEN as u64)).unwrap();
+            assert_eq!(&got, f, "frame {i}");
+        }
     }
 
     #[test]

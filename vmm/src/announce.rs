@@ -17,6 +17,7 @@ use vmm_sys_util::timerfd::TimerFd;
 /// Sends the announce rounds of one migration.
 pub struct Announcer {
     nets: Vec<Arc<Mutex<Net>>>,
+    kick_tcp: bool,
     offsets: Vec<Duration>,
     next: usize,
     start: Instant,
@@ -30,7 +31,7 @@ impl Announcer {
         let mut timer = TimerFd::new().map_err(std::io::Error::other)?;
         // A zero duration would disarm the timer: fire as soon as possible instead.
         timer.reset(Duration::from_nanos(1), None).map_err(std::io::Error::other)?;
-        Ok(Self { nets, offsets, next: 0, start: Instant::now(), timer })
+        Ok(Self { nets, kick_tcp: schedule.kick_tcp, offsets, next: 0, start: Instant::now(), timer })
     }
 
     fn round(&mut self) {
@@ -39,8 +40,10 @@ impl Announcer {
             let frames = net.announce();
             // The guest's own announce covers what we do not know (e.g. IPv6).
             let guest = self.next == 0 && net.request_guest_announce();
+            // Right after the first announce, so the peers' retransmissions find the guest.
+            let acks = if self.next == 0 && self.kick_tcp { net.kick_tcp_flows() } else { 0 };
             log::debug!(
-                "announce round {} NIC {i}: {frames} frame(s) for {:?}{}",
+                "announce round {} NIC {i}: {frames} frame(s) for {:?}, {acks} duplicate ACK(s){}",
                 self.next + 1,
                 net.addresses(),
                 if guest { ", guest asked to announce" } else { "" }

@@ -113,6 +113,10 @@ struct RunArgs {
     /// Growth of the gap between announce rounds, in ms.
     #[arg(long, default_value_t = 100, value_name = "MS")]
     announce_step_ms: u64,
+    /// After an incoming migration, do not send duplicate ACKs on the guest's TCP flows (they
+    /// make peers retransmit what was lost during the move at once): for measuring their worth.
+    #[arg(long, requires = "incoming")]
+    no_tcp_kick: bool,
     /// Initial ramdisk (cpio archive) for the guest.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -176,6 +180,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 rounds: args.announce_rounds,
                 initial_ms: args.announce_initial_ms,
                 step_ms: args.announce_step_ms,
+                kick_tcp: !args.no_tcp_kick,
             });
             let (vmm, downtime) =
                 vmm::migrate::receive::start_incoming(listen, &args.nets, schedule, Box::new(std::io::stdout()))?;

@@ -8,6 +8,9 @@ use std::time::Duration;
 use crate::api::{MigrationInfo, MigrationPhase};
 use crate::builder::Machine;
 
+/// Reads one counter of a NIC.
+type NetCounter = fn(&net::metrics::NetMetrics) -> u64;
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -26,7 +29,7 @@ pub fn render(m: &Machine, migration: &MigrationInfo, uptime: Duration) -> Strin
 
     let nets: Vec<_> =
         m.nets.iter().map(|d| (d.config.tap.clone(), d.net.lock().expect("Poisoned lock").metrics())).collect();
-    let counters: [(&str, &str, fn(&net::metrics::NetMetrics) -> u64); 7] = [
+    let counters: [(&str, &str, NetCounter); 7] = [
         ("vmm_net_rx_packets_total", "Frames delivered to the guest.", |n| n.rx_packets.load(Ordering::Relaxed)),
         ("vmm_net_rx_bytes_total", "Bytes delivered to the guest.", |n| n.rx_bytes.load(Ordering::Relaxed)),
         ("vmm_net_rx_dropped_total", "Frames lost on the way to the guest.", |n| n.rx_dropped.load(Ordering::Relaxed)),

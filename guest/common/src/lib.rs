@@ -6,6 +6,7 @@
 //! `no_std` and allocation-free: our guest kernel uses it before it has a heap.
 #![no_std]
 
+pub mod arp;
 pub mod cmdline;
 pub mod dirty;
 

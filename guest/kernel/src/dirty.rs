@@ -82,14 +82,21 @@ impl Dirty {
             // At most one progress line a second: an unthrottled pass can take milliseconds.
             if now - self.last_report_ns >= REPORT_INTERVAL_NS {
                 let ms = (now - self.pass_start_ns) / 1_000_000;
-                let mib = self.region.len() * 8 >> 20;
+                let mib = (self.region.len() * 8) >> 20;
                 crate::println!("DIRTY pass={} mib={mib} ms={ms} mismatches={}", self.pass, self.mismatches);
                 self.last_report_ns = now;
             }
             self.passes_done += 1;
             self.pass += 1;
             self.next_page = 0;
-            self.pass_start_ns = clock::now_ns();
+            // At a set rate the next pass begins when this one was due to end, which may be
+            // later than now (a pass of one step would otherwise never wait).
+            let pass_ns = if self.rate_bytes_per_s == 0 {
+                0
+            } else {
+                (self.region.len() * 8) as u64 * 1_000_000_000 / self.rate_bytes_per_s
+            };
+            self.pass_start_ns = now.max(self.pass_start_ns + pass_ns);
         }
         true
     }

@@ -24,8 +24,3 @@ pub fn init(ram: &[(u64, u64)]) -> u64 {
     unsafe { ALLOCATOR.lock().init(start as *mut u8, size as usize) };
     size
 }
-
-/// Bytes still free on the heap.
-pub fn free() -> usize {
-    ALLOCATOR.lock().free()
-}

@@ -92,6 +92,10 @@ extern "C" fn rust_main(zero_page: u64) -> ! {
         if let Some(n) = net.as_mut() {
             let (b, request) = n.poll(&status_line);
             busy |= b;
+            // A busy guest takes no interrupts: look for an announce request now and then.
+            if busy {
+                n.maybe_check_announce(now);
+            }
             if request == netstack::Request::Poweroff {
                 power::poweroff();
             }
@@ -117,7 +121,10 @@ extern "C" fn rust_main(zero_page: u64) -> ! {
         }
         if let Some(n) = net.as_mut() {
             let woken = boot::take_irq(apic::PIN_VECTOR_BASE + n.irq);
-            n.device.disarm_interrupts(woken);
+            let reasons = n.device.disarm_interrupts(woken);
+            if reasons & virtio_net::INT_CONFIG != 0 {
+                n.announce_if_asked(clock::now_ns());
+            }
         }
     }
 }
@@ -132,7 +139,7 @@ fn bring_up_network(params: &Params) -> Option<netstack::NetStack> {
                 stack.irq = dev.irq as u8;
                 return Some(stack);
             }
-            Err(e) => println!("GUEST-ERROR virtio-mmio device at {:#x}: {e:?}", dev.base),
+            Err(e) => println!("GUEST-ERROR virtio-mmio device at {:#x}: {e}", dev.base),
         }
     }
     None

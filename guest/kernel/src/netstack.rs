@@ -61,6 +61,8 @@ pub struct NetStack {
     scratch: Vec<u8>,
     icmp: SocketHandle,
     ping_ident: u16,
+    ip: Option<Ipv4Config>,
+    last_announce_check_ns: u64,
     ping: Option<PendingPing>,
     ping_seq: u16,
 }
@@ -122,6 +124,8 @@ impl NetStack {
             scratch: vec![0; 64 << 10],
             icmp,
             ping_ident,
+            ip,
+            last_announce_check_ns: 0,
             ping: None,
             ping_seq: 0,
         }
@@ -157,6 +161,30 @@ impl NetStack {
             busy = true;
         }
         (busy, request)
+    }
+
+    /// After a migration the NIC asks the guest to announce itself: gratuitous ARP (request and
+    /// reply form) for our address, so switches and peers learn where we are, then the
+    /// acknowledgement that clears the request.
+    pub fn announce_if_asked(&mut self, now_ns: u64) {
+        self.last_announce_check_ns = now_ns;
+        if !self.device.announce_requested() {
+            return;
+        }
+        if let Some(ip) = self.ip {
+            let mac = self.device.mac;
+            self.device.send_raw(&guest_common::arp::garp_request(mac, ip.address));
+            self.device.send_raw(&guest_common::arp::garp_reply(mac, ip.address));
+        }
+        self.device.ack_announce();
+        self.device.flush();
+    }
+
+    /// [`Self::announce_if_asked`] at most every 100 ms (one MMIO read each time).
+    pub fn maybe_check_announce(&mut self, now_ns: u64) {
+        if now_ns.saturating_sub(self.last_announce_check_ns) >= 100_000_000 {
+            self.announce_if_asked(now_ns);
+        }
     }
 
     /// When smoltcp next needs to run (retransmits, delayed ACKs), in kvmclock nanoseconds.

@@ -14,7 +14,7 @@ use core::ptr::{read_volatile, write_volatile};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
-use crate::virtqueue::{DESC_F_WRITE, VirtQueue};
+use crate::virtqueue::{DESC_F_NEXT, DESC_F_WRITE, VirtQueue};
 
 const MAGIC: u32 = 0x7472_6976;
 const REG_MAGIC: usize = 0x000;
@@ -42,11 +42,22 @@ const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const F_MAC: u64 = 1 << 5;
+const F_STATUS: u64 = 1 << 16;
+const F_CTRL_VQ: u64 = 1 << 17;
+const F_GUEST_ANNOUNCE: u64 = 1 << 21;
 const F_VERSION_1: u64 = 1 << 32;
+/// Config space: `status` after the 6-byte MAC.
+const CONFIG_STATUS: usize = 6;
+const STATUS_ANNOUNCE: u8 = 2;
+/// virtio_net_ctrl_hdr of the announce acknowledgement: class 3, command 0.
+const CTRL_ANNOUNCE_ACK: [u8; 2] = [3, 0];
 const DEVICE_ID_NET: u32 = 1;
 
 const RX: u32 = 0;
 const TX: u32 = 1;
+const CTRL: u32 = 2;
+/// The control queue carries one command at a time.
+const CTRL_QUEUE_SIZE: u16 = 4;
 /// Entries per queue (the device may offer fewer).
 const QUEUE_SIZE: u16 = 256;
 /// virtio_net_hdr_v1.
@@ -64,8 +75,18 @@ pub enum InitError {
     NoQueue(u32),
 }
 
-/// Interrupt reasons from InterruptStatus.
-pub const INT_VRING: u32 = 1;
+impl core::fmt::Display for InitError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            InitError::NotVirtio => write!(f, "not a virtio-mmio version 2 device"),
+            InitError::NotNet => write!(f, "not a network device"),
+            InitError::FeaturesRefused => write!(f, "the device refused virtio 1.x"),
+            InitError::NoQueue(q) => write!(f, "the device has no queue {q}"),
+        }
+    }
+}
+
+/// Interrupt reason in InterruptStatus: the device's configuration changed.
 pub const INT_CONFIG: u32 = 2;
 
 /// The MMIO window of one virtio-mmio device.
@@ -105,11 +126,19 @@ pub struct Tx {
     pub dropped: u64,
 }
 
+/// The control queue, used only to acknowledge an announce.
+struct Ctrl {
+    queue: VirtQueue,
+    /// Command header at 0, status byte (written by the device) at 8.
+    buf: Vec<u8>,
+}
+
 pub struct VirtioNet {
     regs: Regs,
     pub mac: [u8; 6],
     pub rx: Rx,
     pub tx: Tx,
+    ctrl: Option<Ctrl>,
 }
 
 impl VirtioNet {
@@ -129,7 +158,11 @@ impl VirtioNet {
         let high = u64::from(regs.read(REG_DEVICE_FEATURES));
         regs.write(REG_DEVICE_FEATURES_SEL, 0);
         let offered = (high << 32) | u64::from(regs.read(REG_DEVICE_FEATURES));
-        let wanted = offered & (F_VERSION_1 | F_MAC);
+        let mut wanted = offered & (F_VERSION_1 | F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE);
+        // Acknowledging an announce needs the control queue.
+        if wanted & F_CTRL_VQ == 0 {
+            wanted &= !F_GUEST_ANNOUNCE;
+        }
         if wanted & F_VERSION_1 == 0 {
             return Err(InitError::FeaturesRefused);
         }
@@ -141,8 +174,13 @@ impl VirtioNet {
         if regs.read(REG_STATUS) & STATUS_FEATURES_OK == 0 {
             return Err(InitError::FeaturesRefused);
         }
-        let rxq = setup_queue(&regs, RX)?;
-        let txq = setup_queue(&regs, TX)?;
+        let rxq = setup_queue(&regs, RX, QUEUE_SIZE)?;
+        let txq = setup_queue(&regs, TX, QUEUE_SIZE)?;
+        let ctrl = if wanted & F_CTRL_VQ != 0 {
+            Some(Ctrl { queue: setup_queue(&regs, CTRL, CTRL_QUEUE_SIZE)?, buf: vec![0; 16] })
+        } else {
+            None
+        };
         let mut mac = [0u8; 6];
         if wanted & F_MAC != 0 {
             for (i, b) in mac.iter_mut().enumerate() {
@@ -177,7 +215,7 @@ impl VirtioNet {
         // Polling by default: interrupts only while we sleep (see `arm_interrupts`).
         rx.queue.set_interrupts(false);
         tx.queue.set_interrupts(false);
-        let mut dev = VirtioNet { regs, mac, rx, tx };
+        let mut dev = VirtioNet { regs, mac, rx, tx, ctrl };
         dev.flush();
         Ok(dev)
     }
@@ -196,6 +234,46 @@ impl VirtioNet {
                 self.regs.write(REG_QUEUE_NOTIFY, TX);
             }
         }
+    }
+
+    /// Whether the device asks us to announce ourselves (VIRTIO_NET_S_ANNOUNCE, set after a
+    /// migration). One config-space read: call it when the device raised a config interrupt, or
+    /// now and then.
+    pub fn announce_requested(&self) -> bool {
+        self.ctrl.is_some() && self.regs.read_config_u8(CONFIG_STATUS) & STATUS_ANNOUNCE != 0
+    }
+
+    /// Tells the device the announce is done (VIRTIO_NET_CTRL_ANNOUNCE_ACK), which clears the
+    /// request.
+    pub fn ack_announce(&mut self) {
+        let Some(ctrl) = self.ctrl.as_mut() else { return };
+        // Take back the previous command's descriptors; the device answers quickly.
+        while ctrl.queue.pop_used().is_some() {}
+        ctrl.buf[..2].copy_from_slice(&CTRL_ANNOUNCE_ACK);
+        ctrl.buf[8] = 0xff;
+        let base = ctrl.buf.as_ptr() as u64;
+        ctrl.queue.set_desc_next(0, base, 2, DESC_F_NEXT, 1);
+        ctrl.queue.set_desc(1, base + 8, 1, DESC_F_WRITE);
+        ctrl.queue.push(0);
+        if ctrl.queue.publish() {
+            self.regs.write(REG_QUEUE_NOTIFY, CTRL);
+        }
+    }
+
+    /// Sends a frame we built ourselves (not from smoltcp), e.g. a gratuitous ARP. Returns
+    /// false if the TX ring is full.
+    pub fn send_raw(&mut self, frame: &[u8]) -> bool {
+        let tx = &mut self.tx;
+        tx.reclaim();
+        let len = frame.len().min(BUF_SIZE - HDR_LEN);
+        let Some(id) = tx.free.pop() else { return false };
+        let start = usize::from(id) * BUF_SIZE;
+        tx.buffers[start..start + HDR_LEN].fill(0);
+        tx.buffers[start + HDR_LEN..start + HDR_LEN + len].copy_from_slice(&frame[..len]);
+        tx.queue.set_len(id, (HDR_LEN + len) as u32);
+        tx.queue.push(id);
+        tx.pending = true;
+        true
     }
 
     /// Whether a received frame is waiting.
@@ -225,14 +303,14 @@ impl VirtioNet {
     }
 }
 
-fn setup_queue(regs: &Regs, index: u32) -> Result<VirtQueue, InitError> {
+fn setup_queue(regs: &Regs, index: u32, wanted: u16) -> Result<VirtQueue, InitError> {
     regs.write(REG_QUEUE_SEL, index);
     let max = regs.read(REG_QUEUE_NUM_MAX);
     if max == 0 {
         return Err(InitError::NoQueue(index));
     }
     // Queue sizes are powers of two; take the largest one both sides allow.
-    let size = (max.min(u32::from(QUEUE_SIZE)) as u16).next_power_of_two();
+    let size = (max.min(u32::from(wanted)) as u16).next_power_of_two();
     let size = if u32::from(size) > max { size / 2 } else { size };
     let q = VirtQueue::new(size);
     regs.write(REG_QUEUE_NUM, u32::from(size));

@@ -12,6 +12,7 @@ use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{Ordering, compiler_fence, fence};
 
 /// Descriptor flags.
+pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
 /// Available ring flag: the driver does not need an interrupt for used buffers.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -71,9 +72,14 @@ impl VirtQueue {
 
     /// Sets descriptor `id` to one buffer.
     pub fn set_desc(&mut self, id: u16, addr: u64, len: u32, flags: u16) {
-        assert!(id < self.size);
+        self.set_desc_next(id, addr, len, flags, 0);
+    }
+
+    /// Sets descriptor `id`, chained to `next` when `flags` has [`DESC_F_NEXT`].
+    pub fn set_desc_next(&mut self, id: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        assert!(id < self.size && next < self.size);
         // SAFETY: `id` is within the table we allocated.
-        unsafe { write_volatile(self.desc.add(usize::from(id)), Desc { addr, len, flags, next: 0 }) };
+        unsafe { write_volatile(self.desc.add(usize::from(id)), Desc { addr, len, flags, next }) };
     }
 
     /// Changes the length of descriptor `id`.

@@ -4,7 +4,7 @@
 //! and checking every echo, a live migration to host B (and back, with `--round-trip`), a new
 //! connection after each move, and a summary. Everything it creates is removed when it ends.
 //!
-//! Usage: vmm-demo [--round-trip] [--no-announce] (run as root; see the README).
+//! Usage: vmm-demo [--round-trip] [--no-announce] [--no-tcp-kick] (run as root; see the README).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpStream};
@@ -31,14 +31,16 @@ struct Stream {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let round_trip = args.iter().any(|a| a == "--round-trip");
-    let no_announce = args.iter().any(|a| a == "--no-announce");
-    if let Err(e) = run(round_trip, no_announce) {
+    // Destination options passed through: --no-announce, --no-tcp-kick.
+    let dest_flags: Vec<String> =
+        args.iter().filter(|a| *a == "--no-announce" || *a == "--no-tcp-kick").cloned().collect();
+    if let Err(e) = run(round_trip, dest_flags) {
         eprintln!("vmm-demo: error: {e}");
         std::process::exit(1);
     }
 }
 
-fn run(round_trip: bool, no_announce: bool) -> Result<(), String> {
+fn run(round_trip: bool, dest_flags: Vec<String>) -> Result<(), String> {
     if !std::path::Path::new("/dev/kvm").exists() {
         return Err("/dev/kvm does not exist: this demo needs KVM".into());
     }
@@ -46,7 +48,6 @@ fn run(round_trip: bool, no_announce: bool) -> Result<(), String> {
     println!("== building hosts A and B and a client on one L2 segment (network namespaces)");
     let bed = TestBed::builder().host("a").host("b").client("client").host_ips().build().map_err(|e| e.to_string())?;
     let guest_ip = bed.guest_ip(0);
-    let announce = if no_announce { vec!["--no-announce".to_string()] } else { Vec::new() };
 
     let src_sock = api_sock_path("demo-a");
     let mut args = vec![
@@ -62,7 +63,6 @@ fn run(round_trip: bool, no_announce: bool) -> Result<(), String> {
         "--cmdline".into(),
         format!("{} vmm.workload=echo", bed.guest_ip_cmdline(0)),
     ];
-    args.extend(announce.iter().cloned());
     let mut current = Vm::start(Some(bed.host("a")), &args);
     current
         .console
@@ -73,6 +73,14 @@ fn run(round_trip: bool, no_announce: bool) -> Result<(), String> {
     let client = bed.client();
     let stream = client.run_in(move || TcpStream::connect((guest_ip, 7000))).map_err(|e| e.to_string())?;
     let stream = stream.map_err(|e| format!("connecting to the guest: {e}"))?;
+    // Debugging aid: VMM_DEMO_PCAP=FILE captures the client's traffic with tcpdump.
+    let _pcap = std::env::var("VMM_DEMO_PCAP").ok().map(|file| {
+        let mut cmd = client.command("tcpdump");
+        cmd.args(["-i", "uplink", "-w", &file, "-U", "tcp port 7000 or arp"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        client.spawn(&mut cmd)
+    });
     let stats = Arc::new(Mutex::new(Stream::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let (writer, reader) = start_stream(stream, stats.clone(), stop.clone())?;
@@ -92,7 +100,7 @@ fn run(round_trip: bool, no_announce: bool) -> Result<(), String> {
             "--net".into(),
             format!("tap={}", bed.host(to).tap()),
         ];
-        dargs.extend(announce.iter().cloned());
+        dargs.extend(dest_flags.iter().cloned());
         let next = Vm::start(Some(bed.host(to)), &dargs);
         next.log
             .wait_line(Duration::from_secs(10), |l| l.contains("waiting for an incoming migration"))

@@ -107,9 +107,13 @@ pub fn save_devices(m: &Machine) -> (SerialPortState, Vec<NetDeviceState>) {
     let nets = m
         .nets
         .iter()
-        .map(|d| NetDeviceState {
-            transport: d.transport.lock().expect("Poisoned lock").save_state(),
-            device: d.net.lock().expect("Poisoned lock").save_state(),
+        .map(|d| {
+            // The transport locks the device itself: ask it first, not while holding the device.
+            let transport = d.transport.lock().expect("Poisoned lock").save_state();
+            let mut net = d.net.lock().expect("Poisoned lock");
+            // Frames that reached this host's TAP since the device paused go along.
+            net.drain_tap();
+            NetDeviceState { transport, device: net.save_state() }
         })
         .collect();
     (serial, nets)
@@ -126,6 +130,13 @@ pub fn pause_devices(m: &Machine) {
 pub fn resume_devices(m: &Machine) {
     for d in &m.nets {
         d.net.lock().expect("Poisoned lock").resume();
+    }
+}
+
+/// Writes one announce round (RARP and gratuitous ARP) into every NIC's TAP.
+pub fn announce_now(m: &Machine) {
+    for d in &m.nets {
+        d.net.lock().expect("Poisoned lock").announce();
     }
 }
 

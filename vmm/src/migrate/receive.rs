@@ -111,7 +111,13 @@ fn receive_on(
     loop {
         match protocol::read_frame_into(stream, &mut buf)? {
             Command::Memory => apply_batch(&mem, &buf, &mut written)?,
-            Command::Paused => paused_at = Some(Instant::now()),
+            Command::Paused => {
+                paused_at = Some(Instant::now());
+                // The guest stopped on the source: from now on its peers' frames should come
+                // here, where the TAP keeps them until the guest runs, instead of reaching the
+                // old host, where they would be lost.
+                super::announce_now(&built.machine);
+            }
             Command::State => {
                 let s: MachineState = protocol::parse_json("State", &buf)?;
                 if !s.version.compatible() {

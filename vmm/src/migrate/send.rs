@@ -25,7 +25,7 @@ use migration::protocol::{self, Command, RegionLayout, StartPayload};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::dirty::{self, Bitmap};
-use super::{MachineState, MigrateError, pause_devices, resume_devices, save_devices, save_vm_state};
+use super::{MachineState, MigrateError, announce_now, pause_devices, resume_devices, save_devices, save_vm_state};
 use crate::api::{MigrateRequest, MigrationInfo, MigrationPhase};
 use crate::builder::Machine;
 use crate::vstate::vcpu::{THROTTLE_TICK, VcpuSet};
@@ -390,6 +390,11 @@ impl Source<'_> {
                 cleanup.push(format!("resuming vCPUs: {e}"));
             }
             self.paused = false;
+            // The destination announced the guest when it heard `Paused`: take it back.
+            for wait in [0, 50, 150] {
+                std::thread::sleep(Duration::from_millis(wait));
+                announce_now(self.m);
+            }
         }
         let msg = if cleanup.is_empty() { msg } else { format!("{msg} (and {})", cleanup.join("; ")) };
         self.update(|p| {

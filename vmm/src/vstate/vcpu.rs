@@ -706,5 +706,5 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 
 pub(crate) fn init_kick_signal() -> Result<(), VcpuError> {
     static INIT: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> = std::sync::OnceLock::new();
-    INIT.get_or_init(|| register_signal_handler(kick_signal(), handle_kick)).clone().map_err(VcpuError::Signal)
+    (*INIT.get_or_init(|| register_signal_handler(kick_signal(), handle_kick))).map_err(VcpuError::Signal)
 }

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+#
+# Sets everything up on a fresh Debian 12 machine (run as root): the packages the build and the
+# tests need, the Linux guest kernel (built once, then cached outside the work tree), the Linux
+# guest's initramfs, and the whole workspace in release mode (the VMM, our own guest kernel, the
+# demo and the benchmarks).
+#
+# Usage: resources/setup.sh
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    log "error: run as root: KVM, network namespaces and TAP devices need it"
+    exit 1
+fi
+command -v cargo >/dev/null || { log "error: cargo is missing: install Rust (rustup) first"; exit 1; }
+
+# iproute2 (ip netns, bridges, veth, TAP), util-linux (unshare, setpriv), python3 (the initramfs
+# packer): tests and the demo use them.
+missing=()
+command -v ip >/dev/null || missing+=(iproute2)
+command -v unshare >/dev/null || missing+=(util-linux)
+command -v setpriv >/dev/null || missing+=(util-linux)
+command -v python3 >/dev/null || missing+=(python3)
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+log "Linux guest kernel"
+"$here/build_kernel.sh"
+log "Linux guest initramfs"
+"$here/build_initramfs.sh" >/dev/null
+log "workspace (release)"
+(cd "$root" && cargo build --release --workspace)
+log "done: target/release/vmm, target/release/vmm-guest, resources/build/{vmlinux,initramfs.cpio}"

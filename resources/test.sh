@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+#
+# Runs all tests: sets everything up (resources/setup.sh), checks formatting and clippy, then
+# runs every test of the workspace in release mode: unit tests, KVM probes, and the end-to-end
+# tests that boot real guests, migrate them between network namespaces and check the network,
+# the API and the address takeover. Needs root and /dev/kvm (without /dev/kvm the tests that
+# need it say so loudly and skip).
+#
+# Usage: resources/test.sh [extra cargo test arguments]
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+"$here/setup.sh"
+cd "$root"
+cargo fmt --all -- --check
+cargo clippy --release --workspace --all-targets -- -D warnings
+cargo test --release --workspace "$@"

@@ -1,0 +1,932 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Live migration end to end, between VMMs in different network namespaces of one test bed
+//! (hosts `a` and `b` and a client on one L2 segment, see `vmm_tests::bed`):
+//!
+//! - a guest that keeps dirtying and verifying 64 MiB moves A→B→A→B (API, CLI, API); after every
+//!   move it answers on its control port from the new host, its clock went on without a jump,
+//!   its workload found no corrupted page and the old VMM exited 0;
+//! - the same with two vCPUs, with a 1 GiB guest dirtying 256 MiB, and with an idle 1 GiB guest
+//!   that must cost less than 5 % of its memory on the wire;
+//! - failures leave the guest running on the source: the destination killed during pre-copy
+//!   (and a second migration then succeeds), a destination that hangs up mid-stream, one that
+//!   refuses the VM;
+//! - a destination fed corrupted, truncated, wrong-version or random streams by a fake source
+//!   ends with one clear error line and a non-zero exit, never a panic or a hang.
+//!
+//! Migration figures (total time, downtime, rounds, bytes) are printed, never asserted: the
+//! machines these tests run on are small and shared. Run with `--nocapture` to see them.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use migration::memory::{BatchWriter, PAGE_SIZE};
+use migration::protocol::{self, Command as Frame, RegionLayout, Response, StartPayload};
+use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase, VmState};
+use vmm_tests::TestBed;
+use vmm_tests::vm::{Vm, api_sock_path, guest_kernel, kvm_or_skip, vmm_bin};
+
+/// A guest boots to its ready line within this, even on a loaded machine.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// A destination prints its listening line within this.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a migration may take here (2 cores shared with other tests' VMs).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+/// A source VMM exits about 2 s after its completed migration was read; a failed destination
+/// exits at once.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The guest answers on the network within this (also right after a move).
+const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// First port of the destinations (each host is a namespace of its own, so any port is free).
+const MIGRATION_PORT: u16 = 7100;
+const ECHO_PORT: u16 = 7000;
+const CONTROL_PORT: u16 = 7001;
+const GUEST_MAC: &str = "52:54:00:00:00:10";
+const DIRTY_64: &str = "vmm.workload=dirty vmm.dirty_mib=64 vmm.dirty_rate=64";
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// Hosts a and b with addresses (the migration connection runs between them) and a client.
+fn two_hosts() -> TestBed {
+    TestBed::builder().host("a").host("b").client("client").host_ips().build().expect("build the test bed")
+}
+
+/// Every VM's console and log, labelled, for a failing assertion's message.
+fn dump(vms: &[(&str, &Vm)]) -> String {
+    vms.iter().map(|(name, vm)| format!("\n===== {name} (pid {}) =====\n{}", vm.pid(), vm.describe())).collect()
+}
+
+/// Boots our guest kernel in host `host` with a NIC on its TAP and `ip=` for guest 0, and waits
+/// for its ready line.
+fn start_source(bed: &TestBed, host: &str, extra: &[&str], workload: &str) -> Vm {
+    let kernel = guest_kernel();
+    let sock = api_sock_path(&format!("src-{host}"));
+    let mut args = s(&["run", "--kernel", kernel.to_str().unwrap(), "--api-sock", sock.to_str().unwrap()]);
+    args.extend(s(extra));
+    args.extend(["--net".to_string(), format!("tap={},mac={GUEST_MAC}", bed.host(host).tap())]);
+    args.extend(["--cmdline".to_string(), format!("console=ttyS0 {} {workload}", bed.guest_ip_cmdline(0))]);
+    let vm = Vm::start(Some(bed.host(host)), &args);
+    let ready = vm.console.wait_line(BOOT_TIMEOUT, |l| l.starts_with("GUEST-READY"));
+    assert!(ready.is_some(), "the guest did not boot on host {host}{}", dump(&[("source", &vm)]));
+    assert!(vm.wait_api(LISTEN_TIMEOUT), "the source's API does not answer{}", dump(&[("source", &vm)]));
+    vm
+}
+
+/// Starts `vmm run --incoming 0.0.0.0:PORT` in host `host` with its TAP, and waits until it
+/// listens. Returns it with the address the source must migrate to.
+fn start_destination(bed: &TestBed, host: &str, port: u16) -> (Vm, String) {
+    let sock = api_sock_path(&format!("dst-{host}"));
+    let args = vec![
+        "run".to_string(),
+        "--incoming".into(),
+        format!("0.0.0.0:{port}"),
+        "--api-sock".into(),
+        sock.to_str().unwrap().to_string(),
+        "--net".into(),
+        format!("tap={}", bed.host(host).tap()),
+    ];
+    let vm = Vm::start(Some(bed.host(host)), &args);
+    let listening = vm.log.wait_line(LISTEN_TIMEOUT, |l| l.contains("waiting for an incoming migration"));
+    assert!(listening.is_some(), "the destination on host {host} does not listen{}", dump(&[("destination", &vm)]));
+    let ip = bed.host(host).ip().expect("hosts have addresses");
+    (vm, format!("{ip}:{port}"))
+}
+
+fn request(to: &str) -> MigrateRequest {
+    MigrateRequest { to: to.to_string(), downtime_ms: None, max_bandwidth_mib_s: None, max_rounds: None }
+}
+
+/// Polls the source's migration until it completed or failed.
+fn wait_migration(src: &Vm, ctx: &[(&str, &Vm)]) -> MigrationInfo {
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    let mut last = None;
+    loop {
+        match src.api().migration() {
+            Ok(info) if matches!(info.phase, MigrationPhase::Completed | MigrationPhase::Failed) => return info,
+            Ok(info) => last = Some(info),
+            Err(e) => {
+                assert!(src.try_wait().is_none(), "the source exited during the migration ({e}){}", dump(ctx));
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration did not end within {} s; last progress {last:?}{}",
+            MIGRATION_TIMEOUT.as_secs(),
+            dump(ctx)
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Starts a migration through the API and waits for its end.
+fn migrate_api(src: &Vm, req: &MigrateRequest, ctx: &[(&str, &Vm)]) -> MigrationInfo {
+    if let Err(e) = src.api().migrate(req) {
+        panic!("PUT /vm/migrate {req:?} failed: {e}{}", dump(ctx));
+    }
+    wait_migration(src, ctx)
+}
+
+/// Runs `vmm migrate --api-sock SRC --to TO [extra]` (which polls until the end and prints a
+/// summary, or JSON with `--json`); returns its exit success, stdout and stderr.
+fn migrate_cli(src: &Vm, to: &str, extra: &[&str], ctx: &[(&str, &Vm)]) -> (bool, String, String) {
+    let sock: PathBuf = src.api_sock.clone().expect("the source has an API socket");
+    let mut child = Command::new(vmm_bin())
+        .args(["migrate", "--api-sock", sock.to_str().unwrap(), "--to", to])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmm migrate");
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for vmm migrate") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`vmm migrate --to {to}` did not end within {} s{}", MIGRATION_TIMEOUT.as_secs(), dump(ctx));
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    child.stdout.take().expect("piped").read_to_string(&mut out).expect("read vmm migrate's stdout");
+    child.stderr.take().expect("piped").read_to_string(&mut err).expect("read vmm migrate's stderr");
+    (status.success(), out, err)
+}
+
+fn print_info(what: &str, info: &MigrationInfo) {
+    println!(
+        "{what}: {:?} in {} ms, downtime {:?} ms (source) / {:?} ms (destination), {} round(s), {} bytes \
+         ({:.1} MiB) sent, {} pages sent, {} pages skipped",
+        info.phase,
+        info.total_ms,
+        info.downtime_ms,
+        info.downtime_destination_ms,
+        info.round,
+        info.bytes_sent,
+        info.bytes_sent as f64 / f64::from(1 << 20),
+        info.pages_sent,
+        info.pages_skipped
+    );
+}
+
+fn assert_completed(info: &MigrationInfo, ctx: &[(&str, &Vm)]) {
+    assert_eq!(info.phase, MigrationPhase::Completed, "migration did not complete: {info:?}{}", dump(ctx));
+    assert!(info.error.is_none(), "a completed migration with an error: {info:?}");
+    assert!(info.bytes_sent > 0 && info.round >= 1, "{info:?}");
+}
+
+/// The old source exits 0 once its completed migration was read.
+fn assert_exits_cleanly(src: &Vm, ctx: &[(&str, &Vm)]) {
+    let status = src.wait_timeout(EXIT_TIMEOUT);
+    assert!(status.is_some(), "the source VMM did not exit after the migration{}", dump(ctx));
+    assert!(status.unwrap().success(), "the source VMM exited with {status:?}{}", dump(ctx));
+}
+
+/// One `status` answer of the guest's control port.
+#[derive(Clone, Debug)]
+struct GuestStatus {
+    workload: String,
+    uptime_ms: u64,
+    dirty_passes: u64,
+    dirty_mismatches: u64,
+    /// Before the request went out and after the answer came back.
+    asked: Instant,
+    answered: Instant,
+}
+
+fn parse_status(line: &str) -> Option<GuestStatus> {
+    let mut fields = line.trim().split(' ');
+    if fields.next()? != "STATUS" {
+        return None;
+    }
+    let (mut workload, mut uptime, mut passes, mut mismatches) = (None, None, None, None);
+    for field in fields {
+        match field.split_once('=')? {
+            ("workload", v) => workload = Some(v.to_string()),
+            ("uptime_ms", v) => uptime = v.parse().ok(),
+            ("dirty_passes", v) => passes = v.parse().ok(),
+            ("dirty_mismatches", v) => mismatches = v.parse().ok(),
+            _ => {}
+        }
+    }
+    let now = Instant::now();
+    Some(GuestStatus {
+        workload: workload?,
+        uptime_ms: uptime?,
+        dirty_passes: passes?,
+        dirty_mismatches: mismatches?,
+        asked: now,
+        answered: now,
+    })
+}
+
+/// One line exchange with the guest on `port` from the client namespace.
+fn exchange(bed: &TestBed, port: u16, line: &str) -> std::io::Result<String> {
+    let addr = SocketAddr::from((bed.guest_ip(0), port));
+    let line = line.to_string();
+    bed.client()
+        .run_in(move || -> std::io::Result<String> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(line.as_bytes())?;
+            let mut answer = String::new();
+            BufReader::new(s).read_line(&mut answer)?;
+            Ok(answer)
+        })
+        .expect("enter the client namespace")
+}
+
+/// Asks the guest for `status` on its control port from the client, retrying until it answers
+/// (right after a move the network may need a moment to learn where the guest is).
+fn guest_status(bed: &TestBed, ctx: &[(&str, &Vm)]) -> GuestStatus {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let asked = Instant::now();
+        let answer = exchange(bed, CONTROL_PORT, "status\n");
+        let answered = Instant::now();
+        match answer.as_deref().map(parse_status) {
+            Ok(Some(status)) => return GuestStatus { asked, answered, ..status },
+            other => assert!(
+                Instant::now() < deadline,
+                "the guest does not answer `status` on {}:{CONTROL_PORT}: {other:?}{}",
+                bed.guest_ip(0),
+                dump(ctx)
+            ),
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Waits until the guest's dirty workload completed more passes than `than`.
+fn wait_more_passes(bed: &TestBed, than: u64, ctx: &[(&str, &Vm)]) -> GuestStatus {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let st = guest_status(bed, ctx);
+        assert_eq!(st.dirty_mismatches, 0, "the dirty workload found corrupted pages: {st:?}{}", dump(ctx));
+        if st.dirty_passes > than {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "the dirty workload stopped at {} passes: {st:?}{}", than, dump(ctx));
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The guest's echo server on port 7000 answers a line with the same line.
+fn assert_echo(bed: &TestBed, ctx: &[(&str, &Vm)]) {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        match exchange(bed, ECHO_PORT, "still here\n") {
+            Ok(line) if line == "still here\n" => return,
+            other => assert!(Instant::now() < deadline, "the echo server does not answer: {other:?}{}", dump(ctx)),
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The guest's clock went on across a move: later than `before`, and by no more than the wall
+/// time that passed (plus a second for the two readings' own delays).
+fn assert_clock_continues(before: &GuestStatus, after: &GuestStatus, ctx: &[(&str, &Vm)]) {
+    let wall = after.answered.duration_since(before.asked).as_millis() as u64;
+    assert!(after.uptime_ms > before.uptime_ms, "the guest's uptime went back: {before:?} -> {after:?}{}", dump(ctx));
+    let jump = after.uptime_ms - before.uptime_ms;
+    assert!(
+        jump <= wall + 1000,
+        "the guest's uptime jumped by {jump} ms in {wall} ms of wall time: {before:?} -> {after:?}{}",
+        dump(ctx)
+    );
+    println!("guest uptime {} -> {} ms (+{jump} ms in {wall} ms of wall time)", before.uptime_ms, after.uptime_ms);
+}
+
+/// The `mismatches=` count of a `DIRTY pass=N mib=M ms=T mismatches=X` console line.
+fn dirty_line_mismatches(line: &str) -> Option<u64> {
+    line.split(' ').find_map(|f| f.strip_prefix("mismatches=")).and_then(|v| v.parse().ok())
+}
+
+/// The `pass=` number of a `DIRTY pass=N ...` console line.
+fn dirty_line_pass(line: &str) -> Option<u64> {
+    line.split(' ').find_map(|f| f.strip_prefix("pass=")).and_then(|v| v.parse().ok())
+}
+
+/// The VM's console shows the dirty workload's progress lines (a new one after `after_pass`),
+/// all with `mismatches=0`, and no `DIRTY-MISMATCH` line.
+fn assert_dirty_console(vm: &Vm, after_pass: u64, ctx: &[(&str, &Vm)]) -> u64 {
+    let line = vm.console.wait_line(GUEST_TIMEOUT, |l| {
+        l.starts_with("DIRTY pass=") && dirty_line_pass(l).is_some_and(|p| p > after_pass)
+    });
+    assert!(line.is_some(), "no DIRTY line after pass {after_pass} on the console{}", dump(ctx));
+    let text = vm.console.text();
+    assert!(!text.contains("DIRTY-MISMATCH"), "the dirty workload found corrupted pages{}", dump(ctx));
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("DIRTY pass=")).collect();
+    for l in &lines {
+        assert_eq!(dirty_line_mismatches(l), Some(0), "line {l:?}{}", dump(ctx));
+    }
+    lines.iter().filter_map(|l| dirty_line_pass(l)).max().unwrap_or(0)
+}
+
+fn assert_state(vm: &Vm, want: VmState, ctx: &[(&str, &Vm)]) {
+    match vm.api().get_vm() {
+        Ok(info) => assert_eq!(info.state, want, "{info:?}{}", dump(ctx)),
+        Err(e) => panic!("GET /vm failed: {e}{}", dump(ctx)),
+    }
+}
+
+/// How a test moves the guest.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Api,
+    /// `vmm migrate --json`, whose output is the final `MigrationInfo`.
+    CliJson,
+    /// `vmm migrate`, which prints a summary for people.
+    Cli,
+}
+
+/// Moves the dirty-workload guest running in `src` to a fresh destination in host `to`, checks
+/// everything a move must keep, and returns the destination (now the guest's VMM) with the
+/// migration's figures (none from the plain CLI, whose summary is printed instead).
+fn move_dirty_guest(bed: &TestBed, src: Vm, to: &str, port: u16, via: Via, what: &str) -> (Vm, Option<MigrationInfo>) {
+    let (dst, addr) = start_destination(bed, to, port);
+    let ctx = [("source", &src), ("destination", &dst)];
+    let before = guest_status(bed, &ctx);
+    assert_eq!(before.dirty_mismatches, 0, "{before:?}{}", dump(&ctx));
+    let info = match via {
+        Via::Api => Some(migrate_api(&src, &request(&addr), &ctx)),
+        Via::CliJson => {
+            let (ok, out, err) = migrate_cli(&src, &addr, &["--json"], &ctx);
+            assert!(ok, "`vmm migrate --json` failed\n{out}\n{err}{}", dump(&ctx));
+            Some(serde_json::from_str(&out).unwrap_or_else(|e| panic!("`vmm migrate --json` printed {out:?}: {e}")))
+        }
+        Via::Cli => {
+            let (ok, out, err) = migrate_cli(&src, &addr, &[], &ctx);
+            println!("{what}: `vmm migrate` printed:\n{out}{err}");
+            assert!(ok, "`vmm migrate` failed\n{out}\n{err}{}", dump(&ctx));
+            assert!(out.contains(&format!("migration to {addr}: completed")), "{out}");
+            for row in ["total time", "downtime (source)", "downtime (destination)", "rounds", "bytes sent"] {
+                assert!(out.contains(row), "no {row:?} in the summary:\n{out}");
+            }
+            None
+        }
+    };
+    if let Some(info) = &info {
+        print_info(what, info);
+        assert_completed(info, &ctx);
+    }
+    assert_exits_cleanly(&src, &ctx);
+    assert_state(&dst, VmState::Running, &ctx);
+
+    let after = guest_status(bed, &ctx);
+    assert_eq!(after.workload, "dirty", "{after:?}");
+    assert_eq!(after.dirty_mismatches, 0, "the dirty workload found corrupted pages: {after:?}{}", dump(&ctx));
+    assert_clock_continues(&before, &after, &ctx);
+    assert!(after.dirty_passes >= before.dirty_passes, "{before:?} -> {after:?}{}", dump(&ctx));
+    let later = wait_more_passes(bed, after.dirty_passes, &ctx);
+    assert_dirty_console(&dst, 0, &ctx);
+    println!(
+        "{what}: dirty passes {} before, {} after, {} later",
+        before.dirty_passes, after.dirty_passes, later.dirty_passes
+    );
+    (dst, info)
+}
+
+#[test]
+fn dirty_guest_migrates_back_and_forth() {
+    if !kvm_or_skip("dirty_guest_migrates_back_and_forth") {
+        return;
+    }
+    let bed = two_hosts();
+    let mut vm = start_source(&bed, "a", &["--mem-mib", "256"], DIRTY_64);
+    assert_dirty_console(&vm, 0, &[("source", &vm)]);
+    let hops = [("b", Via::Api), ("a", Via::CliJson), ("b", Via::Api)];
+    for (i, (to, via)) in hops.into_iter().enumerate() {
+        let what = format!("migration {} to host {to} ({via:?})", i + 1);
+        vm = move_dirty_guest(&bed, vm, to, MIGRATION_PORT + i as u16, via, &what).0;
+    }
+}
+
+#[test]
+fn two_vcpus_migrate() {
+    if !kvm_or_skip("two_vcpus_migrate") {
+        return;
+    }
+    let bed = two_hosts();
+    let vm = start_source(&bed, "a", &["--mem-mib", "256", "--vcpus", "2"], DIRTY_64);
+    assert_dirty_console(&vm, 0, &[("source", &vm)]);
+    let (vm, _) = move_dirty_guest(&bed, vm, "b", MIGRATION_PORT, Via::Cli, "2 vCPUs to host b");
+    assert_eq!(vm.api().get_vm().expect("GET /vm").config.vcpus, 2);
+}
+
+#[test]
+fn one_gib_guest_migrates() {
+    if !kvm_or_skip("one_gib_guest_migrates") {
+        return;
+    }
+    let bed = two_hosts();
+    let vm = start_source(&bed, "a", &["--mem-mib", "1024"], "vmm.workload=dirty vmm.dirty_mib=256 vmm.dirty_rate=64");
+    assert_dirty_console(&vm, 0, &[("source", &vm)]);
+    let (_vm, info) = move_dirty_guest(&bed, vm, "b", MIGRATION_PORT, Via::Api, "1 GiB guest dirtying 256 MiB");
+    let info = info.expect("the API gives figures");
+    println!(
+        "1 GiB guest dirtying 256 MiB: {} bytes sent = {:.1} % of its 1 GiB memory, in {} round(s)",
+        info.bytes_sent,
+        info.bytes_sent as f64 * 100.0 / f64::from(1 << 30),
+        info.round
+    );
+}
+
+#[test]
+fn idle_guest_sends_little() {
+    if !kvm_or_skip("idle_guest_sends_little") {
+        return;
+    }
+    let bed = two_hosts();
+    let src = start_source(&bed, "a", &["--mem-mib", "1024"], "vmm.workload=idle");
+    let (dst, addr) = start_destination(&bed, "b", MIGRATION_PORT);
+    let ctx = [("source", &src), ("destination", &dst)];
+    let before = guest_status(&bed, &ctx);
+    let info = migrate_api(&src, &request(&addr), &ctx);
+    print_info("idle 1 GiB guest to host b", &info);
+    assert_completed(&info, &ctx);
+    let memory = 1u64 << 30;
+    println!(
+        "idle 1 GiB guest: {} bytes sent = {:.2} % of its memory (target < 5 %)",
+        info.bytes_sent,
+        info.bytes_sent as f64 * 100.0 / memory as f64
+    );
+    assert!(info.bytes_sent < memory / 20, "an idle 1 GiB guest cost {} bytes: {info:?}", info.bytes_sent);
+    assert_exits_cleanly(&src, &ctx);
+    let after = guest_status(&bed, &ctx);
+    assert_eq!(after.workload, "idle");
+    assert_clock_continues(&before, &after, &ctx);
+}
+
+/// The destination is killed while pre-copy runs. The echo workload's footprint is about 250 KiB,
+/// which even the slowest cap (1 MiB/s) copies in a quarter of a second, so the guest dirties
+/// 64 MiB instead and the copy is capped at 8 MiB/s: round 1 alone takes about 8 s.
+#[test]
+fn killing_the_destination_during_precopy_keeps_the_guest_on_the_source() {
+    if !kvm_or_skip("killing_the_destination_during_precopy_keeps_the_guest_on_the_source") {
+        return;
+    }
+    let bed = two_hosts();
+    let src = start_source(&bed, "a", &["--mem-mib", "512"], DIRTY_64);
+    let (dst, addr) = start_destination(&bed, "b", MIGRATION_PORT);
+    let ctx = [("source", &src), ("destination", &dst)];
+    let last_pass = assert_dirty_console(&src, 0, &ctx);
+    let req = MigrateRequest { max_bandwidth_mib_s: Some(8), ..request(&addr) };
+    src.api().migrate(&req).unwrap_or_else(|e| panic!("PUT /vm/migrate: {e}{}", dump(&ctx)));
+    let started = Instant::now();
+    let deadline = started + MIGRATION_TIMEOUT;
+    let mut info = src.api().migration().expect("GET /vm/migration");
+    while info.phase == MigrationPhase::Setup || started.elapsed() < Duration::from_secs(1) {
+        assert!(Instant::now() < deadline, "the migration did not get to pre-copy: {info:?}{}", dump(&ctx));
+        thread::sleep(Duration::from_millis(50));
+        info = src.api().migration().expect("GET /vm/migration");
+    }
+    println!("after {} ms: {info:?}", started.elapsed().as_millis());
+    assert_eq!(info.phase, MigrationPhase::Precopy, "expected pre-copy after a second at 8 MiB/s{}", dump(&ctx));
+    assert_state(&src, VmState::Migrating, &ctx);
+    dst.kill();
+    let info = wait_migration(&src, &ctx);
+    print_info("migration to a killed destination", &info);
+    println!("error: {:?}", info.error);
+    assert_eq!(info.phase, MigrationPhase::Failed, "{info:?}{}", dump(&ctx));
+    assert!(info.error.as_deref().is_some_and(|e| !e.is_empty()), "a failure without a reason: {info:?}");
+    assert!(src.try_wait().is_none(), "the source exited{}", dump(&ctx));
+    assert_state(&src, VmState::Running, &ctx);
+    let st = guest_status(&bed, &ctx);
+    assert_eq!((st.workload.as_str(), st.dirty_mismatches), ("dirty", 0), "{st:?}{}", dump(&ctx));
+    wait_more_passes(&bed, st.dirty_passes, &ctx);
+    assert_dirty_console(&src, last_pass, &ctx);
+
+    // Nothing of the failed attempt sticks (dirty logging, throttling, paused devices): the
+    // next migration works and the guest's memory arrives intact.
+    move_dirty_guest(&bed, src, "b", MIGRATION_PORT + 1, Via::Api, "second attempt to host b");
+}
+
+/// A fake destination on host b's address: accepts one migration connection and hands it with
+/// the source's `Start` frame to `serve`. Returns the address and the server thread.
+fn fake_destination<T: Send + 'static>(
+    bed: &TestBed,
+    serve: impl FnOnce(TcpStream, StartPayload) -> T + Send + 'static,
+) -> (String, thread::JoinHandle<Result<T, String>>) {
+    let ip: Ipv4Addr = bed.host("b").ip().expect("hosts have addresses");
+    let listener = bed.host("b").run_in(move || TcpListener::bind((ip, 0))).expect("enter host b").expect("bind");
+    let addr = listener.local_addr().expect("local address").to_string();
+    // The socket belongs to host b's namespace whatever thread uses it.
+    let server = thread::spawn(move || -> Result<T, String> {
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(format!("accept: {e}")),
+            }
+        };
+        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+        let mut stream = stream;
+        let frame = protocol::read_frame(&mut stream).map_err(|e| format!("reading Start: {e}"))?;
+        if frame.command != Frame::Start {
+            return Err(format!("the source began with {:?}", frame.command));
+        }
+        let start: StartPayload = protocol::parse_json("Start", &frame.payload).map_err(|e| e.to_string())?;
+        Ok(serve(stream, start))
+    });
+    (addr, server)
+}
+
+#[test]
+fn a_destination_that_closes_mid_stream() {
+    if !kvm_or_skip("a_destination_that_closes_mid_stream") {
+        return;
+    }
+    let bed = two_hosts();
+    let src = start_source(&bed, "a", &["--mem-mib", "256"], DIRTY_64);
+    let ctx = [("source", &src)];
+    let last_pass = assert_dirty_console(&src, 0, &ctx);
+    let (addr, server) = fake_destination(&bed, |mut stream, start| {
+        protocol::write_json(&mut stream, Frame::Response, &Response::ok()).expect("answer Start");
+        // A few KB of the memory stream, then hang up.
+        let mut buf = vec![0; 16 << 10];
+        let read = stream.read_exact(&mut buf).map(|()| buf.len());
+        drop(stream);
+        (start, read.map_err(|e| e.to_string()))
+    });
+    let info = migrate_api(&src, &request(&addr), &ctx);
+    print_info("migration to a destination that hangs up", &info);
+    let (start, read) = server.join().expect("fake destination thread").expect("fake destination");
+    println!("the fake destination read {read:?} after the Start; Start: {:?}", start.memory);
+    assert_eq!(start.memory, vec![RegionLayout { start: 0, size: 256 << 20 }]);
+    assert!(start.config.get("mem_mib").is_some_and(|m| m == 256), "{:?}", start.config);
+    assert_eq!(read, Ok(16 << 10));
+    assert_eq!(info.phase, MigrationPhase::Failed, "{info:?}{}", dump(&ctx));
+    assert!(info.error.as_deref().is_some_and(|e| !e.is_empty()), "a failure without a reason: {info:?}");
+    assert!(src.try_wait().is_none(), "the source exited{}", dump(&ctx));
+    assert_state(&src, VmState::Running, &ctx);
+    let st = guest_status(&bed, &ctx);
+    wait_more_passes(&bed, st.dirty_passes, &ctx);
+    // The console keeps printing: a DIRTY line newer than any before the attempt.
+    let now_pass = assert_dirty_console(&src, last_pass, &ctx);
+    let newest = assert_dirty_console(&src, now_pass, &ctx);
+    println!("dirty passes on the console: {last_pass} before, {newest} after the failed migration");
+}
+
+#[test]
+fn a_destination_that_refuses() {
+    if !kvm_or_skip("a_destination_that_refuses") {
+        return;
+    }
+    let bed = two_hosts();
+    let src = start_source(&bed, "a", &["--mem-mib", "256"], "vmm.workload=echo");
+    let ctx = [("source", &src)];
+    assert_echo(&bed, &ctx);
+    let (addr, server) = fake_destination(&bed, |mut stream, _start| {
+        protocol::write_json(&mut stream, Frame::Response, &Response::error("no room")).expect("answer Start");
+        // The source hangs up; nothing else may come but (at most) an Abandon.
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        rest
+    });
+    let info = migrate_api(&src, &request(&addr), &ctx);
+    print_info("migration to a destination that refuses", &info);
+    let rest = server.join().expect("fake destination thread").expect("fake destination");
+    println!("after the refusal the source sent {} more byte(s)", rest.len());
+    assert_eq!(info.phase, MigrationPhase::Failed, "{info:?}{}", dump(&ctx));
+    let error = info.error.clone().unwrap_or_default();
+    assert!(error.contains("no room"), "the refusal's reason is lost: {info:?}");
+    if !rest.is_empty() {
+        let frame = protocol::read_frame(&mut rest.as_slice()).expect("a frame after the refusal");
+        assert_eq!(frame.command, Frame::Abandon, "no memory may follow a refusal");
+    }
+    assert!(src.try_wait().is_none(), "the source exited{}", dump(&ctx));
+    assert_state(&src, VmState::Running, &ctx);
+    let st = guest_status(&bed, &ctx);
+    assert_eq!(st.workload, "echo");
+    assert_echo(&bed, &ctx);
+}
+
+/// After `Complete` the guest stays paused on the source unless the destination explicitly
+/// refuses; a refusal must give it back to the source, running and with its memory intact.
+#[test]
+fn a_destination_that_refuses_at_complete() {
+    if !kvm_or_skip("a_destination_that_refuses_at_complete") {
+        return;
+    }
+    let bed = two_hosts();
+    let src = start_source(&bed, "a", &["--mem-mib", "256"], DIRTY_64);
+    let ctx = [("source", &src)];
+    let last_pass = assert_dirty_console(&src, 0, &ctx);
+    let (addr, server) = fake_destination(&bed, |mut stream, _start| -> Result<Vec<Frame>, String> {
+        protocol::write_json(&mut stream, Frame::Response, &Response::ok()).map_err(|e| e.to_string())?;
+        // Everything up to Complete, then a refusal (as if restoring the machine failed).
+        let mut commands = vec![Frame::Start];
+        loop {
+            let frame = protocol::read_frame(&mut stream).map_err(|e| format!("after {commands:?}: {e}"))?;
+            if commands.last() != Some(&frame.command) {
+                commands.push(frame.command);
+            }
+            if frame.command == Frame::Complete {
+                break;
+            }
+        }
+        protocol::write_json(&mut stream, Frame::Response, &Response::error("restore failed here"))
+            .map_err(|e| e.to_string())?;
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        Ok(commands)
+    });
+    let info = migrate_api(&src, &request(&addr), &ctx);
+    print_info("migration refused at Complete", &info);
+    let commands = server.join().expect("fake destination thread").expect("fake destination").expect("conversation");
+    println!("the source sent {commands:?}");
+    // Memory may or may not come after Paused (nothing may be left to send), the rest is fixed.
+    let mut expected = vec![Frame::Start, Frame::Memory, Frame::Paused];
+    if commands.get(3) == Some(&Frame::Memory) {
+        expected.push(Frame::Memory);
+    }
+    expected.extend([Frame::State, Frame::Complete]);
+    assert_eq!(commands, expected, "the conversation is out of order");
+    assert_eq!(info.phase, MigrationPhase::Failed, "{info:?}{}", dump(&ctx));
+    let error = info.error.clone().unwrap_or_default();
+    assert!(error.contains("restore failed here"), "the refusal's reason is lost: {info:?}");
+    assert!(src.try_wait().is_none(), "the source exited{}", dump(&ctx));
+    assert_state(&src, VmState::Running, &ctx);
+    let st = guest_status(&bed, &ctx);
+    assert_eq!(st.dirty_mismatches, 0, "{st:?}{}", dump(&ctx));
+    wait_more_passes(&bed, st.dirty_passes, &ctx);
+    assert_dirty_console(&src, last_pass, &ctx);
+}
+
+/// A destination that hangs up after `Complete` without answering may or may not run the guest:
+/// the source keeps its copy paused and says so. An operator who knows the destination does not
+/// run it resumes the guest (`vmm resume`), which must then work in full: vCPUs, network, memory.
+#[test]
+fn a_destination_that_hangs_up_after_complete_leaves_the_guest_paused() {
+    if !kvm_or_skip("a_destination_that_hangs_up_after_complete_leaves_the_guest_paused") {
+        return;
+    }
+    let bed = two_hosts();
+    let src = start_source(&bed, "a", &["--mem-mib", "256"], DIRTY_64);
+    let ctx = [("source", &src)];
+    let last_pass = assert_dirty_console(&src, 0, &ctx);
+    // For comparison: a plain pause and resume leaves the guest reachable.
+    src.api().pause().expect("pause");
+    src.api().resume().expect("resume");
+    guest_status(&bed, &ctx);
+    let (addr, server) = fake_destination(&bed, |mut stream, _start| -> Result<(), String> {
+        protocol::write_json(&mut stream, Frame::Response, &Response::ok()).map_err(|e| e.to_string())?;
+        while protocol::read_frame(&mut stream).map_err(|e| e.to_string())?.command != Frame::Complete {}
+        Ok(())
+    });
+    let info = migrate_api(&src, &request(&addr), &ctx);
+    print_info("migration to a destination that hangs up after Complete", &info);
+    server.join().expect("fake destination thread").expect("fake destination").expect("conversation");
+    println!("error: {:?}", info.error);
+    assert_eq!(info.phase, MigrationPhase::Failed, "{info:?}{}", dump(&ctx));
+    let error = info.error.clone().unwrap_or_default();
+    assert!(error.contains("stays paused"), "the error does not say the guest stays paused: {info:?}");
+    assert!(src.try_wait().is_none(), "the source exited{}", dump(&ctx));
+    assert_state(&src, VmState::Paused, &ctx);
+    let paused = exchange(&bed, CONTROL_PORT, "status\n");
+    assert!(paused.is_err(), "a paused guest answered: {paused:?}{}", dump(&ctx));
+    let console_len = src.console.text().len();
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(src.console.text().len(), console_len, "a paused guest printed{}", dump(&ctx));
+
+    let (ok, out, err) = {
+        let sock = src.api_sock.clone().expect("API socket");
+        let o = Command::new(vmm_bin()).args(["resume", "--api-sock"]).arg(&sock).output().expect("vmm resume");
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert!(ok, "`vmm resume` failed\n{out}{err}{}", dump(&ctx));
+    assert_state(&src, VmState::Running, &ctx);
+    assert_dirty_console(&src, last_pass, &ctx);
+    let st = guest_status(&bed, &ctx);
+    assert_eq!(st.dirty_mismatches, 0, "{st:?}{}", dump(&ctx));
+    wait_more_passes(&bed, st.dirty_passes, &ctx);
+}
+
+/// A deterministic xorshift64 byte stream.
+fn random_bytes(len: usize, mut x: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A `Start` a real destination accepts: a 64 MiB, one-vCPU VM without NICs.
+fn valid_start(mem_mib: u64) -> StartPayload {
+    let config = vmm::VmConfig {
+        kernel: PathBuf::new(),
+        initrd: None,
+        cmdline: String::new(),
+        mem_mib,
+        vcpus: 1,
+        cpu_template: Default::default(),
+        nets: vec![],
+    };
+    StartPayload {
+        state_version: migration::STATE_VERSION,
+        config: serde_json::to_value(&config).expect("config as JSON"),
+        memory: vec![RegionLayout { start: 0, size: mem_mib << 20 }],
+        cpuid: vec![],
+        tsc_khz: None,
+        populated: vec![],
+    }
+}
+
+fn frame(command: Frame, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    protocol::write_frame(&mut out, command, payload).expect("frame");
+    out
+}
+
+/// A port free on 127.0.0.1 right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// Starts `vmm run --incoming 127.0.0.1:PORT`, lets `feed` talk to it as a fake source, and
+/// expects the destination to end with a non-zero exit and exactly one `vmm: error:` line that
+/// contains one of `expected` (case-insensitively). Returns that line.
+fn bad_source(case: &str, expected: &[&str], feed: impl FnOnce(&mut TcpStream)) -> String {
+    let (dst, port) = loop {
+        let port = free_port();
+        let dst = Vm::start(None, &s(&["run", "--incoming", &format!("127.0.0.1:{port}")]));
+        if dst.log.wait_line(LISTEN_TIMEOUT, |l| l.contains("waiting for an incoming migration")).is_some() {
+            break (dst, port);
+        }
+        // Someone took the port in between: try another.
+        assert!(
+            dst.log.text().contains("cannot listen"),
+            "{case}: the destination does not listen{}",
+            dump(&[("destination", &dst)])
+        );
+    };
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the destination");
+    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("read timeout");
+    stream.set_write_timeout(Some(Duration::from_secs(60))).expect("write timeout");
+    feed(&mut stream);
+    let _ = stream.shutdown(Shutdown::Write);
+    // What the destination says before it goes (it tells a real source why).
+    let answer = protocol::read_frame(&mut stream).map(|f| String::from_utf8_lossy(&f.payload).into_owned());
+    let status = dst.wait_timeout(EXIT_TIMEOUT);
+    let ctx = [("destination", &dst)];
+    assert!(status.is_some(), "{case}: the destination did not exit{}", dump(&ctx));
+    let status = status.unwrap();
+    // The process is gone, but the thread that collects its stderr may not have read it all yet.
+    dst.log.wait_line(Duration::from_secs(10), |l| l.starts_with("vmm: error:"));
+    thread::sleep(Duration::from_millis(200));
+    let log = dst.log.text();
+    println!("{case}: exit {status}, answer {answer:?}, log:\n{log}");
+    assert!(!status.success(), "{case}: the destination exited 0{}", dump(&ctx));
+    assert!(status.code().is_some(), "{case}: the destination died of a signal ({status}){}", dump(&ctx));
+    assert!(!log.contains("panicked"), "{case}: the destination panicked{}", dump(&ctx));
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("vmm: error:")).collect();
+    assert_eq!(errors.len(), 1, "{case}: expected one error line{}", dump(&ctx));
+    let lower = errors[0].to_lowercase();
+    assert!(
+        expected.iter().any(|e| lower.contains(&e.to_lowercase())),
+        "{case}: expected one of {expected:?} in {:?}{}",
+        errors[0],
+        dump(&ctx)
+    );
+    errors[0].to_string()
+}
+
+#[test]
+fn corrupted_truncated_wrong_version_and_random_streams_end_the_destination_cleanly() {
+    if !kvm_or_skip("corrupted_truncated_wrong_version_and_random_streams_end_the_destination_cleanly") {
+        return;
+    }
+    let start_json = serde_json::to_vec(&valid_start(64)).expect("Start as JSON");
+
+    // (a) A frame of protocol version 2.
+    bad_source("version 2", &["version 2"], |s| {
+        let mut f = frame(Frame::Start, &start_json);
+        f[4..6].copy_from_slice(&2u16.to_le_bytes());
+        s.write_all(&f).expect("send");
+    });
+
+    // (b) A Start whose payload does not match its CRC.
+    bad_source("bad checksum", &["checksum", "corrupt"], |s| {
+        let mut f = frame(Frame::Start, &start_json);
+        f[16] ^= 0x5a;
+        s.write_all(&f).expect("send");
+    });
+
+    // (c) A valid Start, accepted; then a Memory frame cut short and the connection closed.
+    bad_source("truncated memory frame", &["closed in the middle", "truncated"], |s| {
+        s.write_all(&frame(Frame::Start, &start_json)).expect("send Start");
+        let answer = protocol::read_response(s).expect("the destination answers Start");
+        assert!(answer.ok, "a valid Start was refused: {answer:?}");
+        let payload = random_bytes(64 << 10, 7);
+        let memory = frame(Frame::Memory, &payload);
+        s.write_all(&memory[..protocol::HEADER_LEN + 1000]).expect("send part of a Memory frame");
+    });
+
+    // (d) Random bytes.
+    bad_source("random bytes", &["not a migration stream", "bad magic"], |s| {
+        let _ = s.write_all(&random_bytes(16 << 10, 0x243f_6a88_85a3_08d3));
+    });
+
+    // (e) Random bytes after an accepted Start.
+    bad_source("random bytes after Start", &["not a migration stream", "bad magic"], |s| {
+        s.write_all(&frame(Frame::Start, &start_json)).expect("send Start");
+        assert!(protocol::read_response(s).expect("the destination answers Start").ok);
+        let _ = s.write_all(&random_bytes(16 << 10, 0x1319_8a2e_0370_7344));
+    });
+
+    // (f) A connection closed without a byte.
+    bad_source("empty stream", &["closed in the middle", "truncated"], |_| {});
+
+    // (g) A frame announcing an absurd length, then nothing.
+    bad_source("huge frame", &["larger than"], |s| {
+        let mut f = frame(Frame::Memory, b"x");
+        f[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        s.write_all(&f[..protocol::HEADER_LEN]).expect("send");
+    });
+
+    // (h) A valid Start, then the source gives up.
+    bad_source("abandoned after Start", &["abandoned"], |s| {
+        s.write_all(&frame(Frame::Start, &start_json)).expect("send Start");
+        assert!(protocol::read_response(s).expect("the destination answers Start").ok);
+        s.write_all(&frame(Frame::Abandon, &[])).expect("send Abandon");
+    });
+
+    // (i) Memory records outside the guest's memory.
+    bad_source("pages outside guest memory", &["outside guest memory"], |s| {
+        s.write_all(&frame(Frame::Start, &start_json)).expect("send Start");
+        assert!(protocol::read_response(s).expect("the destination answers Start").ok);
+        let mut batch = BatchWriter::with_capacity(2 * PAGE_SIZE);
+        batch.push_page(1 << 40, &[0xa5; PAGE_SIZE]);
+        s.write_all(&frame(Frame::Memory, batch.as_bytes())).expect("send Memory");
+    });
+
+    // (j) Complete without the machine's State.
+    bad_source("Complete before State", &["before the machine's state"], |s| {
+        s.write_all(&frame(Frame::Start, &start_json)).expect("send Start");
+        assert!(protocol::read_response(s).expect("the destination answers Start").ok);
+        s.write_all(&frame(Frame::Paused, &[])).expect("send Paused");
+        s.write_all(&frame(Frame::Complete, &[])).expect("send Complete");
+    });
+
+    // (k) A State that is not JSON.
+    bad_source("garbage State", &["invalid State"], |s| {
+        s.write_all(&frame(Frame::Start, &start_json)).expect("send Start");
+        assert!(protocol::read_response(s).expect("the destination answers Start").ok);
+        s.write_all(&frame(Frame::State, &random_bytes(3000, 99))).expect("send State");
+        s.write_all(&frame(Frame::Complete, &[])).expect("send Complete");
+    });
+
+    // (l) Starts with impossible machines: no vCPU, too many, more memory than any host has
+    // (whose size in bytes wraps around to 0 in 64 bits).
+    for (what, mutate) in [
+        ("0 vCPUs", (|c: &mut vmm::VmConfig| c.vcpus = 0) as fn(&mut vmm::VmConfig)),
+        ("200 vCPUs", |c| c.vcpus = 200),
+        ("16 EiB of memory", |c| c.mem_mib = 1 << 44),
+    ] {
+        bad_source(what, &["vcpu", "memory", "more than this host"], |s| {
+            let mut config: vmm::VmConfig =
+                serde_json::from_slice(&serde_json::to_vec(&valid_start(64).config).unwrap()).unwrap();
+            mutate(&mut config);
+            let mut start = valid_start(64);
+            start.memory = vmm::arch::layout::ram_regions(config.mem_mib.wrapping_shl(20))
+                .into_iter()
+                .map(|(start, size)| RegionLayout { start, size })
+                .collect();
+            start.config = serde_json::to_value(&config).expect("config as JSON");
+            protocol::write_json(s, Frame::Start, &start).expect("send Start");
+            let answer = protocol::read_response(s);
+            println!("{what}: the destination answered {answer:?}");
+        });
+    }
+
+    // (m) A Start the destination cannot host (its memory layout is not a 64 MiB VM's): refused
+    // with the reason on the wire, and the process ends.
+    bad_source("incompatible Start", &["memory layout"], |s| {
+        let mut start = valid_start(64);
+        start.memory = vec![RegionLayout { start: 0, size: 32 << 20 }];
+        protocol::write_json(s, Frame::Start, &start).expect("send Start");
+        let answer = protocol::read_response(s).expect("the destination answers Start");
+        assert!(!answer.ok && answer.error.as_deref().is_some_and(|e| e.contains("memory layout")), "{answer:?}");
+    });
+}
