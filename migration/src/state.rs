@@ -76,9 +76,7 @@ mod tests {
 
     #[test]
     fn kvm_state_round_trips_through_json() {
-        let mut regs = kvm_regs::default();
-        regs.rip = 0x1234_5678;
-        regs.rflags = 0x202;
+        let regs = kvm_regs { rip: 0x1234_5678, rflags: 0x202, ..Default::default() };
         let mut lapic = kvm_lapic_state::default();
         lapic.regs[0x20] = 7;
         let state = VcpuState {

@@ -118,7 +118,7 @@ impl Wire {
                 continue;
             }
             // Frames we sent ourselves show up as outgoing; skip them.
-            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             let frame = &buf[..n as usize];

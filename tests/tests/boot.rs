@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use vmm_tests::vm::{Vm, guest_kernel, kvm_or_skip, linux_artifacts, vmm_bin};
+use vmm_tests::vm::{LINUX_CMDLINE, Vm, guest_kernel, kvm_or_skip, linux_artifacts, vmm_bin};
 
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
@@ -103,7 +103,7 @@ fn linux_starts_booting() {
             "--mem-mib",
             "256",
             "--cmdline",
-            &format!("{} earlyprintk=ttyS0 vmm.workload=idle", linux_cmdline()),
+            &format!("{} earlyprintk=ttyS0 vmm.workload=idle", LINUX_CMDLINE),
         ]),
     );
     let banner = vm.console.wait_line(Duration::from_secs(120), |l| l.contains("Linux version 6.12"));
@@ -114,13 +114,6 @@ fn linux_starts_booting() {
     assert!(mp.is_some(), "Linux did not find our MP table\n{}", vm.describe());
     assert!(vm.console.text().contains("vmm.workload=idle"), "the command line reached the kernel");
     assert!(vm.try_wait().is_none(), "the VMM is still running the guest\n{}", vm.describe());
-}
-
-/// The kernel command line that gets Linux furthest here: XSAVE and the instructions KVM's
-/// emulator lacks hidden (on this KVM CPUID reaches the host, so they are hidden on the command
-/// line; elsewhere `--cpu-template baseline` does it).
-fn linux_cmdline() -> &'static str {
-    "console=ttyS0 reboot=k panic=1 noxsave clearcpuid=smap,smep,popcnt,cx16,fsgsbase,rdtscp,movbe,rdrand,rdseed,bmi1,bmi2,avx,avx2,erms,fsrm,invpcid,pcid,umip,pku,rdpid,clflushopt,clwb"
 }
 
 #[test]
@@ -140,7 +133,7 @@ fn linux_boots_to_the_ready_line() {
             "--vcpus",
             "2",
             "--cmdline",
-            &format!("{} vmm.workload=idle vmm.poweroff_after_ms=100", linux_cmdline()),
+            &format!("{} vmm.workload=idle vmm.poweroff_after_ms=100", LINUX_CMDLINE),
         ]),
     );
     let ready = vm.console.wait_line(Duration::from_secs(3600), |l| l.starts_with("GUEST-READY"));

@@ -8,10 +8,13 @@
 //! - the same with two vCPUs, with a 1 GiB guest dirtying 256 MiB, and with an idle 1 GiB guest
 //!   that must cost less than 5 % of its memory on the wire;
 //! - failures leave the guest running on the source: the destination killed during pre-copy
-//!   (and a second migration then succeeds), a destination that hangs up mid-stream, one that
-//!   refuses the VM;
-//! - a destination fed corrupted, truncated, wrong-version or random streams by a fake source
-//!   ends with one clear error line and a non-zero exit, never a panic or a hang.
+//!   (and a second migration then succeeds), a fake destination that hangs up mid-stream, one
+//!   that refuses the VM at `Start`, one that refuses it at `Complete` (after the guest paused);
+//! - a fake destination that hangs up after `Complete` without answering: the guest stays paused
+//!   on the source (it may run on the destination), and `vmm resume` then brings it back in full;
+//! - a destination fed corrupted, truncated, wrong-version, random, out-of-order or impossible
+//!   streams by a fake source ends with one clear error line and a non-zero exit, never a panic
+//!   or a hang.
 //!
 //! Migration figures (total time, downtime, rounds, bytes) are printed, never asserted: the
 //! machines these tests run on are small and shared. Run with `--nocapture` to see them.
@@ -101,22 +104,58 @@ fn request(to: &str) -> MigrateRequest {
     MigrateRequest { to: to.to_string(), downtime_ms: None, max_bandwidth_mib_s: None, max_rounds: None }
 }
 
-/// Polls the source's migration until it completed or failed.
+/// The threads of process `pid` and where they are, for a hang's report: gdb's backtraces if
+/// gdb is installed, else each thread's name and kernel wait channel.
+fn thread_stacks(pid: u32) -> String {
+    let gdb = Command::new("gdb")
+        .args(["-p", &pid.to_string(), "-batch", "-nx", "-ex", "thread apply all bt"])
+        .stdin(Stdio::null())
+        .output();
+    if let Ok(out) = gdb
+        && out.status.success()
+    {
+        return String::from_utf8_lossy(&out.stdout).into_owned();
+    }
+    let mut report = String::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+        report.push_str(&format!("{:?} {} wchan={}\n", task.file_name(), read("comm").trim(), read("wchan")));
+    }
+    report
+}
+
+/// Polls the source's migration until it completed or failed. A source stuck with its guest
+/// paused (stop-and-copy) for much longer than its own 30 s I/O timeouts is hung: its threads'
+/// stacks go into the failure message.
 fn wait_migration(src: &Vm, ctx: &[(&str, &Vm)]) -> MigrationInfo {
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
-    let mut last = None;
+    let mut last: Option<MigrationInfo> = None;
+    let mut stopped_since = None;
     loop {
         match src.api().migration() {
             Ok(info) if matches!(info.phase, MigrationPhase::Completed | MigrationPhase::Failed) => return info,
-            Ok(info) => last = Some(info),
+            Ok(info) => {
+                if info.phase == MigrationPhase::StopAndCopy {
+                    let since = *stopped_since.get_or_insert_with(Instant::now);
+                    assert!(
+                        since.elapsed() < Duration::from_secs(90),
+                        "the source has been in stop-and-copy (guest paused) for 90 s: {info:?}\n\
+                         source threads:\n{}{}",
+                        thread_stacks(src.pid()),
+                        dump(ctx)
+                    );
+                }
+                last = Some(info);
+            }
             Err(e) => {
                 assert!(src.try_wait().is_none(), "the source exited during the migration ({e}){}", dump(ctx));
             }
         }
         assert!(
             Instant::now() < deadline,
-            "the migration did not end within {} s; last progress {last:?}{}",
+            "the migration did not end within {} s; last progress {last:?}\nsource threads:\n{}{}",
             MIGRATION_TIMEOUT.as_secs(),
+            thread_stacks(src.pid()),
             dump(ctx)
         );
         thread::sleep(Duration::from_millis(200));
@@ -714,8 +753,24 @@ fn a_destination_that_hangs_up_after_complete_leaves_the_guest_paused() {
     };
     assert!(ok, "`vmm resume` failed\n{out}{err}{}", dump(&ctx));
     assert_state(&src, VmState::Running, &ctx);
+    // The vCPUs run again: the workload prints its progress.
     assert_dirty_console(&src, last_pass, &ctx);
-    let st = guest_status(&bed, &ctx);
+    // And the NIC must move frames again (the migration paused it before `Complete`).
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    let answer = loop {
+        match exchange(&bed, CONTROL_PORT, "status\n") {
+            Ok(line) => break line,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "after `vmm resume` the guest runs (its console goes on) but its network does not answer \
+                 for {} s ({e}): the NIC stays paused{}",
+                GUEST_TIMEOUT.as_secs(),
+                dump(&ctx)
+            ),
+        }
+        thread::sleep(Duration::from_millis(250));
+    };
+    let st = parse_status(&answer).unwrap_or_else(|| panic!("bad status line {answer:?}"));
     assert_eq!(st.dirty_mismatches, 0, "{st:?}{}", dump(&ctx));
     wait_more_passes(&bed, st.dirty_passes, &ctx);
 }
@@ -905,8 +960,7 @@ fn corrupted_truncated_wrong_version_and_random_streams_end_the_destination_clea
         ("16 EiB of memory", |c| c.mem_mib = 1 << 44),
     ] {
         bad_source(what, &["vcpu", "memory", "more than this host"], |s| {
-            let mut config: vmm::VmConfig =
-                serde_json::from_slice(&serde_json::to_vec(&valid_start(64).config).unwrap()).unwrap();
+            let mut config: vmm::VmConfig = serde_json::from_value(valid_start(64).config).expect("a VmConfig");
             mutate(&mut config);
             let mut start = valid_start(64);
             start.memory = vmm::arch::layout::ram_regions(config.mem_mib.wrapping_shl(20))

@@ -48,6 +48,8 @@ const MIGRATION: u8 = u8::MAX;
 pub struct Status {
     pub state: Mutex<Option<VmState>>,
     pub migration: Mutex<MigrationInfo>,
+    /// The last migration ended in doubt: its NICs stay paused until the user resumes the VM.
+    pub in_doubt: std::sync::atomic::AtomicBool,
 }
 
 /// A VM whose vCPUs run.
@@ -195,6 +197,13 @@ impl Vmm {
             ApiRequest::Resume => match self.state() {
                 VmState::Paused => {
                     self.vcpus.lock().expect("Poisoned lock").resume().map_err(ApiError::Internal)?;
+                    if self.status.in_doubt.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        // The user says the destination does not run the guest: its NICs
+                        // work again here, and the network learns that it is here (the
+                        // destination announced it when the guest paused).
+                        crate::migrate::resume_devices(&self.machine);
+                        crate::migrate::announce_now(&self.machine);
+                    }
                     self.set_state(VmState::Running);
                     Ok(ApiResponse::Done)
                 }
@@ -258,7 +267,10 @@ impl Vmm {
                         notifier.notify(MIGRATION, ExitReason::Migrated);
                     }
                     Outcome::Failed(_) => *status.state.lock().expect("Poisoned lock") = Some(VmState::Running),
-                    Outcome::InDoubt(_) => *status.state.lock().expect("Poisoned lock") = Some(VmState::Paused),
+                    Outcome::InDoubt(_) => {
+                        status.in_doubt.store(true, std::sync::atomic::Ordering::SeqCst);
+                        *status.state.lock().expect("Poisoned lock") = Some(VmState::Paused);
+                    }
                 }
             })
             .map_err(|e| ApiError::Internal(format!("cannot start the migration thread: {e}")))?;

@@ -11,7 +11,8 @@
 /// What the guest runs once it is up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workload {
-    /// TCP echo server on [`crate::ECHO_PORT`].
+    /// TCP echo server on [`crate::ECHO_PORT`] (with the discard and source services). Those
+    /// also run under the other workloads whenever `ip=` gives the guest an address.
     Echo,
     /// Writes and verifies a pattern over `dirty_mib` MiB at `dirty_rate` MiB/s.
     Dirty,

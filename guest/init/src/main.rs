@@ -63,10 +63,14 @@ fn main() {
 fn start(params: Params, mode: Mode) -> Result<(), String> {
     control::start(params.workload, mode)?;
     spawn("console", move || control::serve_console(params.workload, mode))?;
+    // The TCP services run whenever the guest has an address, so a client can watch its
+    // connections survive a migration whatever the workload.
+    if params.workload == Workload::Echo || params.ipv4.is_some() {
+        echo::start()?;
+    }
     match params.workload {
-        Workload::Echo => echo::start(),
+        Workload::Echo | Workload::Idle => Ok(()),
         Workload::Dirty => dirty::start(params.dirty_mib, params.dirty_rate_mib_s),
-        Workload::Idle => Ok(()),
     }
 }
 

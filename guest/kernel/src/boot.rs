@@ -76,10 +76,47 @@ global_asm!(
     "IDT_PTR:",
     ".word 256 * 16 - 1",
     ".quad IDT",
-    // ---- boot stub ----
+    // ---- PVH entry: how QEMU (and Xen) boot an ELF kernel ----
+    // The note tells the loader where the 32-bit entry is; it enters with paging off, flat
+    // 32-bit segments and EBX = the hvm_start_info. We switch to long mode with our own page
+    // tables and join the 64-bit entry with R14 = 1 ("RSI is an hvm_start_info").
+    ".pushsection .note.Xen, \"a\", @note",
+    ".balign 4",
+    ".long 4",  // name size
+    ".long 4",  // descriptor size
+    ".long 18", // XEN_ELFNOTE_PHYS32_ENTRY
+    ".asciz \"Xen\"",
+    ".long pvh_entry",
+    ".popsection",
     ".section .text.boot, \"ax\"",
+    ".code32",
+    "pvh_entry:",
+    "mov esi, ebx",
+    "mov eax, cr4",
+    "or eax, 0x20", // PAE
+    "mov cr4, eax",
+    "mov eax, offset BOOT_PML4",
+    "mov cr3, eax",
+    "mov ecx, 0xc0000080", // EFER
+    "rdmsr",
+    "or eax, 0x100", // LME
+    "wrmsr",
+    "mov eax, cr0",
+    "or eax, 0x80000001", // PG | PE
+    "mov cr0, eax",
+    "lgdt [GDT_PTR]",
+    ".byte 0xea", // ljmp 0x08:pvh_long
+    ".long pvh_long",
+    ".word 0x08",
+    ".code64",
+    "pvh_long:",
+    "mov r14d, 1",
+    "jmp boot_common",
+    // ---- 64-bit entry (the Linux boot protocol: RSI = zero page); our VMM enters here ----
     ".globl _start",
     "_start:",
+    "xor r14d, r14d",
+    "boot_common:",
     "mov r15, rsi",
     "lgdt [rip + GDT_PTR]",
     "mov ax, 0x10",
@@ -140,6 +177,7 @@ global_asm!(
     "lea rax, [rip + rust_main]",
     "push rax",
     "mov rdi, r15",
+    "mov rsi, r14",
     "iretq",
     // ---- the gate: int3 from CPL 3 ----
     ".section .text.gate, \"ax\"",

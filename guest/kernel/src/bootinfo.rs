@@ -52,6 +52,46 @@ impl BootInfo {
         info
     }
 
+    /// Reads a PVH `hvm_start_info` (version 1, with a memory map) at `start_info`.
+    ///
+    /// # Safety
+    /// `start_info` must point at the structure the loader filled in, with its command line and
+    /// memory map where it says.
+    pub unsafe fn read_pvh(start_info: u64) -> Self {
+        const MAGIC: u32 = 0x336e_c578;
+        let si = start_info as *const u8;
+        let mut info = BootInfo { cmdline: [0; MAX_CMDLINE], cmdline_len: 0, ram: [(0, 0); MAX_RANGES], ram_count: 0 };
+        // SAFETY: per this function's contract; every field is read unaligned.
+        unsafe {
+            if si.cast::<u32>().read_unaligned() != MAGIC {
+                return info;
+            }
+            let version = si.add(4).cast::<u32>().read_unaligned();
+            let ptr = si.add(24).cast::<u64>().read_unaligned() as *const u8;
+            if !ptr.is_null() {
+                while info.cmdline_len < MAX_CMDLINE - 1 && *ptr.add(info.cmdline_len) != 0 {
+                    info.cmdline[info.cmdline_len] = *ptr.add(info.cmdline_len);
+                    info.cmdline_len += 1;
+                }
+            }
+            if version >= 1 {
+                let map = si.add(40).cast::<u64>().read_unaligned() as *const u8;
+                let n = si.add(48).cast::<u32>().read_unaligned().min(128) as usize;
+                for i in 0..n {
+                    let e = map.add(i * 24);
+                    let addr = e.cast::<u64>().read_unaligned();
+                    let size = e.add(8).cast::<u64>().read_unaligned();
+                    let kind = e.add(16).cast::<u32>().read_unaligned();
+                    if kind == E820_RAM && info.ram_count < MAX_RANGES {
+                        info.ram[info.ram_count] = (addr, addr.saturating_add(size));
+                        info.ram_count += 1;
+                    }
+                }
+            }
+        }
+        info
+    }
+
     pub fn cmdline(&self) -> &str {
         core::str::from_utf8(&self.cmdline[..self.cmdline_len]).unwrap_or("")
     }

@@ -91,11 +91,9 @@ impl Dirty {
             self.next_page = 0;
             // At a set rate the next pass begins when this one was due to end, which may be
             // later than now (a pass of one step would otherwise never wait).
-            let pass_ns = if self.rate_bytes_per_s == 0 {
-                0
-            } else {
-                (self.region.len() * 8) as u64 * 1_000_000_000 / self.rate_bytes_per_s
-            };
+            // Rate 0 is "as fast as it goes": no wait.
+            let pass_ns =
+                ((self.region.len() * 8) as u64 * 1_000_000_000).checked_div(self.rate_bytes_per_s).unwrap_or(0);
             self.pass_start_ns = now.max(self.pass_start_ns + pass_ns);
         }
         true

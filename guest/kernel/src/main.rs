@@ -36,10 +36,12 @@ const MAX_SLEEP_NS: u64 = 1_000_000_000;
 
 /// Entered from `_start` at CPL 3 with the zero page address.
 #[unsafe(no_mangle)]
-extern "C" fn rust_main(zero_page: u64) -> ! {
+extern "C" fn rust_main(boot_info: u64, pvh: u64) -> ! {
     boot::init_idt();
-    // SAFETY: the VMM entered us with RSI = the zero page, per the boot protocol.
-    let info = unsafe { bootinfo::BootInfo::read(zero_page) };
+    // SAFETY: the VMM entered us with a zero page (Linux 64-bit boot protocol) or, through the
+    // PVH note, an hvm_start_info, as the respective protocol promises.
+    let info =
+        unsafe { if pvh == 0 { bootinfo::BootInfo::read(boot_info) } else { bootinfo::BootInfo::read_pvh(boot_info) } };
     let params = Params::parse(info.cmdline());
     let heap = heap::init(info.ram());
     apic::init_lapic();
@@ -135,8 +137,9 @@ fn bring_up_network(params: &Params) -> Option<netstack::NetStack> {
         match virtio_net::VirtioNet::init(dev.base) {
             Ok(nic) => {
                 apic::route_pin(dev.irq);
-                let mut stack = netstack::NetStack::new(nic, params.ipv4, params.workload == Workload::Echo);
+                let mut stack = netstack::NetStack::new(nic, params.ipv4, params.ipv4.is_some());
                 stack.irq = dev.irq as u8;
+                stack.announce();
                 return Some(stack);
             }
             Err(e) => println!("GUEST-ERROR virtio-mmio device at {:#x}: {e}", dev.base),

@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The guest's network stack (smoltcp) and its services: the echo server on port 7000 and the
-//! control service on port 7001, as the Linux guest's init offers them.
+//! The guest's network stack (smoltcp) and its services: the echo server on port 7000, the
+//! control service on port 7001, and the discard (7002) and source (7003) services that
+//! benchmarks measure one-way throughput with, as the Linux guest's init offers them.
 
 use alloc::vec;
 use alloc::vec::Vec;
 
-use guest_common::{CONTROL_PORT, ECHO_PORT, Ipv4Config};
+use guest_common::{CONTROL_PORT, DISCARD_PORT, ECHO_PORT, Ipv4Config, SOURCE_PATTERN, SOURCE_PORT};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::socket::{icmp, tcp};
@@ -19,6 +20,8 @@ use crate::virtio_net::VirtioNet;
 const ECHO_SOCKETS: usize = 8;
 /// Echo socket buffers: large enough for a full window at this link's speed.
 const ECHO_BUFFER: usize = 256 << 10;
+/// Connections the discard and the source service each serve at once.
+const STREAM_SOCKETS: usize = 2;
 const CONTROL_SOCKETS: usize = 2;
 const CONTROL_BUFFER: usize = 4096;
 /// How long a control connection may take to say something.
@@ -56,6 +59,9 @@ pub struct NetStack {
     iface: Interface,
     sockets: SocketSet<'static>,
     echo: Vec<SocketHandle>,
+    discard: Vec<SocketHandle>,
+    /// Source connections and how far into [`SOURCE_PATTERN`] each has sent.
+    source: Vec<(SocketHandle, usize)>,
     control: Vec<Control>,
     echo_enabled: bool,
     scratch: Vec<u8>,
@@ -87,13 +93,19 @@ impl NetStack {
         }
         let mut sockets = SocketSet::new(vec![]);
         let mut echo = Vec::new();
+        let mut discard = Vec::new();
+        let mut source = Vec::new();
         if echo_enabled {
+            let mut add = |rx: usize, tx: usize| {
+                sockets.add(tcp::Socket::new(tcp::SocketBuffer::new(vec![0; rx]), tcp::SocketBuffer::new(vec![0; tx])))
+            };
             for _ in 0..ECHO_SOCKETS {
-                let s = tcp::Socket::new(
-                    tcp::SocketBuffer::new(vec![0; ECHO_BUFFER]),
-                    tcp::SocketBuffer::new(vec![0; ECHO_BUFFER]),
-                );
-                echo.push(sockets.add(s));
+                echo.push(add(ECHO_BUFFER, ECHO_BUFFER));
+            }
+            // One-way services need a big buffer one way only.
+            for _ in 0..STREAM_SOCKETS {
+                discard.push(add(ECHO_BUFFER, 1024));
+                source.push((add(1024, ECHO_BUFFER), 0));
             }
         }
         let mut control = Vec::new();
@@ -119,6 +131,8 @@ impl NetStack {
             iface,
             sockets,
             echo,
+            discard,
+            source,
             control,
             echo_enabled,
             scratch: vec![0; 64 << 10],
@@ -145,6 +159,8 @@ impl NetStack {
             }
             if self.echo_enabled {
                 progress |= self.serve_echo();
+                progress |= self.serve_discard();
+                progress |= self.serve_source();
             }
             let (p, r) = self.serve_control(status_line);
             progress |= p;
@@ -171,13 +187,21 @@ impl NetStack {
         if !self.device.announce_requested() {
             return;
         }
+        self.announce();
+        self.device.ack_announce();
+        self.device.flush();
+    }
+
+    /// Gratuitous ARP for our address, request and reply form: at boot, so that switches
+    /// that knew our MAC elsewhere (a guest that was here before) learn where it is now, and
+    /// when the NIC asks after a migration.
+    pub fn announce(&mut self) {
         if let Some(ip) = self.ip {
             let mac = self.device.mac;
             self.device.send_raw(&guest_common::arp::garp_request(mac, ip.address));
             self.device.send_raw(&guest_common::arp::garp_reply(mac, ip.address));
+            self.device.flush();
         }
-        self.device.ack_announce();
-        self.device.flush();
     }
 
     /// [`Self::announce_if_asked`] at most every 100 ms (one MMIO read each time).
@@ -225,6 +249,72 @@ impl NetStack {
             if !s.may_recv() && s.recv_queue() == 0 && s.may_send() {
                 // The peer finished sending and everything was echoed: close our side too.
                 s.close();
+                progress = true;
+            }
+        }
+        progress
+    }
+
+    fn serve_discard(&mut self) -> bool {
+        let mut progress = false;
+        for &h in &self.discard {
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            if !s.is_open() {
+                let _ = s.listen(DISCARD_PORT);
+                continue;
+            }
+            // Dropped where it lies: nothing is copied.
+            while let Ok(n) = s.recv(|b| (b.len(), b.len()))
+                && n > 0
+            {
+                progress = true;
+            }
+            if !s.may_recv() && s.may_send() {
+                s.close();
+                progress = true;
+            }
+        }
+        progress
+    }
+
+    fn serve_source(&mut self) -> bool {
+        let mut progress = false;
+        for (h, offset) in &mut self.source {
+            let s = self.sockets.get_mut::<tcp::Socket>(*h);
+            if !s.is_open() {
+                *offset = 0;
+                let _ = s.listen(SOURCE_PORT);
+                continue;
+            }
+            // The client ends the stream by closing its side (or resetting).
+            if !s.may_recv() {
+                if s.may_send() {
+                    s.close();
+                    progress = true;
+                }
+                continue;
+            }
+            // Also drain whatever the client sends, so its close is seen.
+            while let Ok(n) = s.recv(|b| (b.len(), b.len()))
+                && n > 0
+            {}
+            while s.can_send() {
+                let n = s
+                    .send(|buf| {
+                        let mut n = 0;
+                        while n < buf.len() {
+                            let chunk = &SOURCE_PATTERN[*offset..];
+                            let k = chunk.len().min(buf.len() - n);
+                            buf[n..n + k].copy_from_slice(&chunk[..k]);
+                            n += k;
+                            *offset = (*offset + k) % SOURCE_PATTERN.len();
+                        }
+                        (n, n)
+                    })
+                    .unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
                 progress = true;
             }
         }

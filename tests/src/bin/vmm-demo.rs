@@ -8,25 +8,15 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase};
 use vmm_tests::TestBed;
+use vmm_tests::echo_stream::EchoStream;
 use vmm_tests::vm::{Vm, api_sock_path, guest_kernel};
 
 const MIGRATION_PORT: u16 = 7100;
 const INTERVAL: Duration = Duration::from_millis(10);
-
-/// What the client saw.
-#[derive(Default)]
-struct Stream {
-    sent: u64,
-    echoed: u64,
-    largest_gap: Duration,
-    errors: Vec<String>,
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,7 +40,7 @@ fn run(round_trip: bool, dest_flags: Vec<String>) -> Result<(), String> {
     let guest_ip = bed.guest_ip(0);
 
     let src_sock = api_sock_path("demo-a");
-    let mut args = vec![
+    let args = vec![
         "run".to_string(),
         "--kernel".into(),
         kernel.display().to_string(),
@@ -81,9 +71,7 @@ fn run(round_trip: bool, dest_flags: Vec<String>) -> Result<(), String> {
             .stderr(std::process::Stdio::null());
         client.spawn(&mut cmd)
     });
-    let stats = Arc::new(Mutex::new(Stream::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (writer, reader) = start_stream(stream, stats.clone(), stop.clone())?;
+    let echo = EchoStream::start(stream, INTERVAL).map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_secs(2));
 
     let hops: &[(&str, &str)] = if round_trip { &[("a", "b"), ("b", "a")] } else { &[("a", "b")] };
@@ -150,10 +138,7 @@ fn run(round_trip: bool, dest_flags: Vec<String>) -> Result<(), String> {
         bed.remove_tap("a").map_err(|e| e.to_string())?;
         std::thread::sleep(Duration::from_secs(2));
     }
-    stop.store(true, Ordering::Relaxed);
-    let _ = writer.join();
-    let _ = reader.join();
-    let s = stats.lock().map_err(|_| "poisoned")?;
+    let s = echo.finish();
     println!("== summary");
     for (i, info) in reports.iter().enumerate() {
         println!(
@@ -167,7 +152,7 @@ fn run(round_trip: bool, dest_flags: Vec<String>) -> Result<(), String> {
             info.pages_skipped
         );
     }
-    let lost = s.sent.saturating_sub(s.echoed);
+    let lost = s.lost();
     println!("   client: {} messages sent, {} echoed in order, {} lost", s.sent, s.echoed, lost);
     println!("   client-observed largest gap between echoes: {} ms", s.largest_gap.as_millis());
     for e in &s.errors {
@@ -180,70 +165,6 @@ fn run(round_trip: bool, dest_flags: Vec<String>) -> Result<(), String> {
         return Err("the connection did not survive the migration intact".into());
     }
     Ok(())
-}
-
-fn start_stream(
-    stream: TcpStream,
-    stats: Arc<Mutex<Stream>>,
-    stop: Arc<AtomicBool>,
-) -> Result<(std::thread::JoinHandle<()>, std::thread::JoinHandle<()>), String> {
-    let mut w = stream.try_clone().map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| e.to_string())?;
-    let (s1, stop1) = (stats.clone(), stop.clone());
-    let writer = std::thread::spawn(move || {
-        let mut n = 0u64;
-        while !stop1.load(Ordering::Relaxed) {
-            if let Err(e) = w.write_all(format!("msg {n:08}\n").as_bytes()) {
-                s1.lock().expect("Poisoned lock").errors.push(format!("write: {e}"));
-                return;
-            }
-            n += 1;
-            s1.lock().expect("Poisoned lock").sent = n;
-            std::thread::sleep(INTERVAL);
-        }
-    });
-    let reader = std::thread::spawn(move || {
-        let mut r = BufReader::new(stream);
-        let mut expect = 0u64;
-        let mut last = Instant::now();
-        let mut line = String::new();
-        let mut drain_until = None;
-        loop {
-            if stop.load(Ordering::Relaxed) {
-                // Give the last echoes a moment to arrive.
-                let d = *drain_until.get_or_insert(Instant::now() + Duration::from_secs(2));
-                let done = stats.lock().expect("Poisoned lock").sent == expect;
-                if done || Instant::now() > d {
-                    return;
-                }
-            }
-            line.clear();
-            match r.read_line(&mut line) {
-                Ok(0) => {
-                    stats.lock().expect("Poisoned lock").errors.push("the guest closed the connection".into());
-                    return;
-                }
-                Ok(_) => {
-                    let now = Instant::now();
-                    let mut s = stats.lock().expect("Poisoned lock");
-                    if line != format!("msg {expect:08}\n") {
-                        s.errors.push(format!("expected msg {expect:08}, got {line:?}"));
-                        return;
-                    }
-                    expect += 1;
-                    s.echoed = expect;
-                    s.largest_gap = s.largest_gap.max(now - last);
-                    last = now;
-                }
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(e) => {
-                    stats.lock().expect("Poisoned lock").errors.push(format!("read: {e}"));
-                    return;
-                }
-            }
-        }
-    });
-    Ok((writer, reader))
 }
 
 fn migrate(vm: &Vm, to: &str) -> Result<MigrationInfo, String> {

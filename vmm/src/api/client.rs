@@ -180,8 +180,8 @@ impl ApiClient {
     }
 }
 
-/// The `error` of a `{"error": "..."}` body, or the best we can say without one (tiny_http's own
-/// 400s for unparsable requests have no body).
+/// The `error` of a `{"error": "..."}` body, or the best we can say without one (a server other
+/// than ours, or a proxy, may answer without a JSON body).
 fn error_message(response: &HttpResponse) -> String {
     #[derive(serde::Deserialize)]
     struct ErrorBody {

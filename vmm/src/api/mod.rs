@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The API: HTTP/1.1 with JSON bodies on a unix socket, served on a thread of its own; requests
-//! reach the VMM thread over a channel plus an eventfd, so API clients never block vCPUs.
+//! The API: HTTP/1.1 with JSON bodies on a unix socket, served by threads of its own (one accepts,
+//! one per connection); requests reach the VMM thread over a channel plus an eventfd, so API
+//! clients never block vCPUs.
 
 pub mod client;
 pub mod display;

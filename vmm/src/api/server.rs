@@ -1,23 +1,43 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The API's HTTP side: a tiny_http server on a unix socket, on a thread named "api", that turns
-//! each request into an [`ApiRequest`] for the VMM thread and its answer into an HTTP response.
+//! The API's HTTP side: a small HTTP/1.1 server on a unix socket that turns each request into an
+//! [`ApiRequest`] for the VMM thread and its answer into an HTTP response.
 //!
-//! tiny_http reads every connection on a thread of its own; each request is then answered on a
-//! short-lived thread too, so a client that stalls while sending a body, or never reads its
-//! answer, holds up only itself.
+//! `httparse` parses request heads and chunk sizes; this module only frames: it decides how much
+//! to read, for how long, and when a connection ends. Every limit is checked before anything is
+//! read or allocated for it, so no client can make the server (and with it the guest) eat memory
+//! or stall the API for others:
+//!
+//! - A thread named "api" accepts connections and gives each one a thread named "api-conn", up to
+//!   [`ApiServerOptions::max_connections`] at once; beyond that a connection is answered 503 and
+//!   closed at once, without the accept loop ever blocking on it.
+//! - Each request, head and body, must arrive within [`ApiServerOptions::request_timeout`] of the
+//!   connection being ready for it, and the answer must be taken within as long again; a client
+//!   that sends nothing or half a request is dropped then, and only ever held up itself.
+//! - Heads are at most [`ApiServerOptions::max_header`] bytes (431 above), bodies at most
+//!   [`ApiServerOptions::max_body`] (413 above, decided from `Content-Length` before reading, or
+//!   while reading a chunked body).
+//! - Connections are persistent as HTTP/1.1 says (`Connection: close` or HTTP/1.0 ends them after
+//!   one answer); any request whose body was not read to its end closes its connection, as the
+//!   next request's start would be unknown.
+//!
+//! [`ApiServer::stop`] wakes the accept thread through an eventfd and waits only for it; connection
+//! threads end on their own timeouts and no longer reach the VMM thread once the server stopped.
 
-use std::io::{ErrorKind, Read};
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::routes::{self, Endpoint, RouteError};
 use super::types::{ApiError, ApiMessage, ApiRequest, ApiResponse};
@@ -26,17 +46,56 @@ use super::types::{ApiError, ApiMessage, ApiRequest, ApiResponse};
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request body accepted (HTTP 413 above). A `MigrateRequest` is well under 1 KiB.
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
+/// How long a client has to send a request, and then to take its answer.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head (request line and headers) accepted (HTTP 431 above). Ours are ~100 bytes;
+/// 16 KiB is more than curl or any proxy sends.
+pub const DEFAULT_MAX_HEADER: usize = 16 * 1024;
+/// Most connections served at once. Each costs a thread; the API has one or two real clients.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+
+/// Most header fields in a request head or a chunked body's trailer (HTTP 431 above).
+const MAX_HEADER_FIELDS: usize = 64;
+/// Longest chunk-size line (size and extensions) of a chunked body.
+const MAX_CHUNK_LINE: usize = 1024;
+/// How much is read from a socket at a time.
+const READ_CHUNK: usize = 8 * 1024;
+/// After refusing a request whose body we did not read, how long and how much we still read (and
+/// discard) before closing: a client busy writing its body then gets to read our answer instead of
+/// a broken pipe.
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1024 * 1024;
+/// How long the accept loop rests after `accept` failed (out of file descriptors, typically): the
+/// connection stays queued, so retrying at once would only spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Most connections accepted per wake-up, so that a flood cannot delay [`ApiServer::stop`].
+const ACCEPT_BATCH: usize = 64;
 
 /// Tunables of the API server; [`Default`] is what `start_api_server` uses.
 #[derive(Clone, Debug)]
 pub struct ApiServerOptions {
+    /// How long a request waits for the VMM thread (503 after).
     pub reply_timeout: Duration,
+    /// Largest request body (413 above).
     pub max_body: usize,
+    /// How long a client has for each request, head and body (408 after, or a silent close if
+    /// it sent nothing), and then for taking its answer.
+    pub request_timeout: Duration,
+    /// Largest request head (431 above).
+    pub max_header: usize,
+    /// Most connections served at once (503 above).
+    pub max_connections: usize,
 }
 
 impl Default for ApiServerOptions {
     fn default() -> Self {
-        ApiServerOptions { reply_timeout: DEFAULT_REPLY_TIMEOUT, max_body: DEFAULT_MAX_BODY }
+        ApiServerOptions {
+            reply_timeout: DEFAULT_REPLY_TIMEOUT,
+            max_body: DEFAULT_MAX_BODY,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_header: DEFAULT_MAX_HEADER,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
     }
 }
 
@@ -71,6 +130,8 @@ pub enum ApiServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to set up the API server's wake-ups: {0}")]
+    Poll(#[source] std::io::Error),
     #[error("failed to start the API thread: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -78,9 +139,10 @@ pub enum ApiServerError {
 /// A running API server. Stopping it (or dropping it) closes the socket and removes its file.
 pub struct ApiServer {
     path: PathBuf,
-    server: Option<Arc<tiny_http::Server>>,
+    /// Written by [`ApiServer::stop`] to wake the accept thread.
+    stop: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
-    stopping: Arc<AtomicBool>,
+    dispatcher: Arc<Dispatcher>,
 }
 
 /// Starts the API server on `path` with the default options. Requests go to the VMM thread on
@@ -101,27 +163,44 @@ pub fn start_api_server_with(
     options: ApiServerOptions,
 ) -> Result<ApiServer, ApiServerError> {
     clear_socket_path(path)?;
-    let server = tiny_http::Server::http_unix(path)
-        .map_err(|source| ApiServerError::Bind { path: path.to_path_buf(), source })?;
-    // Dropping the server on error paths below removes the socket file again.
-    let server = Arc::new(server);
+    let listener =
+        UnixListener::bind(path).map_err(|e| ApiServerError::Bind { path: path.to_path_buf(), source: e.into() })?;
+    // From here on the socket file is ours: remove it again if we fail.
+    let remove_socket = |e: ApiServerError| {
+        let _ = std::fs::remove_file(path);
+        e
+    };
     // Done after bind rather than with a tighter umask, which is process-wide and would race with
     // other threads creating files; the socket is open to the umask only for this instant.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|source| ApiServerError::Permissions { path: path.to_path_buf(), source })?;
+        .map_err(|source| remove_socket(ApiServerError::Permissions { path: path.to_path_buf(), source }))?;
+    // Nonblocking so that the accept loop, woken by epoll, never blocks in `accept` where `stop`
+    // could not reach it.
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| remove_socket(ApiServerError::Bind { path: path.to_path_buf(), source: e.into() }))?;
+    let stop = EventFd::new(EFD_NONBLOCK).map(Arc::new).map_err(|e| remove_socket(ApiServerError::Poll(e)))?;
+    let epoll = Epoll::new()
+        .and_then(|epoll| {
+            epoll.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, LISTENER))?;
+            epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP))?;
+            Ok(epoll)
+        })
+        .map_err(|e| remove_socket(ApiServerError::Poll(e)))?;
 
-    let stopping = Arc::new(AtomicBool::new(false));
-    let dispatcher = Dispatcher { to_vmm, wake, options };
+    let dispatcher =
+        Arc::new(Dispatcher { to_vmm: Mutex::new(Some(to_vmm)), wake, options, connections: AtomicUsize::new(0) });
     let thread = {
-        let server = Arc::clone(&server);
-        let stopping = Arc::clone(&stopping);
+        let dispatcher = Arc::clone(&dispatcher);
+        // The thread keeps the eventfd open for as long as its epoll watches it.
+        let stop = Arc::clone(&stop);
         thread::Builder::new()
             .name("api".to_string())
-            .spawn(move || serve(&server, &stopping, Arc::new(dispatcher)))
-            .map_err(ApiServerError::Thread)?
+            .spawn(move || accept_loop(&listener, &epoll, &stop, &dispatcher))
+            .map_err(|e| remove_socket(ApiServerError::Thread(e)))?
     };
     log::info!("API listening on {}", path.display());
-    Ok(ApiServer { path: path.to_path_buf(), server: Some(server), thread: Some(thread), stopping })
+    Ok(ApiServer { path: path.to_path_buf(), stop, thread: Some(thread), dispatcher })
 }
 
 impl ApiServer {
@@ -131,21 +210,24 @@ impl ApiServer {
     }
 
     /// Stops taking requests and removes the socket file. Requests already handed to the VMM
-    /// thread still get their answers. Idempotent.
+    /// thread still get their answers; connections still open get 503s for anything else, and
+    /// end by their own timeouts. Returns without waiting for them. Idempotent.
     pub fn stop(&mut self) {
-        let Some(server) = self.server.take() else {
+        let Some(thread) = self.thread.take() else {
             return;
         };
-        self.stopping.store(true, Ordering::SeqCst);
-        server.unblock();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                log::error!("the API thread panicked");
+        // Our last clone of the VMM's channel goes now rather than with the last connection.
+        self.dispatcher.disconnect();
+        match self.stop.write(1) {
+            Ok(()) => {
+                if thread.join().is_err() {
+                    log::error!("the API thread panicked");
+                }
             }
+            // Cannot happen with a counter that only ever gets a few 1s; if it did, joining would
+            // wait forever, so the thread is left to the end of the process.
+            Err(e) => log::error!("failed to wake the API thread to stop it: {e}"),
         }
-        // The last reference: tiny_http closes the listener (connecting to it to wake its accept
-        // thread, so the file must still be there) and removes the socket file itself.
-        drop(server);
         match std::fs::remove_file(&self.path) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -156,7 +238,7 @@ impl ApiServer {
 
 impl std::fmt::Debug for ApiServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiServer").field("path", &self.path).field("running", &self.server.is_some()).finish()
+        f.debug_struct("ApiServer").field("path", &self.path).field("running", &self.thread.is_some()).finish()
     }
 }
 
@@ -196,49 +278,147 @@ fn clear_socket_path(path: &Path) -> Result<(), ApiServerError> {
     }
 }
 
-/// The "api" thread: hands each request to a thread of its own until stopped.
-fn serve(server: &tiny_http::Server, stopping: &AtomicBool, dispatcher: Arc<Dispatcher>) {
+// ---------------------------------------------------------------------------------------------
+// Accepting connections
+
+/// epoll tokens of the accept loop.
+const LISTENER: u64 = 0;
+const STOP: u64 = 1;
+
+/// The "api" thread: gives each connection a thread of its own until `stop` is written.
+fn accept_loop(listener: &UnixListener, epoll: &Epoll, stop: &EventFd, dispatcher: &Arc<Dispatcher>) {
+    let mut events = [EpollEvent::default(); 2];
+    // Whether the last accept failed, so that a lasting failure is logged once, not ten times a second.
+    let mut failing = false;
     loop {
-        let request = match server.recv() {
-            Ok(request) => request,
+        let ready = match epoll.wait(-1, &mut events) {
+            Ok(n) => &events[..n],
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
-                if !stopping.load(Ordering::SeqCst) {
-                    log::error!("the API server stopped taking requests: {e}");
-                }
+                log::error!("the API server stopped taking connections: {e}");
                 return;
             }
         };
-        let dispatcher = Arc::clone(&dispatcher);
-        let spawned =
-            thread::Builder::new().name("api-request".to_string()).spawn(move || handle(request, &dispatcher));
-        // On failure the request is dropped with the closure, and tiny_http answers it 500.
-        if let Err(e) = spawned {
-            log::error!("failed to start a thread for an API request: {e}");
+        if ready.iter().any(|event| event.data() == STOP) {
+            // Not needed for exiting, but leaves the eventfd as we found it.
+            let _ = stop.read();
+            return;
+        }
+        for _ in 0..ACCEPT_BATCH {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    failing = false;
+                    admit(stream, dispatcher);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::ConnectionAborted) => {}
+                Err(e) => {
+                    if !failing {
+                        log::warn!("failed to accept an API connection (retrying): {e}");
+                        failing = true;
+                    }
+                    thread::sleep(ACCEPT_BACKOFF);
+                    break;
+                }
+            }
         }
     }
 }
 
-/// What the server needs to pass a request on.
+/// Starts a thread for `stream`, or turns it away if there are too many already.
+fn admit(stream: UnixStream, dispatcher: &Arc<Dispatcher>) {
+    let Some(slot) = Slot::take(dispatcher) else {
+        turn_away(stream, dispatcher.options.max_connections);
+        return;
+    };
+    let spawned = thread::Builder::new().name("api-conn".to_string()).spawn(move || {
+        // Accepted sockets do not inherit the listener's O_NONBLOCK on Linux; make sure anyway, as
+        // the timeouts below only work on blocking sockets.
+        if stream.set_nonblocking(false).is_ok() {
+            serve_connection(stream, &slot.dispatcher);
+        }
+        drop(slot);
+    });
+    // On failure the closure, and with it the stream and the slot, is dropped: the client sees the
+    // connection close.
+    if let Err(e) = spawned {
+        log::error!("failed to start a thread for an API connection: {e}");
+    }
+}
+
+/// Answers 503 to a connection over the limit, without ever blocking the accept loop.
+fn turn_away(stream: UnixStream, max: usize) {
+    log::warn!("too many API connections (at most {max}); turning one away");
+    let reply = Reply::error(503, format!("too many API connections (at most {max}); try again later"));
+    // A fresh socket's send buffer is empty, so one nonblocking write takes the whole answer; if
+    // not, the client just sees the connection close.
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = (&stream).write(&reply.encode(true, false));
+    }
+}
+
+/// One of the [`ApiServerOptions::max_connections`] connections; gives its place back when dropped.
+struct Slot {
+    dispatcher: Arc<Dispatcher>,
+}
+
+impl Slot {
+    fn take(dispatcher: &Arc<Dispatcher>) -> Option<Slot> {
+        let max = dispatcher.options.max_connections;
+        dispatcher
+            .connections
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Slot { dispatcher: Arc::clone(dispatcher) })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.dispatcher.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Passing requests on to the VMM thread
+
+/// What the server needs to pass a request on, shared by all its threads.
 struct Dispatcher {
-    to_vmm: Sender<ApiMessage>,
+    /// `None` once the server stopped, so that connections still open cannot keep the VMM's
+    /// channel alive (its receiver would never see it close) or reach the VMM after `stop`.
+    to_vmm: Mutex<Option<Sender<ApiMessage>>>,
     wake: Arc<EventFd>,
     options: ApiServerOptions,
+    /// Connections being served now.
+    connections: AtomicUsize,
 }
 
 /// Why the VMM thread gave no answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Copy, Debug)]
 enum Unavailable {
-    #[error("the VMM is not taking API requests")]
     Gone,
-    #[error("the VMM did not answer in time")]
     Timeout,
+}
+
+impl Unavailable {
+    fn message(self) -> &'static str {
+        match self {
+            Unavailable::Gone => "the VMM is not taking API requests",
+            Unavailable::Timeout => "the VMM did not answer in time",
+        }
+    }
 }
 
 impl Dispatcher {
     /// Sends `request` to the VMM thread, wakes it and waits for its answer.
     fn call(&self, request: ApiRequest) -> Result<Result<ApiResponse, ApiError>, Unavailable> {
         let (reply_tx, reply_rx) = channel();
-        self.to_vmm.send((request, reply_tx)).map_err(|_| Unavailable::Gone)?;
+        {
+            // Sending never blocks (the channel is unbounded), so neither does this lock for long.
+            let to_vmm = self.to_vmm.lock().unwrap_or_else(PoisonError::into_inner);
+            let to_vmm = to_vmm.as_ref().ok_or(Unavailable::Gone)?;
+            to_vmm.send((request, reply_tx)).map_err(|_| Unavailable::Gone)?;
+        }
         if let Err(e) = self.wake.write(1) {
             // The request is queued; the VMM thread sees it at its next wake-up, or we time out.
             log::warn!("failed to wake the VMM thread for an API request: {e}");
@@ -249,87 +429,419 @@ impl Dispatcher {
             Err(RecvTimeoutError::Disconnected) => Err(Unavailable::Gone),
         }
     }
-}
 
-/// Announced bodies longer than this are never drained, see [`abandon`].
-const MAX_DRAINED_BODY: usize = 16 * 1024 * 1024;
-
-fn handle(mut request: tiny_http::Request, dispatcher: &Dispatcher) {
-    let reply = answer(&mut request, dispatcher);
-    log::debug!("API {} {} -> {}", request.method(), request.url(), reply.status);
-    if request.body_length().is_some_and(|len| len > MAX_DRAINED_BODY) {
-        abandon(request, reply);
-    } else if let Err(e) = request.respond(reply.into_response()) {
-        log::debug!("failed to send an API answer: {e}");
+    /// Drops the server's way to the VMM thread; requests from now on get 503s.
+    fn disconnect(&self) {
+        self.to_vmm.lock().unwrap_or_else(PoisonError::into_inner).take();
     }
 }
 
-/// Answers a request whose announced body is absurdly long, then leaks its connection.
-///
-/// tiny_http 0.12 drains an unread body when the request is dropped (or its body reader reaches
-/// the end of the stream), into a buffer the size of what remains of the announced length:
-/// `Content-Length: 1000000000000000` would make that allocation abort the whole VMM, guest and
-/// all. `upgrade` is the only way to answer and keep the body reader, which we then never drop:
-/// the connection's two descriptors and tiny_http's thread for it are lost, a price only a
-/// broken or hostile client makes us pay, and only the socket's owner can connect.
-fn abandon(request: tiny_http::Request, reply: Reply) {
-    let len = request.body_length().unwrap_or_default();
-    log::warn!("an API client announced a {len}-byte body; answering and abandoning its connection");
-    std::mem::forget(request.upgrade("none", reply.into_response()));
+// ---------------------------------------------------------------------------------------------
+// Serving a connection
+
+/// How a request's body is delimited (RFC 9112 section 6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// No body.
+    Empty,
+    /// `Content-Length` bytes (more than 0).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
 }
 
-/// Everything from routing to the VMM's answer; never panics on what the client sent.
-fn answer(request: &mut tiny_http::Request, dispatcher: &Dispatcher) -> Reply {
-    let url = request.url();
-    let path = url.split_once('?').map_or(url, |(path, _query)| path);
-    let method = request.method().as_str();
+/// What the server needs from a request head, copied out of the read buffer.
+#[derive(Debug, PartialEq, Eq)]
+struct Head {
+    method: String,
+    /// The request target as sent, query string included.
+    target: String,
+    framing: Framing,
+    /// HTTP/1.1 without `Connection: close`.
+    keep_alive: bool,
+    /// An HTTP/1.1 client waiting for `100 Continue` before it sends its body.
+    expect_continue: bool,
+}
+
+/// How reading a request can end without a request.
+#[derive(Debug)]
+enum Failure {
+    /// The client hung up or the socket failed: nobody to answer.
+    Gone,
+    /// The time for the request ran out.
+    TimedOut,
+    /// The request cannot be served; this answer goes back before the connection closes.
+    Refused(Reply),
+}
+
+/// One client connection and the bytes read from it but not used yet.
+struct Connection {
+    stream: UnixStream,
+    /// The rest of the current request, or the start of the next one (clients may send several
+    /// without waiting for answers). Never more than a head or body limit plus one read.
+    buf: Vec<u8>,
+}
+
+/// Serves the requests of one connection until it closes, fails, idles out or must close.
+fn serve_connection(stream: UnixStream, dispatcher: &Dispatcher) {
+    let options = &dispatcher.options;
+    let mut conn = Connection { stream, buf: Vec::new() };
+    loop {
+        let deadline = Instant::now() + options.request_timeout;
+        let served = conn.read_head(options.max_header, deadline).and_then(|head| match head {
+            Some(head) => answer(&mut conn, &head, deadline, dispatcher).map(|(reply, body_read)| {
+                log::debug!("API {} {:?} -> {}", head.method, head.target, reply.status);
+                Some((head, reply, body_read))
+            }),
+            None => Ok(None),
+        });
+        let answer_deadline = Instant::now() + options.request_timeout;
+        match served {
+            // Closed or idle between requests.
+            Ok(None) | Err(Failure::Gone) => return,
+            Ok(Some((head, reply, body_read))) => {
+                // After a body left unread, the next request's start is unknown.
+                let keep_alive = head.keep_alive && body_read;
+                let bytes = reply.encode(!keep_alive, head.method == "HEAD");
+                if let Err(e) = conn.write_all(&bytes, answer_deadline) {
+                    log::debug!("failed to send an API answer: {e}");
+                    return;
+                }
+                if !body_read {
+                    conn.linger();
+                }
+                if !keep_alive {
+                    return;
+                }
+            }
+            Err(Failure::TimedOut) => {
+                log::debug!("an API client was too slow to send its request");
+                let reply = Reply::error(408, "the request did not arrive in time".to_string());
+                let _ = conn.write_all(&reply.encode(true, false), answer_deadline);
+                return;
+            }
+            Err(Failure::Refused(reply)) => {
+                log::debug!("refused an API request: {}", reply.status);
+                if conn.write_all(&reply.encode(true, false), answer_deadline).is_ok() {
+                    conn.linger();
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Everything from routing to the VMM's answer for a request whose head has been read; also says
+/// whether its body was read to the end, so that the connection can carry another request.
+fn answer(
+    conn: &mut Connection,
+    head: &Head,
+    deadline: Instant,
+    dispatcher: &Dispatcher,
+) -> Result<(Reply, bool), Failure> {
+    let path = head.target.split_once('?').map_or(head.target.as_str(), |(path, _query)| path);
+    let method = head.method.as_str();
+    let no_body = head.framing == Framing::Empty;
     let endpoint = match routes::route(method, path) {
         Ok(endpoint) => endpoint,
-        Err(RouteError::NotFound) => return Reply::error(404, format!("no such route: {path}")),
+        Err(RouteError::NotFound) => return Ok((Reply::error(404, format!("no such route: {path}")), no_body)),
         Err(RouteError::MethodNotAllowed(allowed)) => {
             let allow = allowed.join(", ");
-            return Reply::error(405, format!("method {method} is not allowed on {path} (allowed: {allow})"))
+            let reply = Reply::error(405, format!("method {method} is not allowed on {path} (allowed: {allow})"))
                 .with_allow(allow);
+            return Ok((reply, no_body));
         }
     };
     let max_body = dispatcher.options.max_body;
-    if request.body_length().is_some_and(|len| len > max_body) {
-        return too_large(max_body);
-    }
-    let body = if endpoint.takes_body() {
-        match read_body(request.as_reader(), max_body) {
-            Ok(Some(body)) => body,
-            Ok(None) => return too_large(max_body),
-            Err(e) => return Reply::error(400, format!("failed to read the request body: {e}")),
+    if let Framing::Length(len) = head.framing {
+        if len > u64::try_from(max_body).unwrap_or(u64::MAX) {
+            return Err(Failure::Refused(too_large(max_body)));
         }
-    } else {
-        Vec::new()
-    };
-    let api_request = match endpoint.request(&body) {
-        Ok(api_request) => api_request,
-        Err(e) => return Reply::api_error(&e),
-    };
-    match dispatcher.call(api_request) {
-        Ok(Ok(response)) => Reply::from_response(endpoint, response),
-        Ok(Err(e)) => Reply::api_error(&e),
-        Err(e) => Reply::error(503, e.to_string()),
     }
+    // Only now that the request can be served: a client told 413 (or 404) need not send its body.
+    if head.expect_continue && !no_body && conn.buf.is_empty() {
+        conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n", deadline).map_err(|_| Failure::Gone)?;
+    }
+    // Every endpoint's body is read, even by those that ignore it, to find the next request.
+    let body = conn.read_body(head.framing, max_body, dispatcher.options.max_header, deadline)?;
+    let reply = match endpoint.request(&body) {
+        Ok(api_request) => match dispatcher.call(api_request) {
+            Ok(Ok(response)) => Reply::from_response(endpoint, response),
+            Ok(Err(e)) => Reply::api_error(&e),
+            Err(e) => Reply::error(503, e.message().to_string()),
+        },
+        Err(e) => Reply::api_error(&e),
+    };
+    Ok((reply, true))
 }
 
 fn too_large(max_body: usize) -> Reply {
     Reply::error(413, format!("request body too large (at most {max_body} bytes)"))
 }
 
-/// Reads at most `max` bytes of body; `None` if there is more (chunked bodies have no length to
-/// check up front).
-fn read_body(reader: &mut dyn Read, max: usize) -> std::io::Result<Option<Vec<u8>>> {
-    let mut body = Vec::new();
-    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
-    reader.take(limit).read_to_end(&mut body)?;
-    Ok((body.len() <= max).then_some(body))
+fn bad_request(message: impl Into<String>) -> Failure {
+    Failure::Refused(Reply::error(400, message.into()))
 }
 
-/// An HTTP answer before it becomes a tiny_http `Response`.
+fn header_too_large(message: impl Into<String>) -> Failure {
+    Failure::Refused(Reply::error(431, message.into()))
+}
+
+impl Connection {
+    /// Reads and parses the next request head. `None` if the client closed the connection or
+    /// sent nothing in time between requests, neither of which needs an answer.
+    fn read_head(&mut self, max_header: usize, deadline: Instant) -> Result<Option<Head>, Failure> {
+        loop {
+            if !self.buf.is_empty() {
+                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADER_FIELDS];
+                let mut request = httparse::Request::new(&mut fields);
+                match request.parse(&self.buf) {
+                    Ok(httparse::Status::Complete(len)) if len > max_header => {
+                        return Err(header_too_large(format!("request header too large (at most {max_header} bytes)")));
+                    }
+                    Ok(httparse::Status::Complete(len)) => {
+                        let head = parse_head(&request)?;
+                        self.buf.drain(..len);
+                        return Ok(Some(head));
+                    }
+                    Ok(httparse::Status::Partial) if self.buf.len() >= max_header => {
+                        return Err(header_too_large(format!("request header too large (at most {max_header} bytes)")));
+                    }
+                    Ok(httparse::Status::Partial) => {}
+                    Err(httparse::Error::TooManyHeaders) => {
+                        return Err(header_too_large("too many request header fields"));
+                    }
+                    Err(e) => return Err(bad_request(format!("malformed request: {e}"))),
+                }
+            }
+            // httparse skips empty lines before a request, as RFC 9112 section 2.2 allows; only
+            // anything else counts as a request begun.
+            let begun = self.buf.iter().any(|b| !b.is_ascii_whitespace());
+            match self.fill(deadline) {
+                Ok(0) if begun => return Err(bad_request("the request ended before its header did")),
+                Ok(0) | Err(Failure::TimedOut) if !begun => return Ok(None),
+                Ok(_) => {}
+                Err(failure) => return Err(failure),
+            }
+        }
+    }
+
+    /// Reads a body of at most `max` bytes (413 above) delimited by `framing`.
+    fn read_body(
+        &mut self,
+        framing: Framing,
+        max: usize,
+        max_trailer: usize,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, Failure> {
+        match framing {
+            Framing::Empty => Ok(Vec::new()),
+            Framing::Length(len) => {
+                // The caller checked `len` against `max`; this only guards the conversion.
+                let len = usize::try_from(len)
+                    .ok()
+                    .filter(|&len| len <= max)
+                    .ok_or_else(|| Failure::Refused(too_large(max)))?;
+                self.fill_to(len, deadline)?;
+                Ok(self.buf.drain(..len).collect())
+            }
+            Framing::Chunked => self.read_chunked(max, max_trailer, deadline),
+        }
+    }
+
+    /// Reads a chunked body (RFC 9112 section 7.1): chunks of at most `max` bytes in all, then a
+    /// trailer section, read and ignored.
+    fn read_chunked(&mut self, max: usize, max_trailer: usize, deadline: Instant) -> Result<Vec<u8>, Failure> {
+        let mut body = Vec::new();
+        loop {
+            let (line_len, size) = loop {
+                match httparse::parse_chunk_size(&self.buf) {
+                    Ok(httparse::Status::Complete(found)) => break found,
+                    Ok(httparse::Status::Partial) if self.buf.len() < MAX_CHUNK_LINE => self.fill_more(deadline)?,
+                    Ok(httparse::Status::Partial) | Err(_) => return Err(bad_request("malformed chunked body")),
+                }
+            };
+            self.buf.drain(..line_len);
+            if size == 0 {
+                break;
+            }
+            let room = max - body.len();
+            let size = usize::try_from(size)
+                .ok()
+                .filter(|&size| size <= room)
+                .ok_or_else(|| Failure::Refused(too_large(max)))?;
+            // The chunk and the CRLF that ends it.
+            let end = size.checked_add(2).ok_or_else(|| Failure::Refused(too_large(max)))?;
+            self.fill_to(end, deadline)?;
+            if self.buf[size..end] != *b"\r\n" {
+                return Err(bad_request("malformed chunked body"));
+            }
+            body.extend_from_slice(&self.buf[..size]);
+            self.buf.drain(..end);
+        }
+        loop {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADER_FIELDS];
+            match httparse::parse_headers(&self.buf, &mut fields) {
+                Ok(httparse::Status::Complete((len, _))) => {
+                    self.buf.drain(..len);
+                    return Ok(body);
+                }
+                Ok(httparse::Status::Partial) if self.buf.len() < max_trailer => self.fill_more(deadline)?,
+                Ok(httparse::Status::Partial) => return Err(header_too_large("request trailer too large")),
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(header_too_large("too many request trailer fields"));
+                }
+                Err(e) => return Err(bad_request(format!("malformed chunked body trailer: {e}"))),
+            }
+        }
+    }
+
+    /// Reads until at least `len` bytes are buffered; the body ending sooner is an error.
+    fn fill_to(&mut self, len: usize, deadline: Instant) -> Result<(), Failure> {
+        while self.buf.len() < len {
+            self.fill_more(deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Reads some more of a body; its ending here is an error.
+    fn fill_more(&mut self, deadline: Instant) -> Result<(), Failure> {
+        match self.fill(deadline)? {
+            0 => Err(bad_request("the request body ended early")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads what has arrived, waiting until `deadline` at most: the number of bytes added to
+    /// `buf`, 0 at the end of the stream.
+    fn fill(&mut self, deadline: Instant) -> Result<usize, Failure> {
+        let mut chunk = [0u8; READ_CHUNK];
+        loop {
+            // One deadline for all reads: a socket timeout alone would restart at every byte, and
+            // a client sending one byte at a time could hold its thread forever.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Failure::TimedOut);
+            }
+            self.stream.set_read_timeout(Some(left)).map_err(|_| Failure::Gone)?;
+            match self.stream.read(&mut chunk) {
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(n);
+                }
+                // A socket timeout shows as EAGAIN; the deadline check above decides.
+                Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return Err(Failure::Gone),
+            }
+        }
+    }
+
+    /// Writes all of `bytes` by `deadline`. A client that hung up makes this fail with EPIPE
+    /// rather than kill the process: Rust programs start with SIGPIPE ignored.
+    fn write_all(&mut self, mut bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ErrorKind::TimedOut.into());
+            }
+            self.stream.set_write_timeout(Some(left))?;
+            match self.stream.write(bytes) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Before closing a connection whose request was not read to its end: says we are done, then
+    /// reads and drops what the client still sends, for a while. Closing with unread data would
+    /// make the client's writes fail before it got to read our answer. Never allocates.
+    fn linger(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+        let deadline = Instant::now() + LINGER_TIME;
+        let mut drained = 0;
+        self.buf.clear();
+        while drained < LINGER_BYTES {
+            match self.fill(deadline) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
+            }
+            self.buf.clear();
+        }
+    }
+}
+
+/// Copies out of a complete httparse request what the server needs, checking how its body is
+/// delimited (RFC 9112 section 6.3).
+fn parse_head(request: &httparse::Request<'_, '_>) -> Result<Head, Failure> {
+    // httparse fills all three in a complete request; refuse rather than panic if it did not.
+    let (Some(method), Some(target), Some(version)) = (request.method, request.path, request.version) else {
+        return Err(bad_request("malformed request line"));
+    };
+    let http11 = version >= 1;
+    let mut content_length = None;
+    let mut transfer_encoding: Option<Vec<u8>> = None;
+    let mut close = !http11;
+    let mut expect_continue = false;
+    for field in request.headers.iter() {
+        let value = field.value.trim_ascii();
+        if field.name.eq_ignore_ascii_case("Content-Length") {
+            let len = parse_content_length(value).ok_or_else(|| {
+                bad_request(format!(
+                    "invalid Content-Length {:?}",
+                    String::from_utf8_lossy(&value[..value.len().min(40)])
+                ))
+            })?;
+            // Repeats must agree, or the body's end depends on which one a reader believes.
+            if content_length.is_some_and(|known| known != len) {
+                return Err(bad_request("conflicting Content-Length headers"));
+            }
+            content_length = Some(len);
+        } else if field.name.eq_ignore_ascii_case("Transfer-Encoding") {
+            let codings = transfer_encoding.get_or_insert_with(Vec::new);
+            if !codings.is_empty() {
+                codings.push(b',');
+            }
+            codings.extend_from_slice(value);
+        } else if field.name.eq_ignore_ascii_case("Connection") {
+            close |= value.split(|&b| b == b',').any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if field.name.eq_ignore_ascii_case("Expect") {
+            // HTTP/1.0 clients do not know 100 Continue (RFC 9110 section 10.1.1).
+            expect_continue = http11 && value.eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    let framing = match (transfer_encoding, content_length) {
+        (Some(_), Some(_)) => {
+            // A classic request smuggling vector; RFC 9112 section 6.1 lets a server refuse it.
+            return Err(bad_request("a request cannot have both Content-Length and Transfer-Encoding"));
+        }
+        (Some(codings), None) if codings.eq_ignore_ascii_case(b"chunked") => Framing::Chunked,
+        (Some(codings), None) => {
+            let codings = String::from_utf8_lossy(&codings[..codings.len().min(40)]).into_owned();
+            return Err(Failure::Refused(Reply::error(501, format!("unsupported Transfer-Encoding {codings:?}"))));
+        }
+        (None, None | Some(0)) => Framing::Empty,
+        (None, Some(len)) => Framing::Length(len),
+    };
+    Ok(Head { method: method.to_string(), target: target.to_string(), framing, keep_alive: !close, expect_continue })
+}
+
+/// A `Content-Length` value: decimal digits only. Lengths beyond `u64` become `u64::MAX`, which
+/// is too large a body anyway (413 rather than 400).
+fn parse_content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0u64, |n, digit| n.saturating_mul(10).saturating_add(u64::from(digit - b'0'))))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Answers
+
+/// An HTTP answer, before it is encoded.
+#[derive(Debug)]
 struct Reply {
     status: u16,
     content_type: Option<&'static str>,
@@ -388,46 +900,226 @@ impl Reply {
         }
     }
 
-    fn into_response(self) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-        let mut response = tiny_http::Response::from_data(self.body)
-            .with_status_code(self.status)
-            // Always a Content-Length, never chunked: simple clients (ours) need no decoder.
-            .with_chunked_threshold(usize::MAX);
-        let headers = [("Content-Type", self.content_type.map(str::to_string)), ("Allow", self.allow)];
-        for (name, value) in headers {
-            let Some(value) = value else { continue };
-            // Both are ours and ASCII, so this cannot fail; skip rather than panic if it did.
-            if let Ok(header) = tiny_http::Header::from_bytes(name, value) {
-                response.add_header(header);
-            }
+    /// The answer on the wire: always with a `Content-Length` (never chunked, so simple clients,
+    /// ours included, need no decoder), `Connection: close` when the server closes after it, and
+    /// without the body for a `HEAD` request.
+    fn encode(&self, close: bool, head_only: bool) -> Vec<u8> {
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\nDate: {}\r\n",
+            self.status,
+            reason_phrase(self.status),
+            http_date(SystemTime::now())
+        );
+        if let Some(content_type) = self.content_type {
+            head.push_str(&format!("Content-Type: {content_type}\r\n"));
         }
-        response
+        if let Some(allow) = &self.allow {
+            head.push_str(&format!("Allow: {allow}\r\n"));
+        }
+        // RFC 9110 section 8.6: none in a 204 answer, which has no body.
+        let has_body = self.status != 204;
+        if has_body {
+            head.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
+        }
+        if close {
+            head.push_str("Connection: close\r\n");
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        if has_body && !head_only {
+            bytes.extend_from_slice(&self.body);
+        }
+        bytes
     }
+}
+
+/// The reason phrase of the status codes we send; optional in HTTP/1.1, so others get none.
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        202 => "Accepted",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// `time` as an IMF-fixdate (RFC 9110 section 5.6.7), e.g. "Sun, 06 Nov 1994 08:49:37 GMT",
+/// for the `Date` header an origin server with a clock must send.
+fn http_date(time: SystemTime) -> String {
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"]; // 1970-01-01 was a Thursday.
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let secs = time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |since| since.as_secs());
+    let days = secs / 86_400;
+    let (hour, minute, second) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    // Howard Hinnant's civil_from_days, for days since 1970-01-01 (never negative here): years
+    // counted from March, so that the leap day is the last day of a year.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 { month_from_march + 2 } else { month_from_march - 10 };
+    let year = year_of_era + era * 400 + u64::from(month < 2);
+    let weekday = WEEKDAYS[(days % 7) as usize];
+    let month = MONTHS[month as usize];
+    format!("{weekday}, {day:02} {month} {year} {hour:02}:{minute:02}:{second:02} GMT")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn body_limit() {
-        let mut small: &[u8] = b"12345";
-        assert_eq!(read_body(&mut small, 5).unwrap(), Some(b"12345".to_vec()));
-        let mut big: &[u8] = b"123456";
-        assert_eq!(read_body(&mut big, 5).unwrap(), None);
+    fn head(raw: &[u8]) -> Result<Head, u16> {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADER_FIELDS];
+        let mut request = httparse::Request::new(&mut fields);
+        assert!(request.parse(raw).unwrap().is_complete(), "{}", String::from_utf8_lossy(raw));
+        parse_head(&request).map_err(|failure| match failure {
+            Failure::Refused(reply) => reply.status,
+            other => panic!("{other:?}"),
+        })
     }
 
     #[test]
-    fn error_bodies_are_json() {
+    fn heads() {
+        let h = head(b"GET /vm?x=1 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_eq!(
+            (h.method.as_str(), h.target.as_str(), h.framing, h.keep_alive),
+            ("GET", "/vm?x=1", Framing::Empty, true)
+        );
+        let h = head(b"PUT /vm/migrate HTTP/1.1\r\nConnection: Keep-Alive, CLOSE\r\ncontent-length: 007\r\nExpect: 100-Continue\r\n\r\n")
+            .unwrap();
+        assert_eq!((h.framing, h.keep_alive, h.expect_continue), (Framing::Length(7), false, true));
+        let h = head(b"GET /vm HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n").unwrap();
+        assert_eq!((h.framing, h.keep_alive, h.expect_continue), (Framing::Empty, false, false));
+        let h = head(b"PUT /vm/migrate HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").unwrap();
+        assert_eq!(h.framing, Framing::Chunked);
+        let h = head(b"PUT / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n").unwrap();
+        assert_eq!(h.framing, Framing::Length(5));
+        let h = head(b"PUT / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n").unwrap();
+        assert_eq!(h.framing, Framing::Length(u64::MAX));
+    }
+
+    #[test]
+    fn bad_heads() {
+        for (raw, status) in [
+            (&b"PUT / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"[..], 400),
+            (b"PUT / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+            (b"PUT / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n", 400),
+            (b"PUT / HTTP/1.1\r\nContent-Length:\r\n\r\n", 400),
+            (b"PUT / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (b"PUT / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+            (b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+        ] {
+            assert_eq!(head(raw), Err(status), "{}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    /// A connection whose client already sent `input` and closed its side.
+    fn connection(input: &[u8]) -> Connection {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        client.write_all(input).unwrap();
+        drop(client);
+        Connection { stream: server, buf: Vec::new() }
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    fn refused_status(result: Result<Vec<u8>, Failure>) -> u16 {
+        match result {
+            Err(Failure::Refused(reply)) => reply.status,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bodies() {
+        let mut conn = connection(b"12345GET");
+        assert_eq!(conn.read_body(Framing::Length(5), 5, 100, soon()).unwrap(), b"12345");
+        assert_eq!(conn.buf, b"GET");
+        let mut conn = connection(b"1234");
+        assert_eq!(refused_status(conn.read_body(Framing::Length(5), 5, 100, soon())), 400);
+
+        let mut conn = connection(b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: x\r\n\r\nNEXT");
+        assert_eq!(conn.read_body(Framing::Chunked, 5, 100, soon()).unwrap(), b"abcde");
+        assert_eq!(conn.buf, b"NEXT");
+        for (raw, status) in [
+            (&b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n"[..], 413),
+            (b"fffffffffffffff\r\n", 413),
+            (b"3\r\nabcX\r\n0\r\n\r\n", 400),
+            (b"x\r\n", 400),
+            (b"3\r\nab", 400),
+            (b"0\r\nBad Trailer\r\n\r\n", 400),
+        ] {
+            let mut conn = connection(raw);
+            assert_eq!(refused_status(conn.read_body(Framing::Chunked, 5, 100, soon())), status, "{raw:?}");
+        }
+        let mut long_line = b"1;".to_vec();
+        long_line.resize(2000, b'x');
+        let mut conn = connection(&long_line);
+        assert_eq!(refused_status(conn.read_body(Framing::Chunked, 5, 100, soon())), 400);
+    }
+
+    #[test]
+    fn slow_body_times_out() {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        client.write_all(b"12").unwrap();
+        let mut conn = Connection { stream: server, buf: Vec::new() };
+        let start = Instant::now();
+        let result = conn.read_body(Framing::Length(5), 5, 100, Instant::now() + Duration::from_millis(100));
+        assert!(matches!(result, Err(Failure::TimedOut)), "{result:?}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn encoding() {
         let r = Reply::error(404, "no such route: /x\"".to_string());
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["error"], "no such route: /x\"");
         assert_eq!(r.content_type, Some(JSON));
+        let text = String::from_utf8(r.encode(true, false)).unwrap();
+        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\nDate: "), "{text}");
+        assert!(text.contains("\r\nContent-Type: application/json\r\n"), "{text}");
+        assert!(text.contains(&format!("\r\nContent-Length: {}\r\n", r.body.len())), "{text}");
+        assert!(
+            text.ends_with(&format!("\r\nConnection: close\r\n\r\n{}", String::from_utf8_lossy(&r.body))),
+            "{text}"
+        );
+
+        let head_only = String::from_utf8(r.encode(false, true)).unwrap();
+        assert!(head_only.ends_with(&format!("Content-Length: {}\r\n\r\n", r.body.len())), "{head_only}");
+
+        let done = Reply::from_response(Endpoint::Pause, ApiResponse::Done);
+        let text = String::from_utf8(done.encode(false, false)).unwrap();
+        assert!(text.starts_with("HTTP/1.1 204 No Content\r\n") && text.ends_with("GMT\r\n\r\n"), "{text}");
     }
 
     #[test]
     fn unexpected_vmm_answer_is_500() {
         let r = Reply::from_response(Endpoint::GetVm, ApiResponse::Done);
         assert_eq!(r.status, 500);
+    }
+
+    #[test]
+    fn dates() {
+        let at = |secs| http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(at(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(at(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(at(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
+        assert_eq!(at(1_709_251_199), "Thu, 29 Feb 2024 23:59:59 GMT");
+        assert_eq!(at(4_102_444_800), "Fri, 01 Jan 2100 00:00:00 GMT");
     }
 }

@@ -85,11 +85,32 @@ pub struct MigrationInfo {
     pub eta_ms: u64,
     /// Total time so far, or of the finished migration.
     pub total_ms: u64,
-    /// Guest pause measured on the source (pause to destination's acknowledgement).
+    /// `total_ms` in µs.
+    pub total_us: u64,
+    /// Guest pause measured on the source: from the pause to the destination's acknowledgement,
+    /// which it sends once the guest runs there.
     pub downtime_ms: Option<u64>,
+    /// `downtime_ms` in µs.
+    pub downtime_us: Option<u64>,
     /// Guest pause measured on the destination (reported back in its acknowledgement).
     pub downtime_destination_ms: Option<u64>,
     pub error: Option<String>,
+    /// Every copy round so far, the stop-and-copy one last.
+    pub rounds: Vec<RoundInfo>,
+}
+
+/// One copy round of a migration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundInfo {
+    pub round: u32,
+    /// When it started, in µs since the migration started.
+    pub started_us: u64,
+    /// Pages it had to send: all touched pages in round 1, then those dirtied since.
+    pub pages: u64,
+    /// Bytes sent before it started.
+    pub bytes_before: u64,
+    /// The guest was paused for it.
+    pub stop_and_copy: bool,
 }
 
 /// A request to the VMM thread.

@@ -62,6 +62,10 @@ pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
     }
 }
 
+// The boot stack grows down from BOOT_STACK_POINTER into the page after the zero page; it must
+// stay clear of both that and the page tables.
+const _: () = assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +98,5 @@ mod tests {
                 assert!(a.1 <= b.0 || b.1 <= a.0, "{a:x?} overlaps {b:x?}");
             }
         }
-        assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
     }
 }

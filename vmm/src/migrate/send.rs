@@ -26,7 +26,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryReg
 
 use super::dirty::{self, Bitmap};
 use super::{MachineState, MigrateError, announce_now, pause_devices, resume_devices, save_devices, save_vm_state};
-use crate::api::{MigrateRequest, MigrationInfo, MigrationPhase};
+use crate::api::{MigrateRequest, MigrationInfo, MigrationPhase, RoundInfo};
 use crate::builder::Machine;
 use crate::vstate::vcpu::{THROTTLE_TICK, VcpuSet};
 
@@ -155,7 +155,11 @@ pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progr
         }
         Err(e) => src.fail(e),
     };
-    src.update(|p| p.total_ms = src.started.elapsed().as_millis() as u64);
+    let total = src.started.elapsed();
+    src.update(|p| {
+        p.total_ms = total.as_millis() as u64;
+        p.total_us = total.as_micros() as u64;
+    });
     outcome
 }
 
@@ -239,6 +243,7 @@ impl Source<'_> {
         self.update(|p| p.pages_skipped += untouched);
         let mut round_start = Instant::now();
         let mut round_bytes = self.bytes_sent;
+        self.record_round(1, count_all(&touched), false);
         self.send_bitmaps(&touched)?;
         let mut prev_dirty = u64::MAX;
         let mut round = 1;
@@ -273,6 +278,7 @@ impl Source<'_> {
             self.update(|p| p.round = round);
             round_start = Instant::now();
             round_bytes = self.bytes_sent;
+            self.record_round(round, n, false);
             self.send_bitmaps(&dirty)?;
         }
     }
@@ -291,6 +297,8 @@ impl Source<'_> {
         for (a, b) in last.iter_mut().zip(dirty::collect(vm)?) {
             or_into(a, &b);
         }
+        let round = self.progress.lock().expect("Poisoned lock").round + 1;
+        self.record_round(round, count_all(&last), true);
         self.send_bitmaps(&last)?;
         let vcpus = self.vcpus.lock().expect("Poisoned lock").save().map_err(MigrateError::Vcpus)?;
         let (serial, nets) = save_devices(self.m);
@@ -303,7 +311,10 @@ impl Source<'_> {
             return Err(MigrateError::Refused(answer.error.unwrap_or_else(|| "no reason given".into())));
         }
         let downtime = paused_at.elapsed();
-        self.update(|p| p.downtime_ms = Some(downtime.as_millis() as u64));
+        self.update(|p| {
+            p.downtime_ms = Some(downtime.as_millis() as u64);
+            p.downtime_us = Some(downtime.as_micros() as u64);
+        });
         log::info!(
             "migration: completed in {} ms, {} bytes, downtime {} ms (destination: {:?} µs)",
             self.started.elapsed().as_millis(),
@@ -312,6 +323,18 @@ impl Source<'_> {
             answer.downtime_us
         );
         Ok(answer.downtime_us)
+    }
+
+    /// Notes the start of a copy round in the progress report.
+    fn record_round(&mut self, round: u32, pages: u64, stop_and_copy: bool) {
+        let info = RoundInfo {
+            round,
+            started_us: self.started.elapsed().as_micros() as u64,
+            pages,
+            bytes_before: self.bytes_sent,
+            stop_and_copy,
+        };
+        self.update(|p| p.rounds.push(info));
     }
 
     /// Sends the pages set in `maps` (one bitmap per memory region).
@@ -367,6 +390,11 @@ impl Source<'_> {
                  (resume it only if the destination is known not to run it)"
             );
             log::error!("migration: {msg}");
+            self.stream = None;
+            // Whatever happens next (a resume here, or nothing), dirty pages no longer matter.
+            if let Err(e) = dirty::stop(&self.m.vm) {
+                log::warn!("migration: stopping dirty logging: {e}");
+            }
             self.update(|p| {
                 p.phase = MigrationPhase::Failed;
                 p.error = Some(msg.clone());

@@ -1,0 +1,236 @@
+// SPDX-License-Identifier: Apache-2.0
+//! vmm-bench: our VMM and QEMU (`-M microvm -enable-kvm`) side by side on this machine, same
+//! guest kernel, memory and workload, runs alternating so drift hits both: boot, network,
+//! migration, TCP continuity. Prints a markdown table (ratio ours/QEMU in every row) and the
+//! targets met or not, and writes `results.md`, `results.json` (every sample) and
+//! `migration.png` into the output directory.
+//!
+//! Usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] [--only SECTIONS]
+//! (as root; SECTIONS: a comma-separated subset of boot,linux,network,migration).
+
+mod boot;
+mod migrate;
+mod monitor;
+mod net;
+mod plot;
+mod qmp;
+mod results;
+mod targets;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use migrate::{Case, Sample};
+use monitor::{Monitor, QEMU};
+use results::Results;
+use serde_json::json;
+
+const USAGE: &str =
+    "usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] [--only boot,linux,network,migration]";
+
+struct Options {
+    runs: usize,
+    boot_runs: usize,
+    out: PathBuf,
+    quick: bool,
+    sections: Vec<String>,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut o = Options {
+        runs: 5,
+        boot_runs: 20,
+        out: vmm_tests::vm::build_dir().join("bench"),
+        quick: false,
+        sections: ["boot", "linux", "network", "migration"].map(String::from).to_vec(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value\n{USAGE}"));
+        match a.as_str() {
+            "--runs" => o.runs = value("--runs")?.parse().map_err(|_| "--runs: not a number")?,
+            "--boot-runs" => o.boot_runs = value("--boot-runs")?.parse().map_err(|_| "--boot-runs: not a number")?,
+            "--out" => o.out = PathBuf::from(value("--out")?),
+            "--quick" => o.quick = true,
+            "--only" => {
+                o.sections = value("--only")?.split(',').map(str::to_string).collect();
+                for s in &o.sections {
+                    if !["boot", "linux", "network", "migration"].contains(&s.as_str()) {
+                        return Err(format!("--only: unknown section {s:?}\n{USAGE}"));
+                    }
+                }
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => return Err(format!("unknown argument {a:?}\n{USAGE}")),
+        }
+    }
+    if o.quick {
+        o.runs = o.runs.min(1);
+        o.boot_runs = o.boot_runs.min(3);
+    }
+    if o.runs == 0 || o.boot_runs == 0 {
+        return Err("--runs and --boot-runs must be at least 1".into());
+    }
+    Ok(o)
+}
+
+fn main() {
+    let result = parse_args().and_then(|o| run(&o));
+    if let Err(e) = result {
+        eprintln!("vmm-bench: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(o: &Options) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("run as root: the bench creates network namespaces and TAP devices".into());
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return Err("/dev/kvm does not exist: both monitors need KVM".into());
+    }
+    ensure_qemu()?;
+    let kernel = vmm_tests::vm::guest_kernel();
+    let machine = machine();
+    eprintln!("vmm-bench: {}", machine["summary"].as_str().unwrap_or(""));
+    let section = |s: &str| o.sections.iter().any(|x| x == s);
+    let mut results = Results::default();
+    let mut samples: Vec<Sample> = Vec::new();
+    let cases = cases(o.quick);
+
+    if section("boot") {
+        eprintln!("vmm-bench: boot, {} runs each", o.boot_runs);
+        boot::our_guest(&mut results, o.boot_runs, &kernel)?;
+    }
+    if section("linux") {
+        match vmm_tests::vm::linux_artifacts() {
+            Some((k, i)) => {
+                let runs = o.runs.min(3);
+                eprintln!("vmm-bench: Linux boot to the banner, {runs} runs each");
+                boot::linux(&mut results, runs, &k, &i, vmm_tests::vm::LINUX_CMDLINE)?;
+            }
+            None => eprintln!("vmm-bench: no Linux kernel built (resources/setup.sh): Linux boot skipped"),
+        }
+    }
+    if section("network") {
+        eprintln!("vmm-bench: network, {} runs each", o.runs);
+        net::bench(&mut results, o.runs, &kernel)?;
+    }
+    if section("migration") {
+        let mut bench = migrate::Bench::new(&kernel)?;
+        bench.bandwidth(&mut results)?;
+        for case in &cases {
+            eprintln!("vmm-bench: migration, {}, {} runs each", case.label(), o.runs);
+            bench.case(&mut results, case, o.runs)?;
+        }
+        bench.bandwidth(&mut results)?;
+        samples = std::mem::take(&mut bench.samples);
+    }
+
+    let table = results.markdown();
+    let targets = targets::check(&results, &cases);
+    std::fs::create_dir_all(&o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
+    let mut md = format!(
+        "Measured {} on {}.\n\n{table}\nTargets:\n{}\n",
+        machine["date"].as_str().unwrap_or("?"),
+        machine["summary"].as_str().unwrap_or("?"),
+        targets.join("\n")
+    );
+    if let Some(plotted) = plot_one(&o.out, &samples)? {
+        md.push_str(&format!("\n![{plotted}](migration.png)\n"));
+    }
+    write(&o.out.join("results.md"), &md)?;
+    let all = json!({ "machine": machine, "rows": results.rows, "migrations": samples, "targets": targets });
+    write(&o.out.join("results.json"), &serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?)?;
+    println!("{md}");
+    eprintln!("vmm-bench: wrote {}/results.md, results.json and migration.png", o.out.display());
+    Ok(())
+}
+
+/// The guests migrated: two sizes, idle and dirtying 64 MiB at a moderate and a high rate.
+fn cases(quick: bool) -> Vec<Case> {
+    let sizes: &[u64] = if quick { &[256] } else { &[256, 1024] };
+    let mut v = Vec::new();
+    for &mem_mib in sizes {
+        v.push(Case { mem_mib, dirty: None });
+        v.push(Case { mem_mib, dirty: Some((64, 64)) });
+        v.push(Case { mem_mib, dirty: Some((64, 512)) });
+    }
+    v
+}
+
+/// Plots the first migration of each monitor for the busiest case; returns its title.
+fn plot_one(out: &Path, samples: &[Sample]) -> Result<Option<String>, String> {
+    let Some(case) = samples.iter().max_by_key(|s| s.result.rounds).map(|s| s.case.clone()) else {
+        return Ok(None);
+    };
+    let pick: Vec<&Sample> =
+        Monitor::BOTH.iter().filter_map(|&m| samples.iter().find(|s| s.case == case && s.monitor == m)).collect();
+    let title = format!("One migration each: {case}");
+    plot::migrations(&out.join("migration.png"), &title, &pick)?;
+    Ok(Some(title))
+}
+
+fn write(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Installs Debian's QEMU if it is not there.
+fn ensure_qemu() -> Result<(), String> {
+    if Command::new(QEMU).arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    eprintln!("vmm-bench: installing qemu-system-x86 (apt-get)");
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", "qemu-system-x86"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok { Ok(()) } else { Err("could not install qemu-system-x86".into()) }
+}
+
+/// What machine this ran on.
+fn machine() -> serde_json::Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0.0, |kib| kib as f64 / (1 << 20) as f64);
+    let kernel = read("/proc/sys/kernel/osrelease").trim().to_string();
+    // Built-in or loaded, a KVM flavour shows up in /sys/module.
+    let module = |m: &str| Path::new("/sys/module").join(m).exists();
+    let kvm = if module("kvm_pvm") {
+        "KVM: kvm_pvm (nested, paravirtual)"
+    } else if module("kvm_intel") {
+        "KVM: kvm_intel"
+    } else if module("kvm_amd") {
+        "KVM: kvm_amd"
+    } else {
+        "KVM"
+    };
+    let qemu = Command::new(QEMU)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+        .unwrap_or_default();
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let summary = format!("{cpu}, {cores} cores, {mem_gib:.0} GiB RAM, Linux {kernel}, {kvm}, {qemu}");
+    json!({ "cpu": cpu, "cores": cores, "mem_gib": mem_gib, "kernel": kernel, "kvm": kvm, "qemu": qemu,
+            "date": date, "summary": summary })
+}

@@ -1,0 +1,232 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Migration: guests of two sizes, idle and dirtying memory at two rates, moved from host A to
+//! host B (two namespaces on one L2 segment) while a client streams lines through the guest's
+//! echo server. Also the TCP bandwidth of this machine's loopback and of the A → B path,
+//! measured in the same run, as the physical reference.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use guest_common::ECHO_PORT;
+use serde::Serialize;
+use vmm_tests::echo_stream::EchoStream;
+use vmm_tests::{Netns, TestBed};
+
+use crate::boot::ms;
+use crate::monitor::{GuestSpec, MigrationResult, Monitor, Running};
+use crate::results::{Better, Results};
+
+const MAC: &str = "52:54:00:be:4c:02";
+const ECHO_INTERVAL: Duration = Duration::from_millis(10);
+static PORT: AtomicU16 = AtomicU16::new(7300);
+/// The downtime row both monitors measure the same way.
+pub const DOWNTIME: &str = "downtime: pause → running on the destination";
+
+/// A guest configuration to migrate.
+#[derive(Clone, Debug, Serialize)]
+pub struct Case {
+    pub mem_mib: u64,
+    /// `None`: idle. `Some((MiB, MiB/s))`: the dirty workload over that much memory at that rate.
+    pub dirty: Option<(u64, u64)>,
+}
+
+impl Case {
+    pub fn label(&self) -> String {
+        let mem =
+            if self.mem_mib >= 1024 { format!("{} GiB", self.mem_mib / 1024) } else { format!("{} MiB", self.mem_mib) };
+        match self.dirty {
+            None => format!("{mem} idle"),
+            Some((mib, rate)) => format!("{mem}, dirtying {mib} MiB at {rate} MiB/s"),
+        }
+    }
+
+    fn cmdline(&self, ip: &str) -> String {
+        match self.dirty {
+            None => format!("console=ttyS0 {ip} vmm.workload=idle"),
+            Some((mib, rate)) => {
+                format!("console=ttyS0 {ip} vmm.workload=dirty vmm.dirty_mib={mib} vmm.dirty_rate={rate}")
+            }
+        }
+    }
+}
+
+/// One migration, with what the client saw.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub case: String,
+    pub monitor: Monitor,
+    pub run: usize,
+    pub result: MigrationResult,
+    pub largest_gap_ms: f64,
+    pub lines_lost: u64,
+    pub stream_errors: Vec<String>,
+    /// A new connection to the guest after the move worked.
+    pub new_connection_ok: bool,
+}
+
+pub struct Bench<'a> {
+    bed: TestBed,
+    kernel: &'a Path,
+    pub samples: Vec<Sample>,
+}
+
+impl<'a> Bench<'a> {
+    pub fn new(kernel: &'a Path) -> Result<Self, String> {
+        let bed =
+            TestBed::builder().host("a").host("b").client("client").host_ips().build().map_err(|e| e.to_string())?;
+        Ok(Bench { bed, kernel, samples: Vec::new() })
+    }
+
+    /// TCP bandwidth on loopback (inside host A) and from host A to host B, in MB/s.
+    pub fn bandwidth(&self, results: &mut Results) -> Result<(), String> {
+        let a = self.bed.host("a");
+        let b_ip = self.bed.host("b").ip().ok_or("host B has no address")?;
+        let lo = stream_rate(a, a, Ipv4Addr::LOCALHOST)?;
+        let path = stream_rate(a, self.bed.host("b"), b_ip)?;
+        // Machine properties, not a monitor's: recorded under ours, shown without a ratio.
+        results.add("reference", "TCP bandwidth, loopback", "MB/s", Better::Higher, Monitor::Ours, lo);
+        results.add("reference", "TCP bandwidth, host A → host B", "MB/s", Better::Higher, Monitor::Ours, path);
+        Ok(())
+    }
+
+    /// `runs` migrations of `case` with each monitor, alternating.
+    pub fn case(&mut self, results: &mut Results, case: &Case, runs: usize) -> Result<(), String> {
+        for run in 0..runs {
+            for m in Monitor::alternating(run) {
+                let s = self.once(case, m, run)?;
+                let section = format!("migration: {}", case.label());
+                let r = &s.result;
+                results.add(&section, "total time", "ms", Better::Lower, m, r.total_ms);
+                results.add(&section, DOWNTIME, "ms", Better::Lower, m, r.downtime_ms);
+                results.add(
+                    &section,
+                    "downtime as the source reports it",
+                    "ms",
+                    Better::Lower,
+                    m,
+                    r.reported_downtime_ms,
+                );
+                results.add(&section, "sent", "MiB", Better::Lower, m, r.bytes_sent as f64 / (1 << 20) as f64);
+                results.add(&section, "rounds", "", Better::Lower, m, f64::from(r.rounds));
+                results.add(&section, "client's largest echo gap", "ms", Better::Lower, m, s.largest_gap_ms);
+                results.add(&section, "echo lines lost", "", Better::Lower, m, s.lines_lost as f64);
+                if !s.stream_errors.is_empty() || !s.new_connection_ok {
+                    eprintln!(
+                        "vmm-bench: {} {}: the connection did not survive intact: {:?}, new connection ok: {}",
+                        m.name(),
+                        case.label(),
+                        s.stream_errors,
+                        s.new_connection_ok
+                    );
+                }
+                self.samples.push(s);
+            }
+        }
+        Ok(())
+    }
+
+    fn once(&self, case: &Case, m: Monitor, run: usize) -> Result<Sample, String> {
+        let (a, b, client) = (self.bed.host("a"), self.bed.host("b"), self.bed.client());
+        let guest_ip = self.bed.guest_ip(0);
+        let spec_a = GuestSpec {
+            kernel: self.kernel,
+            initrd: None,
+            cmdline: case.cmdline(&self.bed.guest_ip_cmdline(0)),
+            mem_mib: case.mem_mib,
+            net: Some((a.tap(), MAC)),
+        };
+        let src = Running::start(m, Some(a), &spec_a, None);
+        src.wait_ready(Duration::from_secs(30))?;
+        client
+            .wait_for_tcp((guest_ip, ECHO_PORT).into(), Duration::from_secs(10))
+            .map_err(|e| format!("{}: {e}\n{}", m.name(), src.vm.describe()))?;
+        let port = PORT.fetch_add(1, Ordering::Relaxed);
+        let spec_b = GuestSpec { net: Some((b.tap(), MAC)), ..spec_a };
+        let dst = Running::start(m, Some(b), &spec_b, Some(&format!("0.0.0.0:{port}")));
+        dst.wait_incoming(Duration::from_secs(10))?;
+
+        let stream = client
+            .run_in(move || TcpStream::connect_timeout(&(guest_ip, ECHO_PORT).into(), Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("connecting to the guest: {e}"))?;
+        let echo = EchoStream::start(stream, ECHO_INTERVAL).map_err(|e| e.to_string())?;
+        // Let the dirty workload reach its steady rate and the stream get going.
+        std::thread::sleep(Duration::from_millis(1500));
+        echo.reset_gap();
+        let b_ip = b.ip().ok_or("host B has no address")?;
+        let result = src.migrate(&format!("{b_ip}:{port}"), &dst)?;
+        if !src.wait_exit(Duration::from_secs(10)) {
+            return Err(format!("{}: the source did not exit after the migration", m.name()));
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+        let new_connection_ok = client
+            .run_in(move || -> std::io::Result<bool> {
+                let mut s = TcpStream::connect_timeout(&(guest_ip, ECHO_PORT).into(), Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"new\n")?;
+                let mut back = [0u8; 4];
+                s.read_exact(&mut back)?;
+                Ok(&back == b"new\n")
+            })
+            .map_err(|e| e.to_string())?
+            .unwrap_or(false);
+        let stats = echo.finish();
+        drop(dst);
+        Ok(Sample {
+            case: case.label(),
+            monitor: m,
+            run,
+            result,
+            largest_gap_ms: ms(stats.largest_gap),
+            lines_lost: stats.lost(),
+            stream_errors: stats.errors,
+            new_connection_ok,
+        })
+    }
+}
+
+/// Streams 2 s of data from a thread in `from` to a listener in `to` at `ip`; MB/s as the
+/// receiver saw it.
+fn stream_rate(from: &Netns, to: &Netns, ip: Ipv4Addr) -> Result<f64, String> {
+    // The socket lives in the namespace it was created in, whichever thread accepts on it.
+    let listener =
+        to.run_in(move || TcpListener::bind((ip, 0))).map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let receiver = std::thread::spawn(move || -> Result<f64, String> {
+        let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        let mut start = None;
+        loop {
+            let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            start.get_or_insert_with(Instant::now);
+            got += n as u64;
+        }
+        let secs = start.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        Ok(if secs > 0.0 { got as f64 / secs / 1e6 } else { 0.0 })
+    });
+    let sent = from
+        .run_in(move || -> std::io::Result<()> {
+            let mut s = TcpStream::connect((ip, port))?;
+            let buf = vec![0u8; 1 << 20];
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(2) {
+                s.write_all(&buf)?;
+            }
+            s.shutdown(Shutdown::Write)
+        })
+        .map_err(|e| e.to_string())?;
+    if let Err(e) = sent {
+        // Unblock the receiver's accept before giving up.
+        let _ = to.run_in(move || TcpStream::connect((ip, port)));
+        let _ = receiver.join();
+        return Err(format!("bandwidth: {e}"));
+    }
+    receiver.join().map_err(|_| "the receiver thread panicked".to_string())?
+}

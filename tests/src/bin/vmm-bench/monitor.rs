@@ -1,0 +1,336 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The two monitors under test, driven the same way: start a guest (or a migration
+//! destination), wait for it, migrate it, and read back what the monitor reports.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+use vmm::api::{MigrateRequest, MigrationPhase};
+use vmm_tests::Netns;
+use vmm_tests::vm::{Vm, api_sock_path};
+
+use crate::qmp::Qmp;
+
+/// The downtime limit both monitors get (QEMU's own default is 300 ms).
+pub const DOWNTIME_LIMIT_MS: u64 = 50;
+/// Bandwidth cap for QEMU (bytes/s): high enough never to be the limit here. Ours has none.
+const QEMU_MAX_BANDWIDTH: u64 = 100 << 30;
+/// The QEMU binary (Debian's `qemu-system-x86`).
+pub const QEMU: &str = "qemu-system-x86_64";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Monitor {
+    #[serde(rename = "vmm")]
+    Ours,
+    #[serde(rename = "qemu")]
+    Qemu,
+}
+
+impl Monitor {
+    pub const BOTH: [Monitor; 2] = [Monitor::Ours, Monitor::Qemu];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Monitor::Ours => "vmm",
+            Monitor::Qemu => "QEMU",
+        }
+    }
+
+    /// Both monitors, in an order that alternates with `run` so slow drift of the machine
+    /// hits both equally.
+    pub fn alternating(run: usize) -> [Monitor; 2] {
+        if run % 2 == 0 { [Monitor::Ours, Monitor::Qemu] } else { [Monitor::Qemu, Monitor::Ours] }
+    }
+}
+
+/// A guest to boot.
+pub struct GuestSpec<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: String,
+    pub mem_mib: u64,
+    /// TAP device and MAC address.
+    pub net: Option<(&'a str, &'a str)>,
+}
+
+/// A running monitor process.
+pub struct Running {
+    pub vm: Vm,
+    pub monitor: Monitor,
+    qmp: Option<PathBuf>,
+    /// A QEMU destination's QMP connection, open before the migration so that it hears the
+    /// guest resume.
+    events: RefCell<Option<Qmp>>,
+}
+
+/// One pre-copy round as the monitor reported it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundPoint {
+    /// Since the migration started.
+    pub t_ms: f64,
+    pub round: u32,
+    /// Pages the round had to send (dirty since the last round; all touched pages in round 1).
+    pub dirty_pages: u64,
+    /// Bytes sent since the migration started.
+    pub bytes_sent: u64,
+}
+
+/// What a finished migration cost, as the source monitor reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MigrationResult {
+    pub total_ms: f64,
+    /// From the guest's pause on the source to it running on the destination, on the host
+    /// clock: ours up to the destination's acknowledgement, which it sends once the guest runs
+    /// (so a little more); QEMU's from the source's STOP event to the destination's RESUME.
+    pub downtime_ms: f64,
+    /// The downtime the source reports: ours as above, QEMU's until its last byte was sent.
+    pub reported_downtime_ms: f64,
+    pub bytes_sent: u64,
+    pub rounds: u32,
+    pub timeline: Vec<RoundPoint>,
+}
+
+impl Running {
+    /// Boots `spec` (or, with `incoming`, waits for a migration on that address) in `netns`.
+    pub fn start(monitor: Monitor, netns: Option<&Netns>, spec: &GuestSpec, incoming: Option<&str>) -> Running {
+        match monitor {
+            Monitor::Ours => {
+                let sock = api_sock_path("bench");
+                let mut args = vec!["run".to_string()];
+                match incoming {
+                    Some(addr) => args.extend(["--incoming".into(), addr.to_string()]),
+                    None => {
+                        args.extend(["--kernel".into(), spec.kernel.display().to_string()]);
+                        if let Some(i) = spec.initrd {
+                            args.extend(["--initrd".into(), i.display().to_string()]);
+                        }
+                        args.extend(["--cmdline".into(), spec.cmdline.clone()]);
+                        args.extend(["--mem-mib".into(), spec.mem_mib.to_string()]);
+                    }
+                }
+                if let Some((tap, mac)) = spec.net {
+                    // A destination takes the MAC from the migrated state.
+                    let net = if incoming.is_some() { format!("tap={tap}") } else { format!("tap={tap},mac={mac}") };
+                    args.extend(["--net".into(), net]);
+                }
+                args.extend(["--api-sock".into(), sock.display().to_string()]);
+                Running { vm: Vm::start(netns, &args), monitor, qmp: None, events: RefCell::new(None) }
+            }
+            Monitor::Qemu => {
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let qmp = std::env::temp_dir().join(format!("vmm-bench-qmp-{}-{n}.sock", std::process::id()));
+                let _ = std::fs::remove_file(&qmp);
+                let mut args = qemu_args(spec);
+                args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qmp.display())]);
+                if let Some(addr) = incoming {
+                    args.extend(["-incoming".into(), format!("tcp:{addr}")]);
+                }
+                let vm = Vm::start_program(netns, Path::new(QEMU), &args);
+                Running { vm, monitor, qmp: Some(qmp), events: RefCell::new(None) }
+            }
+        }
+    }
+
+    /// Waits for the guest's ready line; returns the time from process start to that line.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<Duration, String> {
+        self.wait_console(timeout, |l| l.starts_with(guest_common::READY_PREFIX))
+    }
+
+    /// Waits for a console line; returns the time from process start to that line.
+    pub fn wait_console(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<Duration, String> {
+        match self.vm.console.wait_line_at(timeout, pred) {
+            Some((at, _)) => Ok(at.duration_since(self.vm.started)),
+            None => {
+                Err(format!("{}: the expected console line did not come\n{}", self.monitor.name(), self.vm.describe()))
+            }
+        }
+    }
+
+    /// Waits until a destination is ready to receive.
+    pub fn wait_incoming(&self, timeout: Duration) -> Result<(), String> {
+        match self.monitor {
+            Monitor::Ours => self
+                .vm
+                .log
+                .wait_line(timeout, |l| l.contains("waiting for an incoming migration"))
+                .map(drop)
+                .ok_or_else(|| format!("the destination did not start\n{}", self.vm.describe())),
+            // QMP answers once QEMU's main loop runs, and it listens for the migration before.
+            Monitor::Qemu => {
+                *self.events.borrow_mut() = Some(self.qmp(timeout)?);
+                Ok(())
+            }
+        }
+    }
+
+    fn qmp(&self, timeout: Duration) -> Result<Qmp, String> {
+        let path = self.qmp.as_ref().ok_or("not QEMU")?;
+        Qmp::connect(path, timeout).map_err(|e| format!("{e}\n{}", self.vm.describe()))
+    }
+
+    /// Migrates the guest to `dst`, listening at `to` (`host:port`), with a 50 ms downtime
+    /// limit and no bandwidth limit; waits for the end and returns what it cost.
+    pub fn migrate(&self, to: &str, dst: &Running) -> Result<MigrationResult, String> {
+        match self.monitor {
+            Monitor::Ours => self.migrate_ours(to),
+            Monitor::Qemu => self.migrate_qemu(to, dst),
+        }
+    }
+
+    fn migrate_ours(&self, to: &str) -> Result<MigrationResult, String> {
+        let api = self.vm.api();
+        let request = MigrateRequest {
+            to: to.into(),
+            downtime_ms: Some(DOWNTIME_LIMIT_MS),
+            max_bandwidth_mib_s: None,
+            max_rounds: None,
+        };
+        api.migrate(&request).map_err(|e| format!("starting the migration: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            let info = api.migration().map_err(|e| format!("following the migration: {e}"))?;
+            match info.phase {
+                MigrationPhase::Completed => {
+                    let timeline = info
+                        .rounds
+                        .iter()
+                        .map(|r| RoundPoint {
+                            t_ms: r.started_us as f64 / 1e3,
+                            round: r.round,
+                            dirty_pages: r.pages,
+                            bytes_sent: r.bytes_before,
+                        })
+                        .collect();
+                    return Ok(MigrationResult {
+                        total_ms: info.total_us as f64 / 1e3,
+                        downtime_ms: info.downtime_us.unwrap_or(0) as f64 / 1e3,
+                        reported_downtime_ms: info.downtime_us.unwrap_or(0) as f64 / 1e3,
+                        bytes_sent: info.bytes_sent,
+                        rounds: info.round,
+                        timeline,
+                    });
+                }
+                MigrationPhase::Failed => {
+                    return Err(format!("migration failed: {}", info.error.unwrap_or_default()));
+                }
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        Err("the migration did not finish within 120 s".into())
+    }
+
+    fn migrate_qemu(&self, to: &str, dst: &Running) -> Result<MigrationResult, String> {
+        let mut qmp = self.qmp(Duration::from_secs(10))?;
+        qmp.execute(
+            "migrate-set-parameters",
+            json!({ "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": QEMU_MAX_BANDWIDTH }),
+        )?;
+        qmp.execute("migrate", json!({ "uri": format!("tcp:{to}") }))?;
+        let start = Instant::now();
+        let mut timeline: Vec<RoundPoint> = Vec::new();
+        let deadline = start + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            let q = qmp.execute("query-migrate", json!({}))?;
+            let t_ms = start.elapsed().as_secs_f64() * 1e3;
+            let ram = &q["ram"];
+            let page = ram["page-size"].as_u64().unwrap_or(4096).max(1);
+            let syncs = ram["dirty-sync-count"].as_u64().unwrap_or(0) as u32;
+            let transferred = ram["transferred"].as_u64().unwrap_or(0);
+            // A new bitmap sync starts a new round: what remains then is that round's dirty set.
+            if syncs > 0 && timeline.last().is_none_or(|p| p.round < syncs) {
+                let remaining = ram["remaining"].as_u64().unwrap_or(0);
+                timeline.push(RoundPoint {
+                    t_ms,
+                    round: syncs,
+                    dirty_pages: remaining / page,
+                    bytes_sent: transferred,
+                });
+            }
+            match q["status"].as_str().unwrap_or("") {
+                "completed" => {
+                    let stopped = qmp.event_time("STOP", Duration::from_secs(5))?;
+                    let _ = qmp.execute("quit", json!({}));
+                    let mut events = dst.events.borrow_mut();
+                    let resumed = events
+                        .as_mut()
+                        .ok_or("the destination's QMP is not open")?
+                        .event_time("RESUME", Duration::from_secs(10))?;
+                    return Ok(MigrationResult {
+                        total_ms: q["total-time"].as_f64().unwrap_or(t_ms),
+                        downtime_ms: resumed.saturating_sub(stopped) as f64 / 1e3,
+                        reported_downtime_ms: q["downtime"].as_f64().unwrap_or(0.0),
+                        bytes_sent: transferred,
+                        rounds: syncs,
+                        timeline,
+                    });
+                }
+                "failed" | "cancelled" => return Err(format!("QEMU migration failed: {q}")),
+                _ => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        let _ = qmp.execute("migrate_cancel", json!({}));
+        Err("the QEMU migration did not finish within 120 s".into())
+    }
+
+    /// The process id (for its memory use).
+    pub fn pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
+    /// Waits for the process to end (a migration source does after the migration).
+    pub fn wait_exit(&self, timeout: Duration) -> bool {
+        self.vm.wait_timeout(timeout).is_some()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.vm.kill();
+        if let Some(q) = &self.qmp {
+            let _ = std::fs::remove_file(q);
+        }
+    }
+}
+
+static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// QEMU's command line for `spec`: the microvm machine without ACPI, option ROMs or RTC (our
+/// VMM has none of those either), KVM, the host CPU minus IA32_ARCH_CAPABILITIES (this nested
+/// KVM refuses to set that MSR), a serial console on stdout, virtio-mmio in its modern (v2)
+/// form and a TAP without vhost, as ours uses.
+fn qemu_args(spec: &GuestSpec) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-M",
+        "microvm,acpi=off,x-option-roms=off,rtc=off",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-global",
+        "virtio-mmio.force-legacy=false",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(["-m".into(), spec.mem_mib.to_string()]);
+    a.extend(["-kernel".into(), spec.kernel.display().to_string()]);
+    if let Some(i) = spec.initrd {
+        a.extend(["-initrd".into(), i.display().to_string()]);
+    }
+    a.extend(["-append".into(), spec.cmdline.clone()]);
+    if let Some((tap, mac)) = spec.net {
+        a.extend(["-netdev".into(), format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off")]);
+        a.extend(["-device".into(), format!("virtio-net-device,netdev=n0,mac={mac}")]);
+    }
+    a
+}

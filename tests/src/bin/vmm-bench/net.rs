@@ -1,0 +1,116 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Network: client ↔ guest TCP throughput each way and request/response latency, through a
+//! TAP on a bridge, the client in its own namespace (as in the tests).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use guest_common::{DISCARD_PORT, ECHO_PORT, SOURCE_PATTERN, SOURCE_PORT};
+use vmm_tests::TestBed;
+
+use crate::monitor::{GuestSpec, Monitor, Running};
+use crate::results::{Better, Results};
+
+const MAC: &str = "52:54:00:be:4c:01";
+/// How long each throughput sample streams.
+const STREAM_TIME: Duration = Duration::from_secs(2);
+const RR_COUNT: usize = 2000;
+
+pub fn bench(results: &mut Results, runs: usize, kernel: &Path) -> Result<(), String> {
+    let bed = TestBed::builder().host("a").client("client").build().map_err(|e| e.to_string())?;
+    let ip = bed.guest_ip(0);
+    let spec = GuestSpec {
+        kernel,
+        initrd: None,
+        cmdline: format!("console=ttyS0 {} vmm.workload=echo", bed.guest_ip_cmdline(0)),
+        mem_mib: 256,
+        net: Some((bed.host("a").tap(), MAC)),
+    };
+    for run in 0..runs {
+        for m in Monitor::alternating(run) {
+            let r = Running::start(m, Some(bed.host("a")), &spec, None);
+            r.wait_ready(Duration::from_secs(30))?;
+            let client = bed.client();
+            client.wait_for_tcp((ip, ECHO_PORT).into(), Duration::from_secs(10)).map_err(|e| e.to_string())?;
+            let (up, down, rr) = client
+                .run_in(move || -> Result<_, String> { Ok((upload(ip)?, download(ip)?, round_trips(ip)?)) })
+                .map_err(|e| e.to_string())??;
+            results.add("network", "client → guest throughput", "MB/s", Better::Higher, m, up);
+            results.add("network", "guest → client throughput", "MB/s", Better::Higher, m, down);
+            results.add("network", "request/response latency, median", "µs", Better::Lower, m, rr.0);
+            results.add("network", "request/response latency, 99th percentile", "µs", Better::Lower, m, rr.1);
+            drop(r);
+        }
+    }
+    Ok(())
+}
+
+fn connect(ip: Ipv4Addr, port: u16) -> Result<TcpStream, String> {
+    let s = TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(5))
+        .map_err(|e| format!("connecting to {ip}:{port}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// To the discard service: counts only what the guest took, by waiting for its close after
+/// ours (it closes once it has read everything).
+fn upload(ip: Ipv4Addr) -> Result<f64, String> {
+    let mut s = connect(ip, DISCARD_PORT)?;
+    let buf = vec![0x5au8; 256 << 10];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < STREAM_TIME {
+        s.write_all(&buf).map_err(|e| format!("upload: {e}"))?;
+        sent += buf.len() as u64;
+    }
+    s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+    let mut rest = [0u8; 64];
+    let _ = s.read(&mut rest).map_err(|e| format!("upload: waiting for the guest's close: {e}"))?;
+    Ok(sent as f64 / start.elapsed().as_secs_f64() / 1e6)
+}
+
+/// From the source service, checking that every byte is the pattern.
+fn download(ip: Ipv4Addr) -> Result<f64, String> {
+    let mut s = connect(ip, SOURCE_PORT)?;
+    let mut buf = vec![0u8; 256 << 10];
+    let start = Instant::now();
+    let mut got = 0u64;
+    while start.elapsed() < STREAM_TIME {
+        let n = s.read(&mut buf).map_err(|e| format!("download: {e}"))?;
+        if n == 0 {
+            return Err("download: the guest closed the stream".into());
+        }
+        for (i, &b) in buf[..n].iter().enumerate() {
+            let at = (got as usize + i) % SOURCE_PATTERN.len();
+            if b != SOURCE_PATTERN[at] {
+                return Err(format!("download: wrong byte at offset {}", got as usize + i));
+            }
+        }
+        got += n as u64;
+    }
+    let rate = got as f64 / start.elapsed().as_secs_f64() / 1e6;
+    Ok(rate)
+}
+
+/// Small messages to the echo service, one at a time: (median, 99th percentile) in µs.
+fn round_trips(ip: Ipv4Addr) -> Result<(f64, f64), String> {
+    let mut s = connect(ip, ECHO_PORT)?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    let msg = [b'r'; 64];
+    let mut back = [0u8; 64];
+    let mut times = Vec::with_capacity(RR_COUNT);
+    for _ in 0..RR_COUNT {
+        let t = Instant::now();
+        s.write_all(&msg).map_err(|e| format!("echo: {e}"))?;
+        s.read_exact(&mut back).map_err(|e| format!("echo: {e}"))?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        if back != msg {
+            return Err("echo: the guest sent back something else".into());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times[times.len() * 99 / 100]))
+}
