@@ -22,7 +22,7 @@ log() { printf 'build_kernel: %s\n' "$*" >&2; }
 
 need_packages=()
 dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need_packages+=("$pkg")
-for tool in make:make gcc:gcc flex:flex bison:bison bc:bc perl:perl xz:xz-utils; do
+for tool in make:make gcc:gcc flex:flex bison:bison bc:bc perl:perl xz:xz-utils patch:patch; do
     command -v "${tool%%:*}" >/dev/null || need_packages+=("${tool#*:}")
 done
 # Headers the host tools of the kernel build include.

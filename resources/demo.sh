@@ -6,9 +6,10 @@
 # on host A, a client streaming numbered messages through it, a live migration to host B, and a
 # summary (downtime, bytes, rounds, the client's largest gap, bytes lost). Everything the demo
 # creates is removed when it ends. Extra arguments go to the demo (`--round-trip` migrates back
-# to A as well; `--no-announce` skips the address announce, to see what it is worth).
+# to A as well; `--no-announce` skips the address announce and `--no-tcp-kick` the duplicate
+# ACKs after the move, to see what each is worth).
 #
-# Usage: resources/demo.sh [--round-trip] [--no-announce]
+# Usage: resources/demo.sh [--round-trip] [--no-announce] [--no-tcp-kick]
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)

@@ -17,20 +17,30 @@ if [ "$(id -u)" -ne 0 ]; then
     log "error: run as root: KVM, network namespaces and TAP devices need it"
     exit 1
 fi
-command -v cargo >/dev/null || { log "error: cargo is missing: install Rust (rustup) first"; exit 1; }
-
 # iproute2 (ip netns, bridges, veth, TAP), util-linux (unshare, setpriv), python3 (the initramfs
-# packer): tests and the demo use them.
+# packer): tests and the demo use them. A C toolchain links the Rust binaries; fonts-dejavu-core
+# is the benchmark plot's font; curl fetches rustup if there is no Rust.
 missing=()
 command -v ip >/dev/null || missing+=(iproute2)
 command -v unshare >/dev/null || missing+=(util-linux)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v python3 >/dev/null || missing+=(python3)
+command -v cc >/dev/null || missing+=(build-essential)
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+[ -x "$HOME/.cargo/bin/cargo" ] || command -v cargo >/dev/null || missing+=(curl ca-certificates)
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Rust: Debian's own is too old for this workspace (edition 2024), so rustup's stable.
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+if ! command -v cargo >/dev/null; then
+    log "installing Rust (rustup, stable)"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy >/dev/null
+    . "$HOME/.cargo/env"
 fi
 
 log "Linux guest kernel"

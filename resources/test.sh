@@ -13,6 +13,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 "$here/setup.sh"
+# Rust as setup.sh may just have installed it.
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 cd "$root"
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings

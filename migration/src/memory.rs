@@ -26,7 +26,10 @@ pub fn is_zero(page: &[u8]) -> bool {
 /// Builds a batch, merging adjacent pages of the same kind into one record.
 #[derive(Default)]
 pub struct BatchWriter {
+    /// Initialised once and then overwritten batch after batch: the batch is its first `used`
+    /// bytes. (Growing a vector for each page would zero every page before copying it.)
     buf: Vec<u8>,
+    used: usize,
     /// (offset of the open record, gpa just past it, kind)
     open: Option<(usize, u64, u32)>,
     pub data_pages: u64,
@@ -35,26 +38,36 @@ pub struct BatchWriter {
 
 impl BatchWriter {
     pub fn with_capacity(bytes: usize) -> Self {
-        BatchWriter { buf: Vec::with_capacity(bytes), ..Default::default() }
+        BatchWriter { buf: vec![0; bytes], ..Default::default() }
     }
 
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.used
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.used == 0
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        &self.buf
+        &self.buf[..self.used]
     }
 
     pub fn clear(&mut self) {
-        self.buf.clear();
+        self.used = 0;
         self.open = None;
         self.data_pages = 0;
         self.zero_pages = 0;
+    }
+
+    /// The next `n` bytes of the batch, to be written (the batch grows by `n`).
+    fn append(&mut self, n: usize) -> &mut [u8] {
+        let at = self.used;
+        if self.buf.len() < at + n {
+            self.buf.resize((at + n).max(self.buf.len() * 2), 0);
+        }
+        self.used += n;
+        &mut self.buf[at..at + n]
     }
 
     fn extend_or_open(&mut self, gpa: u64, kind: u32) {
@@ -71,10 +84,11 @@ impl BatchWriter {
                 return;
             }
         }
-        let off = self.buf.len();
-        self.buf.extend_from_slice(&gpa.to_le_bytes());
-        self.buf.extend_from_slice(&1u32.to_le_bytes());
-        self.buf.extend_from_slice(&kind.to_le_bytes());
+        let off = self.used;
+        let record = self.append(RECORD_LEN);
+        record[..8].copy_from_slice(&gpa.to_le_bytes());
+        record[8..12].copy_from_slice(&1u32.to_le_bytes());
+        record[12..].copy_from_slice(&kind.to_le_bytes());
         self.open = Some((off, gpa + PAGE_SIZE as u64, kind));
     }
 
@@ -92,18 +106,17 @@ impl BatchWriter {
     /// memory that may be changing under us: what is copied is what is sent). A page that
     /// turns out all zero becomes a zero record.
     pub fn push_page_with<E>(&mut self, gpa: u64, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<(), E> {
-        let (saved_len, saved_open) = (self.buf.len(), self.open);
+        let (saved_len, saved_open) = (self.used, self.open);
         self.extend_or_open(gpa, KIND_DATA);
-        let data_at = self.buf.len();
-        self.buf.resize(data_at + PAGE_SIZE, 0);
-        let filled = fill(&mut self.buf[data_at..]);
-        if filled.is_ok() && !is_zero(&self.buf[data_at..]) {
+        let page = self.append(PAGE_SIZE);
+        let filled = fill(page);
+        if filled.is_ok() && !is_zero(page) {
             self.data_pages += 1;
             return Ok(());
         }
         // All zero (or not copied): take the page back out. Either a new record was opened
         // (the truncate removes it) or the open data record grew by one page (shrink it back).
-        self.buf.truncate(saved_len);
+        self.used = saved_len;
         if let Some((off, _, _)) = saved_open
             && self.open.map(|o| o.0) == Some(off)
         {

@@ -10,10 +10,13 @@
 //! 1. `Start` (JSON [`StartPayload`]: versions, VM config, memory layout, CPUID) ← `Response`.
 //!    The destination checks it can host this VM before anything on the source is paused.
 //! 2. `Memory` × N (binary [`crate::memory`] batches), no answers, while the guest runs.
-//! 3. `Paused`: the guest stopped on the source (starts the destination's downtime clock).
-//! 4. `Memory` × N: the last dirty pages.
-//! 5. `State` (JSON, the machine's device and vCPU state).
-//! 6. `Complete` ← `Response`: the commit point. The destination restores, resumes the guest
+//! 3. `Prepare` ← `Response`: the source is about to pause the guest; the destination answers
+//!    once it could run it (its KVM memory slots are registered), so that nothing the
+//!    destination still sets up counts as downtime.
+//! 4. `Paused`: the guest stopped on the source (starts the destination's downtime clock).
+//! 5. `Memory` × N: the last dirty pages.
+//! 6. `State` (JSON, the machine's device and vCPU state).
+//! 7. `Complete` ← `Response`: the commit point. The destination restores, resumes the guest
 //!    and answers with its measured downtime; from then on it owns the guest.
 //!
 //! `Abandon` may replace any step before `Complete`: the destination discards everything.
@@ -25,10 +28,11 @@ use serde::{Deserialize, Serialize};
 /// "VMMG".
 pub const MAGIC: u32 = 0x474d_4d56;
 /// Protocol version this build speaks. Bump it on any change to framing or commands.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Header bytes before every payload.
 pub const HEADER_LEN: usize = 24;
-/// Largest payload accepted: a memory batch is at most 8 MiB of pages plus its records.
+/// Largest payload accepted: a memory batch is sent once it reaches 8 MiB, so it is at most
+/// 8 MiB plus one page and a record.
 pub const MAX_PAYLOAD: u64 = 16 << 20;
 
 /// What a frame carries.
@@ -42,6 +46,7 @@ pub enum Command {
     Complete = 5,
     Abandon = 6,
     Response = 7,
+    Prepare = 8,
 }
 
 impl Command {
@@ -54,6 +59,7 @@ impl Command {
             5 => Command::Complete,
             6 => Command::Abandon,
             7 => Command::Response,
+            8 => Command::Prepare,
             _ => return None,
         })
     }
@@ -144,9 +150,14 @@ pub fn read_frame_into(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Command, 
         return Err(ProtocolError::TooLarge(len));
     }
     let crc = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
+    // Read into the buffer's spare room, which is not zeroed first (resizing would write every
+    // byte once more before the socket does).
     buf.clear();
-    buf.resize(len as usize, 0);
-    read_exact_or_truncated(r, buf)?;
+    buf.reserve(len as usize);
+    let got = r.take(len).read_to_end(buf)?;
+    if got as u64 != len {
+        return Err(ProtocolError::Truncated);
+    }
     if crc32fast::hash(buf) != crc {
         return Err(ProtocolError::Checksum);
     }
@@ -213,7 +224,7 @@ pub struct StartPayload {
     pub memory: Vec<RegionLayout>,
     /// CPUID entries the guest runs with (vCPU 0's); the destination must support them.
     pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
-    /// The source's TSC frequency, for information.
+    /// Reserved for the source's TSC frequency; not sent yet (always `null`).
     pub tsc_khz: Option<u32>,
     /// Guest-physical ranges the guest has touched: the destination faults them in ahead.
     pub populated: Vec<RegionLayout>,
@@ -247,9 +258,13 @@ mod tests {
         let mut bad = buf.clone();
         bad[0] = 0;
         assert!(matches!(read_frame(&mut Cursor::new(&bad)), Err(ProtocolError::BadMagic(_))));
-        let mut v2 = buf.clone();
-        v2[4] = 2;
-        assert!(matches!(read_frame(&mut Cursor::new(&v2)), Err(ProtocolError::Version { peer: 2, ours: 1 })));
+        let mut other = buf.clone();
+        let peer = PROTOCOL_VERSION + 1;
+        other[4..6].copy_from_slice(&peer.to_le_bytes());
+        assert!(matches!(
+            read_frame(&mut Cursor::new(&other)),
+            Err(ProtocolError::Version { peer: p, ours: PROTOCOL_VERSION }) if p == peer
+        ));
         let mut cmd = buf.clone();
         cmd[6] = 99;
         assert!(matches!(read_frame(&mut Cursor::new(&cmd)), Err(ProtocolError::UnknownCommand(99))));

@@ -248,7 +248,7 @@ mod tests {
     #[test]
     fn resuming_a_device_without_a_control_queue_is_fine() {
         let mut rig = Rig::new();
-        // Our own guest's features: no CTRL_VQ, so queue 2 is never set up.
+        // A driver that does not negotiate CTRL_VQ: queue 2 is never set up.
         rig.init((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC), 16);
         let mut net = rig.net.lock().unwrap();
         net.pause();

@@ -674,6 +674,9 @@ fn a_destination_that_refuses_at_complete() {
             if commands.last() != Some(&frame.command) {
                 commands.push(frame.command);
             }
+            if frame.command == Frame::Prepare {
+                protocol::write_json(&mut stream, Frame::Response, &Response::ok()).map_err(|e| e.to_string())?;
+            }
             if frame.command == Frame::Complete {
                 break;
             }
@@ -689,8 +692,8 @@ fn a_destination_that_refuses_at_complete() {
     let commands = server.join().expect("fake destination thread").expect("fake destination").expect("conversation");
     println!("the source sent {commands:?}");
     // Memory may or may not come after Paused (nothing may be left to send), the rest is fixed.
-    let mut expected = vec![Frame::Start, Frame::Memory, Frame::Paused];
-    if commands.get(3) == Some(&Frame::Memory) {
+    let mut expected = vec![Frame::Start, Frame::Memory, Frame::Prepare, Frame::Paused];
+    if commands.get(4) == Some(&Frame::Memory) {
         expected.push(Frame::Memory);
     }
     expected.extend([Frame::State, Frame::Complete]);
@@ -724,7 +727,15 @@ fn a_destination_that_hangs_up_after_complete_leaves_the_guest_paused() {
     guest_status(&bed, &ctx);
     let (addr, server) = fake_destination(&bed, |mut stream, _start| -> Result<(), String> {
         protocol::write_json(&mut stream, Frame::Response, &Response::ok()).map_err(|e| e.to_string())?;
-        while protocol::read_frame(&mut stream).map_err(|e| e.to_string())?.command != Frame::Complete {}
+        loop {
+            match protocol::read_frame(&mut stream).map_err(|e| e.to_string())?.command {
+                Frame::Prepare => {
+                    protocol::write_json(&mut stream, Frame::Response, &Response::ok()).map_err(|e| e.to_string())?
+                }
+                Frame::Complete => break,
+                _ => {}
+            }
+        }
         Ok(())
     });
     let info = migrate_api(&src, &request(&addr), &ctx);
@@ -874,10 +885,11 @@ fn corrupted_truncated_wrong_version_and_random_streams_end_the_destination_clea
     }
     let start_json = serde_json::to_vec(&valid_start(64)).expect("Start as JSON");
 
-    // (a) A frame of protocol version 2.
-    bad_source("version 2", &["version 2"], |s| {
+    // (a) A frame of a protocol version from the future.
+    let future = protocol::PROTOCOL_VERSION + 1;
+    bad_source("future version", &[&format!("version {future}")], |s| {
         let mut f = frame(Frame::Start, &start_json);
-        f[4..6].copy_from_slice(&2u16.to_le_bytes());
+        f[4..6].copy_from_slice(&future.to_le_bytes());
         s.write_all(&f).expect("send");
     });
 

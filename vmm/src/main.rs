@@ -94,14 +94,16 @@ struct RunArgs {
     #[arg(long, required_unless_present = "incoming")]
     kernel: Option<PathBuf>,
     /// Instead of booting, wait on ADDR:PORT for a live migration and run the guest it brings
-    /// (its memory, vCPUs and devices come from the source; only --net, --api-sock apply).
+    /// (its memory, vCPUs and devices come from the source; only --net, --api-sock and the
+    /// announce options apply).
     #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template"])]
     incoming: Option<String>,
     /// Serve the API (HTTP + JSON) on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
-    /// After an incoming migration, do not announce the guest (RARP, gratuitous ARP, and the
-    /// guest's own announce): for measuring what the announce is worth.
+    /// After an incoming migration, do not announce the guest at all (neither when it pauses on
+    /// the source nor after it resumes here: no RARP, gratuitous ARP, guest announce or TCP
+    /// duplicate ACKs): for measuring what the announce is worth.
     #[arg(long, requires = "incoming")]
     no_announce: bool,
     /// Announce rounds after an incoming migration.
@@ -303,8 +305,18 @@ fn init_logging() {
             true
         }
         fn log(&self, record: &log::Record) {
-            if self.enabled(record.metadata()) {
-                eprintln!("vmm: {}: {}", record.level().as_str().to_lowercase(), record.args());
+            if !self.enabled(record.metadata()) {
+                return;
+            }
+            let level = record.level().as_str().to_lowercase();
+            if record.level() >= log::Level::Debug {
+                // Wall-clock time of day to the µs, so the logs of a migration's two ends
+                // (on one host, or hosts in sync) line up.
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let (s, us) = (now.as_secs() % 86_400, now.subsec_micros());
+                eprintln!("vmm: {level} {:02}:{:02}:{:02}.{us:06}: {}", s / 3600, s / 60 % 60, s % 60, record.args());
+            } else {
+                eprintln!("vmm: {level}: {}", record.args());
             }
         }
         fn flush(&self) {}

@@ -31,6 +31,8 @@ pub enum VmmError {
     EventLoop(event_manager::Error),
     #[error("{0}")]
     Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error("{0}")]
+    Vm(#[from] crate::vstate::vm::VmError),
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -89,6 +91,8 @@ impl Vmm {
         }
         events.add_subscriber(Arc::new(Mutex::new(ConsoleInput { serial: machine.serial.clone() })));
 
+        // No vCPU runs before guest memory is registered (the builders wait for it already).
+        machine.vm.memslots_ready()?;
         let mut handles = Vec::with_capacity(built.vcpus.len());
         for vcpu in built.vcpus {
             handles.push(vcpu.start(notifier.clone(), false)?);

@@ -134,7 +134,7 @@ fn run(round_trip: bool, dest_flags: Vec<String>) -> Result<(), String> {
         // Prove there is no residual dependency on host B: it is gone, the guest is on A.
         println!("== removing nothing: the guest is back on host A");
     } else {
-        println!("== removing host A's TAP and the whole host A namespace (no residual dependency)");
+        println!("== removing host A's TAP: the guest needs nothing from host A any more");
         bed.remove_tap("a").map_err(|e| e.to_string())?;
         std::thread::sleep(Duration::from_secs(2));
     }

@@ -60,7 +60,8 @@ pub enum MigrationPhase {
     StopAndCopy,
     /// The destination runs the guest.
     Completed,
-    /// Failed; the guest runs on here.
+    /// Failed; the guest runs on here, unless the failure came after `Complete` without an
+    /// answer from the destination (see `error`): then it stays paused here.
     Failed,
 }
 

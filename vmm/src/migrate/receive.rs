@@ -11,6 +11,8 @@
 //! then resumes its guest.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use migration::memory::{BatchReader, PAGE_SIZE};
@@ -23,6 +25,8 @@ use crate::builder::{BuiltVm, build_vm_for_incoming, open_kvm};
 use crate::config::VmConfig;
 use crate::net_config::NetConfig;
 
+/// Bytes the prefault thread populates per system call.
+const PREFAULT_CHUNK: usize = 2 << 20;
 /// How long the destination waits for the next frame before giving up on the source.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -31,6 +35,9 @@ const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Incoming {
     pub built: BuiltVm,
     pub answer: Acknowledger,
+    /// The receive buffer: freeing megabytes of touched memory takes a while, so it is dropped
+    /// only once the guest runs and the source knows.
+    pub scratch: Vec<u8>,
 }
 
 /// Tells the source how the migration ended.
@@ -62,6 +69,7 @@ pub fn receive(
     listen: &str,
     nets: &[NetConfig],
     console: Box<dyn std::io::Write + Send>,
+    announce: bool,
 ) -> Result<Incoming, MigrateError> {
     let addr: SocketAddr =
         listen.parse().map_err(|e| MigrateError::Other(format!("--incoming '{listen}': not an ADDR:PORT ({e})")))?;
@@ -77,9 +85,12 @@ pub fn receive(
     stream.set_read_timeout(Some(FRAME_TIMEOUT)).ok();
     stream.set_write_timeout(Some(FRAME_TIMEOUT)).ok();
 
-    let result = receive_on(&mut stream, nets, console);
+    // Allocated once, up front: a later allocation of this size is an mmap, which waits for the
+    // prefault thread to let go of the memory map.
+    let mut scratch = Vec::with_capacity(protocol::MAX_PAYLOAD as usize);
+    let result = receive_on(&mut stream, nets, console, &mut scratch, announce);
     match result {
-        Ok((built, paused_at)) => Ok(Incoming { built, answer: Acknowledger { stream, paused_at } }),
+        Ok((built, paused_at)) => Ok(Incoming { built, answer: Acknowledger { stream, paused_at }, scratch }),
         Err(e) => {
             // Tell the source why, if it still listens; it resumes its guest.
             let _ = protocol::write_json(&mut stream, Command::Response, &Response::error(e.to_string()));
@@ -92,46 +103,87 @@ fn receive_on(
     stream: &mut TcpStream,
     nets: &[NetConfig],
     console: Box<dyn std::io::Write + Send>,
+    buf: &mut Vec<u8>,
+    announce: bool,
 ) -> Result<(BuiltVm, Option<Instant>), MigrateError> {
     let first = protocol::read_frame(stream)?;
     if first.command != Command::Start {
         return Err(MigrateError::Other(format!("expected a migration Start, got {:?}", first.command)));
     }
     let start: StartPayload = protocol::parse_json("Start", &first.payload)?;
+    log::debug!("incoming: Start");
     let config = check_start(&start, nets)?;
+    log::debug!("incoming: Start checked");
     let built = build_vm_for_incoming(&config, console)?;
+    // KVM's registration of guest memory and the prefault below would fight over the memory
+    // map (the registration then took up to a second): one after the other.
+    built.machine.vm.memslots_ready()?;
+    log::debug!("incoming: machine built");
     protocol::write_json(stream, Command::Response, &Response::ok())?;
-    prefault(&built, &start.populated);
+    let mut prefault = Prefault::start(&built, &start.populated);
 
     let mem = built.machine.vm.memory().clone();
     let mut written = Written::new(&mem);
-    let mut buf = Vec::new();
     let mut paused_at = None;
     let mut state: Option<MachineState> = None;
     loop {
-        match protocol::read_frame_into(stream, &mut buf)? {
-            Command::Memory => apply_batch(&mem, &buf, &mut written)?,
+        let r = protocol::read_frame_into(stream, buf)?;
+        log::trace!("incoming: frame {r:?} {} bytes", buf.len());
+        match r {
+            Command::Memory => {
+                apply_batch(&mem, buf, &mut written)?;
+            }
+            Command::Prepare => {
+                // The guest is about to pause on the source: whatever is still being set up
+                // here must be done before that, not while the guest waits, and nothing else
+                // may compete for this host's CPUs then.
+                prefault.stop();
+                let ready = built.machine.vm.memslots_ready();
+                let answer = match &ready {
+                    Ok(()) => Response::ok(),
+                    Err(e) => Response::error(e.to_string()),
+                };
+                protocol::write_json(stream, Command::Response, &answer)?;
+                ready?;
+            }
             Command::Paused => {
                 paused_at = Some(Instant::now());
                 // The guest stopped on the source: from now on its peers' frames should come
                 // here, where the TAP keeps them until the guest runs, instead of reaching the
                 // old host, where they would be lost.
-                super::announce_now(&built.machine);
+                if announce {
+                    super::announce_now(&built.machine);
+                }
             }
             Command::State => {
-                let s: MachineState = protocol::parse_json("State", &buf)?;
+                log::debug!(
+                    "incoming: State ({} bytes) at {} µs",
+                    buf.len(),
+                    paused_at.map_or(0, |t: Instant| t.elapsed().as_micros())
+                );
+                let s: MachineState = protocol::parse_json("State", buf)?;
+                log::debug!(
+                    "incoming: State parsed at {} µs",
+                    paused_at.map_or(0, |t: Instant| t.elapsed().as_micros())
+                );
                 if !s.version.compatible() {
                     return Err(MigrateError::Incompatible(format!("state version {:?}", s.version)));
                 }
                 state = Some(s);
             }
-            Command::Complete => break,
+            Command::Complete => {
+                log::debug!("incoming: Complete at {} µs", paused_at.map_or(0, |t: Instant| t.elapsed().as_micros()));
+                break;
+            }
             Command::Abandon => return Err(MigrateError::Other("the source abandoned the migration".into())),
             other => return Err(MigrateError::Other(format!("unexpected {other:?} during a migration"))),
         }
     }
     let state = state.ok_or_else(|| MigrateError::Other("Complete came before the machine's State".into()))?;
+    // Restoring kvmclock and other MSRs makes KVM touch guest memory: the slots must be there.
+    built.machine.vm.memslots_ready()?;
     restore(&built, &state)?;
+    log::debug!("incoming: restored at {} µs", paused_at.map_or(0, |t| t.elapsed().as_micros()));
     Ok((built, paused_at))
 }
 
@@ -176,28 +228,60 @@ fn check_start(start: &StartPayload, nets: &[NetConfig]) -> Result<VmConfig, Mig
     Ok(config)
 }
 
-/// Faults in, on a thread of its own, the memory the source reports in use.
-fn prefault(built: &BuiltVm, ranges: &[migration::protocol::RegionLayout]) {
-    let mem = built.machine.vm.memory().clone();
-    let ranges = ranges.to_vec();
-    let spawned = std::thread::Builder::new().name("prefault".into()).spawn(move || {
-        for r in ranges {
-            let Ok(host) = mem.get_host_address(GuestAddress(r.start)) else { continue };
-            // The range must lie inside one region.
-            if !mem.check_range(GuestAddress(r.start), r.size as usize) {
-                continue;
+/// Faults in, on a thread of its own, the memory the source reports in use, so that the guest
+/// does not take those page faults once it runs here. It yields to the migration: it stops when
+/// the guest is about to pause ([`Prefault::stop`]), so it never competes with the downtime.
+struct Prefault {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prefault {
+    fn start(built: &BuiltVm, ranges: &[migration::protocol::RegionLayout]) -> Prefault {
+        let mem = built.machine.vm.memory().clone();
+        let ranges = ranges.to_vec();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let spawned = std::thread::Builder::new().name("prefault".into()).spawn(move || {
+            for r in ranges {
+                let Ok(host) = mem.get_host_address(GuestAddress(r.start)) else { continue };
+                // The range must lie inside one region.
+                if !mem.check_range(GuestAddress(r.start), r.size as usize) {
+                    continue;
+                }
+                // In chunks: the kernel holds the memory map for each call, and the receiving
+                // thread must not wait that long for it.
+                for at in (0..r.size).step_by(PREFAULT_CHUNK) {
+                    if stopped.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let len = (r.size - at).min(PREFAULT_CHUNK as u64) as usize;
+                    // SAFETY: the chunk is part of this VM's live anonymous mapping (checked
+                    // above); populating it only allocates pages, it does not change contents.
+                    let rc = unsafe { libc::madvise(host.add(at as usize).cast(), len, libc::MADV_POPULATE_WRITE) };
+                    if rc != 0 {
+                        log::debug!("prefault: {}", std::io::Error::last_os_error());
+                        return;
+                    }
+                }
             }
-            // SAFETY: the range is part of this VM's live anonymous mapping; populating it only
-            // allocates the pages, it does not change their (zero) contents.
-            let rc = unsafe { libc::madvise(host.cast(), r.size as usize, libc::MADV_POPULATE_WRITE) };
-            if rc != 0 {
-                log::debug!("prefault: {}", std::io::Error::last_os_error());
-                return;
-            }
+        });
+        let thread = spawned.map_err(|e| log::debug!("prefault thread: {e}")).ok();
+        Prefault { stop, thread }
+    }
+
+    /// Stops faulting in and waits for the thread (at most one chunk's work).
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
-    });
-    if let Err(e) = spawned {
-        log::debug!("prefault thread: {e}");
+    }
+}
+
+impl Drop for Prefault {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -302,7 +386,8 @@ pub fn start_incoming(
     announce: Option<net::announce::AnnounceSchedule>,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<(crate::Vmm, Option<Duration>), MigrateError> {
-    let Incoming { built, answer } = receive(listen, nets, console)?;
+    let Incoming { built, answer, scratch } = receive(listen, nets, console, announce.is_some())?;
+    log::debug!("incoming: starting the vCPUs");
     let mut vmm = match crate::Vmm::start(built) {
         Ok(v) => v,
         Err(e) => {
@@ -310,20 +395,25 @@ pub fn start_incoming(
             return Err(MigrateError::Other(format!("starting the received guest: {e}")));
         }
     };
+    log::debug!("incoming: vCPUs started");
     // The NICs pick up whatever the source left queued (TX descriptors, a waiting RX frame).
     super::resume_devices(vmm.machine());
-    // Tell the network where the guest is now, before anyone's frames get lost at the old host.
-    if let Some(schedule) = announce {
-        vmm.announce(schedule);
-    }
     // From `Complete` on, the guest is ours: even if the source cannot hear this answer any
     // more, the guest runs here (the source then keeps its copy paused).
     let downtime = match answer.acknowledge() {
-        Ok(d) => d,
+        Ok(d) => {
+            log::debug!("incoming: acknowledged");
+            d
+        }
         Err(e) => {
             log::warn!("could not tell the source the migration completed: {e}");
             None
         }
     };
+    // Announced once already when the guest paused; the timed rounds start now.
+    if let Some(schedule) = announce {
+        vmm.announce(schedule);
+    }
+    drop(scratch);
     Ok((vmm, downtime))
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use migration::STATE_VERSION;
 use migration::memory::{BatchWriter, PAGE_SIZE, count, or_into, set_bits};
 use migration::protocol::{self, Command, RegionLayout, StartPayload};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, VolatileSlice};
 
 use super::dirty::{self, Bitmap};
 use super::{MachineState, MigrateError, announce_now, pause_devices, resume_devices, save_devices, save_vm_state};
@@ -42,6 +42,10 @@ const CONNECT_RETRY: Duration = Duration::from_secs(5);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time the stop-and-copy phase needs besides pages (state, restore, acknowledgement).
 const FIXED_DOWNTIME: Duration = Duration::from_millis(5);
+/// Under the downtime limit, pre-copy goes on while rounds still at least halve the dirty set
+/// and what is left would take longer than this to send with the guest paused: the limit is
+/// what a user tolerates, not a target to fill.
+const WORTH_ANOTHER_ROUND: Duration = Duration::from_millis(1);
 /// Throttle steps, as QEMU's auto-converge (initial 20 %, +10 % per stalled round).
 const THROTTLE_INITIAL: u32 = 20;
 const THROTTLE_STEP: u32 = 10;
@@ -86,7 +90,7 @@ impl TryFrom<&MigrateRequest> for MigrateParams {
 pub enum Outcome {
     /// The destination runs the guest.
     Completed,
-    /// It failed; the guest runs on here.
+    /// It failed before the commit point; the guest runs on here.
     Failed(String),
     /// It failed after the commit point without an answer: the guest may be running on the
     /// destination, so it stays paused here.
@@ -103,6 +107,8 @@ struct Source<'a> {
     started: Instant,
     bytes_sent: u64,
     paused: bool,
+    /// The vCPUs' states are being read and must be collected before anything else is asked.
+    states_pending: bool,
     complete_sent: bool,
     throttling: Arc<AtomicBool>,
 }
@@ -123,6 +129,7 @@ pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progr
         started: Instant::now(),
         bytes_sent: 0,
         paused: false,
+        states_pending: false,
         complete_sent: false,
         throttling: Arc::new(AtomicBool::new(false)),
     };
@@ -219,8 +226,10 @@ impl Source<'_> {
             tsc_khz: None,
             populated: dirty::ranges(vm, &dirty::touched(vm)),
         };
+        log::debug!("migration: connected, sending Start");
         protocol::write_json(self.stream()?, Command::Start, &start)?;
         let answer = protocol::read_response(self.stream()?)?;
+        log::debug!("migration: Start accepted");
         if !answer.ok {
             return Err(MigrateError::Refused(answer.error.unwrap_or_else(|| "no reason given".into())));
         }
@@ -231,6 +240,7 @@ impl Source<'_> {
     fn precopy(&mut self) -> Result<Vec<Bitmap>, MigrateError> {
         let vm = &self.m.vm;
         dirty::start(vm)?;
+        log::debug!("migration: dirty logging on");
         self.update(|p| {
             p.phase = MigrationPhase::Precopy;
             p.round = 1;
@@ -238,6 +248,7 @@ impl Source<'_> {
         // Round 1: everything ever touched. Read residency only now that logging is on, so a
         // page first touched after this is in the next dirty set.
         let touched = dirty::touched(vm);
+        log::debug!("migration: residency read");
         let total_pages: u64 = vm.memory().iter().map(|r| r.len() / PAGE_SIZE as u64).sum();
         let untouched = total_pages - count_all(&touched);
         self.update(|p| p.pages_skipped += untouched);
@@ -245,7 +256,7 @@ impl Source<'_> {
         let mut round_bytes = self.bytes_sent;
         self.record_round(1, count_all(&touched), false);
         self.send_bitmaps(&touched)?;
-        let mut prev_dirty = u64::MAX;
+        let mut prev_dirty = count_all(&touched);
         let mut round = 1;
         loop {
             let elapsed = round_start.elapsed().max(Duration::from_micros(100));
@@ -254,14 +265,16 @@ impl Source<'_> {
             let bandwidth = (sent as f64 / elapsed.as_secs_f64()).max(100e6);
             let dirty = dirty::collect(vm)?;
             let n = count_all(&dirty);
-            let estimate = Duration::from_secs_f64(n as f64 * PAGE_SIZE as f64 / bandwidth) + FIXED_DOWNTIME;
+            let pages_time = Duration::from_secs_f64(n as f64 * PAGE_SIZE as f64 / bandwidth);
+            let estimate = pages_time + FIXED_DOWNTIME;
             self.update(|p| {
                 p.dirty_rate_pages_s = (n as f64 / elapsed.as_secs_f64()) as u64;
                 p.bandwidth_bytes_s = bandwidth as u64;
                 p.estimated_downtime_ms = estimate.as_millis() as u64;
                 p.eta_ms = estimate.as_millis() as u64;
             });
-            if estimate <= self.params.downtime || round >= self.params.max_rounds {
+            let converging = n * 2 <= prev_dirty && pages_time > WORTH_ANOTHER_ROUND;
+            if (estimate <= self.params.downtime && !converging) || round >= self.params.max_rounds {
                 return Ok(dirty);
             }
             // Not shrinking by at least a tenth: the guest dirties as fast as we copy.
@@ -285,9 +298,21 @@ impl Source<'_> {
 
     fn stop_and_copy(&mut self, carried: Vec<Bitmap>) -> Result<Option<u64>, MigrateError> {
         let vm = &self.m.vm;
+        // The destination finishes setting up before the guest pauses, not after.
+        protocol::write_frame(self.stream()?, Command::Prepare, &[])?;
+        let answer = protocol::read_response(self.stream()?)?;
+        if !answer.ok {
+            return Err(MigrateError::Refused(answer.error.unwrap_or_else(|| "no reason given".into())));
+        }
         let paused_at = Instant::now();
-        self.vcpus.lock().expect("Poisoned lock").pause().map_err(MigrateError::Vcpus)?;
+        log::debug!("stop-and-copy: pausing");
+        let step =
+            |what: &str| log::debug!("stop-and-copy: {what} ({} µs after pausing)", paused_at.elapsed().as_micros());
+        // The vCPUs read their state while this thread collects and sends the last pages.
+        self.vcpus.lock().expect("Poisoned lock").pause_and_save().map_err(MigrateError::Vcpus)?;
         self.paused = true;
+        self.states_pending = true;
+        step("vCPUs paused");
         self.update(|p| p.phase = MigrationPhase::StopAndCopy);
         protocol::write_frame(self.stream()?, Command::Paused, &[])?;
         pause_devices(self.m);
@@ -297,16 +322,23 @@ impl Source<'_> {
         for (a, b) in last.iter_mut().zip(dirty::collect(vm)?) {
             or_into(a, &b);
         }
+        step("dirty log collected");
         let round = self.progress.lock().expect("Poisoned lock").round + 1;
         self.record_round(round, count_all(&last), true);
         self.send_bitmaps(&last)?;
-        let vcpus = self.vcpus.lock().expect("Poisoned lock").save().map_err(MigrateError::Vcpus)?;
+        step("last pages sent");
+        self.states_pending = false;
+        let vcpus = self.vcpus.lock().expect("Poisoned lock").saved_states().map_err(MigrateError::Vcpus)?;
+        step("vCPUs saved");
         let (serial, nets) = save_devices(self.m);
         let state = MachineState { version: STATE_VERSION, vm: save_vm_state(vm)?, vcpus, serial, nets };
+        step("devices saved");
         protocol::write_json(self.stream()?, Command::State, &state)?;
         protocol::write_frame(self.stream()?, Command::Complete, &[])?;
         self.complete_sent = true;
+        step("state sent");
         let answer = protocol::read_response(self.stream()?)?;
+        step("acknowledged");
         if !answer.ok {
             return Err(MigrateError::Refused(answer.error.unwrap_or_else(|| "no reason given".into())));
         }
@@ -343,10 +375,21 @@ impl Source<'_> {
         for (region, map) in mem.iter().zip(maps) {
             let base = region.start_addr().raw_value();
             for page in set_bits(map) {
-                let gpa = base + (page * PAGE_SIZE) as u64;
-                self.batch
-                    .push_page_with(gpa, |dst| mem.read_slice(dst, GuestAddress(gpa)))
+                let offset = (page * PAGE_SIZE) as u64;
+                let gpa = base + offset;
+                let slice = region
+                    .get_slice(MemoryRegionAddress(offset), PAGE_SIZE)
                     .map_err(|e| MigrateError::Memory(format!("reading guest page {gpa:#x}: {e}")))?;
+                // Touched pages are often still zero (guests zero what they allocate): those
+                // are looked at in place and never copied.
+                if page_is_zero(&slice) {
+                    self.batch.push_zero(gpa);
+                } else {
+                    let _ = self.batch.push_page_with(gpa, |dst| {
+                        slice.copy_to(dst);
+                        Ok::<(), std::convert::Infallible>(())
+                    });
+                }
                 if self.batch.len() >= BATCH_BYTES {
                     self.flush()?;
                 }
@@ -363,6 +406,7 @@ impl Source<'_> {
         let len = self.batch.len() as u64;
         let stream = self.stream.as_mut().ok_or_else(|| MigrateError::Other("not connected".into()))?;
         protocol::write_frame(stream, Command::Memory, self.batch.as_bytes())?;
+        log::trace!("sent Memory {} bytes", self.batch.len());
         self.batch.clear();
         self.bytes_sent += len + protocol::HEADER_LEN as u64;
         let bytes = self.bytes_sent;
@@ -412,6 +456,11 @@ impl Source<'_> {
         if let Err(e) = dirty::stop(&self.m.vm) {
             cleanup.push(format!("stopping dirty logging: {e}"));
         }
+        if self.states_pending {
+            // Their answers are of no use now, but must not be taken for the resume's.
+            let _ = self.vcpus.lock().expect("Poisoned lock").saved_states();
+            self.states_pending = false;
+        }
         if self.paused {
             resume_devices(self.m);
             if let Err(e) = self.vcpus.lock().expect("Poisoned lock").resume() {
@@ -433,6 +482,48 @@ impl Source<'_> {
     }
 }
 
+/// Whether a guest page is all zero, read in place a cache line at a time (raw copies, the way
+/// vm-memory reads guest memory the guest may be writing), stopping at the first non-zero line.
+fn page_is_zero<B: vm_memory::bitmap::BitmapSlice>(page: &VolatileSlice<'_, B>) -> bool {
+    const LINE: usize = 64;
+    if page.len() != PAGE_SIZE {
+        return false;
+    }
+    let guard = page.ptr_guard();
+    let base = guard.as_ptr();
+    (0..PAGE_SIZE / LINE).all(|i| {
+        let mut line = [0u64; LINE / 8];
+        // SAFETY: `base` points at PAGE_SIZE bytes of mapped guest memory (checked above), kept
+        // mapped by `guard`; the destination is a local array of LINE bytes.
+        unsafe { std::ptr::copy_nonoverlapping(base.add(i * LINE), line.as_mut_ptr().cast::<u8>(), LINE) };
+        line.iter().fold(0, |acc, w| acc | w) == 0
+    })
+}
+
 fn count_all(maps: &[Bitmap]) -> u64 {
     maps.iter().map(|m| count(m)).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+    use super::*;
+
+    #[test]
+    fn zero_pages_are_found_in_place() {
+        let mem = crate::vstate::memory::create_guest_memory(1 << 20).unwrap();
+        let region = mem.iter().next().unwrap();
+        let page = |n: u64| region.get_slice(MemoryRegionAddress(n * PAGE_SIZE as u64), PAGE_SIZE).unwrap();
+        assert!(page_is_zero(&page(3)));
+        // One byte anywhere, the last one included, makes a page non-zero.
+        for at in [0u64, 63, 64, 2048, PAGE_SIZE as u64 - 1] {
+            mem.write_slice(&[1], GuestAddress(3 * PAGE_SIZE as u64 + at)).unwrap();
+            assert!(!page_is_zero(&page(3)), "byte {at}");
+            mem.write_slice(&[0], GuestAddress(3 * PAGE_SIZE as u64 + at)).unwrap();
+        }
+        assert!(page_is_zero(&page(3)));
+        // A slice that is not a whole page is never called zero.
+        assert!(!page_is_zero(&region.get_slice(MemoryRegionAddress(0), 64).unwrap()));
+    }
 }

@@ -62,6 +62,9 @@ pub enum VcpuEvent {
     Resume,
     /// Save the vCPU's state (only while paused).
     SaveState,
+    /// `Pause`, answered as soon as the guest stopped, then `SaveState` (a second answer): the
+    /// state is read while the VMM does other work of the stop-and-copy.
+    PauseAndSave,
     /// Leave the thread.
     Finish,
 }
@@ -396,13 +399,16 @@ impl Vcpu {
     fn handle_event(&mut self, event: VcpuEvent, paused: &mut bool, responses: &Sender<VcpuResponse>) -> bool {
         let reply = match event {
             VcpuEvent::Pause => {
-                if !*paused {
-                    *paused = true;
-                    // Tell KVM the guest was stopped on purpose, so that its watchdogs do not
-                    // count the pause as a soft lockup.
-                    let _ = self.fd.kvmclock_ctrl();
-                }
+                self.pause(paused);
                 VcpuResponse::Paused
+            }
+            VcpuEvent::PauseAndSave => {
+                self.pause(paused);
+                let _ = responses.send(VcpuResponse::Paused);
+                match self.save_state() {
+                    Ok(s) => VcpuResponse::State(Box::new(s)),
+                    Err(e) => VcpuResponse::Error(e.to_string()),
+                }
             }
             VcpuEvent::Resume => {
                 *paused = false;
@@ -417,6 +423,15 @@ impl Vcpu {
         };
         let _ = responses.send(reply);
         true
+    }
+
+    fn pause(&mut self, paused: &mut bool) {
+        if !*paused {
+            *paused = true;
+            // Tell KVM the guest was stopped on purpose, so that its watchdogs do not count the
+            // pause as a soft lockup.
+            let _ = self.fd.kvmclock_ctrl();
+        }
     }
 
     fn run_once(&mut self) -> RunResult {
@@ -642,13 +657,27 @@ impl VcpuSet {
 
     /// The state of every (paused) vCPU, in index order.
     pub fn save(&self) -> Result<Vec<VcpuState>, String> {
-        self.broadcast(|| VcpuEvent::SaveState)?
-            .into_iter()
-            .map(|r| match r {
-                VcpuResponse::State(s) => Ok(*s),
-                VcpuResponse::Error(e) => Err(e),
-                other => Err(format!("unexpected answer to save: {other:?}")),
-            })
+        self.broadcast(|| VcpuEvent::SaveState)?.into_iter().map(into_state).collect()
+    }
+
+    /// Stops every vCPU and waits until none runs guest code, like [`VcpuSet::pause`]; each
+    /// then reads its state, which [`VcpuSet::saved_states`] collects. Until it has, the
+    /// vCPUs must not be asked anything else.
+    pub fn pause_and_save(&self) -> Result<(), String> {
+        for r in self.broadcast(|| VcpuEvent::PauseAndSave)? {
+            if !matches!(r, VcpuResponse::Paused) {
+                return Err(format!("unexpected answer to pause: {r:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The states the vCPUs read after [`VcpuSet::pause_and_save`], in index order.
+    pub fn saved_states(&self) -> Result<Vec<VcpuState>, String> {
+        self.handles
+            .iter()
+            .map(|v| v.recv(VCPU_ANSWER_TIMEOUT).ok_or_else(|| format!("vCPU {} did not answer", v.index())))
+            .map(|r| r.and_then(into_state))
             .collect()
     }
 
@@ -670,6 +699,14 @@ impl VcpuSet {
 impl Drop for VcpuSet {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+fn into_state(r: VcpuResponse) -> Result<VcpuState, String> {
+    match r {
+        VcpuResponse::State(s) => Ok(*s),
+        VcpuResponse::Error(e) => Err(e),
+        other => Err(format!("unexpected answer to save: {other:?}")),
     }
 }
 

@@ -6,7 +6,8 @@
 //! `migration.png` into the output directory.
 //!
 //! Usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] [--only SECTIONS]
-//! (as root; SECTIONS: a comma-separated subset of boot,linux,network,migration).
+//! [--mem-sizes MIB,..] [--dirty-rates MIBS,..] (as root; SECTIONS: a comma-separated subset of
+//! boot,linux,network,migration; a dirty rate of 0 is the idle guest).
 
 mod boot;
 mod migrate;
@@ -25,8 +26,8 @@ use monitor::{Monitor, QEMU};
 use results::Results;
 use serde_json::json;
 
-const USAGE: &str =
-    "usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] [--only boot,linux,network,migration]";
+const USAGE: &str = "usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] \
+                     [--only boot,linux,network,migration] [--mem-sizes 256,1024] [--dirty-rates 0,64,512]";
 
 struct Options {
     runs: usize,
@@ -34,6 +35,12 @@ struct Options {
     out: PathBuf,
     quick: bool,
     sections: Vec<String>,
+    mem_sizes: Vec<u64>,
+    dirty_rates: Vec<u64>,
+}
+
+fn numbers(name: &str, v: &str) -> Result<Vec<u64>, String> {
+    v.split(',').map(|x| x.trim().parse().map_err(|_| format!("{name}: {x:?} is not a number\n{USAGE}"))).collect()
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -43,6 +50,8 @@ fn parse_args() -> Result<Options, String> {
         out: vmm_tests::vm::build_dir().join("bench"),
         quick: false,
         sections: ["boot", "linux", "network", "migration"].map(String::from).to_vec(),
+        mem_sizes: vec![256, 1024],
+        dirty_rates: vec![0, 64, 512],
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -52,6 +61,8 @@ fn parse_args() -> Result<Options, String> {
             "--boot-runs" => o.boot_runs = value("--boot-runs")?.parse().map_err(|_| "--boot-runs: not a number")?,
             "--out" => o.out = PathBuf::from(value("--out")?),
             "--quick" => o.quick = true,
+            "--mem-sizes" => o.mem_sizes = numbers("--mem-sizes", &value("--mem-sizes")?)?,
+            "--dirty-rates" => o.dirty_rates = numbers("--dirty-rates", &value("--dirty-rates")?)?,
             "--only" => {
                 o.sections = value("--only")?.split(',').map(str::to_string).collect();
                 for s in &o.sections {
@@ -70,6 +81,10 @@ fn parse_args() -> Result<Options, String> {
     if o.quick {
         o.runs = o.runs.min(1);
         o.boot_runs = o.boot_runs.min(3);
+        o.mem_sizes.retain(|&m| m <= 256);
+    }
+    if o.mem_sizes.iter().any(|&m| m < 64) {
+        return Err("--mem-sizes: at least 64 MiB (the dirty workload alone uses 64)".into());
     }
     if o.runs == 0 || o.boot_runs == 0 {
         return Err("--runs and --boot-runs must be at least 1".into());
@@ -100,7 +115,7 @@ fn run(o: &Options) -> Result<(), String> {
     let section = |s: &str| o.sections.iter().any(|x| x == s);
     let mut results = Results::default();
     let mut samples: Vec<Sample> = Vec::new();
-    let cases = cases(o.quick);
+    let cases = cases(&o.mem_sizes, &o.dirty_rates);
 
     if section("boot") {
         eprintln!("vmm-bench: boot, {} runs each", o.boot_runs);
@@ -151,14 +166,14 @@ fn run(o: &Options) -> Result<(), String> {
     Ok(())
 }
 
-/// The guests migrated: two sizes, idle and dirtying 64 MiB at a moderate and a high rate.
-fn cases(quick: bool) -> Vec<Case> {
-    let sizes: &[u64] = if quick { &[256] } else { &[256, 1024] };
+/// The guests migrated: each size, idle (rate 0) or dirtying 64 MiB at each rate (by default a
+/// moderate and a high one).
+fn cases(sizes: &[u64], rates: &[u64]) -> Vec<Case> {
     let mut v = Vec::new();
     for &mem_mib in sizes {
-        v.push(Case { mem_mib, dirty: None });
-        v.push(Case { mem_mib, dirty: Some((64, 64)) });
-        v.push(Case { mem_mib, dirty: Some((64, 512)) });
+        for &rate in rates {
+            v.push(Case { mem_mib, dirty: (rate > 0).then_some((64, rate)) });
+        }
     }
     v
 }

@@ -174,6 +174,10 @@ impl<'a> Bench<'a> {
             .map_err(|e| e.to_string())?
             .unwrap_or(false);
         let stats = echo.finish();
+        // Debugging aid: VMM_BENCH_DEBUG=1 (with VMM_LOG=debug for our VMM) shows both logs.
+        if std::env::var_os("VMM_BENCH_DEBUG").is_some() {
+            eprintln!("--- {} source ---\n{}--- destination ---\n{}", m.name(), src.vm.log.text(), dst.vm.log.text());
+        }
         drop(dst);
         Ok(Sample {
             case: case.label(),
