@@ -185,16 +185,25 @@ pub struct Response {
     /// Guest pause as the destination measured it (`Paused` received → guest resumed), in µs.
     #[serde(default)]
     pub downtime_us: Option<u64>,
+    /// When the guest's vCPUs started on the destination: µs since the Unix epoch on the
+    /// destination's clock (to line up with the source's pause on hosts whose clocks agree).
+    #[serde(default)]
+    pub resumed_at_us: Option<u64>,
 }
 
 impl Response {
     pub fn ok() -> Self {
-        Response { ok: true, error: None, downtime_us: None }
+        Response { ok: true, error: None, downtime_us: None, resumed_at_us: None }
     }
 
     pub fn error(msg: impl Into<String>) -> Self {
-        Response { ok: false, error: Some(msg.into()), downtime_us: None }
+        Response { ok: false, error: Some(msg.into()), downtime_us: None, resumed_at_us: None }
     }
+}
+
+/// Now, in µs since the Unix epoch (0 if the clock is before it).
+pub fn unix_now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Waits for a `Response` frame; a refusal becomes an error carrying the peer's reason.
@@ -226,8 +235,6 @@ pub struct StartPayload {
     pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     /// Reserved for the source's TSC frequency; not sent yet (always `null`).
     pub tsc_khz: Option<u32>,
-    /// Guest-physical ranges the guest has touched: the destination faults them in ahead.
-    pub populated: Vec<RegionLayout>,
 }
 
 #[cfg(test)]

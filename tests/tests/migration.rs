@@ -815,7 +815,6 @@ fn valid_start(mem_mib: u64) -> StartPayload {
         memory: vec![RegionLayout { start: 0, size: mem_mib << 20 }],
         cpuid: vec![],
         tsc_khz: None,
-        populated: vec![],
     }
 }
 

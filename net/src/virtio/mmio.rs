@@ -2,7 +2,8 @@
 //! The virtio-mmio transport, version 2 (virtio 1.x, "modern") register layout.
 //!
 //! It runs on vCPU threads (every guest access to the device window is an MMIO exit) and only
-//! touches the device under its lock. Queue notifications normally never get here: they are
+//! touches the device under its lock, except for InterruptStatus and InterruptAck, which are
+//! atomics in the shared [`Interrupt`]. Queue notifications normally never get here: they are
 //! ioeventfds in KVM. Anything the driver writes out of order or out of range is ignored or, if
 //! it makes the device unusable, answered with DEVICE_NEEDS_RESET, never with a panic.
 
@@ -18,7 +19,7 @@ use virtio_queue::QueueT;
 use vm_device::MutDeviceMmio;
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 
-use super::VirtioDevice;
+use super::{Interrupt, VirtioDevice};
 use crate::GuestMemoryMmap;
 
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
@@ -40,13 +41,18 @@ pub struct MmioTransportState {
 /// A virtio device behind a virtio-mmio window.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
+    /// The device's interrupt, reachable without the device lock (see
+    /// [`VirtioDevice::interrupt`]): a driver woken by an interrupt reads and acknowledges it
+    /// at once, even while the event loop is in the middle of a burst.
+    interrupt: Arc<Interrupt>,
     mem: GuestMemoryMmap,
     state: MmioTransportState,
 }
 
 impl MmioTransport {
     pub fn new(mem: GuestMemoryMmap, device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
-        Self { device, mem, state: MmioTransportState::default() }
+        let interrupt = device.lock().expect("Poisoned lock").interrupt().clone();
+        Self { device, interrupt, mem, state: MmioTransportState::default() }
     }
 
     pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
@@ -55,13 +61,13 @@ impl MmioTransport {
 
     pub fn save_state(&self) -> MmioTransportState {
         let mut s = self.state.clone();
-        s.interrupt_status = self.device.lock().expect("Poisoned lock").interrupt().status();
+        s.interrupt_status = self.interrupt.status();
         s
     }
 
     pub fn restore_state(&mut self, state: &MmioTransportState) {
         self.state = state.clone();
-        self.device.lock().expect("Poisoned lock").interrupt().set_status(state.interrupt_status);
+        self.interrupt.set_status(state.interrupt_status);
     }
 
     fn status(&self) -> u32 {
@@ -69,6 +75,10 @@ impl MmioTransport {
     }
 
     fn read_reg(&self, offset: u32) -> u32 {
+        // The hot one first, without the device lock.
+        if offset == VIRTIO_MMIO_INTERRUPT_STATUS {
+            return self.interrupt.status();
+        }
         let dev = self.device.lock().expect("Poisoned lock");
         match offset {
             VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
@@ -82,7 +92,6 @@ impl MmioTransport {
             },
             VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected(&*dev).map(|q| u32::from(q.max_size())).unwrap_or(0),
             VIRTIO_MMIO_QUEUE_READY => self.selected(&*dev).map(|q| u32::from(q.ready())).unwrap_or(0),
-            VIRTIO_MMIO_INTERRUPT_STATUS => dev.interrupt().status(),
             VIRTIO_MMIO_STATUS => {
                 self.state.device_status | if dev.needs_reset() { VIRTIO_CONFIG_S_NEEDS_RESET } else { 0 }
             }
@@ -98,6 +107,11 @@ impl MmioTransport {
     }
 
     fn write_reg(&mut self, offset: u32, v: u32) {
+        // The hot one first, without the device lock.
+        if offset == VIRTIO_MMIO_INTERRUPT_ACK {
+            self.interrupt.ack(v);
+            return;
+        }
         let device = self.device.clone();
         let mut dev = device.lock().expect("Poisoned lock");
         let status = self.status();
@@ -164,7 +178,6 @@ impl MmioTransport {
                     log::warn!("virtio-mmio: failed to signal queue {v}: {e}");
                 }
             }
-            VIRTIO_MMIO_INTERRUPT_ACK => dev.interrupt().ack(v),
             VIRTIO_MMIO_STATUS => self.write_status(&mut *dev, v),
             _ => log::debug!("virtio-mmio: ignored write of {v:#x} at {offset:#x}"),
         }

@@ -7,6 +7,7 @@
 
 pub mod mmio;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_queue::Queue;
@@ -77,7 +78,10 @@ pub trait VirtioDevice: Send {
     fn queues_mut(&mut self) -> &mut [Queue];
     /// One event per queue, signalled on a driver notification (ioeventfd or transport).
     fn queue_events(&self) -> &[EventFd];
-    fn interrupt(&self) -> &Interrupt;
+    /// The device's interrupt. Shared: the transport keeps a handle, so that the driver's
+    /// InterruptStatus reads and InterruptAck writes do not wait for the device lock, which the
+    /// event loop holds while it moves a burst of frames.
+    fn interrupt(&self) -> &Arc<Interrupt>;
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// The driver set DRIVER_OK: start processing queues in `mem`.

@@ -93,6 +93,11 @@ pub struct MigrationInfo {
     pub downtime_ms: Option<u64>,
     /// `downtime_ms` in µs.
     pub downtime_us: Option<u64>,
+    /// When the guest's vCPUs stopped here, in µs since the Unix epoch.
+    pub paused_at_us: Option<u64>,
+    /// When they started on the destination, in µs since the Unix epoch on the destination's
+    /// clock: with `paused_at_us`, the guest's downtime on hosts whose clocks agree.
+    pub resumed_at_us: Option<u64>,
     /// Guest pause measured on the destination (reported back in its acknowledgement).
     pub downtime_destination_ms: Option<u64>,
     pub error: Option<String>,

@@ -3,7 +3,7 @@
 //! bitmap (pages the VMM wrote: virtio RX frames, used rings), per memory region; and which
 //! pages were ever touched at all (mincore), so that untouched memory is never read.
 
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::MigrateError;
 use crate::vstate::vm::Vm;
@@ -93,20 +93,4 @@ pub fn touched(vm: &Vm) -> Vec<Bitmap> {
             b
         })
         .collect()
-}
-
-/// Guest-physical ranges (start, bytes) of the set bits, for the destination's pre-fault.
-pub fn ranges(vm: &Vm, maps: &[Bitmap]) -> Vec<migration::protocol::RegionLayout> {
-    let mut out: Vec<migration::protocol::RegionLayout> = Vec::new();
-    for (region, map) in vm.memory().iter().zip(maps) {
-        let base = region.start_addr().raw_value();
-        for page in migration::memory::set_bits(map) {
-            let start = base + (page * PAGE) as u64;
-            match out.last_mut() {
-                Some(r) if r.start + r.size == start => r.size += PAGE as u64,
-                _ => out.push(migration::protocol::RegionLayout { start, size: PAGE as u64 }),
-            }
-        }
-    }
-    out
 }

@@ -4,15 +4,14 @@
 //! One connection is accepted, and only one: the listener closes as soon as it is taken. The
 //! source's `Start` is checked (versions, memory, CPU features, NICs) before anything else
 //! happens, so an incompatible source hears "no" while its guest still runs undisturbed. Memory
-//! batches are applied as they come; a separate thread faults in the memory the source says is
-//! in use, so that first-touch page faults happen during pre-copy and not while the guest is
-//! paused. On `Complete` the machine is restored, its vCPUs start, and the answer carries the
-//! pause as measured here. Anything unexpected ends the process with a clear error; the source
-//! then resumes its guest.
+//! batches are applied as they come. Pages the source sends as zero are not written (fresh
+//! memory is zero), so they take no memory here until the guest touches them: populating them
+//! ahead cost more CPU than the page faults it saved. `Prepare` is answered once everything
+//! here is set up. On `Complete` the machine is restored, its vCPUs start, and the answer
+//! carries the pause as measured here. Anything unexpected ends the process with a clear error;
+//! the source then resumes its guest.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use migration::memory::{BatchReader, PAGE_SIZE};
@@ -25,8 +24,6 @@ use crate::builder::{BuiltVm, build_vm_for_incoming, open_kvm};
 use crate::config::VmConfig;
 use crate::net_config::NetConfig;
 
-/// Bytes the prefault thread populates per system call.
-const PREFAULT_CHUNK: usize = 2 << 20;
 /// How long the destination waits for the next frame before giving up on the source.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -48,11 +45,13 @@ pub struct Acknowledger {
 }
 
 impl Acknowledger {
-    /// The guest runs here now (call once the vCPUs run); returns the pause measured here.
-    pub fn acknowledge(mut self) -> Result<Option<Duration>, MigrateError> {
+    /// The guest runs here now (call once the vCPUs run; `resumed_at_us` is when they started,
+    /// see [`protocol::unix_now_us`]); returns the pause measured here.
+    pub fn acknowledge(mut self, resumed_at_us: u64) -> Result<Option<Duration>, MigrateError> {
         let downtime = self.paused_at.map(|t| t.elapsed());
         let downtime_us = downtime.map(|d| d.as_micros() as u64);
-        protocol::write_json(&mut self.stream, Command::Response, &Response { ok: true, error: None, downtime_us })?;
+        let answer = Response { ok: true, error: None, downtime_us, resumed_at_us: Some(resumed_at_us) };
+        protocol::write_json(&mut self.stream, Command::Response, &answer)?;
         Ok(downtime)
     }
 
@@ -85,8 +84,7 @@ pub fn receive(
     stream.set_read_timeout(Some(FRAME_TIMEOUT)).ok();
     stream.set_write_timeout(Some(FRAME_TIMEOUT)).ok();
 
-    // Allocated once, up front: a later allocation of this size is an mmap, which waits for the
-    // prefault thread to let go of the memory map.
+    // Allocated once, up front, for the largest frame.
     let mut scratch = Vec::with_capacity(protocol::MAX_PAYLOAD as usize);
     let result = receive_on(&mut stream, nets, console, &mut scratch, announce);
     match result {
@@ -115,12 +113,10 @@ fn receive_on(
     let config = check_start(&start, nets)?;
     log::debug!("incoming: Start checked");
     let built = build_vm_for_incoming(&config, console)?;
-    // KVM's registration of guest memory and the prefault below would fight over the memory
-    // map (the registration then took up to a second): one after the other.
+    // Registering guest memory with KVM takes milliseconds; it ran while the rest was built.
     built.machine.vm.memslots_ready()?;
     log::debug!("incoming: machine built");
     protocol::write_json(stream, Command::Response, &Response::ok())?;
-    let mut prefault = Prefault::start(&built, &start.populated);
 
     let mem = built.machine.vm.memory().clone();
     let mut written = Written::new(&mem);
@@ -135,9 +131,7 @@ fn receive_on(
             }
             Command::Prepare => {
                 // The guest is about to pause on the source: whatever is still being set up
-                // here must be done before that, not while the guest waits, and nothing else
-                // may compete for this host's CPUs then.
-                prefault.stop();
+                // here must be done before that, not while the guest waits.
                 let ready = built.machine.vm.memslots_ready();
                 let answer = match &ready {
                     Ok(()) => Response::ok(),
@@ -226,63 +220,6 @@ fn check_start(start: &StartPayload, nets: &[NetConfig]) -> Result<VmConfig, Mig
     let kvm = open_kvm().map_err(|e| MigrateError::Incompatible(e.to_string()))?;
     check_cpuid(&kvm, &start.cpuid)?;
     Ok(config)
-}
-
-/// Faults in, on a thread of its own, the memory the source reports in use, so that the guest
-/// does not take those page faults once it runs here. It yields to the migration: it stops when
-/// the guest is about to pause ([`Prefault::stop`]), so it never competes with the downtime.
-struct Prefault {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Prefault {
-    fn start(built: &BuiltVm, ranges: &[migration::protocol::RegionLayout]) -> Prefault {
-        let mem = built.machine.vm.memory().clone();
-        let ranges = ranges.to_vec();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        let spawned = std::thread::Builder::new().name("prefault".into()).spawn(move || {
-            for r in ranges {
-                let Ok(host) = mem.get_host_address(GuestAddress(r.start)) else { continue };
-                // The range must lie inside one region.
-                if !mem.check_range(GuestAddress(r.start), r.size as usize) {
-                    continue;
-                }
-                // In chunks: the kernel holds the memory map for each call, and the receiving
-                // thread must not wait that long for it.
-                for at in (0..r.size).step_by(PREFAULT_CHUNK) {
-                    if stopped.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let len = (r.size - at).min(PREFAULT_CHUNK as u64) as usize;
-                    // SAFETY: the chunk is part of this VM's live anonymous mapping (checked
-                    // above); populating it only allocates pages, it does not change contents.
-                    let rc = unsafe { libc::madvise(host.add(at as usize).cast(), len, libc::MADV_POPULATE_WRITE) };
-                    if rc != 0 {
-                        log::debug!("prefault: {}", std::io::Error::last_os_error());
-                        return;
-                    }
-                }
-            }
-        });
-        let thread = spawned.map_err(|e| log::debug!("prefault thread: {e}")).ok();
-        Prefault { stop, thread }
-    }
-
-    /// Stops faulting in and waits for the thread (at most one chunk's work).
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Prefault {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// Which pages received data: a zero page need not be written unless it held something.
@@ -395,12 +332,13 @@ pub fn start_incoming(
             return Err(MigrateError::Other(format!("starting the received guest: {e}")));
         }
     };
+    let resumed_at_us = protocol::unix_now_us();
     log::debug!("incoming: vCPUs started");
     // The NICs pick up whatever the source left queued (TX descriptors, a waiting RX frame).
     super::resume_devices(vmm.machine());
     // From `Complete` on, the guest is ours: even if the source cannot hear this answer any
     // more, the guest runs here (the source then keeps its copy paused).
-    let downtime = match answer.acknowledge() {
+    let downtime = match answer.acknowledge(resumed_at_us) {
         Ok(d) => {
             log::debug!("incoming: acknowledged");
             d

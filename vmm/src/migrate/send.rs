@@ -224,7 +224,6 @@ impl Source<'_> {
             memory,
             cpuid: self.m.cpuid.lock().expect("Poisoned lock").clone(),
             tsc_khz: None,
-            populated: dirty::ranges(vm, &dirty::touched(vm)),
         };
         log::debug!("migration: connected, sending Start");
         protocol::write_json(self.stream()?, Command::Start, &start)?;
@@ -312,6 +311,8 @@ impl Source<'_> {
         self.vcpus.lock().expect("Poisoned lock").pause_and_save().map_err(MigrateError::Vcpus)?;
         self.paused = true;
         self.states_pending = true;
+        let paused_at_us = protocol::unix_now_us();
+        self.update(|p| p.paused_at_us = Some(paused_at_us));
         step("vCPUs paused");
         self.update(|p| p.phase = MigrationPhase::StopAndCopy);
         protocol::write_frame(self.stream()?, Command::Paused, &[])?;
@@ -346,6 +347,7 @@ impl Source<'_> {
         self.update(|p| {
             p.downtime_ms = Some(downtime.as_millis() as u64);
             p.downtime_us = Some(downtime.as_micros() as u64);
+            p.resumed_at_us = answer.resumed_at_us;
         });
         log::info!(
             "migration: completed in {} ms, {} bytes, downtime {} ms (destination: {:?} µs)",

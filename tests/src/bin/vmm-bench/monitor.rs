@@ -82,11 +82,13 @@ pub struct RoundPoint {
 #[derive(Clone, Debug, Serialize)]
 pub struct MigrationResult {
     pub total_ms: f64,
-    /// From the guest's pause on the source to it running on the destination, on the host
-    /// clock: ours up to the destination's acknowledgement, which it sends once the guest runs
-    /// (so a little more); QEMU's from the source's STOP event to the destination's RESUME.
+    /// From the guest's vCPUs stopping on the source to them starting on the destination, on
+    /// the host clock, as each monitor stamps those moments: ours in its migration report
+    /// (`paused_at_us`, `resumed_at_us`), QEMU's in its STOP and RESUME events.
     pub downtime_ms: f64,
-    /// The downtime the source reports: ours as above, QEMU's until its last byte was sent.
+    /// The downtime the source reports: ours from asking the vCPUs to stop until the
+    /// destination's acknowledgement (sent once the guest runs there), QEMU's from stopping
+    /// until its last byte was sent.
     pub reported_downtime_ms: f64,
     pub bytes_sent: u64,
     pub rounds: u32,
@@ -206,7 +208,10 @@ impl Running {
                         .collect();
                     return Ok(MigrationResult {
                         total_ms: info.total_us as f64 / 1e3,
-                        downtime_ms: info.downtime_us.unwrap_or(0) as f64 / 1e3,
+                        downtime_ms: match (info.paused_at_us, info.resumed_at_us) {
+                            (Some(p), Some(r)) => r.saturating_sub(p) as f64 / 1e3,
+                            _ => return Err("the migration report lacks the pause and resume times".into()),
+                        },
                         reported_downtime_ms: info.downtime_us.unwrap_or(0) as f64 / 1e3,
                         bytes_sent: info.bytes_sent,
                         rounds: info.round,
