@@ -20,6 +20,7 @@ pub mod bed;
 pub mod echo_stream;
 mod error;
 pub mod l2;
+pub mod moves;
 pub mod netns;
 mod process;
 pub mod vm;

@@ -54,8 +54,10 @@ pub fn linux_artifacts() -> Option<(PathBuf, PathBuf)> {
 }
 
 /// The kernel command line that gets Linux furthest here: XSAVE and the instructions KVM's
-/// emulator lacks hidden (on this KVM CPUID reaches the host, so they are hidden on the command
-/// line; elsewhere `--cpu-template baseline` does it).
+/// emulator lacks hidden with the kernel's own switches, so that no code path, alternative or
+/// early check uses them whatever CPUID says. `--cpu-template baseline` hides the same kind of
+/// features through CPUID, but only from code at CPL 0: at CPL 3 CPUID runs natively on this
+/// KVM and returns the host's values.
 pub const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 noxsave clearcpuid=smap,smep,popcnt,cx16,fsgsbase,\
 rdtscp,movbe,rdrand,rdseed,bmi1,bmi2,avx,avx2,erms,fsrm,invpcid,pcid,umip,pku,rdpid,clflushopt,clwb";
 

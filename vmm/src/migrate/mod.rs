@@ -168,9 +168,10 @@ fn vmm_owned_bits(function: u32, reg: usize) -> u32 {
     }
 }
 
-/// The CPUID a guest on this host effectively gets: what a vCPU reports after being given
-/// KVM's supported set. On ordinary KVM that is the supported set itself; on paravirtual nested
-/// KVM (kvm_pvm), where CPUID runs natively, it is the host's full set.
+/// The CPUID a guest on this host can be given: what a vCPU reports after being given KVM's
+/// supported set, i.e. that set as KVM itself adjusts it on a vCPU. An incoming guest's
+/// features are checked against this rather than the raw supported list. (Code at CPL 3 on
+/// paravirtual nested KVM sees the host's CPUID natively; this is what KVM answers at CPL 0.)
 fn effective_cpuid(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, String> {
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| format!("supported CPUID: {e}"))?;
     let vm = kvm.create_vm().map_err(|e| format!("probe VM: {e}"))?;

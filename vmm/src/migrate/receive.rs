@@ -113,8 +113,8 @@ fn receive_on(
     let config = check_start(&start, nets)?;
     log::debug!("incoming: Start checked");
     let built = build_vm_for_incoming(&config, console)?;
-    // Registering guest memory with KVM takes milliseconds; it ran while the rest was built.
-    built.machine.vm.memslots_ready()?;
+    // Registering guest memory with KVM takes milliseconds and goes on on its own thread while
+    // the pages arrive; `Prepare` waits for it, before the guest pauses on the source.
     log::debug!("incoming: machine built");
     protocol::write_json(stream, Command::Response, &Response::ok())?;
 
