@@ -19,6 +19,16 @@ pub fn our_guest(results: &mut Results, runs: usize, kernel: &Path) -> Result<()
         mem_mib: MEM_MIB,
         net: None,
     };
+    let image = image_size(kernel)?;
+    results.add("boot", "our guest kernel: loaded image", "KiB", Better::Lower, Monitor::Ours, image.loaded_kib());
+    results.add(
+        "boot",
+        "our guest kernel: file (with debug info)",
+        "KiB",
+        Better::Lower,
+        Monitor::Ours,
+        image.file_kib(),
+    );
     for run in 0..runs {
         for m in Monitor::alternating(run) {
             let r = Running::start(m, None, &spec, None);
@@ -52,6 +62,10 @@ pub fn linux(results: &mut Results, runs: usize, kernel: &Path, initrd: &Path, c
         mem_mib: MEM_MIB,
         net: None,
     };
+    let image = image_size(kernel)?;
+    let initrd_kib = std::fs::metadata(initrd).map_err(|e| format!("{}: {e}", initrd.display()))?.len() as f64 / 1024.0;
+    results.add("boot", "Linux: vmlinux loaded image", "KiB", Better::Lower, Monitor::Ours, image.loaded_kib());
+    results.add("boot", "Linux: initramfs", "KiB", Better::Lower, Monitor::Ours, initrd_kib);
     for run in 0..runs {
         for m in Monitor::alternating(run) {
             let r = Running::start(m, None, &spec, None);
@@ -60,6 +74,45 @@ pub fn linux(results: &mut Results, runs: usize, kernel: &Path, initrd: &Path, c
         }
     }
     Ok(())
+}
+
+/// An ELF kernel's size on disk and the bytes its loadable segments put in guest memory.
+#[derive(Debug)]
+pub struct ImageSize {
+    pub file: u64,
+    pub loaded: u64,
+}
+
+impl ImageSize {
+    fn file_kib(&self) -> f64 {
+        self.file as f64 / 1024.0
+    }
+
+    fn loaded_kib(&self) -> f64 {
+        self.loaded as f64 / 1024.0
+    }
+}
+
+/// Reads an ELF64 kernel's program headers and sums the file bytes of its PT_LOAD segments.
+pub fn image_size(path: &Path) -> Result<ImageSize, String> {
+    let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bad = || format!("{}: not a 64-bit little-endian ELF file", path.display());
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |o: usize| data.get(o..o + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
+    let u64_at = |o: usize| data.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    if data.get(..6) != Some(b"\x7fELF\x02\x01".as_slice()) {
+        return Err(bad());
+    }
+    let phoff = usize::try_from(u64_at(0x20).ok_or_else(bad)?).map_err(|_| bad())?;
+    let (phentsize, phnum) = (u16_at(0x36).ok_or_else(bad)?, u16_at(0x38).ok_or_else(bad)?);
+    let mut loaded = 0;
+    for i in 0..phnum {
+        let ph = phoff + i * phentsize;
+        if u32_at(ph).ok_or_else(bad)? == 1 {
+            loaded += u64_at(ph + 0x20).ok_or_else(bad)?;
+        }
+    }
+    Ok(ImageSize { file: data.len() as u64, loaded })
 }
 
 pub fn ms(d: Duration) -> f64 {
@@ -104,4 +157,39 @@ pub fn memory(pid: u32, guest_mib: u64) -> Result<Memory, String> {
         return Err(format!("{path}: no resident memory found"));
     }
     Ok(Memory { rss_kib: rss, guest_kib: guest })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An ELF64 header and two program headers: a PT_LOAD of 100 bytes and a PT_NOTE of 50.
+    fn elf() -> Vec<u8> {
+        let mut d = vec![0u8; 64 + 2 * 56];
+        d[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        d[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        d[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        d[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes());
+        for (i, (kind, size)) in [(1u32, 100u64), (4, 50)].into_iter().enumerate() {
+            let ph = 64 + i * 56;
+            d[ph..ph + 4].copy_from_slice(&kind.to_le_bytes());
+            d[ph + 0x20..ph + 0x28].copy_from_slice(&size.to_le_bytes());
+        }
+        d
+    }
+
+    #[test]
+    fn image_size_counts_loadable_segments_only() {
+        let dir = std::env::temp_dir().join(format!("vmm-bench-elf-{}", std::process::id()));
+        std::fs::write(&dir, elf()).unwrap();
+        let size = image_size(&dir).unwrap();
+        assert_eq!((size.file, size.loaded), (64 + 2 * 56, 100));
+        let mut truncated = elf();
+        truncated.truncate(100);
+        std::fs::write(&dir, truncated).unwrap();
+        assert!(image_size(&dir).is_err());
+        std::fs::write(&dir, b"not an elf").unwrap();
+        assert!(image_size(&dir).unwrap_err().contains("not a 64-bit"));
+        std::fs::remove_file(&dir).unwrap();
+    }
 }
