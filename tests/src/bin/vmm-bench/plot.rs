@@ -29,6 +29,10 @@ fn draw(path: &Path, title: &str, samples: &[&Sample]) -> Result<(), Box<dyn std
     let mut encoder = png::Encoder::new(file, SIZE.0, SIZE.1);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
+    // A plot is mostly flat colour: the best compression and adaptive filters make the file
+    // several times smaller (it is committed with the README) at no visible cost.
+    encoder.set_compression(png::Compression::Best);
+    encoder.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
     encoder.write_header()?.write_image_data(&rgb)?;
     Ok(())
 }
