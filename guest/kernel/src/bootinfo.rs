@@ -20,6 +20,50 @@ pub struct BootInfo {
 }
 
 impl BootInfo {
+    fn empty() -> Self {
+        BootInfo { cmdline: [0; MAX_CMDLINE], cmdline_len: 0, ram: [(0, 0); MAX_RANGES], ram_count: 0 }
+    }
+
+    /// Copies the NUL-terminated command line at `ptr` (none if null), cut at `MAX_CMDLINE - 1`.
+    ///
+    /// # Safety
+    /// `ptr` is null or points at a NUL-terminated string.
+    unsafe fn copy_cmdline(&mut self, ptr: *const u8) {
+        if ptr.is_null() {
+            return;
+        }
+        // SAFETY: per this function's contract, up to and excluding the NUL.
+        unsafe {
+            while self.cmdline_len < MAX_CMDLINE - 1 && *ptr.add(self.cmdline_len) != 0 {
+                self.cmdline[self.cmdline_len] = *ptr.add(self.cmdline_len);
+                self.cmdline_len += 1;
+            }
+        }
+    }
+
+    /// Keeps the RAM ranges of `n` memory map entries at `table`, `stride` bytes apart, each
+    /// laid out as e820's and PVH's are: address (u64), size (u64), type (u32).
+    ///
+    /// # Safety
+    /// `table` points at `n` such entries.
+    unsafe fn copy_ram(&mut self, table: *const u8, n: usize, stride: usize) {
+        for i in 0..n.min(128) {
+            // SAFETY: per this function's contract; every field is read unaligned.
+            let (addr, size, kind) = unsafe {
+                let e = table.add(i * stride);
+                (
+                    e.cast::<u64>().read_unaligned(),
+                    e.add(8).cast::<u64>().read_unaligned(),
+                    e.add(16).cast::<u32>().read_unaligned(),
+                )
+            };
+            if kind == E820_RAM && self.ram_count < MAX_RANGES {
+                self.ram[self.ram_count] = (addr, addr.saturating_add(size));
+                self.ram_count += 1;
+            }
+        }
+    }
+
     /// Reads the zero page at physical (= virtual) address `zero_page`.
     ///
     /// # Safety
@@ -27,27 +71,11 @@ impl BootInfo {
     /// at a NUL-terminated string, as the boot protocol promises.
     pub unsafe fn read(zero_page: u64) -> Self {
         let zp = zero_page as *const u8;
-        let mut info = BootInfo { cmdline: [0; MAX_CMDLINE], cmdline_len: 0, ram: [(0, 0); MAX_RANGES], ram_count: 0 };
+        let mut info = Self::empty();
         // SAFETY: per this function's contract.
         unsafe {
-            let ptr = u64::from(zp.add(CMD_LINE_PTR).cast::<u32>().read_unaligned()) as *const u8;
-            if !ptr.is_null() {
-                while info.cmdline_len < MAX_CMDLINE - 1 && *ptr.add(info.cmdline_len) != 0 {
-                    info.cmdline[info.cmdline_len] = *ptr.add(info.cmdline_len);
-                    info.cmdline_len += 1;
-                }
-            }
-            let n = usize::from(*zp.add(E820_ENTRIES)).min(128);
-            for i in 0..n {
-                let e = zp.add(E820_TABLE + i * E820_ENTRY_SIZE);
-                let addr = e.cast::<u64>().read_unaligned();
-                let size = e.add(8).cast::<u64>().read_unaligned();
-                let kind = e.add(16).cast::<u32>().read_unaligned();
-                if kind == E820_RAM && info.ram_count < MAX_RANGES {
-                    info.ram[info.ram_count] = (addr, addr.saturating_add(size));
-                    info.ram_count += 1;
-                }
-            }
+            info.copy_cmdline(u64::from(zp.add(CMD_LINE_PTR).cast::<u32>().read_unaligned()) as *const u8);
+            info.copy_ram(zp.add(E820_TABLE), usize::from(*zp.add(E820_ENTRIES)), E820_ENTRY_SIZE);
         }
         info
     }
@@ -59,33 +87,21 @@ impl BootInfo {
     /// memory map where it says.
     pub unsafe fn read_pvh(start_info: u64) -> Self {
         const MAGIC: u32 = 0x336e_c578;
+        const MEMMAP_ENTRY_SIZE: usize = 24;
         let si = start_info as *const u8;
-        let mut info = BootInfo { cmdline: [0; MAX_CMDLINE], cmdline_len: 0, ram: [(0, 0); MAX_RANGES], ram_count: 0 };
+        let mut info = Self::empty();
         // SAFETY: per this function's contract; every field is read unaligned.
         unsafe {
             if si.cast::<u32>().read_unaligned() != MAGIC {
                 return info;
             }
             let version = si.add(4).cast::<u32>().read_unaligned();
-            let ptr = si.add(24).cast::<u64>().read_unaligned() as *const u8;
-            if !ptr.is_null() {
-                while info.cmdline_len < MAX_CMDLINE - 1 && *ptr.add(info.cmdline_len) != 0 {
-                    info.cmdline[info.cmdline_len] = *ptr.add(info.cmdline_len);
-                    info.cmdline_len += 1;
-                }
-            }
+            info.copy_cmdline(si.add(24).cast::<u64>().read_unaligned() as *const u8);
             if version >= 1 {
                 let map = si.add(40).cast::<u64>().read_unaligned() as *const u8;
-                let n = si.add(48).cast::<u32>().read_unaligned().min(128) as usize;
-                for i in 0..n {
-                    let e = map.add(i * 24);
-                    let addr = e.cast::<u64>().read_unaligned();
-                    let size = e.add(8).cast::<u64>().read_unaligned();
-                    let kind = e.add(16).cast::<u32>().read_unaligned();
-                    if kind == E820_RAM && info.ram_count < MAX_RANGES {
-                        info.ram[info.ram_count] = (addr, addr.saturating_add(size));
-                        info.ram_count += 1;
-                    }
+                let n = si.add(48).cast::<u32>().read_unaligned() as usize;
+                if !map.is_null() {
+                    info.copy_ram(map, n, MEMMAP_ENTRY_SIZE);
                 }
             }
         }
