@@ -92,20 +92,7 @@ fn linux_starts_booting() {
             "resources/build/vmlinux or initramfs.cpio is missing: run resources/build_kernel.sh and resources/build_initramfs.sh (the README's test command does)"
         );
     };
-    let vm = Vm::start(
-        None,
-        &s(&[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--mem-mib",
-            "256",
-            "--cmdline",
-            &format!("{} earlyprintk=ttyS0 vmm.workload=idle", LINUX_CMDLINE),
-        ]),
-    );
+    let vm = start_linux(&kernel, &initrd, 1, "earlyprintk=ttyS0 vmm.workload=idle");
     let banner = vm.console.wait_line(Duration::from_secs(120), |l| l.contains("Linux version 6.12"));
     assert!(banner.is_some(), "no Linux banner\n{}", vm.describe());
     let e820 = vm.console.wait_line(Duration::from_secs(120), |l| l.contains("BIOS-e820") && l.contains("usable"));
@@ -120,26 +107,21 @@ fn linux_starts_booting() {
 #[ignore = "Linux needs minutes to tens of minutes to boot where KVM emulates kernel code; run on hardware KVM"]
 fn linux_boots_to_the_ready_line() {
     let (kernel, initrd) = linux_artifacts().expect("run resources/build_kernel.sh and resources/build_initramfs.sh");
-    let vm = Vm::start(
-        None,
-        &s(&[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--mem-mib",
-            "256",
-            "--vcpus",
-            "2",
-            "--cmdline",
-            &format!("{} vmm.workload=idle vmm.poweroff_after_ms=100", LINUX_CMDLINE),
-        ]),
-    );
+    let vm = start_linux(&kernel, &initrd, 2, "vmm.workload=idle vmm.poweroff_after_ms=100");
     let ready = vm.console.wait_line(Duration::from_secs(3600), |l| l.starts_with("GUEST-READY"));
     assert!(ready.is_some_and(|l| l.contains("kernel=linux")), "{}", vm.describe());
     let status = vm.wait_timeout(Duration::from_secs(600)).expect("powers off");
     assert!(status.success(), "{}", vm.describe());
+}
+
+/// Starts Linux with our initramfs, 256 MiB, `vcpus` vCPUs and `LINUX_CMDLINE` plus `extra`.
+fn start_linux(kernel: &std::path::Path, initrd: &std::path::Path, vcpus: u32, extra: &str) -> Vm {
+    let (kernel, initrd) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
+    let vcpus = vcpus.to_string();
+    let cmdline = format!("{LINUX_CMDLINE} {extra}");
+    let args =
+        ["run", "--kernel", kernel, "--initrd", initrd, "--mem-mib", "256", "--vcpus", &vcpus, "--cmdline", &cmdline];
+    Vm::start(None, &s(&args))
 }
 
 /// Runs `vmm` with `args` and expects a failure with exactly one line on stderr containing
