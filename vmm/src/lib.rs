@@ -11,6 +11,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod loader;
+pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod net_config;

@@ -145,7 +145,8 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
 }
 
 fn main() -> ExitCode {
-    init_logging();
+    // Logs go to stderr (stdout is the guest's console); `VMM_LOG=debug` for more.
+    vmm::logging::init("vmm", "warn");
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
@@ -295,40 +296,4 @@ fn migrate(args: MigrateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         return Err(format!("migration to {} failed: {why}", args.to).into());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Logs go to stderr (stdout is the guest's console); `VMM_LOG=debug` for more.
-fn init_logging() {
-    struct StderrLogger;
-    impl log::Log for StderrLogger {
-        fn enabled(&self, _: &log::Metadata) -> bool {
-            true
-        }
-        fn log(&self, record: &log::Record) {
-            if !self.enabled(record.metadata()) {
-                return;
-            }
-            let level = record.level().as_str().to_lowercase();
-            if record.level() >= log::Level::Debug {
-                // Wall-clock time of day to the µs, so the logs of a migration's two ends
-                // (on one host, or hosts in sync) line up.
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                let (s, us) = (now.as_secs() % 86_400, now.subsec_micros());
-                eprintln!("vmm: {level} {:02}:{:02}:{:02}.{us:06}: {}", s / 3600, s / 60 % 60, s % 60, record.args());
-            } else {
-                eprintln!("vmm: {level}: {}", record.args());
-            }
-        }
-        fn flush(&self) {}
-    }
-    static LOGGER: StderrLogger = StderrLogger;
-    let level = match std::env::var("VMM_LOG").as_deref() {
-        Ok("debug") => log::LevelFilter::Debug,
-        Ok("trace") => log::LevelFilter::Trace,
-        Ok("info") => log::LevelFilter::Info,
-        _ => log::LevelFilter::Warn,
-    };
-    if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(level);
-    }
 }
