@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The guest's parameters on the kernel command line.
 //!
-//! - `vmm.workload=echo|dirty|idle` (default `echo`)
-//! - `vmm.dirty_mib=N` memory the dirty workload covers (default 64)
-//! - `vmm.dirty_rate=N` MiB/s it writes, 0 for as fast as it can (default 0)
+//! - `vmm.workload=echo|dirty|compute|burn|idle` (default `echo`)
+//! - `vmm.dirty_mib=N` memory the dirty workload covers, split between the vCPUs (default 64)
+//! - `vmm.dirty_rate=N` MiB/s it writes in all, 0 for as fast as it can (default 0)
+//! - `vmm.work=N` units of the compute job (default 10000)
+//! - `vmm.duty=P` percent of every 100 ms each vCPU burns, 0 to 100 (default 50)
 //! - `vmm.poweroff_after_ms=N` power off N ms after the ready line (default: run until asked)
 //! - `ip=CLIENT:SERVER:GATEWAY:NETMASK:HOST:DEVICE:AUTOCONF` as Linux's IP_PNP reads it
 //! - `virtio_mmio.device=SIZE@BASE:IRQ` as Linux's virtio-mmio driver reads it (repeatable)
@@ -14,8 +16,14 @@ pub enum Workload {
     /// TCP echo server on [`crate::ECHO_PORT`] (with the discard and source services). Those
     /// also run under the other workloads whenever `ip=` gives the guest an address.
     Echo,
-    /// Writes and verifies a pattern over `dirty_mib` MiB at `dirty_rate` MiB/s.
+    /// Writes and verifies a pattern over `dirty_mib` MiB at `dirty_rate` MiB/s, every vCPU
+    /// over a region of its own.
     Dirty,
+    /// A deterministic CPU-bound job of `work_units` units shared by every vCPU (see
+    /// [`crate::compute`]).
+    Compute,
+    /// Every vCPU busy `duty_pct` % of every 100 ms: a steady, known load.
+    Burn,
     /// Nothing; waits for a control request.
     Idle,
 }
@@ -25,10 +33,23 @@ impl Workload {
         match self {
             Workload::Echo => "echo",
             Workload::Dirty => "dirty",
+            Workload::Compute => "compute",
+            Workload::Burn => "burn",
             Workload::Idle => "idle",
         }
     }
+
+    fn from_name(name: &str) -> Option<Self> {
+        [Workload::Echo, Workload::Dirty, Workload::Compute, Workload::Burn, Workload::Idle]
+            .into_iter()
+            .find(|w| w.name() == name)
+    }
 }
+
+/// The compute job's size when `vmm.work=` is not given.
+pub const DEFAULT_WORK_UNITS: u64 = 10_000;
+/// The burn load when `vmm.duty=` is not given.
+pub const DEFAULT_DUTY_PCT: u8 = 50;
 
 /// Static IPv4 settings from `ip=`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +77,10 @@ pub struct Params {
     pub workload: Workload,
     pub dirty_mib: u64,
     pub dirty_rate_mib_s: u64,
+    /// Units of the compute job.
+    pub work_units: u64,
+    /// Percent of every 100 ms each vCPU is busy under the burn workload.
+    pub duty_pct: u8,
     pub poweroff_after_ms: Option<u64>,
     pub ipv4: Option<Ipv4Config>,
     pub devices: [Option<VirtioMmioDevice>; MAX_DEVICES],
@@ -67,6 +92,8 @@ impl Default for Params {
             workload: Workload::Echo,
             dirty_mib: 64,
             dirty_rate_mib_s: 0,
+            work_units: DEFAULT_WORK_UNITS,
+            duty_pct: DEFAULT_DUTY_PCT,
             poweroff_after_ms: None,
             ipv4: None,
             devices: [None; MAX_DEVICES],
@@ -86,16 +113,11 @@ impl Params {
                 continue;
             };
             match key {
-                "vmm.workload" => {
-                    p.workload = match value {
-                        "echo" => Workload::Echo,
-                        "dirty" => Workload::Dirty,
-                        "idle" => Workload::Idle,
-                        _ => p.workload,
-                    }
-                }
+                "vmm.workload" => p.workload = Workload::from_name(value).unwrap_or(p.workload),
                 "vmm.dirty_mib" => p.dirty_mib = value.parse().unwrap_or(p.dirty_mib),
                 "vmm.dirty_rate" => p.dirty_rate_mib_s = value.parse().unwrap_or(p.dirty_rate_mib_s),
+                "vmm.work" => p.work_units = value.parse().unwrap_or(p.work_units),
+                "vmm.duty" => p.duty_pct = value.parse().ok().filter(|d| *d <= 100).unwrap_or(p.duty_pct),
                 "vmm.poweroff_after_ms" => p.poweroff_after_ms = value.parse().ok(),
                 "ip" => p.ipv4 = parse_ip(value),
                 "virtio_mmio.device" => {
@@ -176,6 +198,8 @@ fn parse_virtio_mmio(value: &str) -> Option<VirtioMmioDevice> {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+
     use super::*;
 
     #[test]
@@ -194,6 +218,7 @@ mod tests {
         );
         assert_eq!(p.workload, Workload::Dirty);
         assert_eq!((p.dirty_mib, p.dirty_rate_mib_s, p.poweroff_after_ms), (128, 32, Some(500)));
+        assert_eq!((p.work_units, p.duty_pct), (DEFAULT_WORK_UNITS, DEFAULT_DUTY_PCT));
         assert_eq!(p.ipv4, Some(Ipv4Config { address: [10, 0, 0, 2], gateway: Some([10, 0, 0, 1]), prefix_len: 24 }));
         let d: [_; 2] = core::array::from_fn(|i| p.devices[i].unwrap());
         assert_eq!(d[0], VirtioMmioDevice { base: 0xd000_0000, size: 4096, irq: 5 });
@@ -202,10 +227,23 @@ mod tests {
     }
 
     #[test]
+    fn workloads_and_their_parameters() {
+        for w in [Workload::Echo, Workload::Dirty, Workload::Compute, Workload::Burn, Workload::Idle] {
+            assert_eq!(Params::parse(&std::format!("vmm.workload={}", w.name())).workload, w);
+        }
+        let p = Params::parse("vmm.workload=compute vmm.work=1234");
+        assert_eq!((p.workload, p.work_units), (Workload::Compute, 1234));
+        let p = Params::parse("vmm.workload=burn vmm.duty=30");
+        assert_eq!((p.workload, p.duty_pct), (Workload::Burn, 30));
+        assert_eq!(Params::parse("vmm.duty=100").duty_pct, 100);
+        assert_eq!(Params::parse("vmm.duty=0").duty_pct, 0);
+    }
+
+    #[test]
     fn malformed_values_are_ignored() {
         let p = Params::parse(
             "vmm.workload=bogus vmm.dirty_mib=lots ip=300.1.1.1 ip2=1 virtio_mmio.device=4K@nothex:5 \
-             virtio_mmio.device=@:",
+             virtio_mmio.device=@: vmm.work=-1 vmm.duty=101 vmm.duty=x",
         );
         assert_eq!(p, Params::default());
         assert_eq!(Params::parse("ip=10.0.0.2::10.0.0.1:255.0.255.0").ipv4, None, "holes in the mask");

@@ -13,6 +13,20 @@ pub fn expected(pass: u64, index: u64) -> u64 {
     if pass == 0 { 0 } else { (pass << 44) ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5a5a }
 }
 
+/// Pages in a MiB.
+pub const PAGES_PER_MIB: u64 = 256;
+
+/// CPU `cpu`'s part of a `total_mib` MiB workload split between `cpus` CPUs, each over a region
+/// of its own: (first page, pages), numbered as one region so that word indices (and so the
+/// pattern) run on from one CPU's region into the next one's. The first CPUs take a page more
+/// when the pages do not divide evenly.
+pub fn share(total_mib: u64, cpus: usize, cpu: usize) -> (u64, u64) {
+    let total = total_mib.saturating_mul(PAGES_PER_MIB);
+    let (n, i) = (cpus.max(1) as u64, cpu as u64);
+    let (base, extra) = (total / n, total % n);
+    (i * base + i.min(extra), base + u64::from(i < extra))
+}
+
 /// A word that did not hold what it should.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mismatch {
@@ -70,6 +84,20 @@ mod tests {
         assert_eq!(m.found, expected(1, 0));
         mem[7] ^= 1;
         assert_eq!(verify_and_write(&mut mem, 0, 4).unwrap().index, 7);
+    }
+
+    #[test]
+    fn shares_cover_the_region_once() {
+        for (mib, cpus) in [(64, 1), (64, 3), (1, 4), (0, 2), (5, 32)] {
+            let mut next = 0;
+            for cpu in 0..cpus {
+                let (first, pages) = share(mib, cpus, cpu);
+                assert_eq!(first, next, "{mib} MiB on {cpus} CPUs, CPU {cpu}");
+                next += pages;
+            }
+            assert_eq!(next, mib * PAGES_PER_MIB);
+        }
+        assert_eq!(share(64, 4, 3), (48 * 256, 16 * 256));
     }
 
     #[test]

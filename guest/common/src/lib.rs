@@ -1,18 +1,23 @@
 // SPDX-License-Identifier: Apache-2.0
 //! What the Linux guest init and our own guest kernel share, so that tests and users see one
 //! guest interface whichever kernel runs: the parameters read from the kernel command line, the
-//! ready line, and the `dirty` workload's verifiable memory pattern.
+//! ready line and status line, the `dirty` workload's verifiable memory pattern and the
+//! `compute` workload's job.
 //!
 //! `no_std` and allocation-free: our guest kernel uses it before it has a heap.
 #![no_std]
 
 pub mod arp;
 pub mod cmdline;
+pub mod compute;
 pub mod dirty;
+pub mod status;
 
 pub use cmdline::{Ipv4Config, Params, VirtioMmioDevice, Workload};
+pub use status::{JobDone, JobProgress, RateWindow, Status};
 
-/// TCP port of the echo workload.
+/// TCP and UDP port of the echo service: every byte of a connection, every datagram, goes back
+/// to where it came from.
 pub const ECHO_PORT: u16 = 7000;
 /// TCP port of the control service: a line `poweroff` powers the guest off, `status` answers one
 /// status line.
