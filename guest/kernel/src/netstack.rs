@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The guest's network stack (smoltcp) and its services: the echo server on port 7000, the
-//! control service on port 7001, and the discard (7002) and source (7003) services that
-//! benchmarks measure one-way throughput with, as the Linux guest's init offers them.
+//! The guest's network stack (smoltcp) and its services: the echo server on TCP and UDP port
+//! 7000, the control service on port 7001, and the discard (7002) and source (7003) services
+//! that benchmarks measure one-way throughput with, as the Linux guest's init offers them.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use guest_common::{CONTROL_PORT, DISCARD_PORT, ECHO_PORT, Ipv4Config, SOURCE_PATTERN, SOURCE_PORT};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::socket::{icmp, tcp};
+use smoltcp::socket::{icmp, tcp, udp};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, Ipv4Address};
 
@@ -20,6 +20,10 @@ use crate::virtio_net::VirtioNet;
 const ECHO_SOCKETS: usize = 8;
 /// Echo socket buffers: large enough for a full window at this link's speed.
 const ECHO_BUFFER: usize = 256 << 10;
+/// Datagrams the UDP echo service holds each way, and their room (a full-size datagram is
+/// 1472 bytes here: no IP fragments).
+const UDP_PACKETS: usize = 64;
+const UDP_BUFFER: usize = 64 << 10;
 /// Connections the discard and the source service each serve at once.
 const STREAM_SOCKETS: usize = 2;
 const CONTROL_SOCKETS: usize = 2;
@@ -63,6 +67,8 @@ pub struct NetStack {
     /// Source connections and how far into [`SOURCE_PATTERN`] each has sent.
     source: Vec<(SocketHandle, usize)>,
     control: Vec<Control>,
+    /// The UDP echo socket (with the echo service).
+    udp_echo: Option<SocketHandle>,
     echo_enabled: bool,
     scratch: Vec<u8>,
     icmp: SocketHandle,
@@ -108,6 +114,10 @@ impl NetStack {
                 source.push((add(1024, ECHO_BUFFER), 0));
             }
         }
+        let udp_echo = echo_enabled.then(|| {
+            let buffer = || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; UDP_PACKETS], vec![0; UDP_BUFFER]);
+            sockets.add(udp::Socket::new(buffer(), buffer()))
+        });
         let mut control = Vec::new();
         for _ in 0..CONTROL_SOCKETS {
             let s = tcp::Socket::new(
@@ -134,6 +144,7 @@ impl NetStack {
             discard,
             source,
             control,
+            udp_echo,
             echo_enabled,
             scratch: vec![0; 64 << 10],
             icmp,
@@ -159,6 +170,7 @@ impl NetStack {
             }
             if self.echo_enabled {
                 progress |= self.serve_echo();
+                progress |= self.serve_udp_echo();
                 progress |= self.serve_discard();
                 progress |= self.serve_source();
             }
@@ -250,6 +262,29 @@ impl NetStack {
                 // The peer finished sending and everything was echoed: close our side too.
                 s.close();
                 progress = true;
+            }
+        }
+        progress
+    }
+
+    /// Sends every datagram back to where it came from, from the address it came to. A datagram
+    /// that finds the send buffer full is dropped, as UDP may.
+    fn serve_udp_echo(&mut self) -> bool {
+        let Some(h) = self.udp_echo else { return false };
+        let s = self.sockets.get_mut::<udp::Socket>(h);
+        if !s.is_open() {
+            let _ = s.bind(ECHO_PORT);
+        }
+        let mut progress = false;
+        loop {
+            match s.recv_slice(&mut self.scratch) {
+                Ok((n, meta)) => {
+                    let _ = s.send_slice(&self.scratch[..n], meta);
+                    progress = true;
+                }
+                // Larger than our scratch buffer: cannot happen without IP fragments; dropped.
+                Err(udp::RecvError::Truncated) => progress = true,
+                Err(udp::RecvError::Exhausted) => break,
             }
         }
         progress
