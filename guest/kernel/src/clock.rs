@@ -1,11 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Time from kvmclock: KVM keeps a `pvclock_vcpu_time_info` in guest memory that turns the TSC
-//! into nanoseconds since boot. It is the clock Linux guests use under KVM, and it keeps time
+//! Time from kvmclock: KVM keeps a `pvclock_vcpu_time_info` per vCPU in guest memory that turns
+//! that vCPU's TSC into nanoseconds since boot; each CPU reads its own. It is the clock Linux guests use under KVM, and it keeps time
 //! across live migration (the VMM restores the clock and KVM refreshes this structure).
 
 use core::ptr::read_volatile;
-
-use crate::boot::PVCLOCK;
 
 #[derive(Clone, Copy)]
 struct Snapshot {
@@ -16,9 +14,9 @@ struct Snapshot {
 }
 
 fn snapshot() -> Snapshot {
-    let p = (&raw const PVCLOCK).cast::<u32>();
+    let p = crate::percpu::current().pvclock();
     loop {
-        // SAFETY: PVCLOCK is a static of 8 u32; KVM writes it, so every read is volatile, and
+        // SAFETY: this CPU's kvmclock page, 8 u32; KVM writes it, so every read is volatile, and
         // the version protocol (odd while KVM updates, changed after) gives a consistent copy.
         unsafe {
             let v1 = read_volatile(p);
@@ -58,10 +56,6 @@ pub fn now_ns() -> u64 {
         delta <<= s.shift;
     }
     s.system_time.wrapping_add(((u128::from(delta) * u128::from(s.mul)) >> 32) as u64)
-}
-
-pub fn now_ms() -> u64 {
-    now_ns() / 1_000_000
 }
 
 /// The TSC value at which kvmclock will read `ns`, for the LAPIC TSC-deadline timer.

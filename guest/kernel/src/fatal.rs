@@ -38,16 +38,17 @@ const NAMES: [&str; 32] = [
     "reserved",
 ];
 
-/// Entered at CPL 3 from the exception stubs on a stack of its own.
+/// Entered at CPL 3 from the exception stubs on this CPU's fatal stack.
 #[unsafe(no_mangle)]
 extern "C" fn guest_fatal(vector: u64, error: u64, rip: u64, cr2: u64) -> ! {
     let name = NAMES.get(vector as usize).copied().unwrap_or("unknown");
-    crate::println!("GUEST-PANIC exception {vector} ({name}) error={error:#x} rip={rip:#x} cr2={cr2:#x}");
+    let cpu = crate::percpu::current().index();
+    crate::println!("GUEST-PANIC cpu={cpu} exception {vector} ({name}) error={error:#x} rip={rip:#x} cr2={cr2:#x}");
     crate::power::panicked()
 }
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
-    crate::println!("GUEST-PANIC {info}");
+    crate::println!("GUEST-PANIC cpu={} {info}", crate::percpu::current().index());
     crate::power::panicked()
 }

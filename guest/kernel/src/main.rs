@@ -6,8 +6,9 @@
 //! in useful time there. This kernel keeps CPL 0 to a few assembly paths ([`boot`]) and runs
 //! everything else, network stack and workload included, at CPL 3, natively. It boots like a
 //! Linux vmlinux, reads the same command line, prints the same ready line and runs the same
-//! workloads as the Linux guest's init. All its state lives in its memory and vCPU registers, so
-//! the VMM migrates it like any other guest.
+//! workloads as the Linux guest's init, on every CPU the MP table lists ([`smp`], [`work`]). All
+//! its state lives in its memory and vCPU registers, so the VMM migrates it like any other
+//! guest.
 #![no_std]
 #![no_main]
 
@@ -19,22 +20,27 @@ mod bootinfo;
 mod clock;
 mod console;
 mod console_input;
-mod dirty;
 mod fatal;
 mod gate;
 mod heap;
 mod mem;
+mod mptable;
 mod netstack;
+mod percpu;
 mod power;
+mod smp;
 mod virtio_net;
 mod virtqueue;
+mod work;
+
+use alloc::string::ToString;
 
 use guest_common::{Params, READY_PREFIX, Workload};
 
 /// Longest sleep: the loop wakes at least this often even with nothing scheduled.
 const MAX_SLEEP_NS: u64 = 1_000_000_000;
 
-/// Entered from `_start` at CPL 3 with the zero page address.
+/// Entered from `_start` at CPL 3 on the boot CPU with the zero page address.
 #[unsafe(no_mangle)]
 extern "C" fn rust_main(boot_info: u64, pvh: u64) -> ! {
     boot::init_idt();
@@ -43,23 +49,11 @@ extern "C" fn rust_main(boot_info: u64, pvh: u64) -> ! {
     let info =
         unsafe { if pvh == 0 { bootinfo::BootInfo::read(boot_info) } else { bootinfo::BootInfo::read_pvh(boot_info) } };
     let params = Params::parse(info.cmdline());
-    let heap = heap::init(info.ram());
+    heap::init(info.ram());
     apic::init_lapic();
-
-    let mut dirty = match params.workload {
-        Workload::Dirty => match dirty::Dirty::new(params.dirty_mib, params.dirty_rate_mib_s) {
-            Some(d) => Some(d),
-            None => {
-                println!(
-                    "GUEST-ERROR cannot allocate {} MiB for the dirty workload (heap {} MiB)",
-                    params.dirty_mib,
-                    heap >> 20
-                );
-                power::panicked();
-            }
-        },
-        _ => None,
-    };
+    let cpus = smp::start_all();
+    let mut job = work::start(&params, cpus);
+    let mut monitor = work::Monitor::new(&params, cpus);
 
     let mut net = bring_up_network(&params);
     if net.is_none() && params.workload == Workload::Echo {
@@ -67,7 +61,11 @@ extern "C" fn rust_main(boot_info: u64, pvh: u64) -> ! {
     }
 
     let ready_ns = clock::now_ns();
-    println!("{READY_PREFIX} uptime_ms={} workload={} kernel=vmm-guest", ready_ns / 1_000_000, params.workload.name());
+    println!(
+        "{READY_PREFIX} uptime_ms={} workload={} cpus={cpus} kernel=vmm-guest",
+        ready_ns / 1_000_000,
+        params.workload.name()
+    );
     let poweroff_at = params.poweroff_after_ms.map(|ms| ready_ns + ms * 1_000_000);
     let mut console = console_input::ConsoleInput::new();
     loop {
@@ -75,14 +73,8 @@ extern "C" fn rust_main(boot_info: u64, pvh: u64) -> ! {
         if poweroff_at.is_some_and(|t| now >= t) {
             power::poweroff();
         }
-        let (passes, mismatches) = dirty.as_ref().map_or((0, 0), |d| (d.passes_done, d.mismatches));
-        let workload = params.workload.name();
-        let status_line = move || {
-            alloc::format!(
-                "STATUS workload={workload} uptime_ms={} dirty_passes={passes} dirty_mismatches={mismatches}",
-                clock::now_ms()
-            )
-        };
+        monitor.sample(now);
+        let status_line = || monitor.status(clock::now_ns()).to_string();
         match console.poll(now) {
             Some(console_input::Command::Poweroff) => power::poweroff(),
             Some(console_input::Command::Status) => println!("{}", status_line()),
@@ -105,9 +97,9 @@ extern "C" fn rust_main(boot_info: u64, pvh: u64) -> ! {
                 wake = wake.min(t);
             }
         }
-        if let Some(d) = dirty.as_mut() {
-            busy |= d.step(now);
-            wake = wake.min(d.next_due_ns());
+        busy |= job.step(now);
+        if let Some(t) = job.next_due_ns(now) {
+            wake = wake.min(t);
         }
         if let Some(t) = poweroff_at {
             wake = wake.min(t);
