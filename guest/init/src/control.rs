@@ -1,19 +1,19 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The control service: line commands over TCP on [`CONTROL_PORT`] and on the console.
 //!
-//! - `status` answers `STATUS workload=<w> uptime_ms=<ms> dirty_passes=<n> dirty_mismatches=<m>`
+//! - `status` answers the status line both guests share (`guest_common::Status`):
+//!   `STATUS workload=<w> cpus=<n> uptime_ms=<ms> dirty_passes=<n> dirty_mismatches=<m> ...`
 //! - `poweroff` answers `OK` (over TCP) and powers the guest off
 //!
 //! Anything else answers `ERR unknown command`; empty lines are ignored.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use guest_common::{CONTROL_PORT, Workload};
+use guest_common::{CONTROL_PORT, Params};
 
-use crate::{Mode, dirty, system};
+use crate::{Mode, status, system};
 
 /// Longest command line read at once; a longer one is answered in pieces, as unknown commands,
 /// instead of growing a buffer for a client that never sends a newline.
@@ -27,33 +27,27 @@ enum Answer {
     PowerOff,
 }
 
-fn answer(line: &[u8], workload: Workload) -> Answer {
+fn answer(line: &[u8], params: &Params) -> Answer {
     match line.trim_ascii() {
         b"" => Answer::None,
-        b"status" => Answer::Line(format!(
-            "STATUS workload={} uptime_ms={} dirty_passes={} dirty_mismatches={}",
-            workload.name(),
-            system::uptime_ms(),
-            dirty::PASSES.load(Ordering::Relaxed),
-            dirty::MISMATCHES.load(Ordering::Relaxed),
-        )),
+        b"status" => Answer::Line(status::now(params).to_string()),
         b"poweroff" => Answer::PowerOff,
         _ => Answer::Line("ERR unknown command".to_string()),
     }
 }
 
 /// Starts listening on [`CONTROL_PORT`]; connections are served from then on.
-pub fn start(workload: Workload, mode: Mode) -> Result<(), String> {
+pub fn start(params: Params, mode: Mode) -> Result<(), String> {
     let listeners =
         crate::net::listen(CONTROL_PORT).map_err(|e| format!("control: cannot listen on {CONTROL_PORT}: {e}"))?;
     crate::net::serve("control", listeners, move |stream| {
-        if let Err(e) = serve_client(stream, workload, mode) {
+        if let Err(e) = serve_client(stream, &params, mode) {
             say!("control: {e}");
         }
     })
 }
 
-fn serve_client(stream: TcpStream, workload: Workload, mode: Mode) -> io::Result<()> {
+fn serve_client(stream: TcpStream, params: &Params, mode: Mode) -> io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     let mut line = Vec::new();
@@ -62,7 +56,7 @@ fn serve_client(stream: TcpStream, workload: Workload, mode: Mode) -> io::Result
         if (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line)? == 0 {
             return Ok(());
         }
-        match answer(&line, workload) {
+        match answer(&line, params) {
             Answer::None => {}
             Answer::Line(mut text) => {
                 text.push('\n');
@@ -100,7 +94,7 @@ fn linger(stream: &mut TcpStream) {
 }
 
 /// Reads commands from the console (our stdin) until it ends; answers go to the console.
-pub fn serve_console(workload: Workload, mode: Mode) {
+pub fn serve_console(params: Params, mode: Mode) {
     let mut stdin = io::stdin().lock();
     let mut line = Vec::new();
     loop {
@@ -115,7 +109,7 @@ pub fn serve_console(workload: Workload, mode: Mode) {
                 return;
             }
         }
-        match answer(&line, workload) {
+        match answer(&line, &params) {
             Answer::None => {}
             Answer::Line(text) => say!("{text}"),
             Answer::PowerOff => system::poweroff(mode),
@@ -129,12 +123,14 @@ mod tests {
 
     #[test]
     fn commands() {
-        assert!(matches!(answer(b"poweroff\r\n", Workload::Idle), Answer::PowerOff));
-        assert!(matches!(answer(b"  \n", Workload::Idle), Answer::None));
-        let Answer::Line(status) = answer(b"status\n", Workload::Dirty) else { panic!() };
-        assert!(status.starts_with("STATUS workload=dirty uptime_ms="), "{status}");
-        assert!(status.ends_with(" dirty_passes=0 dirty_mismatches=0"), "{status}");
-        let Answer::Line(err) = answer(b"reboot\n", Workload::Echo) else { panic!() };
+        let idle = Params::parse("vmm.workload=idle");
+        assert!(matches!(answer(b"poweroff\r\n", &idle), Answer::PowerOff));
+        assert!(matches!(answer(b"  \n", &idle), Answer::None));
+        let Answer::Line(status) = answer(b"status\n", &Params::parse("vmm.workload=dirty")) else { panic!() };
+        let cpus = format!("STATUS workload=dirty cpus={} uptime_ms=", crate::cpus::all().len());
+        assert!(status.starts_with(&cpus), "{status}");
+        assert!(status.contains(" dirty_passes=0 dirty_mismatches=0 job_units=0 "), "{status}");
+        let Answer::Line(err) = answer(b"reboot\n", &Params::default()) else { panic!() };
         assert_eq!(err, "ERR unknown command");
     }
 }

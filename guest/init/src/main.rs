@@ -12,10 +12,14 @@
 
 #[macro_use]
 mod console;
+mod burn;
+mod compute;
 mod control;
+mod cpus;
 mod dirty;
 mod echo;
 mod net;
+mod status;
 mod system;
 
 use std::thread;
@@ -45,11 +49,18 @@ fn main() {
         Mode::Test => std::env::args().nth(1).unwrap_or_default(),
     };
     let params = Params::parse(&cmdline);
+    // Read the CPU set while this thread's affinity is still the whole set.
+    cpus::all();
 
     if let Err(e) = start(params, mode) {
         fatal(mode, &e);
     }
-    say!("{READY_PREFIX} uptime_ms={} workload={} kernel=linux", system::uptime_ms(), params.workload.name());
+    say!(
+        "{READY_PREFIX} uptime_ms={} workload={} cpus={} kernel=linux",
+        system::uptime_ms(),
+        params.workload.name(),
+        cpus::all().len()
+    );
 
     if let Some(ms) = params.poweroff_after_ms {
         thread::sleep(Duration::from_millis(ms));
@@ -61,16 +72,19 @@ fn main() {
 /// Starts the control service, the console reader and the workload; once it returns `Ok` the
 /// workload is listening or running.
 fn start(params: Params, mode: Mode) -> Result<(), String> {
-    control::start(params.workload, mode)?;
-    spawn("console", move || control::serve_console(params.workload, mode))?;
-    // The TCP services run whenever the guest has an address, so a client can watch its
-    // connections survive a migration whatever the workload.
+    status::start()?;
+    control::start(params, mode)?;
+    spawn("console", move || control::serve_console(params, mode))?;
+    // The TCP and UDP services run whenever the guest has an address, so a client can watch
+    // its flows survive a migration whatever the workload.
     if params.workload == Workload::Echo || params.ipv4.is_some() {
         echo::start()?;
     }
     match params.workload {
         Workload::Echo | Workload::Idle => Ok(()),
         Workload::Dirty => dirty::start(params.dirty_mib, params.dirty_rate_mib_s),
+        Workload::Compute => compute::start(params.work_units),
+        Workload::Burn => burn::start(params.duty_pct),
     }
 }
 

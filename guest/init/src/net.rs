@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-//! TCP listeners on all addresses, IPv4 and IPv6, and their accept loops.
+//! TCP listeners and UDP sockets on all addresses, IPv4 and IPv6, and the TCP accept loops.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 /// Listens on `port` on every IPv4 and IPv6 address.
@@ -13,6 +13,16 @@ use std::time::Duration;
 pub fn listen(port: u16) -> io::Result<Vec<TcpListener>> {
     let v6 = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).ok();
     match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        Ok(v4) => Ok(v6.into_iter().chain([v4]).collect()),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse && v6.is_some() => Ok(v6.into_iter().collect()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Binds UDP `port` on every IPv4 and IPv6 address, the same way as [`listen`].
+pub fn bind_udp(port: u16) -> io::Result<Vec<UdpSocket>> {
+    let v6 = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)).ok();
+    match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
         Ok(v4) => Ok(v6.into_iter().chain([v4]).collect()),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse && v6.is_some() => Ok(v6.into_iter().collect()),
         Err(e) => Err(e),

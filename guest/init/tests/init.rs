@@ -8,7 +8,7 @@
 //! CAP_SYS_ADMIN); without it the tests fail and say so.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -16,7 +16,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest_common::{CONTROL_PORT, ECHO_PORT, READY_PREFIX};
+use guest_common::{CONTROL_PORT, ECHO_PORT, READY_PREFIX, compute};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,10 +141,13 @@ impl Init {
     fn expect_ready(&mut self, workload: &str) -> String {
         let line = self.expect_line(READY_PREFIX, READY_TIMEOUT);
         let fields: Vec<&str> = line.split(' ').collect();
-        assert_eq!(fields.len(), 4, "{line}");
+        assert_eq!(fields.len(), 5, "{line}");
         let uptime = fields[1].strip_prefix("uptime_ms=").expect(&line);
         assert!(uptime.parse::<u64>().is_ok_and(|ms| ms > 0), "{line}");
-        assert_eq!(fields[2..], [format!("workload={workload}"), "kernel=linux".to_string()]);
+        assert_eq!(
+            fields[2..],
+            [format!("workload={workload}"), format!("cpus={}", host_cpus()), "kernel=linux".to_string()]
+        );
         line
     }
 
@@ -176,6 +179,25 @@ impl Drop for Init {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The CPUs this test process may run on: what init in test mode counts as its CPUs.
+fn host_cpus() -> usize {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this thread.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the set and its size are valid.
+    let rc = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) };
+    assert_eq!(rc, 0, "sched_getaffinity: {}", std::io::Error::last_os_error());
+    // SAFETY: CPU_COUNT only reads the set.
+    unsafe { libc::CPU_COUNT(&set) as usize }
+}
+
+/// The value of `key=` in a line of `key=value` fields.
+fn field(line: &str, key: &str) -> u64 {
+    line.split_ascii_whitespace()
+        .find_map(|f| f.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {key}= in {line:?}"))
 }
 
 fn connect(port: u16) -> TcpStream {
@@ -286,8 +308,13 @@ fn status_answers() {
         let mut init = Init::start("vmm.workload=idle");
         init.expect_ready("idle");
         let status = control("status");
-        assert!(status.starts_with("STATUS workload=idle uptime_ms="), "{status}");
-        assert!(status.ends_with(" dirty_passes=0 dirty_mismatches=0\n"), "{status}");
+        assert!(status.starts_with(&format!("STATUS workload=idle cpus={} uptime_ms=", host_cpus())), "{status}");
+        assert!(
+            status.ends_with(
+                " dirty_passes=0 dirty_mismatches=0 job_units=0 job_done=0 job_rate=0 job_elapsed_ms=0 duty=0 busy_pct=0\n"
+            ),
+            "{status}"
+        );
         assert_eq!(control("reboot"), "ERR unknown command\n");
         init.assert_running();
     });
@@ -337,18 +364,21 @@ fn poweroff_after_ms() {
 #[test]
 fn dirty_passes_verify() {
     in_netns(|| {
+        // One region per CPU: 4 MiB on as many CPUs as the test may use.
         let mut init = Init::start("vmm.workload=dirty vmm.dirty_mib=4 vmm.dirty_rate=0");
         init.expect_ready("dirty");
-        init.expect_line("DIRTY pass=3 mib=4 ms=", Duration::from_secs(60));
+        let cpus = host_cpus();
+        let mut reported = std::collections::BTreeSet::new();
+        while reported.len() < cpus {
+            let line = init.expect_line(&format!("DIRTY pass=3 mib={} ", 4 / cpus), Duration::from_secs(60));
+            assert_eq!(field(&line, "mismatches"), 0, "{line}");
+            reported.insert(field(&line, "cpu"));
+        }
+        assert_eq!(reported, (0..cpus as u64).collect(), "every CPU dirties its own region");
         let status = control("status");
         assert!(status.starts_with("STATUS workload=dirty "), "{status}");
-        assert!(status.ends_with(" dirty_mismatches=0\n"), "{status}");
-        let passes: u64 = status
-            .split_ascii_whitespace()
-            .find_map(|f| f.strip_prefix("dirty_passes="))
-            .and_then(|n| n.parse().ok())
-            .expect(&status);
-        assert!(passes >= 3, "{status}");
+        assert_eq!(field(&status, "dirty_mismatches"), 0, "{status}");
+        assert!(field(&status, "dirty_passes") >= 3, "{status}");
         assert_eq!(control("poweroff"), "OK\n");
         assert_eq!(init.expect_exit().code(), Some(0));
         let bad: Vec<_> = init.seen.iter().filter(|l| l.starts_with("DIRTY-MISMATCH")).collect();
@@ -359,12 +389,66 @@ fn dirty_passes_verify() {
 #[test]
 fn dirty_rate_is_throttled() {
     in_netns(|| {
-        // 2 MiB at 20 MiB/s: a pass takes 100 ms.
+        // 2 MiB at 20 MiB/s, whatever the CPUs: each pass over each CPU's share takes 100 ms.
         let mut init = Init::start("vmm.workload=dirty vmm.dirty_mib=2 vmm.dirty_rate=20");
         init.expect_ready("dirty");
-        let line = init.expect_line("DIRTY pass=2 mib=2 ms=", Duration::from_secs(30));
-        let ms: u64 = line.rsplit('=').next().and_then(|n| n.parse().ok()).expect(&line);
-        assert!(ms >= 90, "{line}");
+        let line = init.expect_line("DIRTY pass=2 ", Duration::from_secs(30));
+        assert!(field(&line, "ms") >= 90, "{line}");
+    });
+}
+
+#[test]
+fn udp_echo_returns_every_datagram() {
+    in_netns(|| {
+        let mut init = Init::start("vmm.workload=echo");
+        init.expect_ready("echo");
+        for (bind, to) in [("127.0.0.1:0", ("127.0.0.1", ECHO_PORT)), ("[::1]:0", ("::1", ECHO_PORT))] {
+            let s = UdpSocket::bind(bind).expect("bind");
+            s.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
+            for (i, len) in [1usize, 100, 1472, 8000].into_iter().enumerate() {
+                let data = pattern(i as u64 + 10, len);
+                s.send_to(&data, to).expect("send");
+                let mut back = vec![0u8; 65536];
+                let (n, from) = s.recv_from(&mut back).expect("echo");
+                assert_eq!(&back[..n], &data[..], "datagram of {len} bytes from {from}");
+            }
+        }
+        init.assert_running();
+    });
+}
+
+#[test]
+fn compute_job_prints_the_known_result() {
+    in_netns(|| {
+        let units = 300;
+        let mut init = Init::start(&format!("vmm.workload=compute vmm.work={units}"));
+        init.expect_ready("compute");
+        let done = init.expect_line("JOB-DONE ", Duration::from_secs(120));
+        let result = guest_common::JobDone { units, result: compute::job_result(units), elapsed_ms: 0 }.to_string();
+        let (want, _) = result.rsplit_once(' ').expect("elapsed_ms field");
+        assert!(done.starts_with(&format!("{want} elapsed_ms=")), "{done}, expected {want}");
+        let status = control("status");
+        assert_eq!(field(&status, "job_units"), units, "{status}");
+        assert_eq!(field(&status, "job_done"), units, "{status}");
+        assert_eq!(field(&status, "job_elapsed_ms"), field(&done, "elapsed_ms"), "{status} vs {done}");
+        init.assert_running();
+    });
+}
+
+#[test]
+fn burn_reports_its_duty_and_load() {
+    in_netns(|| {
+        let mut init = Init::start("vmm.workload=burn vmm.duty=20");
+        init.expect_ready("burn");
+        // The rate window needs a second of readings.
+        thread::sleep(Duration::from_millis(1500));
+        let status = control("status");
+        assert_eq!(field(&status, "duty"), 20, "{status}");
+        // The guest's own account: the threads spin by the clock, so whatever else runs on this
+        // host, they count about the duty (a host too busy to wake them on time counts less).
+        let busy = field(&status, "busy_pct");
+        assert!((1..=25).contains(&busy), "{status}");
+        init.assert_running();
     });
 }
 
