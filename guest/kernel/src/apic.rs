@@ -15,12 +15,18 @@ const LAPIC_ICR_HIGH: usize = 0x310;
 /// ICR: level assert, delivery mode INIT / StartUp.
 const ICR_INIT: u32 = 0x4500;
 const ICR_STARTUP: u32 = 0x4600;
+/// ICR: level assert, fixed delivery.
+const ICR_FIXED: u32 = 0x4000;
+/// ICR destination shorthand: all CPUs but the sender.
+const ICR_ALL_BUT_SELF: u32 = 0b11 << 18;
 const LAPIC_LVT_TIMER: usize = 0x320;
 const LAPIC_LVT_LINT0: usize = 0x350;
 const IOAPIC: usize = 0xfec0_0000;
 
 /// Vector of the LAPIC timer.
 pub const TIMER_VECTOR: u8 = IRQ_VECTOR_BASE;
+/// Vector of the IPI that wakes a CPU halted while it waits for another one.
+pub const WAKEUP_VECTOR: u8 = IRQ_VECTOR_BASE + 1;
 /// IOAPIC pin `n` is delivered as vector `PIN_VECTOR_BASE + n`.
 pub const PIN_VECTOR_BASE: u8 = IRQ_VECTOR_BASE + 8;
 
@@ -47,6 +53,16 @@ pub fn send_init(apic_id: u8) {
 /// Sends a startup IPI: the CPU starts in real mode at `page << 12`.
 pub fn send_startup(apic_id: u8, page: u8) {
     send_ipi(apic_id, ICR_STARTUP | u32::from(page));
+}
+
+/// Wakes the CPU with local APIC id `apic_id` if it halts (or makes its next halt return).
+pub fn wake(apic_id: u8) {
+    send_ipi(apic_id, ICR_FIXED | u32::from(WAKEUP_VECTOR));
+}
+
+/// Wakes every other CPU the same way.
+pub fn wake_others() {
+    send_ipi(0, ICR_ALL_BUT_SELF | ICR_FIXED | u32::from(WAKEUP_VECTOR));
 }
 
 fn send_ipi(apic_id: u8, command: u32) {

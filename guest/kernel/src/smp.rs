@@ -14,7 +14,7 @@ use core::sync::atomic::Ordering;
 
 use crate::boot::{AP_BOOT_PERCPU, AP_TRAMPOLINE_ADDR, ap_trampoline};
 use crate::percpu::{self, MAX_CPUS, PerCpu};
-use crate::{apic, clock, mptable, println};
+use crate::{apic, clock, gate, mptable, println};
 
 /// Each application processor's user-mode stack (the workloads need little).
 const AP_USER_STACK: usize = 256 << 10;
@@ -25,6 +25,33 @@ const AP_FATAL_STACK: usize = 32 << 10;
 const SECOND_SIPI_AFTER_NS: u64 = 100_000_000;
 /// After this a CPU is given up on (a host too loaded to run the vCPU's thread at all).
 const GIVE_UP_AFTER_NS: u64 = 10_000_000_000;
+/// Longest halt while waiting for another CPU, in case its wake-up IPI was missed.
+pub const WAIT_POLL_NS: u64 = 10_000_000;
+
+/// Halts until `done()` holds: woken by the other CPU's IPI ([`apic::wake`]), or every
+/// [`WAIT_POLL_NS`] and at `until` at the latest. Halting rather than spinning leaves the host's
+/// CPUs to the vCPUs being waited for: a guest can have more vCPUs than its host has cores.
+pub fn wait_until(done: impl Fn() -> bool, until: u64) -> bool {
+    loop {
+        if done() {
+            return true;
+        }
+        let now = clock::now_ns();
+        if now >= until {
+            return false;
+        }
+        gate::halt(clock::tsc_at(until.min(now + WAIT_POLL_NS)));
+        // Forget the wake-up: it did its job.
+        percpu::current().take_irq(usize::from(apic::WAKEUP_VECTOR - crate::boot::IRQ_VECTOR_BASE));
+    }
+}
+
+/// Wakes the boot CPU (see [`wait_until`]).
+pub fn wake_boot_cpu() {
+    if let Some(boot) = percpu::cpu(0) {
+        apic::wake(boot.apic_id());
+    }
+}
 
 /// Starts every CPU the MP table lists besides this one. Returns how many CPUs are online,
 /// this one included. A CPU that does not start is reported on the console and left out.
@@ -67,21 +94,15 @@ fn start(index: usize, apic_id: u8) -> Result<(), &'static str> {
     let page = (AP_TRAMPOLINE_ADDR >> 12) as u8;
     apic::send_startup(apic_id, page);
     let sent = clock::now_ns();
-    let mut second_sent = false;
-    let result = loop {
-        if cpu.is_online() {
-            break Ok(());
-        }
-        let waited = clock::now_ns().saturating_sub(sent);
-        if !second_sent && waited >= SECOND_SIPI_AFTER_NS {
-            // Ignored by a CPU that already started.
-            apic::send_startup(apic_id, page);
-            second_sent = true;
-        }
-        if waited >= GIVE_UP_AFTER_NS {
-            break Err("did not start within 10 s of its startup IPI");
-        }
-        core::hint::spin_loop();
+    let online = || cpu.is_online();
+    let result = if wait_until(online, sent + SECOND_SIPI_AFTER_NS) || {
+        // Ignored by a CPU that already started.
+        apic::send_startup(apic_id, page);
+        wait_until(online, sent + GIVE_UP_AFTER_NS)
+    } {
+        Ok(())
+    } else {
+        Err("did not start within 10 s of its startup IPI")
     };
     // A CPU given up on that starts after all finds 0 here and parks itself.
     AP_BOOT_PERCPU.store(0, Ordering::SeqCst);
@@ -93,5 +114,6 @@ fn start(index: usize, apic_id: u8) -> Result<(), &'static str> {
 extern "C" fn ap_main(cpu: &'static PerCpu) -> ! {
     apic::init_lapic();
     cpu.set_online();
+    wake_boot_cpu();
     crate::work::run_ap(cpu.index())
 }
