@@ -81,22 +81,38 @@ impl fmt::Display for JobDone {
     }
 }
 
-/// Keeps a few recent readings of a growing counter to give its rate over about the last
-/// second, whenever asked, whoever asks.
-#[derive(Clone, Copy, Debug, Default)]
+/// Keeps a few recent readings of a growing counter to give its rate over a recent window
+/// (four sampling intervals or a little more), whenever asked, whoever asks.
+#[derive(Clone, Copy, Debug)]
 pub struct RateWindow {
+    /// Readings this far apart at least.
+    interval_ns: u64,
     /// (time ns, value), oldest first; unused slots have time 0.
     samples: [(u64, u64); 5],
 }
 
+impl Default for RateWindow {
+    /// Readings every [`RateWindow::SAMPLE_NS`]: a rate over about the last second.
+    fn default() -> Self {
+        Self::with_interval(Self::SAMPLE_NS)
+    }
+}
+
 impl RateWindow {
-    /// Readings this far apart at least.
+    /// The default interval between readings.
     pub const SAMPLE_NS: u64 = 250_000_000;
+    /// The interval for the burn load's busy time: a rate over about 4 s, so that the busy
+    /// bursts of the 100 ms periods cut at the window's edges weigh under 1 %.
+    pub const BUSY_SAMPLE_NS: u64 = 1_000_000_000;
+
+    pub const fn with_interval(interval_ns: u64) -> Self {
+        RateWindow { interval_ns, samples: [(0, 0); 5] }
+    }
 
     /// Records `value` at `now_ns` if the last reading is old enough.
     pub fn sample(&mut self, now_ns: u64, value: u64) {
         let last = self.samples[self.samples.len() - 1];
-        if last.0 != 0 && now_ns.saturating_sub(last.0) < Self::SAMPLE_NS {
+        if last.0 != 0 && now_ns.saturating_sub(last.0) < self.interval_ns {
             return;
         }
         self.samples.rotate_left(1);
@@ -161,5 +177,12 @@ mod tests {
         // Readings closer than SAMPLE_NS are ignored.
         w.sample(2 * s + 1, 5000);
         assert_eq!(w.rate_per_s(2 * s + s / 4, 900), 400);
+        // A longer interval keeps a longer window: readings every second, 4 s back.
+        let mut w = RateWindow::with_interval(s);
+        for i in 4..=40u64 {
+            w.sample(i * s / 4, i * 25);
+        }
+        assert_eq!(w.samples.iter().map(|(t, _)| t / s).collect::<std::vec::Vec<_>>(), [6, 7, 8, 9, 10]);
+        assert_eq!(w.rate_per_s(10 * s, 1000), 100);
     }
 }

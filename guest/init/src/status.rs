@@ -19,8 +19,11 @@ static WINDOWS: Mutex<Option<Windows>> = Mutex::new(None);
 
 /// Starts taking readings.
 pub fn start() -> Result<(), String> {
-    *WINDOWS.lock().unwrap_or_else(|e| e.into_inner()) =
-        Some(Windows { start: Instant::now(), units_done: RateWindow::default(), busy_ns: RateWindow::default() });
+    *WINDOWS.lock().unwrap_or_else(|e| e.into_inner()) = Some(Windows {
+        start: Instant::now(),
+        units_done: RateWindow::default(),
+        busy_ns: RateWindow::with_interval(RateWindow::BUSY_SAMPLE_NS),
+    });
     crate::spawn("status", || {
         loop {
             if let Some(w) = WINDOWS.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {

@@ -47,7 +47,8 @@ impl Burn {
             core::hint::spin_loop();
             now = clock::now_ns();
         }
-        BUSY_NS[self.cpu].fetch_add(now - start, Ordering::Relaxed);
+        // Up to `until` only: time the host took this vCPU away past it was not spent busy.
+        BUSY_NS[self.cpu].fetch_add(until - start, Ordering::Relaxed);
         true
     }
 

@@ -78,6 +78,7 @@ pub fn done() -> u64 {
 /// The job's progress at `now`, with its rate from `rate` (fed with [`done`]).
 pub fn progress(now: u64, rate: &RateWindow) -> JobProgress {
     let done = done();
+    let start = START_NS.load(Ordering::Relaxed);
     let end = match END_NS.load(Ordering::Relaxed) {
         0 => now,
         t => t,
@@ -86,6 +87,7 @@ pub fn progress(now: u64, rate: &RateWindow) -> JobProgress {
         units: UNITS.load(Ordering::Relaxed),
         done,
         rate: rate.rate_per_s(now, done),
-        elapsed_ms: end.saturating_sub(START_NS.load(Ordering::Relaxed)) / 1_000_000,
+        // No job, no time (begin() sets START_NS to a kvmclock time, never 0).
+        elapsed_ms: if start == 0 { 0 } else { end.saturating_sub(start) / 1_000_000 },
     }
 }

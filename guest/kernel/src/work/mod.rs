@@ -21,7 +21,8 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use guest_common::{Params, RateWindow, Status, Workload};
 
-use crate::{clock, gate, power, println};
+use crate::smp::{wait_until, wake_boot_cpu};
+use crate::{apic, clock, gate, power, println};
 
 /// What one CPU runs.
 pub enum Job {
@@ -85,10 +86,9 @@ pub fn start(params: &Params, cpus: usize) -> Job {
     // SAFETY: written once, by the boot CPU, before PLAN_READY lets anyone read it.
     unsafe { *PLAN.0.get() = Some((*params, cpus)) };
     PLAN_READY.store(true, Ordering::Release);
+    apic::wake_others();
     let job = build(params, cpus, 0);
-    while JOBS_READY.load(Ordering::Acquire) < cpus {
-        core::hint::spin_loop();
-    }
+    wait_until(|| JOBS_READY.load(Ordering::Acquire) >= cpus, u64::MAX);
     job
 }
 
@@ -96,6 +96,9 @@ fn build(params: &Params, cpus: usize, cpu: usize) -> Job {
     match Job::new(params, cpus, cpu) {
         Ok(job) => {
             JOBS_READY.fetch_add(1, Ordering::Release);
+            if cpu != 0 {
+                wake_boot_cpu();
+            }
             job
         }
         Err(e) => {
@@ -107,9 +110,7 @@ fn build(params: &Params, cpus: usize, cpu: usize) -> Job {
 
 /// An application processor's life once it is online: wait for the plan, build its job, run it.
 pub fn run_ap(cpu: usize) -> ! {
-    while !PLAN_READY.load(Ordering::Acquire) {
-        core::hint::spin_loop();
-    }
+    wait_until(|| PLAN_READY.load(Ordering::Acquire), u64::MAX);
     // SAFETY: PLAN_READY (acquire) says the boot CPU wrote PLAN, which it never writes again.
     let Some((params, cpus)) = (unsafe { *PLAN.0.get() }) else { power::panicked() };
     let mut job = build(&params, cpus, cpu);
@@ -135,7 +136,12 @@ pub struct Monitor {
 
 impl Monitor {
     pub fn new(params: &Params, cpus: usize) -> Self {
-        Monitor { params: *params, cpus, units_done: RateWindow::default(), busy_ns: RateWindow::default() }
+        Monitor {
+            params: *params,
+            cpus,
+            units_done: RateWindow::default(),
+            busy_ns: RateWindow::with_interval(RateWindow::BUSY_SAMPLE_NS),
+        }
     }
 
     /// Takes a reading of the counters whose rates `status` reports; call it often.
