@@ -39,9 +39,10 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// How long a guest asked to power off may take before it is stopped.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// After a completed migration the source answers API requests this much longer, so whoever
-/// started the migration can read how it ended.
-const MIGRATED_LINGER: Duration = Duration::from_secs(2);
+/// After a completed migration the source answers API requests until whoever started the
+/// migration has read how it ended, but at most this much longer. Generous, because the reader
+/// may be a process that a loaded host runs late; it costs nothing when the outcome is read.
+const MIGRATED_LINGER: Duration = Duration::from_secs(10);
 /// "Not a vCPU" index for exits reported by the migration worker.
 const MIGRATION: u8 = u8::MAX;
 
