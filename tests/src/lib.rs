@@ -19,10 +19,12 @@
 pub mod bed;
 pub mod echo_stream;
 mod error;
+pub mod guest;
 pub mod l2;
 pub mod moves;
 pub mod netns;
 mod process;
+pub mod udp_stream;
 pub mod vm;
 
 pub use bed::{Client, Host, TestBed, TestBedBuilder};

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Booting guests with `vmm run`: our own guest with 1 and 2 vCPUs to its ready line and a clean
-//! poweroff, Linux as far as this host's KVM lets it go in CI time, and every kind of bad input
+//! Booting guests with `vmm run`: our own guest with 1, 2 and 4 vCPUs to its ready line with
+//! every CPU online, and a clean poweroff, Linux as far as this host's KVM lets it go in CI time, and every kind of bad input
 //! refused with one clear line and a non-zero exit, never a panic.
 
 use std::process::Command;
@@ -30,6 +30,9 @@ fn boot_our_guest(vcpus: u8) {
     assert!(ready.is_some(), "no ready line\n{}", vm.describe());
     let ready = ready.unwrap();
     assert!(ready.contains("workload=idle") && ready.contains("kernel=vmm-guest"), "{ready}");
+    // The guest started every CPU of the MP table, and each ran its own code before the line.
+    assert!(ready.split(' ').any(|f| f == format!("cpus={vcpus}")), "not every CPU came online: {ready}");
+    println!("{vcpus} vCPU(s): {ready}");
     let status =
         vm.wait_timeout(Duration::from_secs(20)).unwrap_or_else(|| panic!("did not power off\n{}", vm.describe()));
     assert!(status.success(), "exit {status:?}\n{}", vm.describe());
@@ -43,12 +46,19 @@ fn our_guest_boots_and_powers_off_with_one_vcpu() {
     }
 }
 
-/// Our guest runs on the boot vCPU; the second one is created, gets its MP table entry and
-/// waits for a startup IPI that our guest does not send (Linux would).
+/// The application processors start from their MP table entries, as under Linux: INIT and a
+/// startup IPI from the boot CPU, real mode, then long mode and CPL 3.
 #[test]
 fn our_guest_boots_and_powers_off_with_two_vcpus() {
     if kvm_or_skip("our_guest_boots_and_powers_off_with_two_vcpus") {
         boot_our_guest(2);
+    }
+}
+
+#[test]
+fn our_guest_boots_and_powers_off_with_four_vcpus() {
+    if kvm_or_skip("our_guest_boots_and_powers_off_with_four_vcpus") {
+        boot_our_guest(4);
     }
 }
 

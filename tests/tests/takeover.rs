@@ -24,13 +24,9 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmm::api::MigrationInfo;
 use vmm_tests::TestBed;
 use vmm_tests::bed::BRIDGE_NAME;
-use vmm_tests::moves::{
-    ECHO_PORT, EXIT_TIMEOUT, GUEST_MAC, GUEST_TIMEOUT, MIGRATION_PORT, assert_completed, assert_exits_cleanly, dump,
-    migrate_api, print_info, request, start_destination_with, start_source,
-};
+use vmm_tests::moves::{ECHO_PORT, EXIT_TIMEOUT, GUEST_MAC, GUEST_TIMEOUT, MIGRATION_PORT, dump, hop, start_source};
 use vmm_tests::vm::{Vm, kvm_or_skip};
 
 const ECHO: &str = "vmm.workload=echo";
@@ -140,17 +136,6 @@ fn assert_new_connection(bed: &TestBed, after: &str, ctx: &[(&str, &Vm)]) {
         Ok(t) => println!("a new connection after {after} answered in {} ms", t.as_millis()),
         Err(e) => panic!("a new connection to port {ECHO_PORT} after {after} failed: {e}{}", dump(ctx)),
     }
-}
-
-/// Moves the guest from `src` to host `to` and checks that the old VMM exited cleanly.
-fn hop(bed: &TestBed, src: Vm, to: &str, port: u16, extra: &[&str], ctx: &[(&str, &Vm)]) -> (Vm, MigrationInfo) {
-    let (dst, addr) = start_destination_with(bed, to, port, extra);
-    let all = [ctx, &[("source", &src), ("destination", &dst)]].concat();
-    let info = migrate_api(&src, &request(&addr), &all);
-    print_info(&format!("migration to host {to}"), &info);
-    assert_completed(&info, &all);
-    assert_exits_cleanly(&src, &all);
-    (dst, info)
 }
 
 /// The port of the segment's bridge behind which it last saw `mac`, if it knows it.
