@@ -79,13 +79,11 @@ pub fn processors() -> Option<Processors> {
     if !(44..=0xffff).contains(&len) || !checksum_ok(table, len) {
         return None;
     }
-    let entries = u16_at(table + 34);
     let mut out = Processors { list: [Processor { apic_id: 0, boot: false }; MAX_ENTRIES], count: 0 };
+    // Entries are walked by the table's length, as Linux does, not by its entry count: QEMU's
+    // qboot firmware leaves the count at 0.
     let mut at = table + 44;
-    for _ in 0..entries {
-        if at >= table + len {
-            break;
-        }
+    while at < table + len {
         match byte(at) {
             ENTRY_PROCESSOR => {
                 let flags = byte(at + 3);

@@ -59,6 +59,7 @@ pub fn start_all() -> usize {
     let me = apic::lapic_id();
     percpu::boot_cpu_ready(me);
     let Some(processors) = mptable::processors() else {
+        println!("GUEST-NOTE no MP table: the boot CPU runs alone");
         return 1;
     };
     let mut online = 1;
