@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Boot: time from process start to the guest's ready line, and what the monitor process
-//! itself costs in memory (its RSS minus the guest memory the guest touched).
+//! Boot: time from process start to the guest's ready line (with one vCPU, and with
+//! [`SMP_VCPUS`], where the ready line comes once every CPU is online), and what the monitor
+//! process itself costs in memory (its RSS minus the guest memory the guest touched).
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,6 +10,10 @@ use crate::monitor::{GuestSpec, Monitor, Running};
 use crate::results::{Better, Results};
 
 const MEM_MIB: u64 = 256;
+/// vCPUs of the SMP boot row.
+pub const SMP_VCPUS: u8 = 4;
+/// The SMP boot row.
+pub const SMP_READY: &str = "our guest, 4 vCPUs: start → every CPU online (ready line)";
 
 /// Our guest, idle, no NIC: `runs` boots of each monitor, alternating.
 pub fn our_guest(results: &mut Results, runs: usize, kernel: &Path) -> Result<(), String> {
@@ -17,6 +22,7 @@ pub fn our_guest(results: &mut Results, runs: usize, kernel: &Path) -> Result<()
         initrd: None,
         cmdline: "console=ttyS0 vmm.workload=idle".into(),
         mem_mib: MEM_MIB,
+        vcpus: 1,
         net: None,
     };
     let image = image_size(kernel)?;
@@ -48,6 +54,20 @@ pub fn our_guest(results: &mut Results, runs: usize, kernel: &Path) -> Result<()
             results.add("boot", "whole process RSS", "MiB", Better::Lower, m, mem.rss_kib as f64 / 1024.0);
         }
     }
+    // Our guest starts every CPU of the MP table (INIT and startup IPIs, as Linux does) before
+    // its ready line, which says how many came online.
+    let smp = GuestSpec { vcpus: SMP_VCPUS, cmdline: spec.cmdline.clone(), ..spec };
+    for run in 0..runs {
+        for m in Monitor::alternating(run) {
+            let r = Running::start(m, None, &smp, None);
+            let ready = r.wait_ready(Duration::from_secs(30))?;
+            let line = r.vm.console.lines(|l| l.starts_with(guest_common::READY_PREFIX)).join("");
+            if !line.split(' ').any(|f| f == format!("cpus={SMP_VCPUS}")) {
+                return Err(format!("{}: not every CPU came online: {line}\n{}", m.name(), r.vm.describe()));
+            }
+            results.add("boot", SMP_READY, "ms", Better::Lower, m, ms(ready));
+        }
+    }
     Ok(())
 }
 
@@ -60,6 +80,7 @@ pub fn linux(results: &mut Results, runs: usize, kernel: &Path, initrd: &Path, c
         initrd: Some(initrd),
         cmdline: format!("{cmdline} earlyprintk=ttyS0 vmm.workload=idle"),
         mem_mib: MEM_MIB,
+        vcpus: 1,
         net: None,
     };
     let image = image_size(kernel)?;

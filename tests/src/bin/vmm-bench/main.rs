@@ -6,8 +6,9 @@
 //! `migration.png` into the output directory.
 //!
 //! Usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] [--only SECTIONS]
-//! [--mem-sizes MIB,..] [--dirty-rates MIBS,..] (as root; SECTIONS: a comma-separated subset of
-//! boot,linux,network,migration; a dirty rate of 0 is the idle guest).
+//! [--mem-sizes MIB,..] [--dirty-rates MIBS,..] [--smp-vcpus N] (as root; SECTIONS: a
+//! comma-separated subset of boot,linux,network,migration; a dirty rate of 0 is the idle guest;
+//! the SMP case migrates a 256 MiB guest whose N vCPUs all dirty memory, 0 leaves it out).
 
 mod boot;
 mod migrate;
@@ -27,7 +28,8 @@ use results::Results;
 use serde_json::json;
 
 const USAGE: &str = "usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] \
-                     [--only boot,linux,network,migration] [--mem-sizes 256,1024] [--dirty-rates 0,64,512]";
+                     [--only boot,linux,network,migration] [--mem-sizes 256,1024] [--dirty-rates 0,64,512] \
+                     [--smp-vcpus 4]";
 
 struct Options {
     runs: usize,
@@ -37,6 +39,7 @@ struct Options {
     sections: Vec<String>,
     mem_sizes: Vec<u64>,
     dirty_rates: Vec<u64>,
+    smp_vcpus: u8,
 }
 
 fn numbers(name: &str, v: &str) -> Result<Vec<u64>, String> {
@@ -52,6 +55,7 @@ fn parse_args() -> Result<Options, String> {
         sections: ["boot", "linux", "network", "migration"].map(String::from).to_vec(),
         mem_sizes: vec![256, 1024],
         dirty_rates: vec![0, 64, 512],
+        smp_vcpus: 4,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -63,6 +67,13 @@ fn parse_args() -> Result<Options, String> {
             "--quick" => o.quick = true,
             "--mem-sizes" => o.mem_sizes = numbers("--mem-sizes", &value("--mem-sizes")?)?,
             "--dirty-rates" => o.dirty_rates = numbers("--dirty-rates", &value("--dirty-rates")?)?,
+            "--smp-vcpus" => {
+                o.smp_vcpus = value("--smp-vcpus")?
+                    .parse()
+                    .ok()
+                    .filter(|n| *n <= 32)
+                    .ok_or(format!("--smp-vcpus: a number from 0 to 32\n{USAGE}"))?
+            }
             "--only" => {
                 o.sections = value("--only")?.split(',').map(str::to_string).collect();
                 for s in &o.sections {
@@ -115,7 +126,7 @@ fn run(o: &Options) -> Result<(), String> {
     let section = |s: &str| o.sections.iter().any(|x| x == s);
     let mut results = Results::default();
     let mut samples: Vec<Sample> = Vec::new();
-    let cases = cases(&o.mem_sizes, &o.dirty_rates);
+    let cases = cases(&o.mem_sizes, &o.dirty_rates, o.smp_vcpus);
 
     if section("boot") {
         eprintln!("vmm-bench: boot, {} runs each", o.boot_runs);
@@ -167,13 +178,17 @@ fn run(o: &Options) -> Result<(), String> {
 }
 
 /// The guests migrated: each size, idle (rate 0) or dirtying 64 MiB at each rate (by default a
-/// moderate and a high one).
-fn cases(sizes: &[u64], rates: &[u64]) -> Vec<Case> {
+/// moderate and a high one), with one vCPU; then, unless `smp_vcpus` is 0, a 256 MiB guest whose
+/// `smp_vcpus` vCPUs all dirty their share of 64 MiB at 256 MiB/s in all.
+fn cases(sizes: &[u64], rates: &[u64], smp_vcpus: u8) -> Vec<Case> {
     let mut v = Vec::new();
     for &mem_mib in sizes {
         for &rate in rates {
-            v.push(Case { mem_mib, dirty: (rate > 0).then_some((64, rate)) });
+            v.push(Case { mem_mib, vcpus: 1, dirty: (rate > 0).then_some((64, rate)) });
         }
+    }
+    if smp_vcpus > 0 {
+        v.push(Case { mem_mib: 256, vcpus: smp_vcpus, dirty: Some((64, 256)) });
     }
     v
 }

@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Migration: guests of two sizes, idle and dirtying memory at two rates, moved from host A to
-//! host B (two namespaces on one L2 segment) while a client streams lines through the guest's
-//! echo server. Also the TCP bandwidth of this machine's loopback and of the A → B path,
+//! Migration: guests of two sizes, idle and dirtying memory at two rates, and a guest whose
+//! vCPUs all dirty memory, moved from host A to host B (two namespaces on one L2 segment) while
+//! a client streams lines through the guest's TCP echo server and numbered datagrams through its
+//! UDP echo service. Also the TCP bandwidth of this machine's loopback and of the A → B path,
 //! measured in the same run, as the physical reference.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use guest_common::ECHO_PORT;
 use serde::Serialize;
 use vmm_tests::echo_stream::EchoStream;
+use vmm_tests::udp_stream::UdpStream;
 use vmm_tests::{Netns, TestBed};
 
 use crate::boot::ms;
@@ -24,11 +26,15 @@ const ECHO_INTERVAL: Duration = Duration::from_millis(10);
 static PORT: AtomicU16 = AtomicU16::new(7300);
 /// The downtime row both monitors measure the same way.
 pub const DOWNTIME: &str = "downtime: pause → running on the destination";
+/// The UDP stream's losses across the migration.
+pub const UDP_LOST: &str = "UDP datagrams lost (one sent every 10 ms)";
 
 /// A guest configuration to migrate.
 #[derive(Clone, Debug, Serialize)]
 pub struct Case {
     pub mem_mib: u64,
+    /// vCPUs; with the dirty workload each dirties its own share of the memory.
+    pub vcpus: u8,
     /// `None`: idle. `Some((MiB, MiB/s))`: the dirty workload over that much memory at that rate.
     pub dirty: Option<(u64, u64)>,
 }
@@ -37,8 +43,10 @@ impl Case {
     pub fn label(&self) -> String {
         let mem =
             if self.mem_mib >= 1024 { format!("{} GiB", self.mem_mib / 1024) } else { format!("{} MiB", self.mem_mib) };
+        let mem = if self.vcpus > 1 { format!("{mem}, {} vCPUs", self.vcpus) } else { mem };
         match self.dirty {
             None => format!("{mem} idle"),
+            Some((mib, rate)) if self.vcpus > 1 => format!("{mem} all dirtying, {mib} MiB at {rate} MiB/s"),
             Some((mib, rate)) => format!("{mem}, dirtying {mib} MiB at {rate} MiB/s"),
         }
     }
@@ -63,6 +71,9 @@ pub struct Sample {
     pub largest_gap_ms: f64,
     pub lines_lost: u64,
     pub stream_errors: Vec<String>,
+    pub datagrams_lost: u64,
+    pub datagrams_duplicated: u64,
+    pub largest_datagram_gap_ms: f64,
     /// A new connection to the guest after the move worked.
     pub new_connection_ok: bool,
 }
@@ -113,6 +124,23 @@ impl<'a> Bench<'a> {
                 results.add(&section, "rounds", "", Better::Lower, m, f64::from(r.rounds));
                 results.add(&section, "client's largest echo gap", "ms", Better::Lower, m, s.largest_gap_ms);
                 results.add(&section, "echo lines lost", "", Better::Lower, m, s.lines_lost as f64);
+                results.add(&section, UDP_LOST, "", Better::Lower, m, s.datagrams_lost as f64);
+                results.add(
+                    &section,
+                    "client's largest UDP reply gap",
+                    "ms",
+                    Better::Lower,
+                    m,
+                    s.largest_datagram_gap_ms,
+                );
+                if s.datagrams_duplicated > 0 {
+                    eprintln!(
+                        "vmm-bench: {} {}: {} datagrams came back twice",
+                        m.name(),
+                        case.label(),
+                        s.datagrams_duplicated
+                    );
+                }
                 if !s.stream_errors.is_empty() || !s.new_connection_ok {
                     eprintln!(
                         "vmm-bench: {} {}: the connection did not survive intact: {:?}, new connection ok: {}",
@@ -136,6 +164,7 @@ impl<'a> Bench<'a> {
             initrd: None,
             cmdline: case.cmdline(&self.bed.guest_ip_cmdline(0)),
             mem_mib: case.mem_mib,
+            vcpus: case.vcpus,
             net: Some((a.tap(), MAC)),
         };
         let src = Running::start(m, Some(a), &spec_a, None);
@@ -153,9 +182,15 @@ impl<'a> Bench<'a> {
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("connecting to the guest: {e}"))?;
         let echo = EchoStream::start(stream, ECHO_INTERVAL).map_err(|e| e.to_string())?;
-        // Let the dirty workload reach its steady rate and the stream get going.
+        let udp = client
+            .run_in(|| UdpSocket::bind("0.0.0.0:0"))
+            .map_err(|e| e.to_string())?
+            .and_then(|s| UdpStream::start(s, (guest_ip, ECHO_PORT).into(), ECHO_INTERVAL))
+            .map_err(|e| format!("the UDP stream: {e}"))?;
+        // Let the dirty workload reach its steady rate and the streams get going.
         std::thread::sleep(Duration::from_millis(1500));
         echo.reset_gap();
+        udp.reset_gap();
         let b_ip = b.ip().ok_or("host B has no address")?;
         let result = src.migrate(&format!("{b_ip}:{port}"), &dst)?;
         if !src.wait_exit(Duration::from_secs(10)) {
@@ -174,6 +209,7 @@ impl<'a> Bench<'a> {
             .map_err(|e| e.to_string())?
             .unwrap_or(false);
         let stats = echo.finish();
+        let (datagrams, _) = udp.finish();
         // Debugging aid: VMM_BENCH_DEBUG=1 (with VMM_LOG=debug for our VMM) shows both logs.
         if std::env::var_os("VMM_BENCH_DEBUG").is_some() {
             eprintln!("--- {} source ---\n{}--- destination ---\n{}", m.name(), src.vm.log.text(), dst.vm.log.text());
@@ -187,6 +223,9 @@ impl<'a> Bench<'a> {
             largest_gap_ms: ms(stats.largest_gap),
             lines_lost: stats.lost(),
             stream_errors: stats.errors,
+            datagrams_lost: datagrams.lost(),
+            datagrams_duplicated: datagrams.duplicated,
+            largest_datagram_gap_ms: ms(datagrams.largest_gap),
             new_connection_ok,
         })
     }

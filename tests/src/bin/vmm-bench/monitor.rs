@@ -52,6 +52,7 @@ pub struct GuestSpec<'a> {
     pub initrd: Option<&'a Path>,
     pub cmdline: String,
     pub mem_mib: u64,
+    pub vcpus: u8,
     /// TAP device and MAC address.
     pub net: Option<(&'a str, &'a str)>,
 }
@@ -111,6 +112,7 @@ impl Running {
                         }
                         args.extend(["--cmdline".into(), spec.cmdline.clone()]);
                         args.extend(["--mem-mib".into(), spec.mem_mib.to_string()]);
+                        args.extend(["--vcpus".into(), spec.vcpus.to_string()]);
                     }
                 }
                 if let Some((tap, mac)) = spec.net {
@@ -313,8 +315,6 @@ fn qemu_args(spec: &GuestSpec) -> Vec<String> {
         "-enable-kvm",
         "-cpu",
         "host,-arch-capabilities",
-        "-smp",
-        "1",
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -328,6 +328,7 @@ fn qemu_args(spec: &GuestSpec) -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     a.extend(["-m".into(), spec.mem_mib.to_string()]);
+    a.extend(["-smp".into(), spec.vcpus.to_string()]);
     a.extend(["-kernel".into(), spec.kernel.display().to_string()]);
     if let Some(i) = spec.initrd {
         a.extend(["-initrd".into(), i.display().to_string()]);

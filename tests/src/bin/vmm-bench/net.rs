@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Network: client ↔ guest TCP throughput each way and request/response latency, through a
-//! TAP on a bridge, the client in its own namespace (as in the tests).
+//! Network: client ↔ guest TCP throughput each way, request/response latency and the UDP echo
+//! rate, through a TAP on a bridge, the client in its own namespace (as in the tests).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,10 @@ const MAC: &str = "52:54:00:be:4c:01";
 /// How long each throughput sample streams.
 const STREAM_TIME: Duration = Duration::from_secs(2);
 const RR_COUNT: usize = 2000;
+/// Datagrams the UDP rate keeps in flight.
+const UDP_WINDOW: usize = 16;
+/// The UDP rate's row.
+pub const UDP_RATE: &str = "UDP echo, 64-byte datagrams, 16 in flight";
 
 pub fn bench(results: &mut Results, runs: usize, kernel: &Path) -> Result<(), String> {
     let bed = TestBed::builder().host("a").client("client").build().map_err(|e| e.to_string())?;
@@ -26,6 +30,7 @@ pub fn bench(results: &mut Results, runs: usize, kernel: &Path) -> Result<(), St
         initrd: None,
         cmdline: format!("console=ttyS0 {} vmm.workload=echo", bed.guest_ip_cmdline(0)),
         mem_mib: 256,
+        vcpus: 1,
         net: Some((bed.host("a").tap(), MAC)),
     };
     for run in 0..runs {
@@ -34,13 +39,16 @@ pub fn bench(results: &mut Results, runs: usize, kernel: &Path) -> Result<(), St
             r.wait_ready(Duration::from_secs(30))?;
             let client = bed.client();
             client.wait_for_tcp((ip, ECHO_PORT).into(), Duration::from_secs(10)).map_err(|e| e.to_string())?;
-            let (up, down, rr) = client
-                .run_in(move || -> Result<_, String> { Ok((upload(ip)?, download(ip)?, round_trips(ip)?)) })
+            let (up, down, rr, udp) = client
+                .run_in(move || -> Result<_, String> {
+                    Ok((upload(ip)?, download(ip)?, round_trips(ip)?, udp_rate(ip)?))
+                })
                 .map_err(|e| e.to_string())??;
             results.add("network", "client → guest throughput", "MB/s", Better::Higher, m, up);
             results.add("network", "guest → client throughput", "MB/s", Better::Higher, m, down);
             results.add("network", "request/response latency, median", "µs", Better::Lower, m, rr.0);
             results.add("network", "request/response latency, 99th percentile", "µs", Better::Lower, m, rr.1);
+            results.add("network", UDP_RATE, "datagrams/s", Better::Higher, m, udp);
             drop(r);
         }
     }
@@ -93,6 +101,43 @@ fn download(ip: Ipv4Addr) -> Result<f64, String> {
     }
     let rate = got as f64 / start.elapsed().as_secs_f64() / 1e6;
     Ok(rate)
+}
+
+/// Datagrams through the UDP echo service for [`STREAM_TIME`], [`UDP_WINDOW`] in flight: each
+/// reply sends the next one. A window that went silent for 200 ms (its datagrams lost) is sent
+/// again. Returns the replies per second.
+fn udp_rate(ip: Ipv4Addr) -> Result<f64, String> {
+    let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("udp: {e}"))?;
+    s.connect((ip, ECHO_PORT)).map_err(|e| format!("udp: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| e.to_string())?;
+    let msg = [b'u'; 64];
+    let mut back = [0u8; 128];
+    let send_window = || -> Result<(), String> {
+        for _ in 0..UDP_WINDOW {
+            s.send(&msg).map_err(|e| format!("udp: {e}"))?;
+        }
+        Ok(())
+    };
+    send_window()?;
+    let start = Instant::now();
+    let mut got = 0u64;
+    while start.elapsed() < STREAM_TIME {
+        match s.recv(&mut back) {
+            Ok(n) if back[..n] == msg => {
+                got += 1;
+                s.send(&msg).map_err(|e| format!("udp: {e}"))?;
+            }
+            Ok(_) => return Err("udp: the guest sent back something else".into()),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                send_window()?;
+            }
+            Err(e) => return Err(format!("udp: {e}")),
+        }
+    }
+    if got == 0 {
+        return Err("udp: the guest echoed no datagram".into());
+    }
+    Ok(got as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Small messages to the echo service, one at a time: (median, 99th percentile) in µs.

@@ -2,9 +2,10 @@
 //! The targets the issues set, checked against this run's medians: each line says met or NOT
 //! met with the figures, so a miss is as visible as a win.
 
-use crate::migrate::Case;
-use crate::migrate::DOWNTIME;
+use crate::boot::SMP_READY;
+use crate::migrate::{Case, DOWNTIME, UDP_LOST};
 use crate::monitor::Monitor::{Ours, Qemu};
+use crate::net::UDP_RATE;
 use crate::results::Results;
 
 pub fn check(r: &Results, cases: &[Case]) -> Vec<String> {
@@ -17,6 +18,9 @@ pub fn check(r: &Results, cases: &[Case]) -> Vec<String> {
     {
         line(a < 50.0, format!("boot to the ready line under 50 ms: {a:.1} ms"));
         line(a < b, format!("boot faster than QEMU microvm: {a:.1} ms vs {b:.1} ms"));
+    }
+    if let (Some(a), Some(b)) = (med("boot", SMP_READY, Ours), med("boot", SMP_READY, Qemu)) {
+        line(a < b, format!("4 vCPUs online faster than under QEMU microvm: {a:.1} ms vs {b:.1} ms"));
     }
     if let Some(a) = med("boot", "monitor RSS overhead (RSS − guest memory RSS)", Ours) {
         line(a <= 5.0, format!("monitor overhead ≤ 5 MiB: {a:.2} MiB"));
@@ -31,6 +35,9 @@ pub fn check(r: &Results, cases: &[Case]) -> Vec<String> {
         med("network", "request/response latency, median", Qemu),
     ) {
         line(a <= b, format!("request/response latency ≤ QEMU's: {a:.0} µs vs {b:.0} µs"));
+    }
+    if let (Some(a), Some(b)) = (med("network", UDP_RATE, Ours), med("network", UDP_RATE, Qemu)) {
+        line(a >= b, format!("UDP echo rate ≥ 1.0 × QEMU: {:.2} × ({a:.0} vs {b:.0} datagrams/s)", a / b));
     }
     let loopback = med("reference", "TCP bandwidth, loopback", Ours);
     for case in cases {
@@ -66,6 +73,10 @@ pub fn check(r: &Results, cases: &[Case]) -> Vec<String> {
                 format!("{l}: largest client gap ≤ downtime + 100 ms: {gap:.0} ms vs {:.0} ms", down + 100.0),
             );
             line(gap < qgap, format!("{l}: largest client gap smaller than QEMU's: {gap:.0} ms vs {qgap:.0} ms"));
+        }
+        if let Some(lost) = med(&s, UDP_LOST, Ours) {
+            let qemu = med(&s, UDP_LOST, Qemu).map_or(String::new(), |q| format!(" (QEMU: {q:.0})"));
+            line(lost == 0.0, format!("{l}: no UDP datagram lost across the migration: {lost:.0}{qemu}"));
         }
     }
     out
