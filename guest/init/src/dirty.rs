@@ -98,6 +98,6 @@ fn run(cpu: usize, region: &mut [u64], first_word: u64, rate_mib_s: f64) {
         if let Some(p) = PASSES.get().and_then(|p| p.get(cpu)) {
             p.store(pass, Ordering::Relaxed);
         }
-        say!("DIRTY pass={pass} mib={mib} ms={} mismatches={found} cpu={cpu}", start.elapsed().as_millis());
+        say!("DIRTY pass={pass} mib={mib} ms={} cpu={cpu} mismatches={found}", start.elapsed().as_millis());
     }
 }

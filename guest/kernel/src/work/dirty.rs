@@ -126,10 +126,10 @@ impl Dirty {
             let ms = (now - self.pass_start_ns) / 1_000_000;
             let mib = (self.region.len() * 8) >> 20;
             crate::println!(
-                "DIRTY pass={} mib={mib} ms={ms} mismatches={} cpu={}",
+                "DIRTY pass={} mib={mib} ms={ms} cpu={} mismatches={}",
                 self.pass,
-                self.mismatches,
-                self.cpu
+                self.cpu,
+                self.mismatches
             );
             self.last_report_ns = now;
         }
