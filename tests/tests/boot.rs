@@ -87,6 +87,41 @@ fn a_guest_panic_is_an_error_exit() {
     assert!(vm.log.text().contains("the guest panicked"), "{}", vm.describe());
 }
 
+/// A fault on an application processor is reported with that CPU's number, from its own fatal
+/// stack, and ends the VM as a panic.
+#[test]
+fn a_fault_on_any_cpu_names_the_cpu() {
+    if !kvm_or_skip("a_fault_on_any_cpu_names_the_cpu") {
+        return;
+    }
+    let kernel = guest_kernel();
+    for cpu in [2, 0] {
+        let vm = Vm::start(
+            None,
+            &s(&[
+                "run",
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--vcpus",
+                "4",
+                "--cmdline",
+                &format!("console=ttyS0 vmm.workload=burn vmm.duty=20 vmm.fault_cpu={cpu}"),
+            ]),
+        );
+        let status = vm.wait_timeout(Duration::from_secs(20)).expect("exits");
+        assert!(!status.success(), "a faulting guest must not exit 0\n{}", vm.describe());
+        let panic = vm.console.lines(|l| l.starts_with("GUEST-PANIC"));
+        assert!(
+            panic
+                .first()
+                .is_some_and(|l| l.starts_with(&format!("GUEST-PANIC cpu={cpu} exception 6 (invalid opcode)"))),
+            "{panic:?}\n{}",
+            vm.describe()
+        );
+        assert!(vm.log.text().contains("the guest panicked"), "{}", vm.describe());
+    }
+}
+
 /// Linux boots on our VMM (vmlinux through linux-loader, zero page, e820, MP table, COM1). On
 /// this project's machines KVM emulates guest kernel code (kvm_pvm), so within CI time Linux only
 /// gets through early boot; this checks it gets there, with the cmdline and memory map we gave.

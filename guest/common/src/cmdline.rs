@@ -7,6 +7,8 @@
 //! - `vmm.work=N` units of the compute job (default 10000)
 //! - `vmm.duty=P` percent of every 100 ms each vCPU burns, 0 to 100 (default 50)
 //! - `vmm.poweroff_after_ms=N` power off N ms after the ready line (default: run until asked)
+//! - `vmm.fault_cpu=N` our guest's CPU N runs an invalid instruction once its workload is up:
+//!   how tests see that a fault on any CPU is reported with that CPU's number (default: none)
 //! - `ip=CLIENT:SERVER:GATEWAY:NETMASK:HOST:DEVICE:AUTOCONF` as Linux's IP_PNP reads it
 //! - `virtio_mmio.device=SIZE@BASE:IRQ` as Linux's virtio-mmio driver reads it (repeatable)
 
@@ -82,6 +84,8 @@ pub struct Params {
     /// Percent of every 100 ms each vCPU is busy under the burn workload.
     pub duty_pct: u8,
     pub poweroff_after_ms: Option<u64>,
+    /// The CPU (by start order, 0 = boot CPU) that faults on purpose.
+    pub fault_cpu: Option<u32>,
     pub ipv4: Option<Ipv4Config>,
     pub devices: [Option<VirtioMmioDevice>; MAX_DEVICES],
 }
@@ -95,6 +99,7 @@ impl Default for Params {
             work_units: DEFAULT_WORK_UNITS,
             duty_pct: DEFAULT_DUTY_PCT,
             poweroff_after_ms: None,
+            fault_cpu: None,
             ipv4: None,
             devices: [None; MAX_DEVICES],
         }
@@ -119,6 +124,7 @@ impl Params {
                 "vmm.work" => p.work_units = value.parse().unwrap_or(p.work_units),
                 "vmm.duty" => p.duty_pct = value.parse().ok().filter(|d| *d <= 100).unwrap_or(p.duty_pct),
                 "vmm.poweroff_after_ms" => p.poweroff_after_ms = value.parse().ok(),
+                "vmm.fault_cpu" => p.fault_cpu = value.parse().ok(),
                 "ip" => p.ipv4 = parse_ip(value),
                 "virtio_mmio.device" => {
                     if let Some(d) = parse_virtio_mmio(value)
@@ -219,6 +225,8 @@ mod tests {
         assert_eq!(p.workload, Workload::Dirty);
         assert_eq!((p.dirty_mib, p.dirty_rate_mib_s, p.poweroff_after_ms), (128, 32, Some(500)));
         assert_eq!((p.work_units, p.duty_pct), (DEFAULT_WORK_UNITS, DEFAULT_DUTY_PCT));
+        assert_eq!(p.fault_cpu, None);
+        assert_eq!(Params::parse("vmm.fault_cpu=3").fault_cpu, Some(3));
         assert_eq!(p.ipv4, Some(Ipv4Config { address: [10, 0, 0, 2], gateway: Some([10, 0, 0, 1]), prefix_len: 24 }));
         let d: [_; 2] = core::array::from_fn(|i| p.devices[i].unwrap());
         assert_eq!(d[0], VirtioMmioDevice { base: 0xd000_0000, size: 4096, irq: 5 });

@@ -67,6 +67,7 @@ extern "C" fn rust_main(boot_info: u64, pvh: u64) -> ! {
         params.workload.name()
     );
     let poweroff_at = params.poweroff_after_ms.map(|ms| ready_ns + ms * 1_000_000);
+    work::fault_if_asked(&params, 0);
     let mut console = console_input::ConsoleInput::new();
     loop {
         let now = clock::now_ns();

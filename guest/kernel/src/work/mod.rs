@@ -92,6 +92,15 @@ pub fn start(params: &Params, cpus: usize) -> Job {
     job
 }
 
+/// `vmm.fault_cpu=N` on CPU N: an invalid instruction, which the exception path reports with
+/// this CPU's number (`GUEST-PANIC cpu=N exception 6 ...`) before the guest stops.
+pub fn fault_if_asked(params: &Params, cpu: usize) {
+    if params.fault_cpu.is_some_and(|c| c as usize == cpu) {
+        // SAFETY: `ud2` raises #UD, which never returns here (see crate::fatal).
+        unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+    }
+}
+
 fn build(params: &Params, cpus: usize, cpu: usize) -> Job {
     match Job::new(params, cpus, cpu) {
         Ok(job) => {
@@ -114,6 +123,7 @@ pub fn run_ap(cpu: usize) -> ! {
     // SAFETY: PLAN_READY (acquire) says the boot CPU wrote PLAN, which it never writes again.
     let Some((params, cpus)) = (unsafe { *PLAN.0.get() }) else { power::panicked() };
     let mut job = build(&params, cpus, cpu);
+    fault_if_asked(&params, cpu);
     loop {
         let now = clock::now_ns();
         if job.step(now) {
