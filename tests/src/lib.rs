@@ -17,6 +17,7 @@
 //! The test bed needs root (it runs `ip netns add` and opens `/dev/net/tun`) and iproute2.
 
 pub mod bed;
+pub mod client_cli;
 pub mod echo_stream;
 mod error;
 pub mod guest;

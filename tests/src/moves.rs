@@ -32,6 +32,15 @@ pub const CONTROL_PORT: u16 = 7001;
 /// The MAC of the guest [`start_source`] boots.
 pub const GUEST_MAC: &str = "52:54:00:00:00:10";
 
+/// A test bed with hosts `hosts` (each with an address) and a client named `client`.
+pub fn bed_with(hosts: &[&str]) -> TestBed {
+    let mut b = TestBed::builder();
+    for h in hosts {
+        b = b.host(h);
+    }
+    b.client("client").host_ips().build().expect("build the test bed")
+}
+
 /// Owned strings for an argument list.
 pub fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()

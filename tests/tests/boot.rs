@@ -12,20 +12,15 @@ fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
 
-fn boot_our_guest(vcpus: u8) {
+/// Starts our guest with `vcpus` vCPUs and `cmdline`, in this process's namespace.
+fn start_our_guest(vcpus: u8, cmdline: &str) -> Vm {
     let kernel = guest_kernel();
-    let vm = Vm::start(
-        None,
-        &s(&[
-            "run",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--vcpus",
-            &vcpus.to_string(),
-            "--cmdline",
-            "console=ttyS0 vmm.workload=idle vmm.poweroff_after_ms=100",
-        ]),
-    );
+    let vcpus = vcpus.to_string();
+    Vm::start(None, &s(&["run", "--kernel", kernel.to_str().unwrap(), "--vcpus", &vcpus, "--cmdline", cmdline]))
+}
+
+fn boot_our_guest(vcpus: u8) {
+    let vm = start_our_guest(vcpus, "console=ttyS0 vmm.workload=idle vmm.poweroff_after_ms=100");
     let ready = vm.console.wait_line(Duration::from_secs(20), |l| l.starts_with("GUEST-READY"));
     assert!(ready.is_some(), "no ready line\n{}", vm.describe());
     let ready = ready.unwrap();
@@ -94,20 +89,8 @@ fn a_fault_on_any_cpu_names_the_cpu() {
     if !kvm_or_skip("a_fault_on_any_cpu_names_the_cpu") {
         return;
     }
-    let kernel = guest_kernel();
     for cpu in [2, 0] {
-        let vm = Vm::start(
-            None,
-            &s(&[
-                "run",
-                "--kernel",
-                kernel.to_str().unwrap(),
-                "--vcpus",
-                "4",
-                "--cmdline",
-                &format!("console=ttyS0 vmm.workload=burn vmm.duty=20 vmm.fault_cpu={cpu}"),
-            ]),
-        );
+        let vm = start_our_guest(4, &format!("console=ttyS0 vmm.workload=burn vmm.duty=20 vmm.fault_cpu={cpu}"));
         let status = vm.wait_timeout(Duration::from_secs(20)).expect("exits");
         assert!(!status.success(), "a faulting guest must not exit 0\n{}", vm.describe());
         let panic = vm.console.lines(|l| l.starts_with("GUEST-PANIC"));

@@ -13,9 +13,8 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmm_tests::TestBed;
 use vmm_tests::guest::{shares, status, vcpu_threads};
-use vmm_tests::moves::{GUEST_TIMEOUT, dump, start_source};
+use vmm_tests::moves::{GUEST_TIMEOUT, bed_with, dump, start_source};
 use vmm_tests::vm::kvm_or_skip;
 
 const BURN_VCPUS: u64 = 2;
@@ -29,7 +28,7 @@ fn the_burn_load_seen_from_the_host_matches_the_duty() {
     if !kvm_or_skip("the_burn_load_seen_from_the_host_matches_the_duty") {
         return;
     }
-    let bed = TestBed::builder().host("a").client("client").host_ips().build().expect("build the test bed");
+    let bed = bed_with(&["a"]);
     let vm =
         start_source(&bed, "a", &["--vcpus", &BURN_VCPUS.to_string()], &format!("vmm.workload=burn vmm.duty={DUTY}"));
     let ctx = [("burning guest", &vm)];

@@ -19,8 +19,8 @@
 //! Migration figures (total time, downtime, rounds, bytes) are printed, never asserted: the
 //! machines these tests run on are small and shared. Run with `--nocapture` to see them.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread;
@@ -30,6 +30,7 @@ use migration::memory::{BatchWriter, PAGE_SIZE};
 use migration::protocol::{self, Command as Frame, RegionLayout, Response, StartPayload};
 use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase, VmState};
 use vmm_tests::TestBed;
+use vmm_tests::guest::exchange;
 use vmm_tests::moves::{
     CONTROL_PORT, ECHO_PORT, EXIT_TIMEOUT, GUEST_TIMEOUT, LISTEN_TIMEOUT, MIGRATION_PORT, MIGRATION_TIMEOUT,
     assert_completed, assert_exits_cleanly, dump, migrate_api, print_info, request, s, start_destination, start_source,
@@ -110,22 +111,6 @@ fn parse_status(line: &str) -> Option<GuestStatus> {
         asked: now,
         answered: now,
     })
-}
-
-/// One line exchange with the guest on `port` from the client namespace.
-fn exchange(bed: &TestBed, port: u16, line: &str) -> std::io::Result<String> {
-    let addr = SocketAddr::from((bed.guest_ip(0), port));
-    let line = line.to_string();
-    bed.client()
-        .run_in(move || -> std::io::Result<String> {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(line.as_bytes())?;
-            let mut answer = String::new();
-            BufReader::new(s).read_line(&mut answer)?;
-            Ok(answer)
-        })
-        .expect("enter the client namespace")
 }
 
 /// Asks the guest for `status` on its control port from the client, retrying until it answers

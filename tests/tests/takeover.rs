@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use vmm_tests::TestBed;
 use vmm_tests::bed::BRIDGE_NAME;
-use vmm_tests::moves::{ECHO_PORT, EXIT_TIMEOUT, GUEST_MAC, GUEST_TIMEOUT, MIGRATION_PORT, dump, hop, start_source};
+use vmm_tests::moves::{
+    ECHO_PORT, EXIT_TIMEOUT, GUEST_MAC, GUEST_TIMEOUT, MIGRATION_PORT, bed_with, dump, hop, start_source,
+};
 use vmm_tests::vm::{Vm, kvm_or_skip};
 
 const ECHO: &str = "vmm.workload=echo";
@@ -35,14 +37,6 @@ const CLIENT_INTERVAL_MS: &str = "10";
 /// Flags that turn every announce off on a destination (RARP, gratuitous ARP, guest announce,
 /// TCP duplicate ACKs).
 const NO_ANNOUNCE: &[&str] = &["--no-announce", "--no-tcp-kick"];
-
-fn bed_with(hosts: &[&str]) -> TestBed {
-    let mut b = TestBed::builder();
-    for h in hosts {
-        b = b.host(h);
-    }
-    b.client("client").host_ips().build().expect("build the test bed")
-}
 
 /// Starts the client process in the client namespace and waits until it is connected.
 fn start_client(bed: &TestBed, ctx: &[(&str, &Vm)]) -> Vm {

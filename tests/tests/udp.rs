@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use vmm::api::MigrationInfo;
 use vmm_tests::TestBed;
-use vmm_tests::moves::{ECHO_PORT, EXIT_TIMEOUT, GUEST_TIMEOUT, MIGRATION_PORT, dump, hop, start_source};
+use vmm_tests::moves::{ECHO_PORT, EXIT_TIMEOUT, GUEST_TIMEOUT, MIGRATION_PORT, bed_with, dump, hop, start_source};
 use vmm_tests::vm::{Vm, kvm_or_skip};
 
 /// The client sends a datagram this often (ms).
@@ -144,7 +144,7 @@ fn a_udp_flow_survives_a_round_trip() {
     if !kvm_or_skip("a_udp_flow_survives_a_round_trip") {
         return;
     }
-    let bed = TestBed::builder().host("a").host("b").client("client").host_ips().build().expect("build the test bed");
+    let bed = bed_with(&["a", "b"]);
     let on_a = start_source(&bed, "a", &["--vcpus", "2"], "vmm.workload=echo");
     let client = start_client(&bed, &[("guest on a", &on_a)]);
     thread::sleep(Duration::from_secs(1));

@@ -21,18 +21,10 @@ use vmm::api::MigrationInfo;
 use vmm_tests::TestBed;
 use vmm_tests::guest::{GuestStatus, status, vcpu_threads};
 use vmm_tests::moves::{
-    GUEST_TIMEOUT, MIGRATION_PORT, assert_completed, assert_exits_cleanly, dump, hop, migrate_api, print_info, request,
-    start_destination, start_source,
+    GUEST_TIMEOUT, MIGRATION_PORT, assert_completed, assert_exits_cleanly, bed_with, dump, hop, migrate_api,
+    print_info, request, start_destination, start_source,
 };
 use vmm_tests::vm::{Vm, kvm_or_skip};
-
-fn bed_with(hosts: &[&str]) -> TestBed {
-    let mut b = TestBed::builder();
-    for h in hosts {
-        b = b.host(h);
-    }
-    b.client("client").host_ips().build().expect("build the test bed")
-}
 
 fn guest_status(bed: &TestBed, ctx: &[(&str, &Vm)]) -> GuestStatus {
     status(bed, GUEST_TIMEOUT).unwrap_or_else(|e| panic!("{e}{}", dump(ctx)))

@@ -10,34 +10,24 @@
 //! `STATS sent=N echoed=N lost=N largest_gap_us=N errors=N`, then `ERROR <message>` per error.
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use vmm_tests::client_cli::{parse_target, stop_on_signals, wait_for_stop};
 use vmm_tests::echo_stream::EchoStream;
 
 /// How long to keep trying to connect (the guest may still be starting its server).
 const CONNECT_FOR: Duration = Duration::from_secs(10);
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (addr, interval) = match parse(&args) {
+    let (addr, interval) = match parse_target(&args) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("vmm-echo-client: {e}\nusage: vmm-echo-client IP:PORT INTERVAL_MS");
             std::process::exit(2);
         }
     };
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-    }
+    stop_on_signals();
     let stream = match connect(addr) {
         Ok(s) => s,
         Err(e) => {
@@ -53,9 +43,7 @@ fn main() {
         }
     };
     println!("CONNECTED");
-    while !STOP.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_stop();
     let s = echo.finish();
     println!(
         "STATS sent={} echoed={} lost={} largest_gap_us={} errors={}",
@@ -69,16 +57,6 @@ fn main() {
         println!("ERROR {e}");
     }
     std::process::exit(if s.intact() { 0 } else { 1 });
-}
-
-fn parse(args: &[String]) -> Result<(SocketAddr, Duration), String> {
-    let [addr, ms] = args else { return Err("expected two arguments".into()) };
-    let addr: SocketAddr = addr.parse().map_err(|e| format!("bad address {addr:?}: {e}"))?;
-    let ms: u64 = ms.parse().map_err(|e| format!("bad interval {ms:?}: {e}"))?;
-    if ms == 0 {
-        return Err("the interval must be at least 1 ms".into());
-    }
-    Ok((addr, Duration::from_millis(ms)))
 }
 
 fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {

@@ -12,34 +12,24 @@
 //! (T: when the first of them was sent), then `ERROR <message>` per error.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
+use vmm_tests::client_cli::{parse_target, stop_on_signals, wait_for_stop};
 use vmm_tests::udp_stream::UdpStream;
 
 /// How long the guest may take to answer the first datagram.
 const FIRST_REPLY_WITHIN: Duration = Duration::from_secs(10);
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (addr, interval) = match parse(&args) {
+    let (addr, interval) = match parse_target(&args) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("vmm-udp-client: {e}\nusage: vmm-udp-client IP:PORT INTERVAL_MS");
             std::process::exit(2);
         }
     };
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-    }
+    stop_on_signals();
     let local: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("valid address");
     let stream = match UdpSocket::bind(local).and_then(|s| UdpStream::start(s, addr, interval)) {
         Ok(s) => s,
@@ -53,9 +43,7 @@ fn main() {
         std::process::exit(2);
     }
     println!("READY");
-    while !STOP.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_stop();
     let (s, runs) = stream.finish();
     println!(
         "STATS sent={} received={} lost={} duplicated={} reordered={} foreign={} largest_gap_us={} errors={}",
@@ -77,14 +65,4 @@ fn main() {
     }
     let intact = s.lost() == 0 && s.duplicated == 0 && s.errors.is_empty();
     std::process::exit(if intact { 0 } else { 1 });
-}
-
-fn parse(args: &[String]) -> Result<(SocketAddr, Duration), String> {
-    let [addr, ms] = args else { return Err("expected two arguments".into()) };
-    let addr: SocketAddr = addr.parse().map_err(|e| format!("bad address {addr:?}: {e}"))?;
-    let ms: u64 = ms.parse().map_err(|e| format!("bad interval {ms:?}: {e}"))?;
-    if ms == 0 {
-        return Err("the interval must be at least 1 ms".into());
-    }
-    Ok((addr, Duration::from_millis(ms)))
 }
