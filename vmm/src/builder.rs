@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
 use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::Kvm;
-use net::virtio::VirtioDevice;
-use net::{MmioTransport, Net};
+use net::Net;
+use virtio::MmioTransport;
+use virtio::{NOTIFY_OFFSET, VirtioDevice};
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
@@ -236,9 +237,6 @@ fn attach_net_device(vm: &Vm, io: &mut IoManager, index: usize, config: &NetConf
     io.register_mmio(range, transport.clone()).map_err(|e| BuildError::Device("virtio-net", format!("{e:?}")))?;
     Ok(NetDevice { config: config.clone(), net, transport, mmio_base, irq })
 }
-
-/// Offset of QueueNotify in a virtio-mmio window.
-const NOTIFY_OFFSET: u64 = 0x50;
 
 struct LegacyDevices {
     io: IoManager,

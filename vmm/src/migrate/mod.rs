@@ -14,8 +14,8 @@ use kvm_bindings::{
 use kvm_ioctls::Kvm;
 use migration::{StateVersion, VcpuState, VmState};
 use net::persist::NetState;
-use net::virtio::mmio::MmioTransportState;
 use serde::{Deserialize, Serialize};
+use virtio::MmioTransportState;
 
 use crate::builder::Machine;
 use crate::devices::serial::SerialPortState;
