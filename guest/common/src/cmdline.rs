@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The guest's parameters on the kernel command line.
 //!
-//! - `vmm.workload=echo|dirty|idle` (default `echo`)
+//! - `vmm.workload=echo|dirty|disk|idle` (default `echo`)
 //! - `vmm.dirty_mib=N` memory the dirty workload covers (default 64)
 //! - `vmm.dirty_rate=N` MiB/s it writes, 0 for as fast as it can (default 0)
+//! - `vmm.disk_mib=N` disk space the disk workload covers (default 64), `vmm.disk_rate=N` MiB/s
+//!   it writes (default 0: as fast as it can), `vmm.disk_passes=N` passes before it stops
+//!   (default 0: never)
 //! - `vmm.poweroff_after_ms=N` power off N ms after the ready line (default: run until asked)
 //! - `ip=CLIENT:SERVER:GATEWAY:NETMASK:HOST:DEVICE:AUTOCONF` as Linux's IP_PNP reads it
 //! - `virtio_mmio.device=SIZE@BASE:IRQ` as Linux's virtio-mmio driver reads it (repeatable)
@@ -16,6 +19,8 @@ pub enum Workload {
     Echo,
     /// Writes and verifies a pattern over `dirty_mib` MiB at `dirty_rate` MiB/s.
     Dirty,
+    /// Writes and verifies a pattern over `disk_mib` MiB of the first disk at `disk_rate` MiB/s.
+    Disk,
     /// Nothing; waits for a control request.
     Idle,
 }
@@ -25,6 +30,7 @@ impl Workload {
         match self {
             Workload::Echo => "echo",
             Workload::Dirty => "dirty",
+            Workload::Disk => "disk",
             Workload::Idle => "idle",
         }
     }
@@ -56,6 +62,9 @@ pub struct Params {
     pub workload: Workload,
     pub dirty_mib: u64,
     pub dirty_rate_mib_s: u64,
+    pub disk_mib: u64,
+    pub disk_rate_mib_s: u64,
+    pub disk_passes: u64,
     pub poweroff_after_ms: Option<u64>,
     pub ipv4: Option<Ipv4Config>,
     pub devices: [Option<VirtioMmioDevice>; MAX_DEVICES],
@@ -67,6 +76,9 @@ impl Default for Params {
             workload: Workload::Echo,
             dirty_mib: 64,
             dirty_rate_mib_s: 0,
+            disk_mib: 64,
+            disk_rate_mib_s: 0,
+            disk_passes: 0,
             poweroff_after_ms: None,
             ipv4: None,
             devices: [None; MAX_DEVICES],
@@ -90,12 +102,16 @@ impl Params {
                     p.workload = match value {
                         "echo" => Workload::Echo,
                         "dirty" => Workload::Dirty,
+                        "disk" => Workload::Disk,
                         "idle" => Workload::Idle,
                         _ => p.workload,
                     }
                 }
                 "vmm.dirty_mib" => p.dirty_mib = value.parse().unwrap_or(p.dirty_mib),
                 "vmm.dirty_rate" => p.dirty_rate_mib_s = value.parse().unwrap_or(p.dirty_rate_mib_s),
+                "vmm.disk_mib" => p.disk_mib = value.parse().unwrap_or(p.disk_mib),
+                "vmm.disk_rate" => p.disk_rate_mib_s = value.parse().unwrap_or(p.disk_rate_mib_s),
+                "vmm.disk_passes" => p.disk_passes = value.parse().unwrap_or(p.disk_passes),
                 "vmm.poweroff_after_ms" => p.poweroff_after_ms = value.parse().ok(),
                 "ip" => p.ipv4 = parse_ip(value),
                 "virtio_mmio.device" => {
@@ -194,6 +210,8 @@ mod tests {
         );
         assert_eq!(p.workload, Workload::Dirty);
         assert_eq!((p.dirty_mib, p.dirty_rate_mib_s, p.poweroff_after_ms), (128, 32, Some(500)));
+        let d = Params::parse("vmm.workload=disk vmm.disk_mib=8 vmm.disk_rate=10 vmm.disk_passes=1");
+        assert_eq!((d.workload, d.disk_mib, d.disk_rate_mib_s, d.disk_passes), (Workload::Disk, 8, 10, 1));
         assert_eq!(p.ipv4, Some(Ipv4Config { address: [10, 0, 0, 2], gateway: Some([10, 0, 0, 1]), prefix_len: 24 }));
         let d: [_; 2] = core::array::from_fn(|i| p.devices[i].unwrap());
         assert_eq!(d[0], VirtioMmioDevice { base: 0xd000_0000, size: 4096, irq: 5 });

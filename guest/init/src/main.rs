@@ -71,6 +71,10 @@ fn start(params: Params, mode: Mode) -> Result<(), String> {
     match params.workload {
         Workload::Echo | Workload::Idle => Ok(()),
         Workload::Dirty => dirty::start(params.dirty_mib, params.dirty_rate_mib_s),
+        // Not done for Linux yet: the data disk is mounted at /data, but no workload runs on it.
+        Workload::Disk => {
+            Err("the disk workload runs only in vmm-guest (the Linux init mounts /dev/vda at /data)".into())
+        }
     }
 }
 

@@ -20,12 +20,14 @@ mod clock;
 mod console;
 mod console_input;
 mod dirty;
+mod disk;
 mod fatal;
 mod gate;
 mod heap;
 mod mem;
 mod netstack;
 mod power;
+mod virtio_blk;
 mod virtio_net;
 mod virtqueue;
 
@@ -61,6 +63,19 @@ extern "C" fn rust_main(boot_info: u64, pvh: u64) -> ! {
         _ => None,
     };
 
+    let mut disk = match params.workload {
+        Workload::Disk => match virtio_blk::find(&params) {
+            Some(dev) => {
+                Some(disk::DiskWorkload::new(dev, params.disk_mib, params.disk_rate_mib_s, params.disk_passes))
+            }
+            None => {
+                println!("GUEST-ERROR the disk workload needs a virtio-blk device");
+                power::panicked();
+            }
+        },
+        _ => None,
+    };
+
     let mut net = bring_up_network(&params);
     if net.is_none() && params.workload == Workload::Echo {
         println!("GUEST-ERROR the echo workload needs a virtio-net device and ip= on the command line");
@@ -76,10 +91,12 @@ extern "C" fn rust_main(boot_info: u64, pvh: u64) -> ! {
             power::poweroff();
         }
         let (passes, mismatches) = dirty.as_ref().map_or((0, 0), |d| (d.passes_done, d.mismatches));
+        let (disk_passes, disk_mismatches) = disk.as_ref().map_or((0, 0), |d| (d.passes_done, d.mismatches));
         let workload = params.workload.name();
         let status_line = move || {
             alloc::format!(
-                "STATUS workload={workload} uptime_ms={} dirty_passes={passes} dirty_mismatches={mismatches}",
+                "STATUS workload={workload} uptime_ms={} dirty_passes={passes} dirty_mismatches={mismatches} \
+                 disk_passes={disk_passes} disk_mismatches={disk_mismatches}",
                 clock::now_ms()
             )
         };
@@ -106,6 +123,10 @@ extern "C" fn rust_main(boot_info: u64, pvh: u64) -> ! {
             }
         }
         if let Some(d) = dirty.as_mut() {
+            busy |= d.step(now);
+            wake = wake.min(d.next_due_ns());
+        }
+        if let Some(d) = disk.as_mut() {
             busy |= d.step(now);
             wake = wake.min(d.next_due_ns());
         }
@@ -142,6 +163,8 @@ fn bring_up_network(params: &Params) -> Option<netstack::NetStack> {
                 stack.announce();
                 return Some(stack);
             }
+            // Disks are not NICs: not an error.
+            Err(virtio_net::InitError::NotNet) => {}
             Err(e) => println!("GUEST-ERROR virtio-mmio device at {:#x}: {e}", dev.base),
         }
     }
