@@ -55,7 +55,7 @@ impl DiskWorkload {
     }
 
     pub fn mib(&self) -> usize {
-        self.chunks * CHUNK >> 20
+        (self.chunks * CHUNK) >> 20
     }
 
     fn finished(&self) -> bool {
