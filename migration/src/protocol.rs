@@ -9,12 +9,14 @@
 //! Conversation (source → destination unless marked ←):
 //! 1. `Start` (JSON [`StartPayload`]: versions, VM config, memory layout, CPUID) ← `Response`.
 //!    The destination checks it can host this VM before anything on the source is paused.
-//! 2. `Memory` × N (binary [`crate::memory`] batches), no answers, while the guest runs.
+//! 2. `Memory` × N (binary [`crate::memory`] batches) and `Disk` × N (binary [`crate::disk`]
+//!    batches: a copied disk's allocated extents, then the blocks written meanwhile), no
+//!    answers, while the guest runs.
 //! 3. `Prepare` ← `Response`: the source is about to pause the guest; the destination answers
 //!    once it could run it (its KVM memory slots are registered), so that nothing the
 //!    destination still sets up counts as downtime.
 //! 4. `Paused`: the guest stopped on the source (starts the destination's downtime clock).
-//! 5. `Memory` × N: the last dirty pages.
+//! 5. `Memory` × N and `Disk` × N: the last dirty pages and blocks.
 //! 6. `State` (JSON, the machine's device and vCPU state).
 //! 7. `Complete` ← `Response`: the commit point. The destination restores, resumes the guest
 //!    and answers with its measured downtime; from then on it owns the guest.
@@ -28,7 +30,7 @@ use serde::{Deserialize, Serialize};
 /// "VMMG".
 pub const MAGIC: u32 = 0x474d_4d56;
 /// Protocol version this build speaks. Bump it on any change to framing or commands.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Header bytes before every payload.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted: a memory batch is sent once it reaches 8 MiB, so it is at most
@@ -47,6 +49,7 @@ pub enum Command {
     Abandon = 6,
     Response = 7,
     Prepare = 8,
+    Disk = 9,
 }
 
 impl Command {
@@ -60,6 +63,7 @@ impl Command {
             6 => Command::Abandon,
             7 => Command::Response,
             8 => Command::Prepare,
+            9 => Command::Disk,
             _ => return None,
         })
     }
@@ -222,6 +226,16 @@ pub struct RegionLayout {
     pub size: u64,
 }
 
+/// A disk of the guest, as the source has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskLayout {
+    /// Size in bytes.
+    pub size: u64,
+    /// On storage both ends reach: handed over, not copied.
+    pub shared: bool,
+    pub read_only: bool,
+}
+
 /// `Start`: everything the destination needs to decide whether it can take this VM, and to
 /// build an empty one for it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -235,6 +249,9 @@ pub struct StartPayload {
     pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     /// Reserved for the source's TSC frequency; not sent yet (always `null`).
     pub tsc_khz: Option<u32>,
+    /// The guest's disks, in its order (default: none).
+    #[serde(default)]
+    pub disks: Vec<DiskLayout>,
 }
 
 #[cfg(test)]

@@ -22,13 +22,10 @@ pub struct StateVersion {
 }
 
 /// The version this build writes.
-pub const STATE_VERSION: StateVersion = StateVersion { major: 2, minor: 0 };
+pub const STATE_VERSION: StateVersion = StateVersion { major: 2, minor: 1 };
 
 impl StateVersion {
     /// Whether state written by `self` can be read by this build.
-    // While our minor version is 0 the second comparison is `minor <= 0`; it is written for
-    // the versions to come.
-    #[allow(clippy::absurd_extreme_comparisons)]
     pub fn compatible(self) -> bool {
         self.major == STATE_VERSION.major && self.minor <= STATE_VERSION.minor
     }

@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::MacAddr;
+use crate::MacAddr;
 
 use guest_common::arp::{self, ETH_P_ARP, ETH_P_IP};
 

@@ -7,7 +7,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::device::{CTRL_INDEX, Net, RX_INDEX, TX_INDEX};
-use crate::virtio::VirtioDevice;
+use virtio::VirtioDevice;
 
 const TAP: u32 = 100;
 

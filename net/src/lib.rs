@@ -1,20 +1,28 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Networking for the VMM: a TAP backend, the virtio-mmio transport and the virtio-net device.
+//! Networking for the VMM: a TAP backend and the virtio-net device (on the `virtio` crate's
+//! transport), its migration state, and taking the guest's addresses over after a migration.
+//!
+//! Modules by job: [`device`] (features, config, queues, what the transport asks), [`tx`] and
+//! [`rx`] (frames between the queues and the TAP), [`ctrl`] (control queue), [`tap`], [`announce`]
+//! and [`flows`] (what a moved guest's peers are told), [`takeover`] (writing that into the TAP),
+//! [`persist`] (migration state), [`event_handler`] (the event loop's part).
 
 pub mod announce;
+pub mod ctrl;
 pub mod device;
 pub mod event_handler;
 pub mod flows;
 pub mod metrics;
 pub mod persist;
+pub mod rx;
+pub mod takeover;
 pub mod tap;
-pub mod virtio;
+pub mod tx;
 
-pub use device::{MacAddr, Net, NetError};
-pub use virtio::mmio::MmioTransport;
+pub use device::{Net, NetError};
 
-/// Guest memory with a dirty bitmap, the same type the VMM uses (vm-memory unifies them).
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// A MAC address.
+pub type MacAddr = [u8; 6];
 
 #[cfg(test)]
 pub(crate) mod test_utils;

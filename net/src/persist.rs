@@ -5,32 +5,12 @@
 //! processed to completion (added to the used ring) or not taken at all.
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueState};
+use virtio::GuestMemoryMmap;
+use virtio::queue::{QueueSnapshot, restore_queues, save_queues};
 
-use crate::GuestMemoryMmap;
 use crate::announce::AddressLearner;
 use crate::device::{Net, NetError};
 use crate::flows::FlowTracker;
-
-/// virtio-queue's `QueueState`, made serialisable (the `virtio-queue-ser` crate pins an older
-/// virtio-queue).
-#[derive(Serialize, Deserialize)]
-#[serde(remote = "QueueState")]
-struct QueueStateDef {
-    max_size: u16,
-    next_avail: u16,
-    next_used: u16,
-    event_idx_enabled: bool,
-    size: u16,
-    ready: bool,
-    desc_table: u64,
-    avail_ring: u64,
-    used_ring: u64,
-}
-
-/// One queue's state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueSnapshot(#[serde(with = "QueueStateDef")] pub QueueState);
 
 /// The device's state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +54,7 @@ impl Net {
             config_status: self.config_status,
             activated: self.mem.is_some(),
             needs_reset: self.needs_reset,
-            queues: self.queues.iter().map(|q| QueueSnapshot(q.state())).collect(),
+            queues: save_queues(&self.queues),
             pending_rx_frames: self
                 .rx_frame_len
                 .map(|n| self.rx_frame[..n].to_vec())
@@ -89,16 +69,7 @@ impl Net {
     /// Restores a saved device into this (freshly created, not activated) one. `mem` is the
     /// guest memory the restored queues live in.
     pub fn restore_state(&mut self, state: &NetState, mem: &GuestMemoryMmap) -> Result<(), NetError> {
-        if state.queues.len() != self.queues.len() {
-            return Err(NetError::State(format!(
-                "{} queues saved, the device has {}",
-                state.queues.len(),
-                self.queues.len()
-            )));
-        }
-        for (q, s) in self.queues.iter_mut().zip(&state.queues) {
-            *q = Queue::try_from(s.0).map_err(|e| NetError::State(format!("queue: {e:?}")))?;
-        }
+        restore_queues(&mut self.queues, &state.queues).map_err(NetError::State)?;
         self.mac = state.mac;
         self.acked_features = state.acked_features & crate::device::offered_features();
         self.config_status = state.config_status;

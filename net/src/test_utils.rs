@@ -4,19 +4,23 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use virtio::{GuestMemoryMmap, MmioTransport};
 use virtio_bindings::virtio_config::*;
 use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_device::MutDeviceMmio;
 use vm_device::bus::MmioAddress;
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::GuestMemoryMmap;
 use crate::device::{CTRL_INDEX, Net, RX_INDEX, TX_INDEX};
-use crate::virtio::mmio::MmioTransport;
+use crate::tap::VNET_HDR_LEN;
 
 pub const TAP_NAME: &str = "vmmtest0";
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -233,4 +237,51 @@ impl Rig {
 pub fn queue(mem: &GuestMemoryMmap, index: usize, size: u16) -> MockSplitQueue<'_, GuestMemoryMmap> {
     let ring = [RX_RING, TX_RING, CTRL_RING][index];
     MockSplitQueue::create(mem, ring, size)
+}
+
+pub const SIZE: u16 = 16;
+pub const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+pub const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+
+pub fn features(extra: &[u32]) -> u64 {
+    [VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_RING_F_EVENT_IDX].iter().chain(extra).fold(0, |a, b| a | 1 << b)
+}
+
+pub fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+}
+
+pub fn used(q: &MockSplitQueue<'_, GuestMemoryMmap>) -> Vec<(u32, u32)> {
+    let n = q.used().idx().load();
+    (0..n).map(|i| q.used().ring().ref_at(i as usize).unwrap().load()).map(|e| (e.id(), e.len())).collect()
+}
+
+/// Puts `frame` behind a virtio-net header at `at` in guest memory and returns its length.
+pub fn put_tx_frame(rig: &Rig, at: u64, frame: &[u8]) -> u32 {
+    let mut buf = vec![0u8; VNET_HDR_LEN];
+    buf.extend_from_slice(frame);
+    rig.mem.write_slice(&buf, GuestAddress(at)).unwrap();
+    buf.len() as u32
+}
+
+pub fn rx_until(rig: &Rig, q: &MockSplitQueue<'_, GuestMemoryMmap>, used_count: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        rig.net.lock().unwrap().process_rx();
+        if q.used().idx().load() >= used_count {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+pub fn status_needs_reset(rig: &mut Rig) -> bool {
+    rig.read_reg(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET != 0
+}
+
+/// Features of a driver that polls and suppresses interrupts with flags (no EVENT_IDX),
+/// as our guest's does.
+pub fn features_without_event_idx() -> u64 {
+    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC)
 }

@@ -638,6 +638,7 @@ fn valid_start(mem_mib: u64) -> StartPayload {
         vcpus: 1,
         cpu_template: Default::default(),
         nets: vec![],
+        disks: vec![],
     };
     StartPayload {
         state_version: migration::STATE_VERSION,
@@ -645,6 +646,7 @@ fn valid_start(mem_mib: u64) -> StartPayload {
         memory: vec![RegionLayout { start: 0, size: mem_mib << 20 }],
         cpuid: vec![],
         tsc_khz: None,
+        disks: vec![],
     }
 }
 

@@ -6,11 +6,13 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use block::{Block, Disk};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
 use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::Kvm;
-use net::virtio::VirtioDevice;
-use net::{MmioTransport, Net};
+use net::Net;
+use virtio::MmioTransport;
+use virtio::{NOTIFY_OFFSET, VirtioDevice};
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::eventfd::EventFd;
@@ -23,6 +25,7 @@ use crate::devices::EventFdTrigger;
 use crate::devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_SIZE};
 use crate::devices::pvpanic::{PVPANIC_PORT, PvPanic};
 use crate::devices::serial::{SERIAL_PORT_BASE, SERIAL_PORT_SIZE, SerialPort};
+use crate::disk_config::DiskConfig;
 use crate::loader::{self, LoaderError};
 use crate::net_config::NetConfig;
 use crate::vstate::memory::{self, MemoryError};
@@ -55,8 +58,10 @@ pub enum BuildError {
     Device(&'static str, String),
     #[error("failed to set up NIC on TAP '{tap}': {source}")]
     Net { tap: String, source: net::NetError },
-    #[error("too many NICs: at most {0}")]
-    TooManyNets(usize),
+    #[error("too many virtio devices (NICs and disks): at most {0}")]
+    TooManyDevices(usize),
+    #[error("failed to set up disk {path}: {source}")]
+    Block { path: String, source: block::BlockError },
 }
 
 /// Why /dev/kvm could not be used, in words a user can act on.
@@ -88,6 +93,7 @@ pub struct Machine {
     pub io: Arc<IoManager>,
     pub serial: Arc<Mutex<SerialPort>>,
     pub nets: Vec<NetDevice>,
+    pub disks: Vec<BlockDevice>,
     pub vcpu_shared: Arc<VcpuShared>,
     /// The CPUID the guest runs with (vCPU 0's), which a migration destination must support.
     pub cpuid: Mutex<Vec<kvm_cpuid_entry2>>,
@@ -122,6 +128,10 @@ fn build_machine(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Bu
     for (i, nc) in config.nets.iter().enumerate() {
         nets.push(attach_net_device(&vm, &mut io, i, nc)?);
     }
+    let mut disks = Vec::with_capacity(config.disks.len());
+    for (i, dc) in config.disks.iter().enumerate() {
+        disks.push(attach_block_device(&vm, &mut io, nets.len() + i, i, dc)?);
+    }
     // `ip=` names the first NIC's address: seed it for announcing the guest after a migration
     // (the device also learns addresses from the guest's traffic).
     if let (Some(ip), Some(first)) = (guest_common::Params::parse(&config.cmdline).ipv4, nets.first()) {
@@ -133,8 +143,17 @@ fn build_machine(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Bu
     for index in 0..config.vcpus {
         vcpus.push(Vcpu::new(&kvm, &vm, index, io.clone(), vcpu_shared.clone())?);
     }
-    let machine =
-        Machine { config: config.clone(), kvm, vm, io, serial, nets, vcpu_shared, cpuid: Mutex::new(Vec::new()) };
+    let machine = Machine {
+        config: config.clone(),
+        kvm,
+        vm,
+        io,
+        serial,
+        nets,
+        disks,
+        vcpu_shared,
+        cpuid: Mutex::new(Vec::new()),
+    };
     Ok(BuiltVm { machine, reset_evt, panic_evt, vcpus })
 }
 
@@ -158,7 +177,12 @@ pub fn build_vm_for_boot(config: &VmConfig, console: Box<dyn Write + Send>) -> R
         Some(path) => Some(loader::load_initrd(mem, path, &kernel)?),
         None => None,
     };
-    let device_args: Vec<String> = m.nets.iter().map(NetDevice::cmdline_arg).collect();
+    let device_args: Vec<String> = m
+        .nets
+        .iter()
+        .map(|d| virtio_mmio_arg(d.mmio_base, d.irq))
+        .chain(m.disks.iter().map(|d| virtio_mmio_arg(d.mmio_base, d.irq)))
+        .collect();
     let mut parts: Vec<&str> = vec![&config.cmdline];
     parts.extend(device_args.iter().map(String::as_str));
     let cmdline_size = loader::load_cmdline(mem, &parts)?;
@@ -204,41 +228,86 @@ pub struct NetDevice {
     pub irq: u32,
 }
 
-impl NetDevice {
-    /// How the guest kernel learns about the device (Linux's VIRTIO_MMIO_CMDLINE_DEVICES).
-    pub fn cmdline_arg(&self) -> String {
-        format!("virtio_mmio.device=4K@{:#x}:{}", self.mmio_base, self.irq)
-    }
+/// How the guest kernel learns about a virtio-mmio device (Linux's
+/// VIRTIO_MMIO_CMDLINE_DEVICES).
+pub fn virtio_mmio_arg(mmio_base: u64, irq: u32) -> String {
+    format!("virtio_mmio.device=4K@{mmio_base:#x}:{irq}")
 }
 
-/// The `index`-th NIC: its MMIO window and interrupt line, the device, its ioeventfds (one per
-/// queue, matched on the queue index written to QueueNotify) and its irqfd.
-fn attach_net_device(vm: &Vm, io: &mut IoManager, index: usize, config: &NetConfig) -> Result<NetDevice, BuildError> {
+/// A virtio-blk device, its virtio-mmio transport and its I/O thread (stopped when dropped).
+pub struct BlockDevice {
+    pub config: DiskConfig,
+    pub block: Arc<Mutex<Block>>,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub mmio_base: u64,
+    pub irq: u32,
+    pub worker: block::Worker,
+}
+
+/// The MMIO window and interrupt line of the `slot`-th virtio device (NICs first, then disks).
+fn virtio_slot(slot: usize) -> Result<(u64, u32), BuildError> {
     let max = (IRQ_MAX - IRQ_BASE + 1) as usize;
-    if index >= max {
-        return Err(BuildError::TooManyNets(max));
+    if slot >= max {
+        return Err(BuildError::TooManyDevices(max));
     }
-    let irq = IRQ_BASE + index as u32;
-    let mmio_base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-    let net_err = |source| BuildError::Net { tap: config.tap.clone(), source };
-    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    vm.fd().register_irqfd(&irqfd, irq).map_err(|e| BuildError::Device("virtio-net", format!("irqfd: {e}")))?;
-    let net = Net::new(&config.tap, config.mac.0, irqfd).map_err(net_err)?;
-    for (q, evt) in net.queue_events().iter().enumerate() {
+    Ok((VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_SIZE, IRQ_BASE + slot as u32))
+}
+
+/// Wires a virtio device into the VM: its irqfd on `irq`, one ioeventfd per queue (matched on
+/// the queue index written to QueueNotify), and its transport on the MMIO bus.
+fn wire_virtio_device(
+    vm: &Vm,
+    io: &mut IoManager,
+    what: &'static str,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mmio_base: u64,
+) -> Result<Arc<Mutex<MmioTransport>>, BuildError> {
+    for (q, evt) in device.lock().expect("Poisoned lock").queue_events().iter().enumerate() {
         vm.fd()
             .register_ioevent(evt, &IoEventAddress::Mmio(mmio_base + NOTIFY_OFFSET), q as u32)
-            .map_err(|e| BuildError::Device("virtio-net", format!("ioeventfd: {e}")))?;
+            .map_err(|e| BuildError::Device(what, format!("ioeventfd: {e}")))?;
     }
-    let net = Arc::new(Mutex::new(net));
-    let transport = Arc::new(Mutex::new(MmioTransport::new(vm.memory().clone(), net.clone())));
+    let transport = Arc::new(Mutex::new(MmioTransport::new(vm.memory().clone(), device)));
     let range = MmioRange::new(MmioAddress(mmio_base), VIRTIO_MMIO_SIZE)
-        .map_err(|e| BuildError::Device("virtio-net", format!("{e:?}")))?;
-    io.register_mmio(range, transport.clone()).map_err(|e| BuildError::Device("virtio-net", format!("{e:?}")))?;
+        .map_err(|e| BuildError::Device(what, format!("{e:?}")))?;
+    io.register_mmio(range, transport.clone()).map_err(|e| BuildError::Device(what, format!("{e:?}")))?;
+    Ok(transport)
+}
+
+fn irqfd_for(vm: &Vm, what: &'static str, irq: u32) -> Result<EventFd, BuildError> {
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.fd().register_irqfd(&irqfd, irq).map_err(|e| BuildError::Device(what, format!("irqfd: {e}")))?;
+    Ok(irqfd)
+}
+
+/// The NIC in virtio slot `slot`.
+fn attach_net_device(vm: &Vm, io: &mut IoManager, slot: usize, config: &NetConfig) -> Result<NetDevice, BuildError> {
+    let (mmio_base, irq) = virtio_slot(slot)?;
+    let net_err = |source| BuildError::Net { tap: config.tap.clone(), source };
+    let net = Net::new(&config.tap, config.mac.0, irqfd_for(vm, "virtio-net", irq)?).map_err(net_err)?;
+    let net = Arc::new(Mutex::new(net));
+    let transport = wire_virtio_device(vm, io, "virtio-net", net.clone(), mmio_base)?;
     Ok(NetDevice { config: config.clone(), net, transport, mmio_base, irq })
 }
 
-/// Offset of QueueNotify in a virtio-mmio window.
-const NOTIFY_OFFSET: u64 = 0x50;
+/// The `index`-th disk, in virtio slot `slot`, with its I/O thread.
+fn attach_block_device(
+    vm: &Vm,
+    io: &mut IoManager,
+    slot: usize,
+    index: usize,
+    config: &DiskConfig,
+) -> Result<BlockDevice, BuildError> {
+    let (mmio_base, irq) = virtio_slot(slot)?;
+    let path = config.path.display().to_string();
+    let block_err = |source| BuildError::Block { path: path.clone(), source };
+    let disk = Disk::open(&config.path, config.read_only, config.shared).map_err(|e| block_err(e.into()))?;
+    let block = Block::new(disk, &format!("vmm-disk-{index}"), irqfd_for(vm, "virtio-blk", irq)?).map_err(block_err)?;
+    let block = Arc::new(Mutex::new(block));
+    let transport = wire_virtio_device(vm, io, "virtio-blk", block.clone(), mmio_base)?;
+    let worker = block::Worker::spawn(block.clone(), format!("disk{index}")).map_err(block_err)?;
+    Ok(BlockDevice { config: config.clone(), block, transport, mmio_base, irq, worker })
+}
 
 struct LegacyDevices {
     io: IoManager,

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::cpuid::CpuTemplate;
+use crate::disk_config::DiskConfig;
 use crate::net_config::NetConfig;
 
 /// The command line when the user gives none: console on COM1, reboot through the i8042 (which
@@ -31,4 +32,7 @@ pub struct VmConfig {
     /// virtio-net devices, in the order the guest sees them.
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    /// virtio-blk devices, in the order the guest sees them (after the NICs).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! vmm: a KVM micro-VM monitor built for live migration.
 //!
-//! The library holds everything host-side except the migration protocol (`migration` crate) and
-//! the virtio-net device (`net` crate); `main.rs` is the command line on top of it.
+//! The library holds everything host-side except the migration protocol (`migration` crate),
+//! the virtio transport (`virtio`) and the devices on it (`net`, `block`); `main.rs` is the command line on top of it.
 
 pub mod announce;
 pub mod api;
@@ -10,6 +10,7 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod disk_config;
 pub mod loader;
 pub mod logging;
 pub mod metrics;

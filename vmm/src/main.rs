@@ -15,6 +15,7 @@ use vmm::api::server::start_api_server;
 use vmm::api::{MigrateRequest, MigrationPhase};
 use vmm::arch::cpuid::CpuTemplate;
 use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
+use vmm::disk_config::DiskConfig;
 use vmm::net_config::NetConfig;
 use vmm::{ExitReason, VmConfig, Vmm};
 
@@ -138,6 +139,15 @@ struct RunArgs {
     /// A virtio-net device on a TAP: `tap=NAME[,mac=MAC]`. Repeatable.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
     nets: Vec<NetConfig>,
+    /// A virtio-blk device on a raw image file: `path=FILE[,ro][,shared]`. Repeatable. With
+    /// --incoming: this host's file for each of the guest's disks (a new file for a copied disk;
+    /// a shared disk's path defaults to the source's).
+    #[arg(long = "disk", value_name = "path=FILE[,ro][,shared]", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    s.parse()
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
@@ -185,8 +195,13 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 step_ms: args.announce_step_ms,
                 kick_tcp: !args.no_tcp_kick,
             });
-            let (vmm, downtime) =
-                vmm::migrate::receive::start_incoming(listen, &args.nets, schedule, Box::new(std::io::stdout()))?;
+            let (vmm, downtime) = vmm::migrate::receive::start_incoming(
+                listen,
+                &args.nets,
+                &args.disks,
+                schedule,
+                Box::new(std::io::stdout()),
+            )?;
             log::info!("migration received; the guest was paused {:?}", downtime.unwrap_or_default());
             vmm
         }
@@ -199,6 +214,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 vcpus: args.vcpus,
                 cpu_template: args.cpu_template,
                 nets: args.nets,
+                disks: args.disks,
             };
             let built = vmm::build_vm_for_boot(&config, Box::new(std::io::stdout()))?;
             Vmm::start(built)?

@@ -41,6 +41,7 @@ fn sample_config() -> VmConfig {
         vcpus: 2,
         cpu_template: CpuTemplate::Host,
         nets: vec!["tap=tap0,mac=52:54:00:12:34:56".parse::<NetConfig>().unwrap()],
+        disks: vec!["path=/var/lib/vmm/data.img,shared".parse().unwrap()],
     }
 }
 

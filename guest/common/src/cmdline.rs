@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The guest's parameters on the kernel command line.
 //!
-//! - `vmm.workload=echo|dirty|compute|burn|idle` (default `echo`)
+//! - `vmm.workload=echo|dirty|compute|burn|disk|idle` (default `echo`)
 //! - `vmm.dirty_mib=N` memory the dirty workload covers, split between the vCPUs (default 64)
 //! - `vmm.dirty_rate=N` MiB/s it writes in all, 0 for as fast as it can (default 0)
 //! - `vmm.work=N` units of the compute job (default 10000)
 //! - `vmm.duty=P` percent of every 100 ms each vCPU burns, 0 to 100 (default 50)
+//! - `vmm.disk_mib=N` disk space the disk workload covers (default 64), `vmm.disk_rate=N` MiB/s
+//!   it writes (default 0: as fast as it can), `vmm.disk_passes=N` passes before it stops
+//!   (default 0: never)
 //! - `vmm.poweroff_after_ms=N` power off N ms after the ready line (default: run until asked)
 //! - `vmm.fault_cpu=N` our guest's CPU N runs an invalid instruction once its workload is up:
 //!   how tests see that a fault on any CPU is reported with that CPU's number (default: none)
@@ -26,6 +29,8 @@ pub enum Workload {
     Compute,
     /// Every vCPU busy `duty_pct` % of every 100 ms: a steady, known load.
     Burn,
+    /// Writes and verifies a pattern over `disk_mib` MiB of the first disk at `disk_rate` MiB/s.
+    Disk,
     /// Nothing; waits for a control request.
     Idle,
 }
@@ -37,12 +42,13 @@ impl Workload {
             Workload::Dirty => "dirty",
             Workload::Compute => "compute",
             Workload::Burn => "burn",
+            Workload::Disk => "disk",
             Workload::Idle => "idle",
         }
     }
 
     fn from_name(name: &str) -> Option<Self> {
-        [Workload::Echo, Workload::Dirty, Workload::Compute, Workload::Burn, Workload::Idle]
+        [Workload::Echo, Workload::Dirty, Workload::Compute, Workload::Burn, Workload::Disk, Workload::Idle]
             .into_iter()
             .find(|w| w.name() == name)
     }
@@ -83,6 +89,9 @@ pub struct Params {
     pub work_units: u64,
     /// Percent of every 100 ms each vCPU is busy under the burn workload.
     pub duty_pct: u8,
+    pub disk_mib: u64,
+    pub disk_rate_mib_s: u64,
+    pub disk_passes: u64,
     pub poweroff_after_ms: Option<u64>,
     /// The CPU (by start order, 0 = boot CPU) that faults on purpose.
     pub fault_cpu: Option<u32>,
@@ -98,6 +107,9 @@ impl Default for Params {
             dirty_rate_mib_s: 0,
             work_units: DEFAULT_WORK_UNITS,
             duty_pct: DEFAULT_DUTY_PCT,
+            disk_mib: 64,
+            disk_rate_mib_s: 0,
+            disk_passes: 0,
             poweroff_after_ms: None,
             fault_cpu: None,
             ipv4: None,
@@ -123,6 +135,9 @@ impl Params {
                 "vmm.dirty_rate" => p.dirty_rate_mib_s = value.parse().unwrap_or(p.dirty_rate_mib_s),
                 "vmm.work" => p.work_units = value.parse().unwrap_or(p.work_units),
                 "vmm.duty" => p.duty_pct = value.parse().ok().filter(|d| *d <= 100).unwrap_or(p.duty_pct),
+                "vmm.disk_mib" => p.disk_mib = value.parse().unwrap_or(p.disk_mib),
+                "vmm.disk_rate" => p.disk_rate_mib_s = value.parse().unwrap_or(p.disk_rate_mib_s),
+                "vmm.disk_passes" => p.disk_passes = value.parse().unwrap_or(p.disk_passes),
                 "vmm.poweroff_after_ms" => p.poweroff_after_ms = value.parse().ok(),
                 "vmm.fault_cpu" => p.fault_cpu = value.parse().ok(),
                 "ip" => p.ipv4 = parse_ip(value),
@@ -227,6 +242,8 @@ mod tests {
         assert_eq!((p.work_units, p.duty_pct), (DEFAULT_WORK_UNITS, DEFAULT_DUTY_PCT));
         assert_eq!(p.fault_cpu, None);
         assert_eq!(Params::parse("vmm.fault_cpu=3").fault_cpu, Some(3));
+        let d = Params::parse("vmm.workload=disk vmm.disk_mib=8 vmm.disk_rate=10 vmm.disk_passes=1");
+        assert_eq!((d.workload, d.disk_mib, d.disk_rate_mib_s, d.disk_passes), (Workload::Disk, 8, 10, 1));
         assert_eq!(p.ipv4, Some(Ipv4Config { address: [10, 0, 0, 2], gateway: Some([10, 0, 0, 1]), prefix_len: 24 }));
         let d: [_; 2] = core::array::from_fn(|i| p.devices[i].unwrap());
         assert_eq!(d[0], VirtioMmioDevice { base: 0xd000_0000, size: 4096, irq: 5 });
@@ -236,7 +253,7 @@ mod tests {
 
     #[test]
     fn workloads_and_their_parameters() {
-        for w in [Workload::Echo, Workload::Dirty, Workload::Compute, Workload::Burn, Workload::Idle] {
+        for w in [Workload::Echo, Workload::Dirty, Workload::Compute, Workload::Burn, Workload::Disk, Workload::Idle] {
             assert_eq!(Params::parse(&std::format!("vmm.workload={}", w.name())).workload, w);
         }
         let p = Params::parse("vmm.workload=compute vmm.work=1234");

@@ -22,12 +22,13 @@ pub struct JobProgress {
 
 /// Everything `status` reports. Displayed as one line:
 ///
-/// `STATUS workload=W cpus=N uptime_ms=N dirty_passes=N dirty_mismatches=N job_units=N
-/// job_done=N job_rate=N job_elapsed_ms=N duty=P busy_pct=B`
+/// `STATUS workload=W cpus=N uptime_ms=N dirty_passes=N dirty_mismatches=N disk_passes=N
+/// disk_mismatches=N job_units=N job_done=N job_rate=N job_elapsed_ms=N duty=P busy_pct=B`
 ///
 /// `dirty_passes` counts the passes every vCPU has completed over its own region (the least of
-/// them); `duty` and `busy_pct` are the burn workload's asked and measured share of time busy
-/// (0 under other workloads).
+/// them); `disk_passes` and `disk_mismatches` are the disk workload's (our guest only; 0 under
+/// other workloads and in Linux's init); `duty` and `busy_pct` are the burn workload's asked and
+/// measured share of time busy (0 under other workloads).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Status {
     pub workload: Workload,
@@ -36,6 +37,8 @@ pub struct Status {
     pub uptime_ms: u64,
     pub dirty_passes: u64,
     pub dirty_mismatches: u64,
+    pub disk_passes: u64,
+    pub disk_mismatches: u64,
     pub job: JobProgress,
     pub duty_pct: u8,
     /// Share of the last second the vCPUs spent in the burn loop, averaged over the vCPUs.
@@ -46,13 +49,15 @@ impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "STATUS workload={} cpus={} uptime_ms={} dirty_passes={} dirty_mismatches={} job_units={} job_done={} \
-             job_rate={} job_elapsed_ms={} duty={} busy_pct={}",
+            "STATUS workload={} cpus={} uptime_ms={} dirty_passes={} dirty_mismatches={} disk_passes={} \
+             disk_mismatches={} job_units={} job_done={} job_rate={} job_elapsed_ms={} duty={} busy_pct={}",
             self.workload.name(),
             self.cpus,
             self.uptime_ms,
             self.dirty_passes,
             self.dirty_mismatches,
+            self.disk_passes,
+            self.disk_mismatches,
             self.job.units,
             self.job.done,
             self.job.rate,
@@ -147,14 +152,16 @@ mod tests {
             uptime_ms: 1500,
             dirty_passes: 0,
             dirty_mismatches: 0,
+            disk_passes: 0,
+            disk_mismatches: 0,
             job: JobProgress { units: 1000, done: 250, rate: 2000, elapsed_ms: 125 },
             duty_pct: 0,
             busy_pct: 0,
         };
         assert_eq!(
             s.to_string(),
-            "STATUS workload=compute cpus=4 uptime_ms=1500 dirty_passes=0 dirty_mismatches=0 job_units=1000 \
-             job_done=250 job_rate=2000 job_elapsed_ms=125 duty=0 busy_pct=0"
+            "STATUS workload=compute cpus=4 uptime_ms=1500 dirty_passes=0 dirty_mismatches=0 disk_passes=0 \
+             disk_mismatches=0 job_units=1000 job_done=250 job_rate=2000 job_elapsed_ms=125 duty=0 busy_pct=0"
         );
     }
 

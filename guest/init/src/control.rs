@@ -129,7 +129,10 @@ mod tests {
         let Answer::Line(status) = answer(b"status\n", &Params::parse("vmm.workload=dirty")) else { panic!() };
         let cpus = format!("STATUS workload=dirty cpus={} uptime_ms=", crate::cpus::all().len());
         assert!(status.starts_with(&cpus), "{status}");
-        assert!(status.contains(" dirty_passes=0 dirty_mismatches=0 job_units=0 "), "{status}");
+        assert!(
+            status.contains(" dirty_passes=0 dirty_mismatches=0 disk_passes=0 disk_mismatches=0 job_units=0 "),
+            "{status}"
+        );
         let Answer::Line(err) = answer(b"reboot\n", &Params::default()) else { panic!() };
         assert_eq!(err, "ERR unknown command");
     }

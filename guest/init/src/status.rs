@@ -53,6 +53,9 @@ pub fn now(params: &Params) -> Status {
         uptime_ms: system::uptime_ms(),
         dirty_passes: dirty::passes(),
         dirty_mismatches: dirty::MISMATCHES.load(std::sync::atomic::Ordering::Relaxed),
+        // The disk workload runs in our own guest only.
+        disk_passes: 0,
+        disk_mismatches: 0,
         job: compute::progress(units_rate),
         duty_pct: if params.workload == Workload::Burn { params.duty_pct } else { 0 },
         busy_pct: ((busy_per_s + per_pct / 2) / per_pct).min(100) as u8,

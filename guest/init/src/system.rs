@@ -9,13 +9,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::Mode;
 
-/// Mounts the pseudo file systems, makes sure fds 0-2 are the console and sets `lo` up. Each
+/// Mounts the pseudo file systems and a data disk (`/dev/vda`, ext4, at `/data`) if there is
+/// one, makes sure fds 0-2 are the console and sets `lo` up. Each
 /// step that fails is logged and skipped: a guest without sysfs can still run its workload.
 pub fn setup() {
     mount(c"proc", c"/proc", c"proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC);
     mount(c"sysfs", c"/sys", c"sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC);
     mount(c"devtmpfs", c"/dev", c"devtmpfs", libc::MS_NOSUID);
     reopen_console();
+    // A data disk (the first virtio-blk device, formatted ext4 by whoever made it) at /data.
+    if std::path::Path::new("/dev/vda").exists() {
+        mount(c"/dev/vda", c"/data", c"ext4", libc::MS_NOSUID | libc::MS_NODEV);
+    }
     // eth0 needs nothing: the kernel's `ip=` (IP_PNP) configured it before running us.
     if let Err(e) = set_up(c"lo") {
         say!("init: cannot set lo up: {e}");

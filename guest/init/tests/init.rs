@@ -311,7 +311,8 @@ fn status_answers() {
         assert!(status.starts_with(&format!("STATUS workload=idle cpus={} uptime_ms=", host_cpus())), "{status}");
         assert!(
             status.ends_with(
-                " dirty_passes=0 dirty_mismatches=0 job_units=0 job_done=0 job_rate=0 job_elapsed_ms=0 duty=0 busy_pct=0\n"
+                " dirty_passes=0 dirty_mismatches=0 disk_passes=0 disk_mismatches=0 job_units=0 job_done=0 job_rate=0 \
+                 job_elapsed_ms=0 duty=0 busy_pct=0\n"
             ),
             "{status}"
         );

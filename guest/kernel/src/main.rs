@@ -20,6 +20,7 @@ mod bootinfo;
 mod clock;
 mod console;
 mod console_input;
+mod disk;
 mod fatal;
 mod gate;
 mod heap;
@@ -29,6 +30,7 @@ mod netstack;
 mod percpu;
 mod power;
 mod smp;
+mod virtio_blk;
 mod virtio_net;
 mod virtqueue;
 mod work;
@@ -55,6 +57,19 @@ extern "C" fn rust_main(boot_info: u64, pvh: u64) -> ! {
     let mut job = work::start(&params, cpus);
     let mut monitor = work::Monitor::new(&params, cpus);
 
+    let mut disk = match params.workload {
+        Workload::Disk => match virtio_blk::find(&params) {
+            Some(dev) => {
+                Some(disk::DiskWorkload::new(dev, params.disk_mib, params.disk_rate_mib_s, params.disk_passes))
+            }
+            None => {
+                println!("GUEST-ERROR the disk workload needs a virtio-blk device");
+                power::panicked();
+            }
+        },
+        _ => None,
+    };
+
     let mut net = bring_up_network(&params);
     if net.is_none() && params.workload == Workload::Echo {
         println!("GUEST-ERROR the echo workload needs a virtio-net device and ip= on the command line");
@@ -75,7 +90,12 @@ extern "C" fn rust_main(boot_info: u64, pvh: u64) -> ! {
             power::poweroff();
         }
         monitor.sample(now);
-        let status_line = || monitor.status(clock::now_ns()).to_string();
+        let (disk_passes, disk_mismatches) = disk.as_ref().map_or((0, 0), |d| (d.passes_done, d.mismatches));
+        let status_line = || {
+            let mut status = monitor.status(clock::now_ns());
+            (status.disk_passes, status.disk_mismatches) = (disk_passes, disk_mismatches);
+            status.to_string()
+        };
         match console.poll(now) {
             Some(console_input::Command::Poweroff) => power::poweroff(),
             Some(console_input::Command::Status) => println!("{}", status_line()),
@@ -101,6 +121,10 @@ extern "C" fn rust_main(boot_info: u64, pvh: u64) -> ! {
         busy |= job.step(now);
         if let Some(t) = job.next_due_ns(now) {
             wake = wake.min(t);
+        }
+        if let Some(d) = disk.as_mut() {
+            busy |= d.step(now);
+            wake = wake.min(d.next_due_ns());
         }
         if let Some(t) = poweroff_at {
             wake = wake.min(t);
@@ -135,6 +159,8 @@ fn bring_up_network(params: &Params) -> Option<netstack::NetStack> {
                 stack.announce();
                 return Some(stack);
             }
+            // Disks are not NICs: not an error.
+            Err(virtio_net::InitError::NotNet) => {}
             Err(e) => println!("GUEST-ERROR virtio-mmio device at {:#x}: {e}", dev.base),
         }
     }

@@ -16,39 +16,39 @@ use smoltcp::time::Instant;
 
 use crate::virtqueue::{DESC_F_NEXT, DESC_F_WRITE, VirtQueue};
 
-const MAGIC: u32 = 0x7472_6976;
-const REG_MAGIC: usize = 0x000;
-const REG_VERSION: usize = 0x004;
-const REG_DEVICE_ID: usize = 0x008;
-const REG_DEVICE_FEATURES: usize = 0x010;
-const REG_DEVICE_FEATURES_SEL: usize = 0x014;
-const REG_DRIVER_FEATURES: usize = 0x020;
-const REG_DRIVER_FEATURES_SEL: usize = 0x024;
-const REG_QUEUE_SEL: usize = 0x030;
-const REG_QUEUE_NUM_MAX: usize = 0x034;
-const REG_QUEUE_NUM: usize = 0x038;
-const REG_QUEUE_READY: usize = 0x044;
-const REG_QUEUE_NOTIFY: usize = 0x050;
-const REG_INTERRUPT_STATUS: usize = 0x060;
-const REG_INTERRUPT_ACK: usize = 0x064;
-const REG_STATUS: usize = 0x070;
-const REG_QUEUE_DESC: usize = 0x080;
-const REG_QUEUE_AVAIL: usize = 0x090;
-const REG_QUEUE_USED: usize = 0x0a0;
-const REG_CONFIG: usize = 0x100;
+pub(crate) const MAGIC: u32 = 0x7472_6976;
+pub(crate) const REG_MAGIC: usize = 0x000;
+pub(crate) const REG_VERSION: usize = 0x004;
+pub(crate) const REG_DEVICE_ID: usize = 0x008;
+pub(crate) const REG_DEVICE_FEATURES: usize = 0x010;
+pub(crate) const REG_DEVICE_FEATURES_SEL: usize = 0x014;
+pub(crate) const REG_DRIVER_FEATURES: usize = 0x020;
+pub(crate) const REG_DRIVER_FEATURES_SEL: usize = 0x024;
+pub(crate) const REG_QUEUE_SEL: usize = 0x030;
+pub(crate) const REG_QUEUE_NUM_MAX: usize = 0x034;
+pub(crate) const REG_QUEUE_NUM: usize = 0x038;
+pub(crate) const REG_QUEUE_READY: usize = 0x044;
+pub(crate) const REG_QUEUE_NOTIFY: usize = 0x050;
+pub(crate) const REG_INTERRUPT_STATUS: usize = 0x060;
+pub(crate) const REG_INTERRUPT_ACK: usize = 0x064;
+pub(crate) const REG_STATUS: usize = 0x070;
+pub(crate) const REG_QUEUE_DESC: usize = 0x080;
+pub(crate) const REG_QUEUE_AVAIL: usize = 0x090;
+pub(crate) const REG_QUEUE_USED: usize = 0x0a0;
+pub(crate) const REG_CONFIG: usize = 0x100;
 
-const STATUS_ACK: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
+pub(crate) const STATUS_ACK: u32 = 1;
+pub(crate) const STATUS_DRIVER: u32 = 2;
+pub(crate) const STATUS_DRIVER_OK: u32 = 4;
+pub(crate) const STATUS_FEATURES_OK: u32 = 8;
 const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
 const F_CTRL_VQ: u64 = 1 << 17;
 const F_GUEST_ANNOUNCE: u64 = 1 << 21;
-const F_VERSION_1: u64 = 1 << 32;
+pub(crate) const F_VERSION_1: u64 = 1 << 32;
 /// Config space: `status` after the 6-byte MAC.
 const CONFIG_STATUS: usize = 6;
-const STATUS_ANNOUNCE: u8 = 2;
+pub(crate) const STATUS_ANNOUNCE: u8 = 2;
 /// virtio_net_ctrl_hdr of the announce acknowledgement: class 3, command 0.
 const CTRL_ANNOUNCE_ACK: [u8; 2] = [3, 0];
 const DEVICE_ID_NET: u32 = 1;
@@ -71,6 +71,7 @@ const MTU: usize = 1514;
 pub enum InitError {
     NotVirtio,
     NotNet,
+    NotBlock,
     FeaturesRefused,
     NoQueue(u32),
 }
@@ -80,6 +81,7 @@ impl core::fmt::Display for InitError {
         match self {
             InitError::NotVirtio => write!(f, "not a virtio-mmio version 2 device"),
             InitError::NotNet => write!(f, "not a network device"),
+            InitError::NotBlock => write!(f, "not a block device"),
             InitError::FeaturesRefused => write!(f, "the device refused virtio 1.x"),
             InitError::NoQueue(q) => write!(f, "the device has no queue {q}"),
         }
@@ -90,14 +92,14 @@ impl core::fmt::Display for InitError {
 pub const INT_CONFIG: u32 = 2;
 
 /// The MMIO window of one virtio-mmio device.
-struct Regs(usize);
+pub(crate) struct Regs(pub(crate) usize);
 
 impl Regs {
-    fn read(&self, reg: usize) -> u32 {
+    pub(crate) fn read(&self, reg: usize) -> u32 {
         // SAFETY: the window is identity-mapped and user-accessible; registers are 32-bit.
         unsafe { read_volatile((self.0 + reg) as *const u32) }
     }
-    fn write(&self, reg: usize, v: u32) {
+    pub(crate) fn write(&self, reg: usize, v: u32) {
         // SAFETY: as above.
         unsafe { write_volatile((self.0 + reg) as *mut u32, v) }
     }
@@ -303,7 +305,7 @@ impl VirtioNet {
     }
 }
 
-fn setup_queue(regs: &Regs, index: u32, wanted: u16) -> Result<VirtQueue, InitError> {
+pub(crate) fn setup_queue(regs: &Regs, index: u32, wanted: u16) -> Result<VirtQueue, InitError> {
     regs.write(REG_QUEUE_SEL, index);
     let max = regs.read(REG_QUEUE_NUM_MAX);
     if max == 0 {

@@ -76,6 +76,9 @@ pub struct MigrationInfo {
     pub pages_sent: u64,
     /// Pages not sent because they were never touched or all zero.
     pub pages_skipped: u64,
+    /// Disk bytes sent as data (copied disks; included in `bytes_sent`).
+    #[serde(default)]
+    pub disk_bytes_sent: u64,
     /// Pages dirtied per second in the last round.
     pub dirty_rate_pages_s: u64,
     /// Bytes per second the last round achieved.

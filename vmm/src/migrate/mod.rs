@@ -4,9 +4,11 @@
 //! wire protocol and the state types of KVM objects are the `migration` crate's.
 
 pub mod dirty;
+pub mod disks;
 pub mod receive;
 pub mod send;
 
+use block::persist::BlockState;
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2,
     kvm_irqchip,
@@ -14,8 +16,8 @@ use kvm_bindings::{
 use kvm_ioctls::Kvm;
 use migration::{StateVersion, VcpuState, VmState};
 use net::persist::NetState;
-use net::virtio::mmio::MmioTransportState;
 use serde::{Deserialize, Serialize};
+use virtio::MmioTransportState;
 
 use crate::builder::Machine;
 use crate::devices::serial::SerialPortState;
@@ -56,6 +58,16 @@ pub struct MachineState {
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialPortState,
     pub nets: Vec<NetDeviceState>,
+    /// The disks (state 2.1; none before).
+    #[serde(default)]
+    pub disks: Vec<BlockDeviceState>,
+}
+
+/// One disk: the transport's registers and the device's state.
+#[derive(Serialize, Deserialize)]
+pub struct BlockDeviceState {
+    pub transport: MmioTransportState,
+    pub device: BlockState,
 }
 
 /// One NIC: the transport's registers and the device's state.
@@ -101,6 +113,17 @@ pub fn restore_vm_state(vm: &Vm, state: &VmState) -> Result<(), MigrateError> {
     Ok(())
 }
 
+/// Saves the disks. They must be paused (see [`pause_devices`]).
+pub fn save_disks(m: &Machine) -> Vec<BlockDeviceState> {
+    m.disks
+        .iter()
+        .map(|d| {
+            let transport = d.transport.lock().expect("Poisoned lock").save_state();
+            BlockDeviceState { transport, device: d.block.lock().expect("Poisoned lock").save_state() }
+        })
+        .collect()
+}
+
 /// Saves the devices. They must be paused (see [`pause_devices`]).
 pub fn save_devices(m: &Machine) -> (SerialPortState, Vec<NetDeviceState>) {
     let serial = m.serial.lock().expect("Poisoned lock").save_state();
@@ -119,17 +142,24 @@ pub fn save_devices(m: &Machine) -> (SerialPortState, Vec<NetDeviceState>) {
     (serial, nets)
 }
 
-/// Stops the NICs from touching guest memory.
+/// Stops the NICs and disks from touching guest memory (and the disks their images). A disk
+/// is drained: pausing it waits for the request it is carrying out, and none is left in flight.
 pub fn pause_devices(m: &Machine) {
     for d in &m.nets {
         d.net.lock().expect("Poisoned lock").pause();
     }
+    for d in &m.disks {
+        d.block.lock().expect("Poisoned lock").pause();
+    }
 }
 
-/// Lets the NICs move frames again.
+/// Lets the NICs move frames and the disks carry out requests again.
 pub fn resume_devices(m: &Machine) {
     for d in &m.nets {
         d.net.lock().expect("Poisoned lock").resume();
+    }
+    for d in &m.disks {
+        d.block.lock().expect("Poisoned lock").resume();
     }
 }
 
@@ -152,6 +182,22 @@ pub fn restore_devices(m: &Machine, serial: &SerialPortState, nets: &[NetDeviceS
             .expect("Poisoned lock")
             .restore_state(&s.device, m.vm.memory())
             .map_err(|e| MigrateError::Device(format!("NIC on {}: {e}", d.config.tap)))?;
+        d.transport.lock().expect("Poisoned lock").restore_state(&s.transport);
+    }
+    Ok(())
+}
+
+/// Restores the disks of a freshly built machine.
+pub fn restore_disks(m: &Machine, disks: &[BlockDeviceState]) -> Result<(), MigrateError> {
+    if disks.len() != m.disks.len() {
+        return Err(MigrateError::Device(format!("{} disks saved, {} here", disks.len(), m.disks.len())));
+    }
+    for (d, s) in m.disks.iter().zip(disks) {
+        d.block
+            .lock()
+            .expect("Poisoned lock")
+            .restore_state(&s.device, m.vm.memory())
+            .map_err(|e| MigrateError::Device(format!("disk {}: {e}", d.config.path.display())))?;
         d.transport.lock().expect("Poisoned lock").restore_state(&s.transport);
     }
     Ok(())

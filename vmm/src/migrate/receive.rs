@@ -18,10 +18,12 @@ use migration::memory::{BatchReader, PAGE_SIZE};
 use migration::protocol::{self, Command, Response, StartPayload};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::{MachineState, MigrateError, check_cpuid, restore_devices, restore_vm_state};
+use super::disks::DiskSink;
+use super::{MachineState, MigrateError, check_cpuid, restore_devices, restore_disks, restore_vm_state};
 use crate::arch::layout::ram_regions;
 use crate::builder::{BuiltVm, build_vm_for_incoming, open_kvm};
 use crate::config::VmConfig;
+use crate::disk_config::DiskConfig;
 use crate::net_config::NetConfig;
 
 /// How long the destination waits for the next frame before giving up on the source.
@@ -32,6 +34,8 @@ const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Incoming {
     pub built: BuiltVm,
     pub answer: Acknowledger,
+    /// The copied disks' new files: removed unless committed once the guest runs here.
+    pub disks: DiskSink,
     /// The receive buffer: freeing megabytes of touched memory takes a while, so it is dropped
     /// only once the guest runs and the source knows.
     pub scratch: Vec<u8>,
@@ -67,6 +71,7 @@ impl Acknowledger {
 pub fn receive(
     listen: &str,
     nets: &[NetConfig],
+    disks: &[DiskConfig],
     console: Box<dyn std::io::Write + Send>,
     announce: bool,
 ) -> Result<Incoming, MigrateError> {
@@ -86,9 +91,11 @@ pub fn receive(
 
     // Allocated once, up front, for the largest frame.
     let mut scratch = Vec::with_capacity(protocol::MAX_PAYLOAD as usize);
-    let result = receive_on(&mut stream, nets, console, &mut scratch, announce);
+    let result = receive_on(&mut stream, nets, disks, console, &mut scratch, announce);
     match result {
-        Ok((built, paused_at)) => Ok(Incoming { built, answer: Acknowledger { stream, paused_at }, scratch }),
+        Ok((built, paused_at, disks)) => {
+            Ok(Incoming { built, answer: Acknowledger { stream, paused_at }, disks, scratch })
+        }
         Err(e) => {
             // Tell the source why, if it still listens; it resumes its guest.
             let _ = protocol::write_json(&mut stream, Command::Response, &Response::error(e.to_string()));
@@ -100,18 +107,21 @@ pub fn receive(
 fn receive_on(
     stream: &mut TcpStream,
     nets: &[NetConfig],
+    disks: &[DiskConfig],
     console: Box<dyn std::io::Write + Send>,
     buf: &mut Vec<u8>,
     announce: bool,
-) -> Result<(BuiltVm, Option<Instant>), MigrateError> {
+) -> Result<(BuiltVm, Option<Instant>, DiskSink), MigrateError> {
     let first = protocol::read_frame(stream)?;
     if first.command != Command::Start {
         return Err(MigrateError::Other(format!("expected a migration Start, got {:?}", first.command)));
     }
     let start: StartPayload = protocol::parse_json("Start", &first.payload)?;
     log::debug!("incoming: Start");
-    let config = check_start(&start, nets)?;
+    let mut config = check_start(&start, nets)?;
     log::debug!("incoming: Start checked");
+    // Dropped (removing the new files) on any failure before the guest runs here.
+    let mut sink = DiskSink::prepare(&start.disks, disks, &mut config)?;
     let built = build_vm_for_incoming(&config, console)?;
     // Registering guest memory with KVM takes milliseconds and goes on on its own thread while
     // the pages arrive; `Prepare` waits for it, before the guest pauses on the source.
@@ -129,6 +139,7 @@ fn receive_on(
             Command::Memory => {
                 apply_batch(&mem, buf, &mut written)?;
             }
+            Command::Disk => sink.apply(buf)?,
             Command::Prepare => {
                 // The guest is about to pause on the source: whatever is still being set up
                 // here must be done before that, not while the guest waits.
@@ -178,7 +189,7 @@ fn receive_on(
     built.machine.vm.memslots_ready()?;
     restore(&built, &state)?;
     log::debug!("incoming: restored at {} µs", paused_at.map_or(0, |t| t.elapsed().as_micros()));
-    Ok((built, paused_at))
+    Ok((built, paused_at, sink))
 }
 
 /// Whether this host can take the VM described by `start`; returns its config with this host's
@@ -305,6 +316,7 @@ fn restore(built: &BuiltVm, state: &MachineState) -> Result<(), MigrateError> {
         vcpu.restore_state(s).map_err(|e| MigrateError::Vcpus(e.to_string()))?;
     }
     restore_devices(m, &state.serial, &state.nets)?;
+    restore_disks(m, &state.disks)?;
     if let Some(v0) = state.vcpus.first() {
         *m.cpuid.lock().expect("Poisoned lock") = v0.cpuid.as_slice().to_vec();
     }
@@ -320,18 +332,22 @@ fn restore(built: &BuiltVm, state: &MachineState) -> Result<(), MigrateError> {
 pub fn start_incoming(
     listen: &str,
     nets: &[NetConfig],
+    disks: &[DiskConfig],
     announce: Option<net::announce::AnnounceSchedule>,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<(crate::Vmm, Option<Duration>), MigrateError> {
-    let Incoming { built, answer, scratch } = receive(listen, nets, console, announce.is_some())?;
+    let Incoming { built, answer, disks, scratch } = receive(listen, nets, disks, console, announce.is_some())?;
     log::debug!("incoming: starting the vCPUs");
     let mut vmm = match crate::Vmm::start(built) {
         Ok(v) => v,
         Err(e) => {
             answer.refuse(&e.to_string());
+            // `disks` goes out of scope here: the source keeps its guest, and its disks.
             return Err(MigrateError::Other(format!("starting the received guest: {e}")));
         }
     };
+    // From `Complete` on the guest is this host's, and so are its disks.
+    disks.commit();
     let resumed_at_us = protocol::unix_now_us();
     log::debug!("incoming: vCPUs started");
     // The NICs pick up whatever the source left queued (TX descriptors, a waiting RX frame).

@@ -25,7 +25,10 @@ use migration::protocol::{self, Command, RegionLayout, StartPayload};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, VolatileSlice};
 
 use super::dirty::{self, Bitmap};
-use super::{MachineState, MigrateError, announce_now, pause_devices, resume_devices, save_devices, save_vm_state};
+use super::disks::{self, DiskCopier};
+use super::{
+    MachineState, MigrateError, announce_now, pause_devices, resume_devices, save_devices, save_disks, save_vm_state,
+};
 use crate::api::{MigrateRequest, MigrationInfo, MigrationPhase, RoundInfo};
 use crate::builder::Machine;
 use crate::vstate::vcpu::{THROTTLE_TICK, VcpuSet};
@@ -113,6 +116,8 @@ struct Source<'a> {
     states_pending: bool,
     complete_sent: bool,
     throttling: Arc<AtomicBool>,
+    /// The copied disks (see [`super::disks`]).
+    disks: DiskCopier,
 }
 
 /// Migrates `m` to `params.to`, reporting progress as it goes.
@@ -134,6 +139,7 @@ pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progr
         states_pending: false,
         complete_sent: false,
         throttling: Arc::new(AtomicBool::new(false)),
+        disks: DiskCopier::new(m),
     };
     let result = std::thread::scope(|scope| {
         // The auto-converge ticker: while throttling, kick the vCPUs every tick so each sleeps
@@ -229,6 +235,7 @@ impl Source<'_> {
             memory,
             cpuid: self.m.cpuid.lock().expect("Poisoned lock").clone(),
             tsc_khz: None,
+            disks: disks::layouts(self.m),
         };
         log::debug!("migration: connected, sending Start");
         protocol::write_json(self.stream()?, Command::Start, &start)?;
@@ -244,6 +251,7 @@ impl Source<'_> {
     fn precopy(&mut self) -> Result<Vec<Bitmap>, MigrateError> {
         let vm = &self.m.vm;
         dirty::start(vm)?;
+        self.disks.start_tracking();
         log::debug!("migration: dirty logging on");
         self.update(|p| {
             p.phase = MigrationPhase::Precopy;
@@ -259,6 +267,8 @@ impl Source<'_> {
         let mut round_start = Instant::now();
         let mut round_bytes = self.bytes_sent;
         self.record_round(1, count_all(&touched), false);
+        // The disks' allocated extents first, then memory.
+        self.disk_round(true)?;
         self.send_bitmaps(&touched)?;
         let mut prev_dirty = count_all(&touched);
         let mut round = 1;
@@ -269,7 +279,8 @@ impl Source<'_> {
             let bandwidth = (sent as f64 / elapsed.as_secs_f64()).max(100e6);
             log::debug!("migration: round {round} sent");
             let dirty = dirty::collect(vm)?;
-            let n = count_all(&dirty);
+            // Dirty disk blocks converge together with pages (a block is a page's size).
+            let n = count_all(&dirty) + self.disks.dirty_blocks();
             log::debug!("migration: round {round} left {n} dirty pages");
             let pages_time = Duration::from_secs_f64(n as f64 * PAGE_SIZE as f64 / bandwidth);
             let estimate = pages_time + FIXED_DOWNTIME;
@@ -298,6 +309,7 @@ impl Source<'_> {
             round_start = Instant::now();
             round_bytes = self.bytes_sent;
             self.record_round(round, n, false);
+            self.disk_round(false)?;
             self.send_bitmaps(&dirty)?;
         }
     }
@@ -334,12 +346,16 @@ impl Source<'_> {
         let round = self.progress.lock().expect("Poisoned lock").round + 1;
         self.record_round(round, count_all(&last), true);
         self.send_bitmaps(&last)?;
-        step("last pages sent");
+        // The disks are drained (paused): their last blocks, and shared ones made durable.
+        self.disk_round(false)?;
+        disks::flush_shared(self.m)?;
+        step("last pages and blocks sent");
         self.states_pending = false;
         let vcpus = self.vcpus.lock().expect("Poisoned lock").saved_states().map_err(MigrateError::Vcpus)?;
         step("vCPUs saved");
         let (serial, nets) = save_devices(self.m);
-        let state = MachineState { version: STATE_VERSION, vm: save_vm_state(vm)?, vcpus, serial, nets };
+        let disks = save_disks(self.m);
+        let state = MachineState { version: STATE_VERSION, vm: save_vm_state(vm)?, vcpus, serial, nets, disks };
         step("devices saved");
         protocol::write_json(self.stream()?, Command::State, &state)?;
         protocol::write_frame(self.stream()?, Command::Complete, &[])?;
@@ -376,6 +392,38 @@ impl Source<'_> {
             stop_and_copy,
         };
         self.update(|p| p.rounds.push(info));
+    }
+
+    /// Sends the copied disks' allocated extents (`first`) or the blocks written since the
+    /// last round, as `Disk` frames.
+    fn disk_round(&mut self, first: bool) -> Result<(), MigrateError> {
+        let mut copier = std::mem::take(&mut self.disks);
+        let mut send = |payload: &[u8]| self.send_frame(Command::Disk, payload);
+        let r = if first { copier.send_extents(&mut send) } else { copier.send_dirty(&mut send) };
+        let bytes = copier.bytes;
+        self.disks = copier;
+        self.update(|p| p.disk_bytes_sent = bytes);
+        r
+    }
+
+    /// Sends one frame of copied data, counting it and keeping to the bandwidth limit.
+    fn send_frame(&mut self, command: Command, payload: &[u8]) -> Result<(), MigrateError> {
+        let stream = self.stream.as_mut().ok_or_else(|| MigrateError::Other("not connected".into()))?;
+        protocol::write_frame(stream, command, payload)?;
+        self.bytes_sent += (payload.len() + protocol::HEADER_LEN) as u64;
+        let bytes = self.bytes_sent;
+        self.update(|p| p.bytes_sent = bytes);
+        self.keep_to_bandwidth();
+        Ok(())
+    }
+
+    fn keep_to_bandwidth(&self) {
+        if let Some(limit) = self.params.max_bandwidth {
+            let due = Duration::from_secs_f64(self.bytes_sent as f64 / limit as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
     }
 
     /// Sends the pages set in `maps` (one bitmap per memory region).
@@ -424,12 +472,7 @@ impl Source<'_> {
             p.pages_sent += data;
             p.pages_skipped += zero;
         });
-        if let Some(limit) = self.params.max_bandwidth {
-            let due = Duration::from_secs_f64(self.bytes_sent as f64 / limit as f64);
-            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
+        self.keep_to_bandwidth();
         Ok(())
     }
 
@@ -461,6 +504,7 @@ impl Source<'_> {
             let _ = s.flush();
         }
         self.stream = None;
+        self.disks.stop_tracking();
         let mut cleanup = Vec::new();
         if let Err(e) = dirty::stop(&self.m.vm) {
             cleanup.push(format!("stopping dirty logging: {e}"));

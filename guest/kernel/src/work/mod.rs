@@ -39,7 +39,8 @@ impl Job {
             Workload::Dirty => Job::Dirty(dirty::Dirty::new(params.dirty_mib, params.dirty_rate_mib_s, cpus, cpu)?),
             Workload::Compute => Job::Compute(compute::Compute),
             Workload::Burn => Job::Burn(burn::Burn::new(params.duty_pct, cpu)),
-            Workload::Echo | Workload::Idle => Job::None,
+            // The disk workload runs on the boot CPU beside its devices (see main).
+            Workload::Echo | Workload::Idle | Workload::Disk => Job::None,
         })
     }
 
@@ -169,6 +170,9 @@ impl Monitor {
             uptime_ms: now / 1_000_000,
             dirty_passes: dirty::passes(self.cpus),
             dirty_mismatches: dirty::mismatches(),
+            // The boot CPU's disk workload, if any, fills these in (see main).
+            disk_passes: 0,
+            disk_mismatches: 0,
             job: compute::progress(now, &self.units_done),
             duty_pct: if burning { self.params.duty_pct } else { 0 },
             busy_pct: busy_pct(busy_per_s, self.cpus),

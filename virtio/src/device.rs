@@ -1,11 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-//! What a virtio device looks like to its transport, and the interrupt line they share.
-//!
-//! The virtio-mmio transport is ours (the rust-vmm `virtio-device` crate was never published);
-//! the queues are virtio-queue's. virtio-net is the only device, but the transport knows it only
-//! through [`VirtioDevice`], so the register map and the device logic stay separate.
-
-pub mod mmio;
+//! What a virtio device looks like to its transport, and the interrupt line they share. The
+//! transport knows a device only through [`VirtioDevice`], so the register map and the device
+//! logic stay separate.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -67,7 +63,7 @@ pub enum ActivateError {
 
 /// The device side of a virtio device.
 pub trait VirtioDevice: Send {
-    /// virtio device id (1 for net).
+    /// virtio device id (1 for net, 2 for block).
     fn device_type(&self) -> u32;
     /// Feature bits the device offers.
     fn avail_features(&self) -> u64;

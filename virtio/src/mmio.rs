@@ -19,8 +19,8 @@ use virtio_queue::QueueT;
 use vm_device::MutDeviceMmio;
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 
-use super::{Interrupt, VirtioDevice};
 use crate::GuestMemoryMmap;
+use crate::device::{Interrupt, VirtioDevice};
 
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
@@ -268,9 +268,8 @@ impl MutDeviceMmio for MmioTransport {
     }
 }
 
-#[cfg(test)]
 impl MmioTransport {
-    /// Reads the device config space as the driver would.
+    /// Reads the device config space as the driver would (for tests of the devices).
     pub fn mmio_read_config(&mut self, offset: u64, data: &mut [u8]) {
         self.mmio_read(MmioAddress(0), u64::from(VIRTIO_MMIO_CONFIG) + offset, data);
     }
