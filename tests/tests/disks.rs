@@ -170,8 +170,8 @@ fn shared_disk_moves_back_and_forth_without_losing_a_block() {
     let bed = two_hosts();
     let shared = Image::new("shared", 64 << 20);
     let vm = start_source(&bed, &shared.arg(",shared"), "vmm.workload=disk vmm.disk_mib=32 vmm.disk_rate=16");
-    // Without --disk the destination opens the source's path.
-    let vm = move_guest(&bed, vm, "b", MIGRATION_PORT, None, "shared disk to host b");
+    // A sandboxed destination (the default) opens only what its own --disk names.
+    let vm = move_guest(&bed, vm, "b", MIGRATION_PORT, Some(&shared.arg(",shared")), "shared disk to host b");
     let vm = move_guest(&bed, vm, "a", MIGRATION_PORT + 1, Some(&shared.arg(",shared")), "shared disk back to a");
     let info = vm.api().get_vm().expect("GET /vm");
     assert!(info.config.disks[0].shared);

@@ -11,12 +11,15 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod disk_config;
+pub mod host;
+pub mod jail;
 pub mod loader;
 pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod net_config;
 pub mod probe;
+pub mod seccomp;
 pub mod vmm;
 pub mod vstate;
 

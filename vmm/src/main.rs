@@ -11,12 +11,15 @@ use clap::{Parser, Subcommand};
 use net::announce::AnnounceSchedule;
 use vmm::api::client::{ApiClient, ClientError};
 use vmm::api::display;
-use vmm::api::server::start_api_server;
+use vmm::api::server::{ApiServerOptions, bind_api_socket};
 use vmm::api::{MigrateRequest, MigrationPhase};
 use vmm::arch::cpuid::CpuTemplate;
 use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
 use vmm::disk_config::DiskConfig;
+use vmm::host::HostResources;
+use vmm::jail::JailUser;
 use vmm::net_config::NetConfig;
+use vmm::seccomp::{SeccompMode, ThreadKind};
 use vmm::{ExitReason, VmConfig, Vmm};
 
 #[derive(Parser)]
@@ -144,6 +147,18 @@ struct RunArgs {
     /// a shared disk's path defaults to the source's).
     #[arg(long = "disk", value_name = "path=FILE[,ro][,shared]", value_parser = parse_disk)]
     disks: Vec<DiskConfig>,
+    /// seccomp filters on every thread: `true` (a call outside a thread's filter stops the VMM
+    /// with SIGSYS), `false` (none), or `log` (allowed, and logged by the kernel: for finding
+    /// what a filter misses).
+    #[arg(long, value_enum, default_value = "true", value_name = "true|false|log")]
+    seccomp: SeccompMode,
+    /// The same as --seccomp false (for debugging).
+    #[arg(long, conflicts_with = "seccomp")]
+    no_seccomp: bool,
+    /// Once /dev/kvm, the TAPs, the disks and the sockets are open, run as UID:GID with no
+    /// capabilities, in a mount namespace of its own with an empty root (needs root).
+    #[arg(long, value_name = "UID:GID")]
+    jail: Option<JailUser>,
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
@@ -177,18 +192,49 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let seccomp = if args.no_seccomp { SeccompMode::Off } else { args.seccomp };
+    // Set-up: everything the VM uses of the host is opened now, before the VMM is sandboxed.
     // The API socket first: a path in use is an error before anything else happens.
-    let api = match &args.api_sock {
-        Some(path) => {
+    let api_socket = args.api_sock.as_deref().map(bind_api_socket).transpose()?;
+    let config = VmConfig {
+        kernel: args.kernel.clone().unwrap_or_default(),
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        mem_mib: args.mem_mib,
+        vcpus: args.vcpus,
+        cpu_template: args.cpu_template,
+        nets: args.nets.clone(),
+        disks: args.disks.clone(),
+    };
+    let (mut res, listener) = match &args.incoming {
+        Some(listen) => {
+            let listener = vmm::migrate::receive::listen(listen)?;
+            (HostResources::open_for_incoming(&args.nets, &args.disks)?, Some(listener))
+        }
+        None => (HostResources::open_for_boot(&config)?, None),
+    };
+    vmm::host::read_host_facts();
+    // The sandbox: the jail (one thread yet), then each thread's filter as it starts.
+    if let Some(user) = args.jail {
+        vmm::jail::enter(user)?;
+    }
+    vmm::seccomp::init(seccomp)?;
+    if args.jail.is_some() || seccomp != SeccompMode::Off {
+        res.seal();
+    }
+    let api = match api_socket {
+        Some(socket) => {
             let (tx, rx) = std::sync::mpsc::channel();
             let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-            let server = start_api_server(path, tx, wake.clone())?;
+            let server = socket.start(tx, wake.clone(), ApiServerOptions::default())?;
             Some((server, rx, wake))
         }
         None => None,
     };
-    let mut vmm = match &args.incoming {
-        Some(listen) => {
+    vmm::seccomp::apply(ThreadKind::Vmm)?;
+
+    let mut vmm = match listener {
+        Some(listener) => {
             let schedule = (!args.no_announce).then_some(AnnounceSchedule {
                 rounds: args.announce_rounds,
                 initial_ms: args.announce_initial_ms,
@@ -196,9 +242,10 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 kick_tcp: !args.no_tcp_kick,
             });
             let (vmm, downtime) = vmm::migrate::receive::start_incoming(
-                listen,
+                listener,
                 &args.nets,
                 &args.disks,
+                &mut res,
                 schedule,
                 Box::new(std::io::stdout()),
             )?;
@@ -206,17 +253,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             vmm
         }
         None => {
-            let config = VmConfig {
-                kernel: args.kernel.unwrap_or_default(),
-                initrd: args.initrd,
-                cmdline: args.cmdline,
-                mem_mib: args.mem_mib,
-                vcpus: args.vcpus,
-                cpu_template: args.cpu_template,
-                nets: args.nets,
-                disks: args.disks,
-            };
-            let built = vmm::build_vm_for_boot(&config, Box::new(std::io::stdout()))?;
+            let built = vmm::build_vm_for_boot(&config, &mut res, Box::new(std::io::stdout()))?;
             Vmm::start(built)?
         }
     };

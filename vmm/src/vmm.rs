@@ -265,6 +265,7 @@ impl Vmm {
         let worker = std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Migration);
                 let outcome = send::migrate(&machine, &vcpus, params, &status.migration);
                 match outcome {
                     Outcome::Completed => {

@@ -21,9 +21,10 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use super::disks::DiskSink;
 use super::{MachineState, MigrateError, check_cpuid, restore_devices, restore_disks, restore_vm_state};
 use crate::arch::layout::ram_regions;
-use crate::builder::{BuiltVm, build_vm_for_incoming, open_kvm};
+use crate::builder::{BuiltVm, build_vm_for_incoming};
 use crate::config::VmConfig;
 use crate::disk_config::DiskConfig;
+use crate::host::HostResources;
 use crate::net_config::NetConfig;
 
 /// How long the destination waits for the next frame before giving up on the source.
@@ -65,20 +66,27 @@ impl Acknowledger {
     }
 }
 
-/// Waits on `listen` for a migration and receives it into a new machine. `nets` (from the
-/// destination's command line) replaces the source's TAP names, NIC by NIC; if empty, the
-/// source's names are used. Console output of the guest goes to `console`.
+/// Listens on `listen` (ADDR:PORT) for a migration: done before the VMM is sandboxed.
+pub fn listen(listen: &str) -> Result<TcpListener, MigrateError> {
+    let addr: SocketAddr =
+        listen.parse().map_err(|e| MigrateError::Other(format!("--incoming '{listen}': not an ADDR:PORT ({e})")))?;
+    TcpListener::bind(addr).map_err(|e| MigrateError::Other(format!("cannot listen on {listen}: {e}")))
+}
+
+/// Waits on `listener` for a migration and receives it into a new machine built from `res`.
+/// `nets` (from the destination's command line) replaces the source's TAP names, NIC by NIC;
+/// if empty, the source's names are used (not by a sealed, i.e. sandboxed, destination: it
+/// opened its TAPs and disks before and needs them named). Console output of the guest goes
+/// to `console`.
 pub fn receive(
-    listen: &str,
+    listener: TcpListener,
     nets: &[NetConfig],
     disks: &[DiskConfig],
+    res: &mut HostResources,
     console: Box<dyn std::io::Write + Send>,
     announce: bool,
 ) -> Result<Incoming, MigrateError> {
-    let addr: SocketAddr =
-        listen.parse().map_err(|e| MigrateError::Other(format!("--incoming '{listen}': not an ADDR:PORT ({e})")))?;
-    let listener =
-        TcpListener::bind(addr).map_err(|e| MigrateError::Other(format!("cannot listen on {listen}: {e}")))?;
+    let listen = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     // On stderr whatever the log level: scripts wait for this line before they migrate.
     eprintln!("vmm: waiting for an incoming migration on {listen}");
     let (mut stream, peer) = listener.accept().map_err(|e| MigrateError::Other(format!("accept: {e}")))?;
@@ -91,7 +99,7 @@ pub fn receive(
 
     // Allocated once, up front, for the largest frame.
     let mut scratch = Vec::with_capacity(protocol::MAX_PAYLOAD as usize);
-    let result = receive_on(&mut stream, nets, disks, console, &mut scratch, announce);
+    let result = receive_on(&mut stream, nets, disks, res, console, &mut scratch, announce);
     match result {
         Ok((built, paused_at, disks)) => {
             Ok(Incoming { built, answer: Acknowledger { stream, paused_at }, disks, scratch })
@@ -108,6 +116,7 @@ fn receive_on(
     stream: &mut TcpStream,
     nets: &[NetConfig],
     disks: &[DiskConfig],
+    res: &mut HostResources,
     console: Box<dyn std::io::Write + Send>,
     buf: &mut Vec<u8>,
     announce: bool,
@@ -118,11 +127,11 @@ fn receive_on(
     }
     let start: StartPayload = protocol::parse_json("Start", &first.payload)?;
     log::debug!("incoming: Start");
-    let mut config = check_start(&start, nets)?;
+    let mut config = check_start(&start, nets, res)?;
     log::debug!("incoming: Start checked");
     // Dropped (removing the new files) on any failure before the guest runs here.
-    let mut sink = DiskSink::prepare(&start.disks, disks, &mut config)?;
-    let built = build_vm_for_incoming(&config, console)?;
+    let mut sink = DiskSink::prepare(&start.disks, disks, &mut config, res)?;
+    let built = build_vm_for_incoming(&config, res, console)?;
     // Registering guest memory with KVM takes milliseconds and goes on on its own thread while
     // the pages arrive; `Prepare` waits for it, before the guest pauses on the source.
     log::debug!("incoming: machine built");
@@ -194,7 +203,16 @@ fn receive_on(
 
 /// Whether this host can take the VM described by `start`; returns its config with this host's
 /// TAP names.
-fn check_start(start: &StartPayload, nets: &[NetConfig]) -> Result<VmConfig, MigrateError> {
+fn check_start(start: &StartPayload, nets: &[NetConfig], res: &mut HostResources) -> Result<VmConfig, MigrateError> {
+    let config = check_start_config(start, nets, res.sealed())?;
+    let kvm = res.kvm().map_err(|e| MigrateError::Incompatible(e.to_string()))?;
+    check_cpuid(kvm, &start.cpuid)?;
+    Ok(config)
+}
+
+/// The checks of a `Start` that need no KVM: versions, memory layout and size, NICs. `sealed`:
+/// the destination opened its TAPs up front, so the source's TAP names are never used.
+pub fn check_start_config(start: &StartPayload, nets: &[NetConfig], sealed: bool) -> Result<VmConfig, MigrateError> {
     if !start.state_version.compatible() {
         return Err(MigrateError::Incompatible(format!(
             "state version {}.{} (this VMM reads {}.x up to {}.{})",
@@ -227,9 +245,12 @@ fn check_start(start: &StartPayload, nets: &[NetConfig]) -> Result<VmConfig, Mig
         for (n, local) in config.nets.iter_mut().zip(nets) {
             n.tap = local.tap.clone();
         }
+    } else if sealed && !config.nets.is_empty() {
+        return Err(MigrateError::Incompatible(format!(
+            "the guest has {} NIC(s) and this destination, sandboxed, opens only the TAPs its --net options name",
+            config.nets.len()
+        )));
     }
-    let kvm = open_kvm().map_err(|e| MigrateError::Incompatible(e.to_string()))?;
-    check_cpuid(&kvm, &start.cpuid)?;
     Ok(config)
 }
 
@@ -330,13 +351,14 @@ fn restore(built: &BuiltVm, state: &MachineState) -> Result<(), MigrateError> {
 /// `vmm run --incoming`: receives a migration and runs the guest here. Returns the running VMM
 /// and the guest's pause as measured here.
 pub fn start_incoming(
-    listen: &str,
+    listener: TcpListener,
     nets: &[NetConfig],
     disks: &[DiskConfig],
+    res: &mut HostResources,
     announce: Option<net::announce::AnnounceSchedule>,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<(crate::Vmm, Option<Duration>), MigrateError> {
-    let Incoming { built, answer, disks, scratch } = receive(listen, nets, disks, console, announce.is_some())?;
+    let Incoming { built, answer, disks, scratch } = receive(listener, nets, disks, res, console, announce.is_some())?;
     log::debug!("incoming: starting the vCPUs");
     let mut vmm = match crate::Vmm::start(built) {
         Ok(v) => v,

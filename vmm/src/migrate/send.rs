@@ -70,6 +70,13 @@ impl TryFrom<&MigrateRequest> for MigrateParams {
     type Error = String;
 
     fn try_from(r: &MigrateRequest) -> Result<Self, String> {
+        // Resolving a name reads /etc (hosts, resolv.conf, nsswitch): a sandboxed VMM cannot.
+        if crate::seccomp::enabled() && r.to.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "to: '{}': this VMM is sandboxed (seccomp) and resolves no host names: give an IP address and port",
+                r.to
+            ));
+        }
         if r.to.to_socket_addrs().map(|mut a| a.next().is_none()).unwrap_or(true) {
             return Err(format!("to: '{}' is not a reachable host:port", r.to));
         }
@@ -148,6 +155,7 @@ pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progr
         let done = Arc::new(AtomicBool::new(false));
         let done2 = done.clone();
         let ticker = scope.spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::MigrationTicker);
             while !done2.load(Ordering::Relaxed) {
                 // Parked rather than asleep, so the end of the migration wakes it at once
                 // instead of waiting out a tick before the scope can end.
