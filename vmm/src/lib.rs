@@ -11,6 +11,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod disk_config;
+pub mod fuzzing;
 pub mod host;
 pub mod jail;
 pub mod loader;

@@ -400,6 +400,13 @@ fn admit(stream: UnixStream, dispatcher: &Arc<Dispatcher>) {
     }
 }
 
+/// Serves the connection `stream` on this thread until it ends, passing requests on as a
+/// running server does (the fuzzing entry point for the HTTP side).
+pub fn serve_stream(stream: UnixStream, to_vmm: Sender<ApiMessage>, wake: Arc<EventFd>, options: ApiServerOptions) {
+    let dispatcher = Dispatcher { to_vmm: Mutex::new(Some(to_vmm)), wake, options, connections: AtomicUsize::new(0) };
+    serve_connection(stream, &dispatcher);
+}
+
 /// Answers 503 to a connection over the limit, without ever blocking the accept loop.
 fn turn_away(stream: UnixStream, max: usize) {
     log::warn!("too many API connections (at most {max}); turning one away");

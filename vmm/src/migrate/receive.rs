@@ -255,12 +255,12 @@ pub fn check_start_config(start: &StartPayload, nets: &[NetConfig], sealed: bool
 }
 
 /// Which pages received data: a zero page need not be written unless it held something.
-struct Written {
+pub struct Written {
     bits: Vec<u64>,
 }
 
 impl Written {
-    fn new(mem: &crate::vstate::memory::GuestMemoryMmap) -> Self {
+    pub fn new(mem: &crate::vstate::memory::GuestMemoryMmap) -> Self {
         let pages = (mem.last_addr().raw_value() / PAGE_SIZE as u64 + 1) as usize;
         Written { bits: vec![0; pages.div_ceil(64)] }
     }
@@ -285,7 +285,9 @@ impl Written {
 
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
-fn apply_batch(
+/// Writes one `Memory` batch from the source into guest memory (the fuzzing entry point for
+/// memory batches, too).
+pub fn apply_batch(
     mem: &crate::vstate::memory::GuestMemoryMmap,
     batch: &[u8],
     written: &mut Written,
