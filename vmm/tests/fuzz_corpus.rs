@@ -119,7 +119,12 @@ fn machine_state() -> Vec<u8> {
 
 /// A hostile driver's input (see `vmm::fuzzing`): features, then per queue a 16-entry
 /// descriptor table and an available ring, then the buffers from 0x10000 on.
-fn driver_input(features: u64, queues: &[(Vec<(u64, u32, u16, u16)>, Vec<u16>)], buffers: &[u8]) -> Vec<u8> {
+/// A descriptor: address, length, flags, next.
+type Desc = (u64, u32, u16, u16);
+/// A queue: its descriptor table and the heads in its available ring.
+type QueueLayout = (Vec<Desc>, Vec<u16>);
+
+fn driver_input(features: u64, queues: &[QueueLayout], buffers: &[u8]) -> Vec<u8> {
     let mut out = features.to_le_bytes().to_vec();
     for (descs, avail) in queues {
         let mut table = vec![0u8; 16 * 16];
