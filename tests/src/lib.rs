@@ -25,6 +25,7 @@ pub mod l2;
 pub mod moves;
 pub mod netns;
 mod process;
+pub mod snapshots;
 pub mod udp_stream;
 pub mod vm;
 

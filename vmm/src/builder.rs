@@ -31,7 +31,7 @@ use crate::host::HostResources;
 use crate::loader::{self, LoaderError};
 use crate::net_config::NetConfig;
 use crate::vstate::memory::{self, MemoryError};
-use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuShared};
+use crate::vstate::vcpu::{ExitChannel, Vcpu, VcpuError, VcpuShared};
 use crate::vstate::vm::{Vm, VmError};
 use vm_memory::GuestAddress;
 
@@ -101,6 +101,27 @@ pub struct Machine {
     pub vcpu_shared: Arc<VcpuShared>,
     /// The CPUID the guest runs with (vCPU 0's), which a migration destination must support.
     pub cpuid: Mutex<Vec<kvm_cpuid_entry2>>,
+    /// Guest memory still being filled on demand (a restored snapshot, an incoming post-copy),
+    /// with the handler that fills it.
+    pub lazy_memory: Mutex<Option<Arc<crate::uffd::Handler>>>,
+}
+
+impl Machine {
+    /// Waits until guest memory is all there (see [`Machine::lazy_memory`]): whatever reads all
+    /// of it (a migration, a snapshot) must not take a page that is still missing for a page
+    /// that was never touched. Fails if the memory could not be filled.
+    pub fn memory_complete(&self) -> Result<(), String> {
+        // Not under the lock: the API reads the handler's figures meanwhile.
+        let Some(handler) = self.lazy_memory.lock().expect("Poisoned lock").clone() else { return Ok(()) };
+        loop {
+            match handler.wait(std::time::Duration::from_secs(1)) {
+                Some(crate::uffd::HandlerEnd::Done) => return Ok(()),
+                Some(crate::uffd::HandlerEnd::Stopped) => return Err("guest memory was never filled in".into()),
+                Some(crate::uffd::HandlerEnd::Failed(e)) => return Err(e),
+                None => log::debug!("waiting for guest memory to be filled in"),
+            }
+        }
+    }
 }
 
 /// A built VM whose vCPUs do not run yet.
@@ -111,6 +132,8 @@ pub struct BuiltVm {
     /// Fires when the guest reports a panic.
     pub panic_evt: EventFd,
     pub vcpus: Vec<Vcpu>,
+    /// Where the vCPUs (and whatever else can end the VM) report its end.
+    pub exits: ExitChannel,
 }
 
 fn check_config(config: &VmConfig) -> Result<(), BuildError> {
@@ -163,8 +186,10 @@ fn build_machine(
         disks,
         vcpu_shared,
         cpuid: Mutex::new(Vec::new()),
+        lazy_memory: Mutex::new(None),
     };
-    Ok(BuiltVm { machine, reset_evt, panic_evt, vcpus })
+    let exits = ExitChannel::new().map_err(BuildError::EventFd)?;
+    Ok(BuiltVm { machine, reset_evt, panic_evt, vcpus, exits })
 }
 
 /// Builds a VM that boots `config.kernel`, with the serial console writing to `console`, from

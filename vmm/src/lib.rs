@@ -21,6 +21,8 @@ pub mod migrate;
 pub mod net_config;
 pub mod probe;
 pub mod seccomp;
+pub mod snapshot;
+pub mod uffd;
 pub mod vmm;
 pub mod vstate;
 

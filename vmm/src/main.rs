@@ -12,7 +12,7 @@ use net::announce::AnnounceSchedule;
 use vmm::api::client::{ApiClient, ClientError};
 use vmm::api::display;
 use vmm::api::server::{ApiServerOptions, bind_api_socket};
-use vmm::api::{MigrateRequest, MigrationPhase};
+use vmm::api::{MigrateRequest, MigrationPhase, SnapshotPhase, SnapshotRequest};
 use vmm::arch::cpuid::CpuTemplate;
 use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
 use vmm::disk_config::DiskConfig;
@@ -45,6 +45,27 @@ enum Command {
     Stop(ApiArgs),
     /// Live-migrate a running VM to a `vmm run --incoming` on another host, and wait for the end.
     Migrate(MigrateArgs),
+    /// Pause a VM and write a snapshot of it into a directory (`vmm run --restore` runs it
+    /// again); wait for the end.
+    Snapshot(SnapshotArgs),
+}
+
+#[derive(clap::Args)]
+struct SnapshotArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The directory to write: new, or empty.
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+    /// Resume the guest once the snapshot is written (by default it stays paused).
+    #[arg(long)]
+    resume: bool,
+    /// Copy the guest's disks into the snapshot (by default it refers to them by path).
+    #[arg(long)]
+    with_disks: bool,
+    /// Print the final state as JSON (the API's `GET /vm/snapshot` answer).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -95,20 +116,25 @@ fn parse_host_port(s: &str) -> Result<String, String> {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long, required_unless_present = "incoming")]
+    #[arg(long, required_unless_present_any = ["incoming", "restore"])]
     kernel: Option<PathBuf>,
     /// Instead of booting, wait on ADDR:PORT for a live migration and run the guest it brings
-    /// (its memory, vCPUs and devices come from the source; only --net, --api-sock and the
-    /// announce options apply).
-    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template"])]
+    /// (its memory, vCPUs and devices come from the source; only --net, --disk, --api-sock and
+    /// the announce options apply).
+    #[arg(long, value_name = "ADDR:PORT", group = "received", conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template"])]
     incoming: Option<String>,
+    /// Instead of booting, run the VM of a snapshot (`vmm snapshot`) again; its memory is
+    /// loaded as the guest touches it (only --net, --disk, --api-sock and the announce options
+    /// apply).
+    #[arg(long, value_name = "DIR", group = "received", conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template"])]
+    restore: Option<PathBuf>,
     /// Serve the API (HTTP + JSON) on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
-    /// After an incoming migration, do not announce the guest at all (neither when it pauses on
-    /// the source nor after it resumes here: no RARP, gratuitous ARP, guest announce or TCP
-    /// duplicate ACKs): for measuring what the announce is worth.
-    #[arg(long, requires = "incoming")]
+    /// After an incoming migration or a restore, do not announce the guest at all (neither when
+    /// it pauses on the source nor after it resumes here: no RARP, gratuitous ARP, guest announce
+    /// or TCP duplicate ACKs): for measuring what the announce is worth.
+    #[arg(long, requires = "received")]
     no_announce: bool,
     /// Announce rounds after an incoming migration.
     #[arg(long, default_value_t = 5, value_name = "N")]
@@ -119,9 +145,10 @@ struct RunArgs {
     /// Growth of the gap between announce rounds, in ms.
     #[arg(long, default_value_t = 100, value_name = "MS")]
     announce_step_ms: u64,
-    /// After an incoming migration, do not send duplicate ACKs on the guest's TCP flows (they
-    /// make peers retransmit what was lost during the move at once): for measuring their worth.
-    #[arg(long, requires = "incoming")]
+    /// After an incoming migration or a restore, do not send duplicate ACKs on the guest's TCP
+    /// flows (they make peers retransmit what was lost during the move at once): for measuring
+    /// their worth.
+    #[arg(long, requires = "received")]
     no_tcp_kick: bool,
     /// Initial ramdisk (cpio archive) for the guest.
     #[arg(long)]
@@ -181,6 +208,7 @@ fn main() -> ExitCode {
         Command::Resume(args) => api_call(args, ApiClient::resume),
         Command::Stop(args) => api_call(args, ApiClient::shutdown),
         Command::Migrate(args) => migrate(args),
+        Command::Snapshot(args) => snapshot(args),
     };
     match result {
         Ok(code) => code,
@@ -295,6 +323,33 @@ fn status(args: StatusArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
         print!("{}", display::vm_summary(&info));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the snapshot, follows it every 100 ms until it completes or fails, then prints the
+/// summary; fails if the snapshot did.
+fn snapshot(args: SnapshotArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let client = ApiClient::new(&args.api.api_sock);
+    // The VMM resolves a relative path from its own working directory: send an absolute one.
+    let dir = std::path::absolute(&args.to)?;
+    let request = SnapshotRequest { to: dir.display().to_string(), resume: args.resume, with_disks: args.with_disks };
+    client.snapshot(&request)?;
+    let info = loop {
+        let info = client.snapshot_info()?;
+        if matches!(info.phase, SnapshotPhase::Completed | SnapshotPhase::Failed) {
+            break info;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", display::snapshot_summary(&info));
+    }
+    if info.phase == SnapshotPhase::Failed {
+        let why = info.error.as_deref().unwrap_or("no reason given");
+        return Err(format!("snapshot {} failed: {why}", dir.display()).into());
     }
     Ok(ExitCode::SUCCESS)
 }

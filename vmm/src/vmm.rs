@@ -4,7 +4,7 @@
 //! migration runs on a worker thread of its own, so none of that stops while memory is copied.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::mpsc::{Receiver, channel};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,13 +14,16 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{
-    ApiError, ApiMessage, ApiRequest, ApiResponse, MigrateRequest, MigrationInfo, MigrationPhase, VmInfo, VmState,
+    ApiError, ApiMessage, ApiRequest, ApiResponse, MigrateRequest, MigrationInfo, MigrationPhase, SnapshotInfo,
+    SnapshotPhase, SnapshotRequest, VmInfo, VmState,
 };
 use crate::builder::{BuiltVm, Machine};
 use crate::devices::serial::SerialPort;
 use crate::metrics;
 use crate::migrate::send::{self, MigrateParams, Outcome};
-use crate::vstate::vcpu::{ExitNotifier, ExitReason, VcpuSet};
+use crate::snapshot;
+use crate::snapshot::save::{After, SnapshotParams};
+use crate::vstate::vcpu::{ExitChannel, ExitNotifier, ExitReason, VcpuSet};
 
 /// Errors of a running VM.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +56,10 @@ pub struct Status {
     pub migration: Mutex<MigrationInfo>,
     /// The last migration ended in doubt: its NICs stay paused until the user resumes the VM.
     pub in_doubt: std::sync::atomic::AtomicBool,
+    /// The devices are paused with the vCPUs (after a snapshot, or a migration in doubt): a
+    /// resume resumes them too.
+    pub devices_paused: std::sync::atomic::AtomicBool,
+    pub snapshot: Mutex<SnapshotInfo>,
 }
 
 /// A VM whose vCPUs run.
@@ -66,7 +73,8 @@ pub struct Vmm {
     api: Option<Receiver<ApiMessage>>,
     started: Instant,
     shutdown_deadline: Option<Instant>,
-    migration: Option<JoinHandle<()>>,
+    /// The migration's or snapshot's worker thread (one at a time).
+    worker: Option<JoinHandle<()>>,
     /// Someone read the completed migration's status (the source may go).
     outcome_read: bool,
 }
@@ -74,9 +82,7 @@ pub struct Vmm {
 impl Vmm {
     /// Starts the vCPUs of `built` and wires up the event loop.
     pub fn start(built: BuiltVm) -> Result<Self, VmmError> {
-        let exit_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?);
-        let (exit_tx, exit_rx) = channel();
-        let notifier = ExitNotifier::new(exit_tx, exit_evt.clone());
+        let ExitChannel { notifier, evt: exit_evt, rx: exit_rx } = built.exits;
         let mut events = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
         let exit = Arc::new(Mutex::new(ExitWatcher {
             exit_evt,
@@ -110,7 +116,7 @@ impl Vmm {
             api: None,
             started: Instant::now(),
             shutdown_deadline: None,
-            migration: None,
+            worker: None,
             outcome_read: false,
         })
     }
@@ -159,7 +165,7 @@ impl Vmm {
             self.events.run_with_timeout(timeout).map_err(VmmError::EventLoop)?;
             self.serve_api();
         };
-        if let Some(t) = self.migration.take() {
+        if let Some(t) = self.worker.take() {
             let _ = t.join();
         }
         if reason == ExitReason::Migrated && self.api.is_some() {
@@ -202,11 +208,13 @@ impl Vmm {
             ApiRequest::Resume => match self.state() {
                 VmState::Paused => {
                     self.vcpus.lock().expect("Poisoned lock").resume().map_err(ApiError::Internal)?;
+                    if self.status.devices_paused.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        crate::migrate::resume_devices(&self.machine);
+                    }
                     if self.status.in_doubt.swap(false, std::sync::atomic::Ordering::SeqCst) {
                         // The user says the destination does not run the guest: its NICs
-                        // work again here, and the network learns that it is here (the
+                        // work again here (above), and the network learns that it is here (the
                         // destination announced it when the guest paused).
-                        crate::migrate::resume_devices(&self.machine);
                         crate::migrate::announce_now(&self.machine);
                     }
                     self.set_state(VmState::Running);
@@ -234,6 +242,10 @@ impl Vmm {
                 self.outcome_read |= info.phase == MigrationPhase::Completed;
                 Ok(ApiResponse::Migration(info))
             }
+            ApiRequest::Snapshot(req) => self.start_snapshot(&req),
+            ApiRequest::GetSnapshot => {
+                Ok(ApiResponse::Snapshot(self.status.snapshot.lock().expect("Poisoned lock").clone()))
+            }
             ApiRequest::Metrics => Ok(ApiResponse::Metrics(metrics::render(
                 &self.machine,
                 &self.status.migration.lock().expect("Poisoned lock"),
@@ -248,7 +260,7 @@ impl Vmm {
             s => return Err(ApiError::Conflict(format!("cannot migrate a VM that is {}", state_word(s)))),
         }
         let params = MigrateParams::try_from(req).map_err(ApiError::BadRequest)?;
-        if let Some(t) = self.migration.take() {
+        if let Some(t) = self.worker.take() {
             let _ = t.join();
         }
         self.set_state(VmState::Migrating);
@@ -275,12 +287,63 @@ impl Vmm {
                     Outcome::Failed(_) => *status.state.lock().expect("Poisoned lock") = Some(VmState::Running),
                     Outcome::InDoubt(_) => {
                         status.in_doubt.store(true, std::sync::atomic::Ordering::SeqCst);
+                        status.devices_paused.store(true, std::sync::atomic::Ordering::SeqCst);
                         *status.state.lock().expect("Poisoned lock") = Some(VmState::Paused);
                     }
                 }
             })
             .map_err(|e| ApiError::Internal(format!("cannot start the migration thread: {e}")))?;
-        self.migration = Some(worker);
+        self.worker = Some(worker);
+        Ok(ApiResponse::Accepted)
+    }
+
+    fn start_snapshot(&mut self, req: &SnapshotRequest) -> Result<ApiResponse, ApiError> {
+        let was_running = match self.state() {
+            VmState::Running => true,
+            VmState::Paused => false,
+            s => return Err(ApiError::Conflict(format!("cannot take a snapshot of a VM that is {}", state_word(s)))),
+        };
+        let params = SnapshotParams::from(req);
+        if let Some(t) = self.worker.take() {
+            let _ = t.join();
+        }
+        self.set_state(VmState::Snapshotting);
+        *self.status.snapshot.lock().expect("Poisoned lock") = SnapshotInfo {
+            phase: SnapshotPhase::Saving,
+            dir: Some(params.dir.display().to_string()),
+            ..Default::default()
+        };
+        let (machine, vcpus, status) = (self.machine.clone(), self.vcpus.clone(), self.status.clone());
+        let worker = std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let r = snapshot::save::take(&machine, &vcpus, &params, was_running, &status.snapshot);
+                let state = match &r {
+                    Ok(After::Resumed) => VmState::Running,
+                    Ok(After::Paused) => {
+                        status.devices_paused.store(true, std::sync::atomic::Ordering::SeqCst);
+                        VmState::Paused
+                    }
+                    Err(_) if was_running => VmState::Running,
+                    Err(_) => VmState::Paused,
+                };
+                {
+                    let mut p = status.snapshot.lock().expect("Poisoned lock");
+                    match r {
+                        Ok(_) => p.phase = SnapshotPhase::Completed,
+                        Err(e) => {
+                            log::error!("snapshot {}: {e}", params.dir.display());
+                            p.phase = SnapshotPhase::Failed;
+                            p.error = Some(e.to_string());
+                        }
+                    }
+                    p.total_ms = started.elapsed().as_millis() as u64;
+                }
+                *status.state.lock().expect("Poisoned lock") = Some(state);
+            })
+            .map_err(|e| ApiError::Internal(format!("cannot start the snapshot thread: {e}")))?;
+        self.worker = Some(worker);
         Ok(ApiResponse::Accepted)
     }
 }
@@ -292,6 +355,7 @@ fn state_word(s: VmState) -> &'static str {
         VmState::Migrating => "migrating",
         VmState::Migrated => "migrated",
         VmState::ShuttingDown => "shutting down",
+        VmState::Snapshotting => "taking a snapshot",
     }
 }
 

@@ -19,8 +19,8 @@ use vmm::api::client::{ApiClient, ClientError, HttpResponse};
 use vmm::api::routes::{self, ROUTES};
 use vmm::api::server::{ApiServer, ApiServerError, ApiServerOptions, start_api_server, start_api_server_with};
 use vmm::api::{
-    ApiError, ApiMessage, ApiRequest, ApiResponse, MigrateRequest, MigrationInfo, MigrationPhase, RoundInfo, VmInfo,
-    VmState,
+    ApiError, ApiMessage, ApiRequest, ApiResponse, MigrateRequest, MigrationInfo, MigrationPhase, RoundInfo,
+    SnapshotInfo, SnapshotPhase, SnapshotRequest, VmInfo, VmState,
 };
 use vmm::arch::cpuid::CpuTemplate;
 use vmm::config::VmConfig;
@@ -51,13 +51,20 @@ fn sample_config() -> VmConfig {
 struct FakeVmm {
     state: VmState,
     migration: MigrationInfo,
+    snapshot: SnapshotInfo,
     started: Instant,
     requests: u64,
 }
 
 impl FakeVmm {
     fn new() -> FakeVmm {
-        FakeVmm { state: VmState::Running, migration: MigrationInfo::default(), started: Instant::now(), requests: 0 }
+        FakeVmm {
+            state: VmState::Running,
+            migration: MigrationInfo::default(),
+            snapshot: SnapshotInfo::default(),
+            started: Instant::now(),
+            requests: 0,
+        }
     }
 
     fn answer(&mut self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
@@ -95,6 +102,26 @@ impl FakeVmm {
                 self.advance_migration();
                 Ok(ApiResponse::Migration(self.migration.clone()))
             }
+            // A snapshot into a directory under /nonexistent fails; any other completes at once.
+            ApiRequest::Snapshot(req) if matches!(self.state, VmState::Running | VmState::Paused) => {
+                let failing = req.to.starts_with("/nonexistent");
+                self.snapshot = SnapshotInfo {
+                    phase: if failing { SnapshotPhase::Failed } else { SnapshotPhase::Completed },
+                    dir: Some(req.to),
+                    memory_bytes: 256 << 20,
+                    memory_data_bytes: 3 << 20,
+                    total_ms: 42,
+                    downtime_ms: req.resume.then_some(40),
+                    error: failing.then(|| "cannot create directory: No such file or directory".to_string()),
+                    ..Default::default()
+                };
+                if !req.resume && !failing {
+                    self.state = VmState::Paused;
+                }
+                Ok(ApiResponse::Accepted)
+            }
+            ApiRequest::Snapshot(_) => busy("take a snapshot", self.state),
+            ApiRequest::GetSnapshot => Ok(ApiResponse::Snapshot(self.snapshot.clone())),
             ApiRequest::Metrics => Ok(ApiResponse::Metrics(format!(
                 "# TYPE vmm_api_requests_total counter\nvmm_api_requests_total {}\n",
                 self.requests
@@ -893,6 +920,35 @@ fn cli_migrate() {
 }
 
 #[test]
+fn cli_snapshot() {
+    let h = Harness::new();
+    let sock = h.sock();
+    let sock = sock.to_str().unwrap();
+    let (code, out, err) = vmm_cli(&["snapshot", "--api-sock", sock, "--to", "/var/snap"]);
+    assert_eq!((code, err.as_str()), (0, ""), "{out}");
+    assert!(out.starts_with("snapshot /var/snap: completed\n"), "{out}");
+    for needle in ["total time", "42 ms", "guest paused", "until resumed", "memory written", "3.0 MiB"] {
+        assert!(out.contains(needle), "{needle} missing from\n{out}");
+    }
+    assert_eq!(h.client().get_vm().unwrap().state, VmState::Paused);
+
+    // A relative directory is sent as an absolute path; --json prints the API's answer.
+    let (code, out, _) = vmm_cli(&["snapshot", "--api-sock", sock, "--to", "rel", "--resume", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let info: SnapshotInfo = serde_json::from_str(&out).unwrap();
+    let dir = info.dir.unwrap();
+    assert!(dir.starts_with('/') && dir.ends_with("/rel"), "{dir}");
+    assert_eq!(info.downtime_ms, Some(40));
+
+    let (code, _, err) = vmm_cli(&["snapshot", "--api-sock", sock, "--to", "/nonexistent/x"]);
+    assert_ne!(code, 0);
+    assert_eq!(
+        err.trim_end(),
+        "vmm: error: snapshot /nonexistent/x failed: cannot create directory: No such file or directory"
+    );
+}
+
+#[test]
 fn cli_errors_are_one_line() {
     let (code, out, err) = vmm_cli(&["status", "--api-sock", "/nonexistent/api.sock"]);
     assert_ne!(code, 0);
@@ -1023,14 +1079,29 @@ fn openapi_schemas_match_serde() {
     assert_eq!(schema_properties("MigrateRequest"), json_keys(&migrate));
     assert_eq!(schema_properties("MigrationInfo"), json_keys(MigrationInfo::default()));
     assert_eq!(schema_properties("RoundInfo"), json_keys(RoundInfo::default()));
+    let snap = SnapshotRequest { to: "/s".into(), resume: false, with_disks: false };
+    assert_eq!(schema_properties("SnapshotRequest"), json_keys(&snap));
+    assert_eq!(schema_properties("SnapshotInfo"), json_keys(SnapshotInfo::default()));
     assert_eq!(schema_properties("Error"), BTreeSet::from(["error".to_string()]));
 
     // The match has no wildcard arm so that a new variant fails to compile here until the
     // document (and this list) has it.
-    let all_states = [VmState::Running, VmState::Paused, VmState::Migrating, VmState::Migrated, VmState::ShuttingDown];
+    let all_states = [
+        VmState::Running,
+        VmState::Paused,
+        VmState::Migrating,
+        VmState::Migrated,
+        VmState::ShuttingDown,
+        VmState::Snapshotting,
+    ];
     for s in all_states {
         match s {
-            VmState::Running | VmState::Paused | VmState::Migrating | VmState::Migrated | VmState::ShuttingDown => {}
+            VmState::Running
+            | VmState::Paused
+            | VmState::Migrating
+            | VmState::Migrated
+            | VmState::ShuttingDown
+            | VmState::Snapshotting => {}
         }
     }
     assert_eq!(schema_enum("VmState"), json_strings(&all_states));
@@ -1043,6 +1114,15 @@ fn openapi_schemas_match_serde() {
         }
     }
     assert_eq!(schema_enum("MigrationPhase"), json_strings(&all_phases));
+
+    use SnapshotPhase as S;
+    let all_snapshot_phases = [S::None, S::Saving, S::Completed, S::Failed];
+    for p in all_snapshot_phases {
+        match p {
+            S::None | S::Saving | S::Completed | S::Failed => {}
+        }
+    }
+    assert_eq!(schema_enum("SnapshotPhase"), json_strings(&all_snapshot_phases));
 
     let all_templates = [CpuTemplate::Host, CpuTemplate::Baseline];
     for t in all_templates {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use super::types::{MigrateRequest, MigrationInfo, VmInfo};
+use super::types::{MigrateRequest, MigrationInfo, SnapshotInfo, SnapshotRequest, VmInfo};
 
 /// Longer than the server's own wait for the VMM thread, so a slow VMM shows up as the server's
 /// 503 with its message rather than as a bare client timeout.
@@ -109,6 +109,18 @@ impl ApiClient {
     /// `GET /vm/migration`.
     pub fn migration(&self) -> Result<MigrationInfo, ClientError> {
         self.get_json("/vm/migration")
+    }
+
+    /// `PUT /vm/snapshot`: starts a snapshot, which then runs on in the VMM.
+    pub fn snapshot(&self, request: &SnapshotRequest) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(request)
+            .map_err(|e| ClientError::Malformed(format!("cannot encode the request: {e}")))?;
+        self.expect("PUT", "/vm/snapshot", Some(&body), 202).map(drop)
+    }
+
+    /// `GET /vm/snapshot`.
+    pub fn snapshot_info(&self) -> Result<SnapshotInfo, ClientError> {
+        self.get_json("/vm/snapshot")
     }
 
     /// `GET /metrics`: Prometheus text.

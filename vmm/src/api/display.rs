@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::types::{MigrationInfo, MigrationPhase, VmInfo, VmState};
+use super::types::{MigrationInfo, MigrationPhase, SnapshotInfo, SnapshotPhase, VmInfo, VmState};
 use crate::arch::cpuid::CpuTemplate;
 
 /// `vmm status`: one `label: value` line per fact.
@@ -52,6 +52,30 @@ pub fn migration_summary(info: &MigrationInfo) -> String {
     ];
     out.push_str(&table(&rows, "  "));
     out
+}
+
+/// What `vmm snapshot` prints when the snapshot is written.
+pub fn snapshot_summary(info: &SnapshotInfo) -> String {
+    let dir = info.dir.as_deref().unwrap_or("?");
+    let mut out = format!("snapshot {dir}: {}\n", snapshot_phase_name(info.phase));
+    let rows = [
+        ("total time", duration(info.total_ms)),
+        ("guest paused", info.downtime_ms.map_or_else(|| "until resumed".to_string(), duration)),
+        ("memory", bytes(info.memory_bytes)),
+        ("memory written", bytes(info.memory_data_bytes)),
+        ("disks written", bytes(info.disk_data_bytes)),
+    ];
+    out.push_str(&table(&rows, "  "));
+    out
+}
+
+pub fn snapshot_phase_name(phase: SnapshotPhase) -> &'static str {
+    match phase {
+        SnapshotPhase::None => "none",
+        SnapshotPhase::Saving => "saving",
+        SnapshotPhase::Completed => "completed",
+        SnapshotPhase::Failed => "failed",
+    }
 }
 
 /// The progress bar's message while a migration runs.
@@ -115,6 +139,7 @@ pub fn state_name(state: VmState) -> &'static str {
         VmState::Migrating => "migrating",
         VmState::Migrated => "migrated",
         VmState::ShuttingDown => "shutting down",
+        VmState::Snapshotting => "taking a snapshot",
     }
 }
 

@@ -2,7 +2,7 @@
 //! The API's routes: which (method, path) pairs exist, and how a request's method, path and body
 //! become an [`ApiRequest`]. No sockets here, so the whole request side is testable on its own.
 
-use super::types::{ApiError, ApiRequest, ApiResponse, MigrateRequest};
+use super::types::{ApiError, ApiRequest, ApiResponse, MigrateRequest, SnapshotRequest};
 
 /// One thing the API can be asked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -13,18 +13,22 @@ pub enum Endpoint {
     Shutdown,
     Migrate,
     GetMigration,
+    Snapshot,
+    GetSnapshot,
     Metrics,
 }
 
 /// Every endpoint with its method and path. The router reads this table and nothing else, and
 /// [`ROUTES`] is derived from it, so the OpenAPI document's sync test checks what is served.
-const TABLE: [(&str, &str, Endpoint); 7] = [
+const TABLE: [(&str, &str, Endpoint); 9] = [
     ("GET", "/vm", Endpoint::GetVm),
     ("PUT", "/vm/pause", Endpoint::Pause),
     ("PUT", "/vm/resume", Endpoint::Resume),
     ("PUT", "/vm/shutdown", Endpoint::Shutdown),
     ("PUT", "/vm/migrate", Endpoint::Migrate),
     ("GET", "/vm/migration", Endpoint::GetMigration),
+    ("PUT", "/vm/snapshot", Endpoint::Snapshot),
+    ("GET", "/vm/snapshot", Endpoint::GetSnapshot),
     ("GET", "/metrics", Endpoint::Metrics),
 ];
 
@@ -70,10 +74,11 @@ pub fn route(method: &str, path: &str) -> Result<Endpoint, RouteError> {
 impl Endpoint {
     /// Whether requests to this endpoint carry a body worth reading.
     pub fn takes_body(self) -> bool {
-        self == Endpoint::Migrate
+        matches!(self, Endpoint::Migrate | Endpoint::Snapshot)
     }
 
-    /// The request for the VMM thread. Only `PUT /vm/migrate` looks at `body`; other endpoints
+    /// The request for the VMM thread. Only `PUT /vm/migrate` and `PUT /vm/snapshot` look at
+    /// `body`; other endpoints
     /// ignore theirs, as clients like `curl -X PUT -d ''` send one anyway.
     pub fn request(self, body: &[u8]) -> Result<ApiRequest, ApiError> {
         Ok(match self {
@@ -83,6 +88,8 @@ impl Endpoint {
             Endpoint::Shutdown => ApiRequest::Shutdown,
             Endpoint::Migrate => ApiRequest::Migrate(parse_migrate(body)?),
             Endpoint::GetMigration => ApiRequest::GetMigration,
+            Endpoint::Snapshot => ApiRequest::Snapshot(parse_snapshot(body)?),
+            Endpoint::GetSnapshot => ApiRequest::GetSnapshot,
             Endpoint::Metrics => ApiRequest::Metrics,
         })
     }
@@ -90,9 +97,9 @@ impl Endpoint {
     /// The status of a successful answer.
     pub fn success_status(self) -> u16 {
         match self {
-            Endpoint::GetVm | Endpoint::GetMigration | Endpoint::Metrics => 200,
+            Endpoint::GetVm | Endpoint::GetMigration | Endpoint::GetSnapshot | Endpoint::Metrics => 200,
             Endpoint::Pause | Endpoint::Resume | Endpoint::Shutdown => 204,
-            Endpoint::Migrate => 202,
+            Endpoint::Migrate | Endpoint::Snapshot => 202,
         }
     }
 
@@ -103,8 +110,9 @@ impl Endpoint {
             (self, response),
             (Endpoint::GetVm, ApiResponse::Vm(_))
                 | (Endpoint::Pause | Endpoint::Resume | Endpoint::Shutdown, ApiResponse::Done)
-                | (Endpoint::Migrate, ApiResponse::Accepted)
+                | (Endpoint::Migrate | Endpoint::Snapshot, ApiResponse::Accepted)
                 | (Endpoint::GetMigration, ApiResponse::Migration(_))
+                | (Endpoint::GetSnapshot, ApiResponse::Snapshot(_))
                 | (Endpoint::Metrics, ApiResponse::Metrics(_))
         )
     }
@@ -141,6 +149,21 @@ fn validate_migrate(req: &MigrateRequest) -> Result<(), ApiError> {
         return bad("max_rounds", "must be at least 1".to_string());
     }
     Ok(())
+}
+
+/// Parses and checks a `PUT /vm/snapshot` body.
+pub fn parse_snapshot(body: &[u8]) -> Result<SnapshotRequest, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest(
+            "invalid body: expected a JSON object with at least the field `to`, got an empty body".to_string(),
+        ));
+    }
+    let req: SnapshotRequest =
+        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
+    if req.to.trim().is_empty() {
+        return Err(ApiError::BadRequest("invalid field `to`: expected a directory path, got an empty string".into()));
+    }
+    Ok(req)
 }
 
 /// `host:port` with a non-empty host and a port in 1..=65535; `[v6addr]:port` too.
@@ -206,6 +229,24 @@ mod tests {
             let Err(ApiError::BadRequest(msg)) = parse_migrate(body) else {
                 panic!("{} was accepted", String::from_utf8_lossy(body));
             };
+            assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn snapshot_body() {
+        let r = parse_snapshot(br#"{"to":"/var/snap"}"#).unwrap();
+        assert_eq!((r.to.as_str(), r.resume, r.with_disks), ("/var/snap", false, false));
+        let r = parse_snapshot(br#"{"to":"s","resume":true,"with_disks":true}"#).unwrap();
+        assert!(r.resume && r.with_disks);
+        for (body, needle) in [
+            (&b""[..], "`to`"),
+            (b"{}", "missing field `to`"),
+            (br#"{"to":""}"#, "`to`"),
+            (br#"{"to":"s","resume":1}"#, "invalid type"),
+            (br#"{"to":"s","keep":true}"#, "unknown field `keep`"),
+        ] {
+            let Err(ApiError::BadRequest(msg)) = parse_snapshot(body) else { panic!("accepted") };
             assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
         }
     }

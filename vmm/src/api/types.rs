@@ -18,6 +18,8 @@ pub enum VmState {
     Migrated,
     /// A shutdown was requested; waiting for the guest to power off.
     ShuttingDown,
+    /// Paused while a snapshot is written.
+    Snapshotting,
 }
 
 /// `GET /vm`.
@@ -43,6 +45,54 @@ pub struct MigrateRequest {
     /// Most pre-copy rounds before the migration forces convergence (default 30).
     #[serde(default)]
     pub max_rounds: Option<u32>,
+}
+
+/// `PUT /vm/snapshot` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The directory to write (created; if it exists it must be empty).
+    pub to: String,
+    /// Resume the guest once the snapshot is written (default: it stays paused).
+    #[serde(default)]
+    pub resume: bool,
+    /// Copy the disks into the snapshot (default: it refers to them by path).
+    #[serde(default)]
+    pub with_disks: bool,
+}
+
+/// Where a snapshot is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotPhase {
+    /// No snapshot has been asked for.
+    #[default]
+    None,
+    /// The guest is paused and the snapshot is being written.
+    Saving,
+    /// Written (the guest is paused, or running again if `resume` was asked).
+    Completed,
+    /// Failed; what was written is removed and the guest is as it was before.
+    Failed,
+}
+
+/// `GET /vm/snapshot`: the current or last snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub phase: SnapshotPhase,
+    /// The snapshot's directory.
+    pub dir: Option<String>,
+    /// Guest memory in bytes.
+    pub memory_bytes: u64,
+    /// Bytes of memory written as data (the rest of the memory file is holes).
+    pub memory_data_bytes: u64,
+    /// Bytes of copied disks written as data.
+    pub disk_data_bytes: u64,
+    /// From the request to the end, in ms.
+    pub total_ms: u64,
+    /// How long the guest was paused for it, in ms, if it was resumed.
+    pub downtime_ms: Option<u64>,
+    pub error: Option<String>,
 }
 
 /// Where a migration is.
@@ -131,6 +181,8 @@ pub enum ApiRequest {
     Shutdown,
     Migrate(MigrateRequest),
     GetMigration,
+    Snapshot(SnapshotRequest),
+    GetSnapshot,
     /// Prometheus text exposition of the VMM's counters.
     Metrics,
 }
@@ -144,6 +196,7 @@ pub enum ApiResponse {
     /// Started, runs on (HTTP 202).
     Accepted,
     Migration(MigrationInfo),
+    Snapshot(SnapshotInfo),
     Metrics(String),
 }
 

@@ -18,8 +18,9 @@ use migration::{StateVersion, VcpuState, VmState};
 use net::persist::NetState;
 use serde::{Deserialize, Serialize};
 use virtio::MmioTransportState;
+use vm_memory::GuestMemoryBackend;
 
-use crate::builder::Machine;
+use crate::builder::{BuiltVm, Machine};
 use crate::devices::serial::SerialPortState;
 use crate::vstate::vm::Vm;
 
@@ -199,6 +200,33 @@ pub fn restore_disks(m: &Machine, disks: &[BlockDeviceState]) -> Result<(), Migr
             .restore_state(&s.device, m.vm.memory())
             .map_err(|e| MigrateError::Device(format!("disk {}: {e}", d.config.path.display())))?;
         d.transport.lock().expect("Poisoned lock").restore_state(&s.transport);
+    }
+    Ok(())
+}
+
+/// Puts the machine's state into a freshly built machine (an incoming migration's, a restored
+/// snapshot's), before its vCPUs run. Guest memory must be registered with KVM.
+pub fn restore_machine(built: &BuiltVm, state: &MachineState) -> Result<(), MigrateError> {
+    let m = &built.machine;
+    if state.vcpus.len() != built.vcpus.len() {
+        return Err(MigrateError::Incompatible(format!(
+            "{} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            built.vcpus.len()
+        )));
+    }
+    restore_vm_state(&m.vm, &state.vm)?;
+    for (vcpu, s) in built.vcpus.iter().zip(&state.vcpus) {
+        vcpu.restore_state(s).map_err(|e| MigrateError::Vcpus(e.to_string()))?;
+    }
+    restore_devices(m, &state.serial, &state.nets)?;
+    restore_disks(m, &state.disks)?;
+    if let Some(v0) = state.vcpus.first() {
+        *m.cpuid.lock().expect("Poisoned lock") = v0.cpuid.as_slice().to_vec();
+    }
+    // The VMM's own dirty bitmap recorded every page this side wrote; nobody needs that.
+    for region in m.vm.memory().iter() {
+        (**region).bitmap().reset();
     }
     Ok(())
 }

@@ -19,7 +19,7 @@ use migration::protocol::{self, Command, Response, StartPayload};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::disks::DiskSink;
-use super::{MachineState, MigrateError, check_cpuid, restore_devices, restore_disks, restore_vm_state};
+use super::{MachineState, MigrateError, check_cpuid};
 use crate::arch::layout::ram_regions;
 use crate::builder::{BuiltVm, build_vm_for_incoming};
 use crate::config::VmConfig;
@@ -196,7 +196,7 @@ fn receive_on(
     let state = state.ok_or_else(|| MigrateError::Other("Complete came before the machine's State".into()))?;
     // Restoring kvmclock and other MSRs makes KVM touch guest memory: the slots must be there.
     built.machine.vm.memslots_ready()?;
-    restore(&built, &state)?;
+    super::restore_machine(&built, &state)?;
     log::debug!("incoming: restored at {} µs", paused_at.map_or(0, |t| t.elapsed().as_micros()));
     Ok((built, paused_at, sink))
 }
@@ -320,32 +320,6 @@ pub fn apply_batch(
                 }
             }
         }
-    }
-    Ok(())
-}
-
-/// Puts the machine's state into the freshly built machine, before its vCPUs run.
-fn restore(built: &BuiltVm, state: &MachineState) -> Result<(), MigrateError> {
-    let m = &built.machine;
-    if state.vcpus.len() != built.vcpus.len() {
-        return Err(MigrateError::Incompatible(format!(
-            "{} vCPU states for {} vCPUs",
-            state.vcpus.len(),
-            built.vcpus.len()
-        )));
-    }
-    restore_vm_state(&m.vm, &state.vm)?;
-    for (vcpu, s) in built.vcpus.iter().zip(&state.vcpus) {
-        vcpu.restore_state(s).map_err(|e| MigrateError::Vcpus(e.to_string()))?;
-    }
-    restore_devices(m, &state.serial, &state.nets)?;
-    restore_disks(m, &state.disks)?;
-    if let Some(v0) = state.vcpus.first() {
-        *m.cpuid.lock().expect("Poisoned lock") = v0.cpuid.as_slice().to_vec();
-    }
-    // The VMM's own dirty bitmap recorded every page this side wrote; nobody needs that.
-    for region in m.vm.memory().iter() {
-        (**region).bitmap().reset();
     }
     Ok(())
 }

@@ -162,6 +162,22 @@ impl ExitNotifier {
     }
 }
 
+/// Where a VM's exits are reported and read: made with the VM, before its vCPUs run, so that
+/// anything started early (a page handler of on-demand memory) can end the VM too.
+pub struct ExitChannel {
+    pub notifier: ExitNotifier,
+    pub evt: Arc<EventFd>,
+    pub rx: Receiver<(u8, ExitReason)>,
+}
+
+impl ExitChannel {
+    pub fn new() -> std::io::Result<Self> {
+        let evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let (tx, rx) = channel();
+        Ok(ExitChannel { notifier: ExitNotifier::new(tx, evt.clone()), evt, rx })
+    }
+}
+
 fn msr_entries(indices: &[u32]) -> Vec<kvm_msr_entry> {
     indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect()
 }

@@ -1,0 +1,257 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Snapshots end to end, in host `a` of a test bed with a client:
+//!
+//! - a guest dirtying and verifying 64 MiB, with an echo connection streaming a line every
+//!   10 ms, is snapshotted (`vmm snapshot`: it stays paused), its VMM killed, and restored on the
+//!   same TAP (`vmm run --restore`): its workload finds no page lost or stale, the open
+//!   connection goes on with nothing lost, and new connections work;
+//! - the same snapshot restores twice, each time with the guest's memory intact;
+//! - damaged snapshots are refused: a flipped byte in the state file, a memory file cut short,
+//!   no manifest, a newer format, all before any guest runs; a flipped byte in a memory chunk
+//!   the guest uses stops the VM with an error naming the chunk, the guest never having seen the
+//!   byte;
+//! - disks: a guest writing and verifying its disk, snapshotted with its disk copied
+//!   (`--with-disks`), restores onto a new file with the disk's data; and snapshotted with the
+//!   disk by reference, restores on the same file.
+//!
+//! Times are printed, not asserted.
+
+use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vmm::api::{SnapshotPhase, VmState};
+use vmm_tests::TestBed;
+use vmm_tests::echo_stream::EchoStream;
+use vmm_tests::guest::{GuestStatus, status};
+use vmm_tests::moves::{ECHO_PORT, EXIT_TIMEOUT, GUEST_TIMEOUT, bed_with, dump, start_source};
+use vmm_tests::snapshots::{RESTORE_TIMEOUT, SnapDir, snapshot_cli, spawn_restore, start_restore};
+use vmm_tests::vm::{Vm, kvm_or_skip};
+
+const DIRTY_64: &str = "vmm.workload=dirty vmm.dirty_mib=64 vmm.dirty_rate=64";
+
+fn guest_status(bed: &TestBed, ctx: &[(&str, &Vm)]) -> GuestStatus {
+    status(bed, GUEST_TIMEOUT).unwrap_or_else(|e| panic!("{e}{}", dump(ctx)))
+}
+
+/// Waits until the dirty workload has done more passes than `than`, with no mismatch.
+fn more_dirty_passes(bed: &TestBed, than: u64, ctx: &[(&str, &Vm)]) -> GuestStatus {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let st = guest_status(bed, ctx);
+        assert_eq!(st.num("dirty_mismatches"), 0, "the dirty workload found bad pages: {st:?}{}", dump(ctx));
+        if st.num("dirty_passes") > than {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "the dirty workload stopped at {than} passes{}", dump(ctx));
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn assert_no_mismatch_on_console(vm: &Vm, ctx: &[(&str, &Vm)]) {
+    let text = vm.console.text();
+    assert!(!text.contains("DIRTY-MISMATCH"), "the dirty workload found bad pages{}", dump(ctx));
+    for l in text.lines().filter(|l| l.starts_with("DIRTY pass=")) {
+        assert!(l.ends_with("mismatches=0"), "{l}{}", dump(ctx));
+    }
+}
+
+/// Snapshots the guest of `src` into `dir` (it stays paused), then kills its VMM so that its
+/// TAP is free for the restore.
+fn snapshot_and_kill(src: Vm, dir: &SnapDir, extra: &[&str]) {
+    let info = snapshot_cli(&src, dir.path(), extra).unwrap_or_else(|e| panic!("{e}{}", dump(&[("source", &src)])));
+    println!("snapshot: {info:?}");
+    assert_eq!(info.phase, SnapshotPhase::Completed, "{info:?}");
+    assert!(info.error.is_none(), "{info:?}");
+    assert!(info.memory_data_bytes > 0 && info.memory_data_bytes < info.memory_bytes, "{info:?}");
+    assert_eq!(src.api().get_vm().expect("GET /vm").state, VmState::Paused, "a snapshot leaves the guest paused");
+    src.kill();
+}
+
+#[test]
+fn a_restored_guest_keeps_its_memory_and_its_connection() {
+    if !kvm_or_skip("a_restored_guest_keeps_its_memory_and_its_connection") {
+        return;
+    }
+    let bed = bed_with(&["a"]);
+    let src = start_source(&bed, "a", &["--mem-mib", "256"], DIRTY_64);
+    more_dirty_passes(&bed, 0, &[("source", &src)]);
+    let guest = bed.guest_ip(0);
+    let conn = bed
+        .client()
+        .run_in(move || TcpStream::connect_timeout(&(guest, ECHO_PORT).into(), Duration::from_secs(5)))
+        .expect("enter the client")
+        .unwrap_or_else(|e| panic!("connect to the echo service: {e}{}", dump(&[("source", &src)])));
+    let stream = EchoStream::start(conn, Duration::from_millis(10)).expect("start the echo stream");
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while stream.stats().echoed < 20 {
+        assert!(Instant::now() < deadline, "no echoes: {:?}{}", stream.stats(), dump(&[("source", &src)]));
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    let dir = SnapDir::new("dirty");
+    let before = guest_status(&bed, &[("source", &src)]);
+    snapshot_and_kill(src, &dir, &[]);
+    let killed_at = Instant::now();
+    let sent_before = stream.stats().sent;
+
+    let (dst, running_at) = start_restore(&bed, "a", dir.path(), &[]);
+    let ctx = [("restored", &dst)];
+    println!("restore: the guest runs {} ms after the old VMM was killed", (running_at - killed_at).as_millis());
+    // The connection goes on: what the client sent meanwhile comes back, then new lines.
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while stream.stats().echoed < sent_before + 50 {
+        let st = stream.stats();
+        assert!(st.errors.is_empty(), "the echo connection broke: {st:?}{}", dump(&ctx));
+        assert!(Instant::now() < deadline, "the echo connection did not resume: {st:?}{}", dump(&ctx));
+        thread::sleep(Duration::from_millis(20));
+    }
+    let after = more_dirty_passes(&bed, before.num("dirty_passes"), &ctx);
+    println!(
+        "dirty passes: {} before the snapshot, {} after the restore",
+        before.num("dirty_passes"),
+        after.num("dirty_passes")
+    );
+    assert_no_mismatch_on_console(&dst, &ctx);
+    let stats = stream.finish();
+    println!("echo stream: {stats:?}");
+    assert!(stats.intact(), "lines were lost or the connection broke: {stats:?}{}", dump(&ctx));
+    // A new connection works too.
+    vmm_tests::guest::exchange(&bed, ECHO_PORT, "new\n")
+        .unwrap_or_else(|e| panic!("new connection: {e}{}", dump(&ctx)));
+    assert_eq!(dst.api().get_vm().expect("GET /vm").state, VmState::Running);
+}
+
+#[test]
+fn one_snapshot_restores_twice() {
+    if !kvm_or_skip("one_snapshot_restores_twice") {
+        return;
+    }
+    let bed = bed_with(&["a"]);
+    let src = start_source(&bed, "a", &["--mem-mib", "128"], DIRTY_64);
+    let before = more_dirty_passes(&bed, 1, &[("source", &src)]);
+    let dir = SnapDir::new("twice");
+    snapshot_and_kill(src, &dir, &[]);
+    let files_before = std::fs::read(dir.file("state")).expect("read the state file");
+    for round in 1..=2 {
+        let (vm, _) = start_restore(&bed, "a", dir.path(), &[]);
+        let ctx = [("restored", &vm)];
+        let st = more_dirty_passes(&bed, before.num("dirty_passes"), &ctx);
+        println!("restore {round}: dirty passes {} -> {}", before.num("dirty_passes"), st.num("dirty_passes"));
+        assert_no_mismatch_on_console(&vm, &ctx);
+        vm.kill();
+        assert!(vm.wait_timeout(EXIT_TIMEOUT).is_some(), "the restored VMM did not end{}", dump(&ctx));
+    }
+    assert_eq!(
+        std::fs::read(dir.file("state")).expect("read the state file"),
+        files_before,
+        "a restore changed the snapshot"
+    );
+}
+
+/// A restore of `dir` that must fail: returns its log.
+fn refused_restore(bed: &TestBed, dir: &SnapDir) -> String {
+    let vm = spawn_restore(bed, "a", dir.path(), &[]);
+    let status = vm.wait_timeout(RESTORE_TIMEOUT);
+    let ctx = [("restore", &vm)];
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the restore of a damaged snapshot did not fail: {status:?}{}",
+        dump(&ctx)
+    );
+    let log = vm.log.text();
+    assert!(!log.contains("the guest runs"), "a damaged snapshot's guest was started{}", dump(&ctx));
+    assert!(vm.console.text().trim().is_empty(), "the guest printed something{}", dump(&ctx));
+    log
+}
+
+/// Copies a snapshot directory's files.
+fn copy_snapshot(from: &SnapDir, tag: &str) -> SnapDir {
+    let to = SnapDir::new(tag);
+    std::fs::create_dir(to.path()).expect("create the copy");
+    for e in std::fs::read_dir(from.path()).expect("read the snapshot") {
+        let e = e.expect("entry");
+        // `cp --sparse=always` would keep the holes; a plain copy is fine for a 128 MiB file.
+        std::fs::copy(e.path(), to.file(&e.file_name().to_string_lossy())).expect("copy");
+    }
+    to
+}
+
+#[test]
+fn damaged_snapshots_are_refused() {
+    if !kvm_or_skip("damaged_snapshots_are_refused") {
+        return;
+    }
+    let bed = bed_with(&["a"]);
+    let src = start_source(&bed, "a", &["--mem-mib", "128"], DIRTY_64);
+    more_dirty_passes(&bed, 0, &[("source", &src)]);
+    let good = SnapDir::new("good");
+    snapshot_and_kill(src, &good, &[]);
+
+    // A flipped bit in the state file.
+    let bad = copy_snapshot(&good, "state-bit");
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(bad.file("state")).expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 500).expect("read");
+    f.write_all_at(&[b[0] ^ 4], 500).expect("write");
+    let log = refused_restore(&bed, &bad);
+    println!("flipped state bit: {log}");
+    assert!(log.contains("damaged") && log.contains("CRC-64"), "{log}");
+
+    // The memory file cut short.
+    let bad = copy_snapshot(&good, "short");
+    let f = std::fs::OpenOptions::new().write(true).open(bad.file("memory")).expect("open");
+    f.set_len(64 << 20).expect("truncate");
+    let log = refused_restore(&bed, &bad);
+    println!("short memory file: {log}");
+    assert!(log.contains("memory") && log.contains("bytes"), "{log}");
+
+    // No manifest: a snapshot never finished.
+    let bad = copy_snapshot(&good, "no-manifest");
+    std::fs::remove_file(bad.file("manifest.json")).expect("remove");
+    let log = refused_restore(&bed, &bad);
+    assert!(log.contains("never finished"), "{log}");
+
+    // A format this VMM cannot read.
+    let bad = copy_snapshot(&good, "newer");
+    let text = std::fs::read_to_string(bad.file("manifest.json")).expect("read");
+    let newer = text.replacen("\"major\": 1", "\"major\": 9", 1);
+    assert_ne!(newer, text);
+    std::fs::write(bad.file("manifest.json"), newer).expect("write");
+    let log = refused_restore(&bed, &bad);
+    assert!(log.contains("format 9.0 cannot be read"), "{log}");
+
+    // A flipped byte in a memory chunk the guest works on: found when the chunk is loaded, and
+    // the VM stops; the guest never reads the byte (its workload would report a mismatch).
+    let bad = copy_snapshot(&good, "memory-bit");
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(bad.file("memory")).expect("open");
+    let data = first_data_offset(&f, 32 << 20);
+    f.read_exact_at(&mut b, data + 77).expect("read");
+    f.write_all_at(&[b[0] ^ 1], data + 77).expect("write");
+    let vm = spawn_restore(&bed, "a", bad.path(), &[]);
+    let status = vm.wait_timeout(RESTORE_TIMEOUT);
+    let ctx = [("restore", &vm)];
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "a damaged memory chunk did not stop the VM: {status:?}{}",
+        dump(&ctx)
+    );
+    let log = vm.log.text();
+    println!("flipped memory bit: {log}");
+    assert!(log.contains("memory is damaged: chunk"), "{}", dump(&ctx));
+    assert!(!vm.console.text().contains("DIRTY-MISMATCH"), "the guest read the damaged byte{}", dump(&ctx));
+
+    // The good one still restores.
+    let (vm, _) = start_restore(&bed, "a", good.path(), &[]);
+    more_dirty_passes(&bed, 0, &[("restored", &vm)]);
+}
+
+/// The first offset at or after `from` where `f` holds data (SEEK_DATA).
+fn first_data_offset(f: &std::fs::File, from: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor we own.
+    let off = unsafe { libc::lseek(f.as_raw_fd(), from as libc::off_t, libc::SEEK_DATA) };
+    assert!(off >= 0, "no data in the memory file after {from:#x}");
+    off as u64
+}

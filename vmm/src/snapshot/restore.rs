@@ -1,0 +1,290 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `vmm run --restore DIR`: runs a snapshot's VM again.
+//!
+//! Everything that can be checked cheaply is checked before anything is built: the manifest
+//! (format, version), the state file (size, magic, version, length limit, CRC-64, and the
+//! manifest's record of that CRC), the state's own version, the memory layout against what this
+//! VMM lays out, the chunk table against the memory file's size, this host's CPU against the
+//! guest's CPUID, and the disks. Copied disks are copied into place (each chunk checked) before
+//! the guest starts. Guest memory is not read up front: it is registered with a userfaultfd and
+//! loaded chunk by chunk, each checked, on first touch and by a background loader (see
+//! [`crate::uffd::file`]), so the time to a running guest does not depend on its memory size.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use migration::snapshot::{
+    MAX_MANIFEST_BYTES, MAX_STATE_BYTES, MEMORY_CHUNK, Manifest, STATE_HEADER_LEN, decode_state,
+};
+
+use super::sparse::copy_checked;
+use super::{MANIFEST, MEMORY, STATE, SnapshotError, SnapshotState, disk_file};
+use crate::arch::layout::ram_regions;
+use crate::builder::{BuiltVm, build_vm_for_incoming, open_kvm};
+use crate::config::VmConfig;
+use crate::disk_config::DiskConfig;
+use crate::migrate::{check_cpuid, restore_machine};
+use crate::net_config::NetConfig;
+use crate::uffd::file::{FileSource, file_layout};
+use crate::uffd::{GuestUffd, Handler, UffdStats};
+use crate::vstate::vcpu::ExitReason;
+
+/// "Not a vCPU" index for the end of a VM reported by its memory's page handler.
+const MEMORY_HANDLER: u8 = u8::MAX - 1;
+
+/// What `vmm run --restore` was given besides the directory.
+pub struct RestoreOptions<'a> {
+    /// This host's TAPs, NIC by NIC (none: the snapshot's).
+    pub nets: &'a [NetConfig],
+    /// This host's disk files, disk by disk (none: the snapshot's paths; a copied disk needs one).
+    pub disks: &'a [DiskConfig],
+}
+
+/// A snapshot read and checked, ready to be built.
+pub struct Checked {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub state: SnapshotState,
+    memory: File,
+}
+
+fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, SnapshotError> {
+    let f = File::open(path).map_err(SnapshotError::io("open", path))?;
+    let len = f.metadata().map_err(SnapshotError::io("stat", path))?.len();
+    if len > limit {
+        return Err(SnapshotError::Damaged(format!(
+            "{} is {len} bytes, more than the {limit} allowed",
+            path.display()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(limit).read_to_end(&mut bytes).map_err(SnapshotError::io("read", path))?;
+    Ok(bytes)
+}
+
+/// Reads and checks everything but the memory file's contents.
+pub fn check(dir: &Path) -> Result<Checked, SnapshotError> {
+    if !dir.is_dir() {
+        return Err(SnapshotError::Other(format!("{} is not a snapshot directory", dir.display())));
+    }
+    let mpath = dir.join(MANIFEST);
+    if !mpath.exists() {
+        return Err(SnapshotError::Damaged(format!(
+            "{} has no {MANIFEST}: not a snapshot, or one that was never finished",
+            dir.display()
+        )));
+    }
+    let manifest: Manifest = serde_json::from_slice(&read_limited(&mpath, MAX_MANIFEST_BYTES)?)
+        .map_err(|e| SnapshotError::Damaged(format!("{}: {e}", mpath.display())))?;
+    manifest.check()?;
+
+    let spath = dir.join(STATE);
+    let bytes = read_limited(&spath, MAX_STATE_BYTES + STATE_HEADER_LEN as u64 + 8)?;
+    if bytes.len() as u64 != manifest.state.size {
+        return Err(SnapshotError::Damaged(format!(
+            "{} is {} bytes, the manifest says {}",
+            spath.display(),
+            bytes.len(),
+            manifest.state.size
+        )));
+    }
+    let payload = decode_state(&mut std::io::Cursor::new(&bytes), bytes.len() as u64)?;
+    let trailer = bytes.len().checked_sub(8).map(|at| u64::from_le_bytes(bytes[at..].try_into().unwrap_or_default()));
+    if manifest.state.crc64.is_some() && manifest.state.crc64 != trailer {
+        return Err(SnapshotError::Damaged(format!(
+            "{} is not the state file the manifest describes",
+            spath.display()
+        )));
+    }
+    let state: SnapshotState = serde_json::from_slice(&payload)
+        .map_err(|e| SnapshotError::Damaged(format!("the state in {}: {e}", spath.display())))?;
+    if !state.machine.version.compatible() {
+        return Err(SnapshotError::Mismatch(format!(
+            "machine state version {}.{} (this VMM reads {}.0 to {}.{})",
+            state.machine.version.major,
+            state.machine.version.minor,
+            migration::STATE_VERSION.major,
+            migration::STATE_VERSION.major,
+            migration::STATE_VERSION.minor
+        )));
+    }
+
+    let c = &state.config;
+    crate::vstate::memory::check_mem_size(c.mem_mib).map_err(|e| SnapshotError::Mismatch(e.to_string()))?;
+    let expected = ram_regions(c.mem_mib << 20);
+    let got: Vec<(u64, u64)> = state.memory.regions.iter().map(|r| (r.start, r.size)).collect();
+    if expected != got {
+        return Err(SnapshotError::Mismatch(format!(
+            "memory layout {got:x?} is not what this VMM lays out for {} MiB ({expected:x?})",
+            c.mem_mib
+        )));
+    }
+    let total: u64 = got.iter().map(|r| r.1).sum();
+    state.memory.table.validate(MEMORY_CHUNK, total)?;
+    if state.machine.vcpus.len() != usize::from(c.vcpus) {
+        return Err(SnapshotError::Damaged(format!("{} vCPU states for {} vCPUs", state.machine.vcpus.len(), c.vcpus)));
+    }
+    if state.disks.len() != c.disks.len() {
+        return Err(SnapshotError::Damaged(format!(
+            "{} disks described for {} configured",
+            state.disks.len(),
+            c.disks.len()
+        )));
+    }
+    let mem_path = dir.join(MEMORY);
+    let memory = File::open(&mem_path).map_err(SnapshotError::io("open", &mem_path))?;
+    let mem_len = memory.metadata().map_err(SnapshotError::io("stat", &mem_path))?.len();
+    if mem_len != total || manifest.memory.size != total {
+        return Err(SnapshotError::Damaged(format!(
+            "{} is {mem_len} bytes; the manifest says {}, the guest has {total}",
+            mem_path.display(),
+            manifest.memory.size
+        )));
+    }
+    for (i, d) in state.disks.iter().enumerate() {
+        if let Some(t) = &d.copy {
+            t.validate(migration::snapshot::DISK_CHUNK, d.state.size)?;
+            let p = dir.join(disk_file(i));
+            let len = std::fs::metadata(&p).map_err(SnapshotError::io("stat", &p))?.len();
+            if len != d.state.size {
+                return Err(SnapshotError::Damaged(format!(
+                    "{} is {len} bytes, the disk {}",
+                    p.display(),
+                    d.state.size
+                )));
+            }
+        }
+    }
+    Ok(Checked { dir: dir.to_path_buf(), manifest, state, memory })
+}
+
+/// New disk files a restore created: removed unless the guest runs.
+struct NewDisks {
+    paths: Vec<PathBuf>,
+    committed: bool,
+}
+
+impl Drop for NewDisks {
+    fn drop(&mut self) {
+        if !self.committed {
+            for p in &self.paths {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+/// This host's configuration for the snapshot's VM: its TAPs, and its disks (copied ones are
+/// copied into new files here, each chunk checked).
+fn local_config(c: &Checked, opts: &RestoreOptions, new: &mut NewDisks) -> Result<VmConfig, SnapshotError> {
+    let mut config = c.state.config.clone();
+    if !opts.nets.is_empty() {
+        if opts.nets.len() != config.nets.len() {
+            return Err(SnapshotError::Mismatch(format!(
+                "the guest has {} NIC(s), --net was given {} time(s)",
+                config.nets.len(),
+                opts.nets.len()
+            )));
+        }
+        for (n, local) in config.nets.iter_mut().zip(opts.nets) {
+            n.tap = local.tap.clone();
+        }
+    }
+    let copied = c.state.disks.iter().filter(|d| d.copy.is_some()).count();
+    if !opts.disks.is_empty() && opts.disks.len() != config.disks.len() {
+        return Err(SnapshotError::Mismatch(format!(
+            "the guest has {} disk(s), --disk was given {} time(s)",
+            config.disks.len(),
+            opts.disks.len()
+        )));
+    }
+    if opts.disks.is_empty() && copied > 0 {
+        return Err(SnapshotError::Mismatch(format!(
+            "the snapshot holds a copy of {copied} disk(s): give --disk path=FILE (a new file) for each of the \
+             guest's {} disk(s)",
+            config.disks.len()
+        )));
+    }
+    for (i, (disk, snap)) in config.disks.iter_mut().zip(&c.state.disks).enumerate() {
+        disk.read_only = snap.state.read_only;
+        disk.shared = snap.state.shared;
+        disk.path = opts.disks.get(i).map_or_else(|| snap.state.path.clone(), |l| l.path.clone());
+        let Some(table) = &snap.copy else { continue };
+        // A copy of the snapshot's disk, so that the snapshot stays as it is (and can be
+        // restored again).
+        let created = block::Disk::create(&disk.path, snap.state.size, false).map_err(|e| {
+            SnapshotError::Other(format!("disk {i}: {e} (a disk copied in the snapshot needs a new file)"))
+        })?;
+        new.paths.push(disk.path.clone());
+        copy_checked(&c.dir.join(disk_file(i)), table, |off, bytes| created.write_at(bytes, off))?;
+        created.flush().map_err(SnapshotError::io("flush", &disk.path))?;
+    }
+    Ok(config)
+}
+
+/// Builds, restores and starts the snapshot's VM. Returns the running VMM and the time it took
+/// from the call to the guest running.
+pub fn restore(
+    dir: &Path,
+    opts: &RestoreOptions,
+    console: Box<dyn std::io::Write + Send>,
+) -> Result<(crate::Vmm, Duration), SnapshotError> {
+    let t0 = Instant::now();
+    let checked = check(dir)?;
+    let step = |what: &str| log::debug!("restore: {what} at {} µs", t0.elapsed().as_micros());
+    step("snapshot checked");
+    let kvm = open_kvm().map_err(|e| SnapshotError::Other(e.to_string()))?;
+    if let Some(v0) = checked.state.machine.vcpus.first() {
+        check_cpuid(&kvm, v0.cpuid.as_slice())?;
+    }
+    drop(kvm);
+    step("CPU checked");
+    let mut new = NewDisks { paths: Vec::new(), committed: false };
+    let config = local_config(&checked, opts, &mut new)?;
+    step("disks ready");
+    let built = build_vm_for_incoming(&config, console)?;
+    step("machine built");
+    let handler = start_loader(&built, &checked)?;
+    step("memory registered");
+    built.machine.vm.memslots_ready().map_err(crate::migrate::MigrateError::from)?;
+    step("memory slots ready");
+    restore_machine(&built, &checked.state.machine)?;
+    step("machine restored");
+    *built.machine.lazy_memory.lock().expect("Poisoned lock") = Some(Arc::new(handler));
+    let vmm = crate::Vmm::start(built)?;
+    new.committed = true;
+    crate::migrate::resume_devices(vmm.machine());
+    let took = t0.elapsed();
+    step("running");
+    Ok((vmm, took))
+}
+
+/// Registers the new machine's memory with a userfaultfd and starts the loader that fills it
+/// from the snapshot's memory file.
+fn start_loader(built: &BuiltVm, checked: &Checked) -> Result<Handler, SnapshotError> {
+    let uffd = GuestUffd::register(built.machine.vm.memory())?;
+    let regions: Vec<(u64, u64)> = checked.state.memory.regions.iter().map(|r| (r.start, r.size)).collect();
+    let stats = Arc::new(UffdStats::default());
+    let file = checked.memory.try_clone().map_err(SnapshotError::io("open", &checked.dir.join(MEMORY)))?;
+    // Read ahead as the loader goes: the kernel's page cache then has the next chunks ready.
+    let _ = file.read_at(&mut [0u8; 1], 0);
+    let source = FileSource::new(
+        file,
+        checked.dir.join(MEMORY),
+        checked.state.memory.table.clone(),
+        file_layout(&regions),
+        stats.clone(),
+    )?;
+    let notifier = built.exits.notifier.clone();
+    Ok(Handler::start(
+        "mem-loader",
+        Arc::new(uffd),
+        Box::new(source),
+        stats,
+        Box::new(move |msg| notifier.notify(MEMORY_HANDLER, ExitReason::Error(msg))),
+    )?)
+}
