@@ -18,14 +18,16 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 # iproute2 (ip netns, bridges, veth, TAP), util-linux (unshare, setpriv), python3 (the initramfs
-# packer): tests and the demo use them. A C toolchain links the Rust binaries; fonts-dejavu-core
-# is the benchmark plot's font; curl fetches rustup if there is no Rust.
+# packer): tests and the demo use them. A C toolchain links the Rust binaries; libclang-dev is
+# what the userfaultfd crate's build generates its kernel bindings with (bindgen);
+# fonts-dejavu-core is the benchmark plot's font; curl fetches rustup if there is no Rust.
 missing=()
 command -v ip >/dev/null || missing+=(iproute2)
 command -v unshare >/dev/null || missing+=(util-linux)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v python3 >/dev/null || missing+=(python3)
 command -v cc >/dev/null || missing+=(build-essential)
+compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || missing+=(libclang-dev)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 [ -x "$HOME/.cargo/bin/cargo" ] || command -v cargo >/dev/null || missing+=(curl ca-certificates)
 if [ ${#missing[@]} -gt 0 ]; then

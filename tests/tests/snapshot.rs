@@ -255,3 +255,90 @@ fn first_data_offset(f: &std::fs::File, from: u64) -> u64 {
     assert!(off >= 0, "no data in the memory file after {from:#x}");
     off as u64
 }
+
+/// A sparse image file removed when dropped (`future`: only a path, for a file a restore makes).
+struct Image(std::path::PathBuf);
+
+impl Image {
+    fn new(tag: &str, size: u64) -> Image {
+        let img = Image::future(tag);
+        std::fs::File::create(&img.0).expect("create image").set_len(size).expect("size image");
+        img
+    }
+
+    fn future(tag: &str) -> Image {
+        let p = std::env::temp_dir().join(format!("vmm-snap-disk-{}-{tag}.img", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        Image(p)
+    }
+
+    fn arg(&self) -> String {
+        format!("path={}", self.0.display())
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Waits until the disk workload has done more passes than `than`, with no bad block.
+fn more_disk_passes(bed: &TestBed, than: u64, ctx: &[(&str, &Vm)]) -> GuestStatus {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let st = guest_status(bed, ctx);
+        assert_eq!(st.num("disk_mismatches"), 0, "the disk workload found bad blocks: {st:?}{}", dump(ctx));
+        if st.num("disk_passes") > than {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "the disk workload stopped at {than} passes{}", dump(ctx));
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn disks_copied_or_by_reference_restore_with_their_data() {
+    if !kvm_or_skip("disks_copied_or_by_reference_restore_with_their_data") {
+        return;
+    }
+    let bed = bed_with(&["a"]);
+    let workload = "vmm.workload=disk vmm.disk_mib=8 vmm.disk_rate=16";
+    for copied in [true, false] {
+        let what = if copied { "copied" } else { "by reference" };
+        let image = Image::new(if copied { "copied-src" } else { "ref" }, 64 << 20);
+        let src = start_source(&bed, "a", &["--mem-mib", "128", "--disk", &image.arg()], workload);
+        let before = more_disk_passes(&bed, 0, &[("source", &src)]);
+        let dir = SnapDir::new(if copied { "disk-copied" } else { "disk-ref" });
+        snapshot_and_kill(src, &dir, if copied { &["--with-disks"] } else { &[] });
+        let restored_disk = Image::future("copied-dst");
+        let extra: Vec<String> = if copied { vec!["--disk".into(), restored_disk.arg()] } else { vec![] };
+        if copied {
+            assert!(dir.file("disk-0.raw").exists(), "no copy of the disk in the snapshot");
+            // Without a file of its own for the copied disk, the restore is refused.
+            let vm = spawn_restore(&bed, "a", dir.path(), &[]);
+            let st = vm.wait_timeout(RESTORE_TIMEOUT);
+            assert!(st.is_some_and(|s| !s.success()), "{}", dump(&[("restore", &vm)]));
+            assert!(vm.log.text().contains("--disk path=FILE"), "{}", dump(&[("restore", &vm)]));
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let (vm, _) = start_restore(&bed, "a", dir.path(), &extra);
+        let ctx = [("restored", &vm)];
+        let after = more_disk_passes(&bed, before.num("disk_passes"), &ctx);
+        println!(
+            "disk {what}: disk passes {} before, {} after the restore",
+            before.num("disk_passes"),
+            after.num("disk_passes")
+        );
+        if copied {
+            let meta = std::fs::metadata(&restored_disk.0).expect("the restored disk exists");
+            assert_eq!(meta.len(), 64 << 20);
+            let f = std::fs::File::open(&restored_disk.0).expect("open the restored disk");
+            let mut head = vec![0u8; 4096];
+            f.read_exact_at(&mut head, 0).expect("read");
+            assert!(head.iter().any(|b| *b != 0), "the restored disk does not hold the guest's data");
+        }
+        vm.kill();
+        assert!(vm.wait_timeout(EXIT_TIMEOUT).is_some());
+    }
+}
