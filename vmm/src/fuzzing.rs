@@ -104,7 +104,8 @@ fn fake_vmm(requests: std::sync::mpsc::Receiver<crate::api::ApiMessage>) {
         let answer = match request {
             ApiRequest::GetMigration => Ok(ApiResponse::Migration(MigrationInfo::default())),
             ApiRequest::Metrics => Ok(ApiResponse::Metrics("vmm_up 1\n".into())),
-            ApiRequest::Migrate(_) => Ok(ApiResponse::Accepted),
+            ApiRequest::Migrate(_) | ApiRequest::Snapshot(_) => Ok(ApiResponse::Accepted),
+            ApiRequest::GetSnapshot => Ok(ApiResponse::Snapshot(Default::default())),
             ApiRequest::GetVm => Err(ApiError::Internal("no VM in the fuzzer".into())),
             ApiRequest::Pause | ApiRequest::Resume | ApiRequest::Shutdown => Ok(ApiResponse::Done),
         };

@@ -85,6 +85,20 @@ impl HostResources {
         Ok(HostResources { kvm, taps, disks, incoming_disks: Vec::new(), kernel: Some(kernel), initrd, sealed: false })
     }
 
+    /// Opens what restoring a snapshot of `config` needs (its TAPs and disks as this host names
+    /// them; no kernel: the guest's memory has it).
+    pub fn open_for_restore(config: &VmConfig) -> Result<Self, HostError> {
+        let disks = config
+            .disks
+            .iter()
+            .map(|d| Disk::open(&d.path, d.read_only, d.shared).map(Some))
+            .collect::<Result<Vec<_>, _>>()?;
+        let taps = config.nets.iter().map(|n| Tap::open(&n.tap)).collect::<Result<Vec<_>, _>>()?;
+        let mut res = HostResources::default();
+        (res.disks, res.taps, res.kvm) = (disks, taps, Some(open_kvm()?));
+        Ok(res)
+    }
+
     /// Opens what a migration destination with these `--net` and `--disk` options needs: a
     /// shared disk is opened, a copied disk's file is created (empty; it must not exist).
     pub fn open_for_incoming(nets: &[NetConfig], disks: &[DiskConfig]) -> Result<Self, HostError> {

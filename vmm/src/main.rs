@@ -234,12 +234,20 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         nets: args.nets.clone(),
         disks: args.disks.clone(),
     };
-    let (mut res, listener) = match &args.incoming {
-        Some(listen) => {
+    let mut restore = None;
+    let (mut res, listener) = match (&args.incoming, &args.restore) {
+        (_, Some(dir)) => {
+            let opts = vmm::snapshot::restore::RestoreOptions { nets: &args.nets, disks: &args.disks };
+            let prepared = vmm::snapshot::restore::prepare(dir, &opts)?;
+            let res = HostResources::open_for_restore(&prepared.config)?;
+            restore = Some((dir.clone(), prepared));
+            (res, None)
+        }
+        (Some(listen), None) => {
             let listener = vmm::migrate::receive::listen(listen)?;
             (HostResources::open_for_incoming(&args.nets, &args.disks)?, Some(listener))
         }
-        None => (HostResources::open_for_boot(&config)?, None),
+        (None, None) => (HostResources::open_for_boot(&config)?, None),
     };
     vmm::host::read_host_facts();
     // The sandbox: the jail (one thread yet), then each thread's filter as it starts.
@@ -259,16 +267,28 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         None => None,
     };
+    // Snapshots are written by a thread that may create files: it starts before the VMM thread
+    // gives that up.
+    let snapshot_writer = vmm::snapshot::save::Writer::start()?;
     vmm::seccomp::apply(ThreadKind::Vmm)?;
 
-    let mut vmm = match listener {
-        Some(listener) => {
-            let schedule = (!args.no_announce).then_some(AnnounceSchedule {
-                rounds: args.announce_rounds,
-                initial_ms: args.announce_initial_ms,
-                step_ms: args.announce_step_ms,
-                kick_tcp: !args.no_tcp_kick,
-            });
+    let schedule = (!args.no_announce).then_some(AnnounceSchedule {
+        rounds: args.announce_rounds,
+        initial_ms: args.announce_initial_ms,
+        step_ms: args.announce_step_ms,
+        kick_tcp: !args.no_tcp_kick,
+    });
+    let mut vmm = match (listener, restore) {
+        (_, Some((dir, prepared))) => {
+            let (mut vmm, took) = vmm::snapshot::restore::start(prepared, &mut res, Box::new(std::io::stdout()))?;
+            // On stderr whatever the log level: scripts and tests wait for it.
+            eprintln!("vmm: restored {}: the guest runs ({} µs)", dir.display(), took.as_micros());
+            if let Some(schedule) = schedule {
+                vmm.announce(schedule);
+            }
+            vmm
+        }
+        (Some(listener), None) => {
             let (vmm, downtime) = vmm::migrate::receive::start_incoming(
                 listener,
                 &args.nets,
@@ -280,11 +300,12 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             log::info!("migration received; the guest was paused {:?}", downtime.unwrap_or_default());
             vmm
         }
-        None => {
+        (None, None) => {
             let built = vmm::build_vm_for_boot(&config, &mut res, Box::new(std::io::stdout()))?;
             Vmm::start(built)?
         }
     };
+    vmm.attach_snapshot_writer(snapshot_writer);
     let _server = api.map(|(server, rx, wake)| {
         vmm.attach_api(rx, wake);
         server

@@ -77,6 +77,8 @@ pub struct Vmm {
     worker: Option<JoinHandle<()>>,
     /// Someone read the completed migration's status (the source may go).
     outcome_read: bool,
+    /// Where snapshots are written (without one, a thread of its own per snapshot).
+    snapshot_writer: Option<snapshot::save::Writer>,
 }
 
 impl Vmm {
@@ -118,6 +120,7 @@ impl Vmm {
             shutdown_deadline: None,
             worker: None,
             outcome_read: false,
+            snapshot_writer: None,
         })
     }
 
@@ -125,6 +128,12 @@ impl Vmm {
     pub fn attach_api(&mut self, requests: Receiver<ApiMessage>, wake: Arc<EventFd>) {
         self.events.add_subscriber(Arc::new(Mutex::new(Wakeup { evt: wake })));
         self.api = Some(requests);
+    }
+
+    /// Writes snapshots on `writer` (started before the VMM was sandboxed; see
+    /// [`snapshot::save::Writer`]).
+    pub fn attach_snapshot_writer(&mut self, writer: snapshot::save::Writer) {
+        self.snapshot_writer = Some(writer);
     }
 
     pub fn machine(&self) -> &Arc<Machine> {
@@ -314,36 +323,44 @@ impl Vmm {
             ..Default::default()
         };
         let (machine, vcpus, status) = (self.machine.clone(), self.vcpus.clone(), self.status.clone());
-        let worker = std::thread::Builder::new()
-            .name("snapshot".into())
-            .spawn(move || {
-                let started = Instant::now();
-                let r = snapshot::save::take(&machine, &vcpus, &params, was_running, &status.snapshot);
-                let state = match &r {
-                    Ok(After::Resumed) => VmState::Running,
-                    Ok(After::Paused) => {
-                        status.devices_paused.store(true, std::sync::atomic::Ordering::SeqCst);
-                        VmState::Paused
-                    }
-                    Err(_) if was_running => VmState::Running,
-                    Err(_) => VmState::Paused,
-                };
-                {
-                    let mut p = status.snapshot.lock().expect("Poisoned lock");
-                    match r {
-                        Ok(_) => p.phase = SnapshotPhase::Completed,
-                        Err(e) => {
-                            log::error!("snapshot {}: {e}", params.dir.display());
-                            p.phase = SnapshotPhase::Failed;
-                            p.error = Some(e.to_string());
-                        }
-                    }
-                    p.total_ms = started.elapsed().as_millis() as u64;
+        let job = move || {
+            let started = Instant::now();
+            let r = snapshot::save::take(&machine, &vcpus, &params, was_running, &status.snapshot);
+            let state = match &r {
+                Ok(After::Resumed) => VmState::Running,
+                Ok(After::Paused) => {
+                    status.devices_paused.store(true, std::sync::atomic::Ordering::SeqCst);
+                    VmState::Paused
                 }
-                *status.state.lock().expect("Poisoned lock") = Some(state);
-            })
-            .map_err(|e| ApiError::Internal(format!("cannot start the snapshot thread: {e}")))?;
-        self.worker = Some(worker);
+                Err(_) if was_running => VmState::Running,
+                Err(_) => VmState::Paused,
+            };
+            {
+                let mut p = status.snapshot.lock().expect("Poisoned lock");
+                match r {
+                    Ok(_) => p.phase = SnapshotPhase::Completed,
+                    Err(e) => {
+                        log::error!("snapshot {}: {e}", params.dir.display());
+                        p.phase = SnapshotPhase::Failed;
+                        p.error = Some(e.to_string());
+                    }
+                }
+                p.total_ms = started.elapsed().as_millis() as u64;
+            }
+            *status.state.lock().expect("Poisoned lock") = Some(state);
+        };
+        let started = match &self.snapshot_writer {
+            Some(w) => w.run(Box::new(job)),
+            None => std::thread::Builder::new()
+                .name("snapshot".into())
+                .spawn(job)
+                .map(|t| self.worker = Some(t))
+                .map_err(|e| format!("cannot start the snapshot thread: {e}")),
+        };
+        if let Err(e) = started {
+            self.set_state(if was_running { VmState::Running } else { VmState::Paused });
+            return Err(ApiError::Internal(e));
+        }
         Ok(ApiResponse::Accepted)
     }
 }

@@ -42,10 +42,14 @@ pub enum ThreadKind {
     Api,
     /// One API connection.
     ApiConnection,
+    /// Fills guest memory on demand (a restored snapshot's loader; see `crate::uffd`).
+    MemLoader,
+    /// Writes snapshots: started before the sandbox, the one thread that may create files.
+    Snapshot,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 10] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Memslots,
@@ -54,6 +58,8 @@ impl ThreadKind {
         ThreadKind::MigrationTicker,
         ThreadKind::Api,
         ThreadKind::ApiConnection,
+        ThreadKind::MemLoader,
+        ThreadKind::Snapshot,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +72,8 @@ impl ThreadKind {
             ThreadKind::MigrationTicker => "migration-ticker",
             ThreadKind::Api => "api",
             ThreadKind::ApiConnection => "api-conn",
+            ThreadKind::MemLoader => "mem-loader",
+            ThreadKind::Snapshot => "snapshot",
         }
     }
 }
@@ -136,6 +144,10 @@ pub fn enabled() -> bool {
 pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     let Some(Some(filters)) = FILTERS.get() else { return Ok(()) };
     let Some(program) = filters.kinds.get(&kind) else { return Ok(()) };
+    if kind.creates_files() {
+        // Started before the VMM was sandboxed, so nothing refuses its opens in front of this.
+        return seccompiler::apply_filter(program).map_err(|e| SeccompError::Apply(kind.name(), e));
+    }
     install(kind, &filters.refuse, program)
 }
 

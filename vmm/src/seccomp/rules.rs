@@ -153,6 +153,18 @@ const KVM_VCPU_STATE: &[u64] = &[
     KVM_GET_XCRS,
     KVM_SET_XCRS,
 ];
+// userfaultfd (include/uapi/linux/userfaultfd.h, type 0xaa).
+const UFFDIO: u64 = 0xaa;
+const UFFDIO_REGISTER: u64 = ioc(3, UFFDIO, 0x00, 32);
+const UFFDIO_UNREGISTER: u64 = ioc(2, UFFDIO, 0x01, 16);
+const UFFDIO_WAKE: u64 = ioc(2, UFFDIO, 0x02, 16);
+const UFFDIO_COPY: u64 = ioc(3, UFFDIO, 0x03, 40);
+const UFFDIO_ZEROPAGE: u64 = ioc(3, UFFDIO, 0x04, 32);
+/// Giving guest memory to a userfaultfd (the VMM thread, once the memory exists).
+const UFFD_REGISTER: &[u64] = &[UFFDIO_REGISTER];
+/// Filling registered memory, waking its waiters, and letting it go when it is all there.
+const UFFD_FILL: &[u64] = &[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE, UFFDIO_UNREGISTER];
+
 const TAP: &[u64] = &[TUNSETOFFLOAD, TUNSETVNETHDRSZ];
 const TERMINAL: &[u64] = &[TCGETS, FIONBIO];
 
@@ -245,7 +257,7 @@ const VMM: Profile = Profile {
         libc::SYS_getpeername,
         libc::SYS_sched_getaffinity,
     ],
-    ioctls: &[KVM_SYSTEM, KVM_VM_BUILD, KVM_MEMSLOTS, KVM_VM_STATE, KVM_VCPU_STATE, TAP, TERMINAL],
+    ioctls: &[KVM_SYSTEM, KVM_VM_BUILD, KVM_MEMSLOTS, KVM_VM_STATE, KVM_VCPU_STATE, TAP, TERMINAL, UFFD_REGISTER],
     socket_domains: &[],
 };
 
@@ -334,7 +346,53 @@ const API_CONNECTION: Profile = Profile {
     socket_domains: &[],
 };
 
+/// The loader of a restored snapshot's memory (`crate::uffd`): reads fault events, reads the
+/// snapshot's memory file, places pages.
+const MEM_LOADER: Profile = Profile {
+    syscalls: &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll, libc::SYS_pread64],
+    ioctls: &[UFFD_FILL],
+    socket_domains: &[],
+};
+
+/// The snapshot writer (`crate::snapshot::save`): pauses the vCPUs and devices, saves their
+/// state (a NIC's TAP is drained), reads guest memory's residency and the disks, and creates the
+/// snapshot's directory and files. It is started before the VMM is sandboxed and is the one
+/// thread whose opens are not refused.
+const SNAPSHOT: Profile = Profile {
+    syscalls: &[
+        libc::SYS_openat,
+        libc::SYS_mkdir,
+        libc::SYS_mkdirat,
+        libc::SYS_getdents64,
+        libc::SYS_rename,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        libc::SYS_rmdir,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_lseek,
+        libc::SYS_read,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_ftruncate,
+        libc::SYS_fdatasync,
+        libc::SYS_fsync,
+        libc::SYS_fcntl,
+        libc::SYS_mincore,
+    ],
+    ioctls: &[KVM_VM_STATE, TAP, TERMINAL],
+    socket_domains: &[],
+};
+
 impl ThreadKind {
+    /// Whether this kind creates files, and so has no filter refusing opens in front of its own.
+    pub fn creates_files(self) -> bool {
+        self == ThreadKind::Snapshot
+    }
+
     /// The rules of this kind alone.
     pub fn profile(self) -> &'static Profile {
         match self {
@@ -346,6 +404,8 @@ impl ThreadKind {
             ThreadKind::MigrationTicker => &MIGRATION_TICKER,
             ThreadKind::Api => &API,
             ThreadKind::ApiConnection => &API_CONNECTION,
+            ThreadKind::MemLoader => &MEM_LOADER,
+            ThreadKind::Snapshot => &SNAPSHOT,
         }
     }
 
@@ -353,7 +413,13 @@ impl ThreadKind {
     /// install theirs.
     pub fn children(self) -> &'static [ThreadKind] {
         match self {
-            ThreadKind::Vmm => &[ThreadKind::Vcpu, ThreadKind::Memslots, ThreadKind::BlockIo, ThreadKind::Migration],
+            ThreadKind::Vmm => &[
+                ThreadKind::Vcpu,
+                ThreadKind::Memslots,
+                ThreadKind::BlockIo,
+                ThreadKind::Migration,
+                ThreadKind::MemLoader,
+            ],
             ThreadKind::Migration => &[ThreadKind::MigrationTicker],
             ThreadKind::Api => &[ThreadKind::ApiConnection],
             _ => &[],

@@ -12,7 +12,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,13 +23,15 @@ use migration::snapshot::{
 use super::sparse::copy_checked;
 use super::{MANIFEST, MEMORY, STATE, SnapshotError, SnapshotState, disk_file};
 use crate::arch::layout::ram_regions;
-use crate::builder::{BuiltVm, build_vm_for_incoming, open_kvm};
+use crate::builder::{BuiltVm, build_vm_for_incoming};
 use crate::config::VmConfig;
 use crate::disk_config::DiskConfig;
+use crate::host::HostResources;
 use crate::migrate::{check_cpuid, restore_machine};
 use crate::net_config::NetConfig;
+use crate::seccomp::ThreadKind;
 use crate::uffd::file::{FileSource, file_layout};
-use crate::uffd::{GuestUffd, Handler, UffdStats};
+use crate::uffd::{GuestUffd, Handler, NewUffd, UffdStats};
 use crate::vstate::vcpu::ExitReason;
 
 /// "Not a vCPU" index for the end of a VM reported by its memory's page handler.
@@ -226,29 +227,47 @@ fn local_config(c: &Checked, opts: &RestoreOptions, new: &mut NewDisks) -> Resul
     Ok(config)
 }
 
-/// Builds, restores and starts the snapshot's VM. Returns the running VMM and the time it took
-/// from the call to the guest running.
-pub fn restore(
-    dir: &Path,
-    opts: &RestoreOptions,
+/// A snapshot checked and this host's side of it set up: everything `vmm run --restore` must
+/// open or create (the snapshot's files, copied disks, the userfaultfd) is, so the VMM can be
+/// sandboxed before the VM is built.
+pub struct Prepared {
+    checked: Checked,
+    /// The VM's configuration with this host's TAPs and disks.
+    pub config: VmConfig,
+    new_disks: NewDisks,
+    uffd: NewUffd,
+    started: Instant,
+}
+
+/// Reads and checks the snapshot in `dir` and sets up this host's side of it.
+pub fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, SnapshotError> {
+    let started = Instant::now();
+    let checked = check(dir)?;
+    let mut new_disks = NewDisks { paths: Vec::new(), committed: false };
+    let config = local_config(&checked, opts, &mut new_disks)?;
+    let uffd = NewUffd::create()?;
+    log::debug!("restore: snapshot checked, disks ready at {} µs", started.elapsed().as_micros());
+    Ok(Prepared { checked, config, new_disks, uffd, started })
+}
+
+/// Builds, restores and starts the prepared snapshot's VM from `res` (see
+/// [`HostResources::open_for_restore`]). Returns the running VMM and the time it took from
+/// [`prepare`] to the guest running.
+pub fn start(
+    prepared: Prepared,
+    res: &mut HostResources,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<(crate::Vmm, Duration), SnapshotError> {
-    let t0 = Instant::now();
-    let checked = check(dir)?;
+    let Prepared { checked, config, mut new_disks, uffd, started: t0 } = prepared;
     let step = |what: &str| log::debug!("restore: {what} at {} µs", t0.elapsed().as_micros());
-    step("snapshot checked");
-    let kvm = open_kvm().map_err(|e| SnapshotError::Other(e.to_string()))?;
     if let Some(v0) = checked.state.machine.vcpus.first() {
-        check_cpuid(&kvm, v0.cpuid.as_slice())?;
+        let kvm = res.kvm().map_err(|e| SnapshotError::Other(e.to_string()))?;
+        check_cpuid(kvm, v0.cpuid.as_slice())?;
     }
-    drop(kvm);
     step("CPU checked");
-    let mut new = NewDisks { paths: Vec::new(), committed: false };
-    let config = local_config(&checked, opts, &mut new)?;
-    step("disks ready");
-    let built = build_vm_for_incoming(&config, console)?;
+    let built = build_vm_for_incoming(&config, res, console)?;
     step("machine built");
-    let handler = start_loader(&built, &checked)?;
+    let handler = start_loader(&built, &checked, uffd)?;
     step("memory registered");
     built.machine.vm.memslots_ready().map_err(crate::migrate::MigrateError::from)?;
     step("memory slots ready");
@@ -256,22 +275,20 @@ pub fn restore(
     step("machine restored");
     *built.machine.lazy_memory.lock().expect("Poisoned lock") = Some(Arc::new(handler));
     let vmm = crate::Vmm::start(built)?;
-    new.committed = true;
+    new_disks.committed = true;
     crate::migrate::resume_devices(vmm.machine());
     let took = t0.elapsed();
     step("running");
     Ok((vmm, took))
 }
 
-/// Registers the new machine's memory with a userfaultfd and starts the loader that fills it
-/// from the snapshot's memory file.
-fn start_loader(built: &BuiltVm, checked: &Checked) -> Result<Handler, SnapshotError> {
-    let uffd = GuestUffd::register(built.machine.vm.memory())?;
+/// Registers the new machine's memory with `uffd` and starts the loader that fills it from the
+/// snapshot's memory file.
+fn start_loader(built: &BuiltVm, checked: &Checked, uffd: NewUffd) -> Result<Handler, SnapshotError> {
+    let uffd = GuestUffd::register(uffd, built.machine.vm.memory())?;
     let regions: Vec<(u64, u64)> = checked.state.memory.regions.iter().map(|r| (r.start, r.size)).collect();
     let stats = Arc::new(UffdStats::default());
     let file = checked.memory.try_clone().map_err(SnapshotError::io("open", &checked.dir.join(MEMORY)))?;
-    // Read ahead as the loader goes: the kernel's page cache then has the next chunks ready.
-    let _ = file.read_at(&mut [0u8; 1], 0);
     let source = FileSource::new(
         file,
         checked.dir.join(MEMORY),
@@ -282,6 +299,7 @@ fn start_loader(built: &BuiltVm, checked: &Checked) -> Result<Handler, SnapshotE
     let notifier = built.exits.notifier.clone();
     Ok(Handler::start(
         "mem-loader",
+        ThreadKind::MemLoader,
         Arc::new(uffd),
         Box::new(source),
         stats,

@@ -31,6 +31,44 @@ use crate::vstate::vcpu::VcpuSet;
 
 const PAGE: u64 = 4096;
 
+/// A snapshot to write, run on the [`Writer`].
+pub type Job = Box<dyn FnOnce() + Send>;
+
+/// The thread snapshots are written on. It is started while the VMM may still create files and
+/// installs its own seccomp filter, the one that lets it create the snapshot's files: every
+/// other thread is sandboxed so that it opens nothing (see `crate::seccomp`).
+pub struct Writer {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    pub fn start() -> std::io::Result<Writer> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new().name("snapshot".into()).spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Snapshot);
+            for job in rx {
+                job();
+            }
+        })?;
+        Ok(Writer { jobs: Some(tx), thread: Some(thread) })
+    }
+
+    /// Runs `job` on the writer thread.
+    pub fn run(&self, job: Job) -> Result<(), String> {
+        self.jobs.as_ref().and_then(|j| j.send(job).ok()).ok_or_else(|| "the snapshot thread is gone".to_string())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// What was asked, checked.
 #[derive(Clone, Debug)]
 pub struct SnapshotParams {

@@ -34,6 +34,7 @@ use userfaultfd::{Event, IoctlFlags, Uffd, UffdBuilder};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::ThreadKind;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Host page size (and the guest's), the unit userfaultfd works in.
@@ -89,17 +90,29 @@ pub struct GuestUffd {
 // the kernel serialises. The regions are plain numbers.
 unsafe impl Sync for GuestUffd {}
 
-impl GuestUffd {
-    /// Creates a userfaultfd (through `/dev/userfaultfd` if it exists, else the system call) that
-    /// also catches KVM's and the kernel's accesses (not user mode only), and registers every
-    /// region of `mem`, which must not have been touched yet, in MISSING mode.
-    pub fn register(mem: &GuestMemoryMmap) -> Result<Self, UffdError> {
+/// A userfaultfd not yet given any memory: made while the VMM may still open files (it opens
+/// `/dev/userfaultfd`), used once the guest's memory exists.
+pub struct NewUffd(Uffd);
+
+impl NewUffd {
+    /// Creates a userfaultfd (through `/dev/userfaultfd` if it exists, else the system call)
+    /// that also catches KVM's and the kernel's accesses (not user mode only).
+    pub fn create() -> Result<Self, UffdError> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
             .user_mode_only(false)
             .create()
             .map_err(UffdError::Create)?;
+        Ok(NewUffd(uffd))
+    }
+}
+
+impl GuestUffd {
+    /// Registers every region of `mem`, which must not have been touched yet, with `uffd` in
+    /// MISSING mode.
+    pub fn register(uffd: NewUffd, mem: &GuestMemoryMmap) -> Result<Self, UffdError> {
+        let uffd = uffd.0;
         let mut regions = Vec::new();
         for r in mem.iter() {
             let gpa = r.start_addr().raw_value();
@@ -349,6 +362,7 @@ impl Handler {
     /// Starts serving `uffd`'s faults from `source` on a thread named `name`.
     pub fn start(
         name: &str,
+        kind: ThreadKind,
         uffd: Arc<GuestUffd>,
         source: Box<dyn PageSource>,
         stats: Arc<UffdStats>,
@@ -362,7 +376,10 @@ impl Handler {
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                let r = serve(&uffd, source, &stop2, &stats2);
+                let r = match crate::seccomp::apply(kind) {
+                    Ok(()) => serve(&uffd, source, &stop2, &stats2),
+                    Err(e) => Err(UffdError::Source(e.to_string())),
+                };
                 *fin2.lock().expect("Poisoned lock") = Some(started.elapsed());
                 let outcome = match r {
                     Ok(true) => {
