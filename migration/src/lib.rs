@@ -5,6 +5,7 @@
 
 pub mod disk;
 pub mod memory;
+pub mod postcopy;
 pub mod protocol;
 pub mod snapshot;
 pub mod state;

@@ -22,6 +22,10 @@
 //!    and answers with its measured downtime; from then on it owns the guest.
 //!
 //! `Abandon` may replace any step before `Complete`: the destination discards everything.
+//!
+//! Post-copy (protocol 4) replaces the last `Memory` frames of step 5 with `PostcopyDirty` (the
+//! pages still to come) and a second connection; after `Complete` the pages follow while the
+//! guest runs on the destination (see [`crate::postcopy`]).
 
 use std::io::{self, Read, Write};
 
@@ -30,7 +34,7 @@ use serde::{Deserialize, Serialize};
 /// "VMMG".
 pub const MAGIC: u32 = 0x474d_4d56;
 /// Protocol version this build speaks. Bump it on any change to framing or commands.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Header bytes before every payload.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted: a memory batch is sent once it reaches 8 MiB, so it is at most
@@ -50,6 +54,18 @@ pub enum Command {
     Response = 7,
     Prepare = 8,
     Disk = 9,
+    /// The pages the destination must still get (post-copy; see [`crate::postcopy`]).
+    PostcopyDirty = 10,
+    /// First frame of the fault connection.
+    PostcopyChannel = 11,
+    /// A page the destination faulted on.
+    PageRequest = 12,
+    /// Every page was pushed.
+    PostcopyEnd = 13,
+    /// The destination has every page.
+    PostcopyDone = 14,
+    /// First frame of a new main connection after the link broke.
+    PostcopyResume = 15,
 }
 
 impl Command {
@@ -64,6 +80,12 @@ impl Command {
             7 => Command::Response,
             8 => Command::Prepare,
             9 => Command::Disk,
+            10 => Command::PostcopyDirty,
+            11 => Command::PostcopyChannel,
+            12 => Command::PageRequest,
+            13 => Command::PostcopyEnd,
+            14 => Command::PostcopyDone,
+            15 => Command::PostcopyResume,
             _ => return None,
         })
     }
@@ -252,6 +274,10 @@ pub struct StartPayload {
     /// The guest's disks, in its order (default: none).
     #[serde(default)]
     pub disks: Vec<DiskLayout>,
+    /// This migration may switch to post-copy: its id, which the source's later connections
+    /// (the fault connection, reconnections) present. The destination then keeps listening.
+    #[serde(default)]
+    pub postcopy_id: Option<u64>,
 }
 
 #[cfg(test)]

@@ -94,7 +94,7 @@ pub fn start_destination_with(bed: &TestBed, host: &str, port: u16, extra: &[&st
 }
 
 pub fn request(to: &str) -> MigrateRequest {
-    MigrateRequest { to: to.to_string(), downtime_ms: None, max_bandwidth_mib_s: None, max_rounds: None }
+    MigrateRequest { to: to.to_string(), downtime_ms: None, max_bandwidth_mib_s: None, max_rounds: None, mode: None }
 }
 
 /// The threads of process `pid` and where they are, for a hang's report: gdb's backtraces if

@@ -647,6 +647,7 @@ fn valid_start(mem_mib: u64) -> StartPayload {
         cpuid: vec![],
         tsc_khz: None,
         disks: vec![],
+        postcopy_id: None,
     }
 }
 

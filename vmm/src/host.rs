@@ -55,6 +55,8 @@ pub struct HostResources {
     incoming_disks: Vec<Option<LocalDisk>>,
     kernel: Option<File>,
     initrd: Option<File>,
+    /// A destination's userfaultfd, for a migration that switches to post-copy.
+    uffd: Option<crate::uffd::NewUffd>,
     sealed: bool,
 }
 
@@ -82,7 +84,16 @@ impl HostResources {
             .collect::<Result<Vec<_>, _>>()?;
         let taps = config.nets.iter().map(|n| Tap::open(&n.tap)).collect::<Result<Vec<_>, _>>()?;
         let kvm = Some(open_kvm()?);
-        Ok(HostResources { kvm, taps, disks, incoming_disks: Vec::new(), kernel: Some(kernel), initrd, sealed: false })
+        Ok(HostResources {
+            kvm,
+            taps,
+            disks,
+            incoming_disks: Vec::new(),
+            kernel: Some(kernel),
+            initrd,
+            uffd: None,
+            sealed: false,
+        })
     }
 
     /// Opens what restoring a snapshot of `config` needs (its TAPs and disks as this host names
@@ -113,6 +124,12 @@ impl HostResources {
         }
         res.taps = nets.iter().map(|n| Tap::open(&n.tap)).collect::<Result<Vec<_>, _>>()?;
         res.kvm = Some(open_kvm()?);
+        // Only a migration that switches to post-copy needs it; one that does not must not fail
+        // for want of it.
+        match crate::uffd::NewUffd::create() {
+            Ok(u) => res.uffd = Some(u),
+            Err(e) => log::warn!("no userfaultfd, so no incoming post-copy: {e}"),
+        }
         Ok(res)
     }
 
@@ -190,6 +207,16 @@ impl HostResources {
     /// The destination's TAPs have to be named on its command line.
     pub fn missing_nets(&self, count: usize) -> HostError {
         Self::not_opened(format!("the guest's {count} TAP(s)"), NET_HINT)
+    }
+
+    /// The userfaultfd for an incoming post-copy.
+    pub fn take_uffd(&mut self) -> Result<crate::uffd::NewUffd, HostError> {
+        match self.uffd.take() {
+            Some(u) => Ok(u),
+            None if self.sealed => Err(Self::not_opened("/dev/userfaultfd", "it is opened at set-up")),
+            None => crate::uffd::NewUffd::create()
+                .map_err(|e| Self::not_opened(format!("a userfaultfd ({e})"), "check /dev/userfaultfd")),
+        }
     }
 
     /// The kernel image at `path`.

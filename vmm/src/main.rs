@@ -12,7 +12,7 @@ use net::announce::AnnounceSchedule;
 use vmm::api::client::{ApiClient, ClientError};
 use vmm::api::display;
 use vmm::api::server::{ApiServerOptions, bind_api_socket};
-use vmm::api::{MigrateRequest, MigrationPhase, SnapshotPhase, SnapshotRequest};
+use vmm::api::{MigrateRequest, MigrationMode, MigrationPhase, SnapshotPhase, SnapshotRequest};
 use vmm::arch::cpuid::CpuTemplate;
 use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
 use vmm::disk_config::DiskConfig;
@@ -100,6 +100,13 @@ struct MigrateArgs {
     /// Most pre-copy rounds before forcing convergence [VMM default: 30].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     max_rounds: Option<u32>,
+    /// Switch to post-copy after the first pre-copy round: the guest moves at once and the
+    /// pages it dirtied meanwhile follow while it runs on the destination.
+    #[arg(long, conflicts_with = "postcopy_auto")]
+    postcopy: bool,
+    /// Switch to post-copy when pre-copy stops converging, instead of throttling the vCPUs.
+    #[arg(long)]
+    postcopy_auto: bool,
     /// Print the final migration state as JSON (the API's `GET /vm/migration` answer).
     #[arg(long)]
     json: bool,
@@ -384,6 +391,13 @@ fn migrate(args: MigrateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         downtime_ms: args.downtime_ms,
         max_bandwidth_mib_s: args.max_bandwidth_mib_s,
         max_rounds: args.max_rounds,
+        mode: if args.postcopy {
+            Some(MigrationMode::Postcopy)
+        } else if args.postcopy_auto {
+            Some(MigrationMode::PostcopyAuto)
+        } else {
+            None
+        },
     };
     // Only to size the progress bar, so a failure here is no reason to stop.
     let guest_bytes = client.get_vm().ok().map(|vm| vm.config.mem_mib.saturating_mul(1 << 20));

@@ -136,6 +136,11 @@ impl Vmm {
         self.snapshot_writer = Some(writer);
     }
 
+    /// The vCPUs, for what must pause and resume them from elsewhere (post-copy's page handler).
+    pub fn vcpus(&self) -> Arc<Mutex<VcpuSet>> {
+        self.vcpus.clone()
+    }
+
     pub fn machine(&self) -> &Arc<Machine> {
         &self.machine
     }

@@ -159,6 +159,7 @@ impl FakeVmm {
                 m.eta_ms = 0;
                 self.state = VmState::Migrated;
             }
+            MigrationPhase::Postcopy | MigrationPhase::PostcopyPaused => m.phase = MigrationPhase::Completed,
             MigrationPhase::None | MigrationPhase::Completed | MigrationPhase::Failed => {}
         }
     }
@@ -420,7 +421,7 @@ fn vmm_errors_pass_through() {
 }
 
 fn migrate_defaults() -> MigrateRequest {
-    MigrateRequest { to: String::new(), downtime_ms: None, max_bandwidth_mib_s: None, max_rounds: None }
+    MigrateRequest { to: String::new(), downtime_ms: None, max_bandwidth_mib_s: None, max_rounds: None, mode: None }
 }
 
 #[test]
@@ -1107,10 +1108,18 @@ fn openapi_schemas_match_serde() {
     assert_eq!(schema_enum("VmState"), json_strings(&all_states));
 
     use MigrationPhase as P;
-    let all_phases = [P::None, P::Setup, P::Precopy, P::StopAndCopy, P::Completed, P::Failed];
+    let all_phases =
+        [P::None, P::Setup, P::Precopy, P::StopAndCopy, P::Postcopy, P::PostcopyPaused, P::Completed, P::Failed];
     for p in all_phases {
         match p {
-            P::None | P::Setup | P::Precopy | P::StopAndCopy | P::Completed | P::Failed => {}
+            P::None
+            | P::Setup
+            | P::Precopy
+            | P::StopAndCopy
+            | P::Postcopy
+            | P::PostcopyPaused
+            | P::Completed
+            | P::Failed => {}
         }
     }
     assert_eq!(schema_enum("MigrationPhase"), json_strings(&all_phases));

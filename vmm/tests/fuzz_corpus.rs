@@ -78,6 +78,7 @@ fn start_payload() -> Vec<u8> {
         cpuid: vec![],
         tsc_khz: None,
         disks: vec![],
+        postcopy_id: None,
     };
     serde_json::to_vec(&start).unwrap()
 }

@@ -149,6 +149,8 @@ pub fn phase_name(phase: MigrationPhase) -> &'static str {
         MigrationPhase::Setup => "setup",
         MigrationPhase::Precopy => "pre-copy",
         MigrationPhase::StopAndCopy => "stop-and-copy",
+        MigrationPhase::Postcopy => "post-copy",
+        MigrationPhase::PostcopyPaused => "post-copy, link broken, reconnecting",
         MigrationPhase::Completed => "completed",
         MigrationPhase::Failed => "failed",
     }

@@ -45,6 +45,49 @@ pub struct MigrateRequest {
     /// Most pre-copy rounds before the migration forces convergence (default 30).
     #[serde(default)]
     pub max_rounds: Option<u32>,
+    /// Pre-copy only (default), post-copy after the first round, or post-copy once pre-copy
+    /// stops converging.
+    #[serde(default)]
+    pub mode: Option<MigrationMode>,
+}
+
+/// How a migration moves memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationMode {
+    /// Copy rounds while the guest runs until what is left fits the downtime (throttling the
+    /// vCPUs if the rounds stop shrinking), then the rest with the guest paused.
+    #[default]
+    Precopy,
+    /// One full copy round, then the guest moves at once; the pages it dirtied meanwhile follow
+    /// while it runs on the destination (fetched on first touch, pushed in the background).
+    Postcopy,
+    /// Pre-copy, switching to post-copy when the rounds stop shrinking (instead of throttling).
+    PostcopyAuto,
+}
+
+/// The post-copy part of a migration, once it switched.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyInfo {
+    /// When the guest moved, in ms since the migration started.
+    pub switched_at_ms: u64,
+    /// Pages the destination lacked at the switch.
+    pub pages_needed: u64,
+    /// Pages sent in the background.
+    pub pages_pushed: u64,
+    /// Pages sent in answer to the destination's faults.
+    pub pages_requested: u64,
+    /// Faults the destination asked about.
+    pub requests: u64,
+    /// Times the link broke and the transfer went on over a new one.
+    pub reconnects: u32,
+    /// As the destination counted them at the end: faults on missing pages, and their latency
+    /// from the fault to the page in place (median and 99th percentile, µs).
+    pub faults: Option<u64>,
+    pub fault_latency_median_us: Option<u64>,
+    pub fault_latency_p99_us: Option<u64>,
+    /// From the switch to the last page, ms.
+    pub duration_ms: Option<u64>,
 }
 
 /// `PUT /vm/snapshot` body.
@@ -108,6 +151,11 @@ pub enum MigrationPhase {
     Precopy,
     /// Guest paused: last dirty pages and device state.
     StopAndCopy,
+    /// The guest runs on the destination; the pages it lacks are still being sent.
+    Postcopy,
+    /// Post-copy with the link broken: the destination's guest is paused, this host keeps the
+    /// memory and reconnects.
+    PostcopyPaused,
     /// The destination runs the guest.
     Completed,
     /// Failed; the guest runs on here, unless the failure came after `Complete` without an
@@ -119,6 +167,12 @@ pub enum MigrationPhase {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrationInfo {
     pub phase: MigrationPhase,
+    /// The mode asked for.
+    #[serde(default)]
+    pub mode: MigrationMode,
+    /// Post-copy's figures, once the migration switched to it.
+    #[serde(default)]
+    pub postcopy: Option<PostcopyInfo>,
     pub destination: Option<String>,
     /// Pre-copy round (1 is the full copy).
     pub round: u32,

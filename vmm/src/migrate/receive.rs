@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use migration::memory::{BatchReader, PAGE_SIZE};
 use migration::protocol::{self, Command, Response, StartPayload};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::disks::DiskSink;
 use super::{MachineState, MigrateError, check_cpuid};
@@ -26,6 +26,9 @@ use crate::config::VmConfig;
 use crate::disk_config::DiskConfig;
 use crate::host::HostResources;
 use crate::net_config::NetConfig;
+use crate::uffd::remote;
+use migration::postcopy::PageBitmap;
+use std::sync::Arc;
 
 /// How long the destination waits for the next frame before giving up on the source.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,6 +43,16 @@ pub struct Incoming {
     /// The receive buffer: freeing megabytes of touched memory takes a while, so it is dropped
     /// only once the guest runs and the source knows.
     pub scratch: Vec<u8>,
+    /// A migration that switched to post-copy: the pages still to come, and the guest's
+    /// control for when the link breaks.
+    pub postcopy: Option<(Arc<remote::Shared>, Arc<remote::GuestControl>)>,
+}
+
+/// What a post-copy switch set up before `Complete`.
+struct Switched {
+    needed: PageBitmap,
+    fault: TcpStream,
+    id: u64,
 }
 
 /// Tells the source how the migration ended.
@@ -51,13 +64,14 @@ pub struct Acknowledger {
 
 impl Acknowledger {
     /// The guest runs here now (call once the vCPUs run; `resumed_at_us` is when they started,
-    /// see [`protocol::unix_now_us`]); returns the pause measured here.
-    pub fn acknowledge(mut self, resumed_at_us: u64) -> Result<Option<Duration>, MigrateError> {
+    /// see [`protocol::unix_now_us`]); returns the pause measured here, and the connection
+    /// (post-copy's pages come on it).
+    pub fn acknowledge(mut self, resumed_at_us: u64) -> Result<(Option<Duration>, TcpStream), MigrateError> {
         let downtime = self.paused_at.map(|t| t.elapsed());
         let downtime_us = downtime.map(|d| d.as_micros() as u64);
         let answer = Response { ok: true, error: None, downtime_us, resumed_at_us: Some(resumed_at_us) };
         protocol::write_json(&mut self.stream, Command::Response, &answer)?;
-        Ok(downtime)
+        Ok((downtime, self.stream))
     }
 
     /// Starting the restored guest failed: the source must take it back.
@@ -90,8 +104,9 @@ pub fn receive(
     // On stderr whatever the log level: scripts wait for this line before they migrate.
     eprintln!("vmm: waiting for an incoming migration on {listen}");
     let (mut stream, peer) = listener.accept().map_err(|e| MigrateError::Other(format!("accept: {e}")))?;
-    // Nobody else gets in while (and after) this migration runs.
-    drop(listener);
+    // Nobody else gets in while (and after) this migration runs, unless it may switch to
+    // post-copy: then the listener stays for its later connections (see `receive_on`).
+    let mut listener = Some(listener);
     log::info!("incoming migration from {peer}");
     stream.set_nodelay(true).ok();
     stream.set_read_timeout(Some(FRAME_TIMEOUT)).ok();
@@ -99,10 +114,10 @@ pub fn receive(
 
     // Allocated once, up front, for the largest frame.
     let mut scratch = Vec::with_capacity(protocol::MAX_PAYLOAD as usize);
-    let result = receive_on(&mut stream, nets, disks, res, console, &mut scratch, announce);
+    let result = receive_on(&mut stream, &mut listener, nets, disks, res, console, &mut scratch, announce);
     match result {
-        Ok((built, paused_at, disks)) => {
-            Ok(Incoming { built, answer: Acknowledger { stream, paused_at }, disks, scratch })
+        Ok((built, paused_at, disks, postcopy)) => {
+            Ok(Incoming { built, answer: Acknowledger { stream, paused_at }, disks, scratch, postcopy })
         }
         Err(e) => {
             // Tell the source why, if it still listens; it resumes its guest.
@@ -112,21 +127,28 @@ pub fn receive(
     }
 }
 
+type Received = (BuiltVm, Option<Instant>, DiskSink, Option<(Arc<remote::Shared>, Arc<remote::GuestControl>)>);
+
+#[allow(clippy::too_many_arguments)]
 fn receive_on(
     stream: &mut TcpStream,
+    listener: &mut Option<TcpListener>,
     nets: &[NetConfig],
     disks: &[DiskConfig],
     res: &mut HostResources,
     console: Box<dyn std::io::Write + Send>,
     buf: &mut Vec<u8>,
     announce: bool,
-) -> Result<(BuiltVm, Option<Instant>, DiskSink), MigrateError> {
+) -> Result<Received, MigrateError> {
     let first = protocol::read_frame(stream)?;
     if first.command != Command::Start {
         return Err(MigrateError::Other(format!("expected a migration Start, got {:?}", first.command)));
     }
     let start: StartPayload = protocol::parse_json("Start", &first.payload)?;
     log::debug!("incoming: Start");
+    if start.postcopy_id.is_none() {
+        *listener = None;
+    }
     let mut config = check_start(&start, nets, res)?;
     log::debug!("incoming: Start checked");
     // Dropped (removing the new files) on any failure before the guest runs here.
@@ -141,6 +163,7 @@ fn receive_on(
     let mut written = Written::new(&mem);
     let mut paused_at = None;
     let mut state: Option<MachineState> = None;
+    let mut switched: Option<Switched> = None;
     loop {
         let r = protocol::read_frame_into(stream, buf)?;
         log::trace!("incoming: frame {r:?} {} bytes", buf.len());
@@ -149,6 +172,24 @@ fn receive_on(
                 apply_batch(&mem, buf, &mut written)?;
             }
             Command::Disk => sink.apply(buf)?,
+            Command::PostcopyDirty if switched.is_none() => {
+                let (Some(id), Some(l)) = (start.postcopy_id, listener.as_ref()) else {
+                    return Err(MigrateError::Other(
+                        "PostcopyDirty in a migration that did not offer post-copy".into(),
+                    ));
+                };
+                let layout: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect();
+                let needed = PageBitmap::decode(buf, &layout).map_err(|e| MigrateError::Other(e.to_string()))?;
+                // The stale copies go now, while the source saves the machine.
+                remote::zap(&mem, &needed).map_err(|e| MigrateError::Memory(e.to_string()))?;
+                log::debug!(
+                    "incoming: post-copy: {} pages to come, dropped here at {} µs",
+                    needed.count(),
+                    paused_at.map_or(0, |t: Instant| t.elapsed().as_micros())
+                );
+                let fault = accept_channel(l, id)?;
+                switched = Some(Switched { needed, fault, id });
+            }
             Command::Prepare => {
                 // The guest is about to pause on the source: whatever is still being set up
                 // here must be done before that, not while the guest waits.
@@ -194,11 +235,84 @@ fn receive_on(
         }
     }
     let state = state.ok_or_else(|| MigrateError::Other("Complete came before the machine's State".into()))?;
-    // Restoring kvmclock and other MSRs makes KVM touch guest memory: the slots must be there.
+    // Restoring kvmclock and other MSRs makes KVM touch guest memory: the slots must be there,
+    // and with post-copy the pages that are still on the source must come when touched.
     built.machine.vm.memslots_ready()?;
+    let postcopy = match switched {
+        Some(s) => {
+            let l = listener.take().ok_or_else(|| MigrateError::Other("no listener for post-copy".into()))?;
+            Some(start_postcopy(&built, res, s, l)?)
+        }
+        None => None,
+    };
     super::restore_machine(&built, &state)?;
     log::debug!("incoming: restored at {} µs", paused_at.map_or(0, |t| t.elapsed().as_micros()));
-    Ok((built, paused_at, sink))
+    Ok((built, paused_at, sink, postcopy))
+}
+
+/// How long the source may take to open the fault connection.
+const CHANNEL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts post-copy's fault connection: the first connection that presents this migration's
+/// id (others are closed).
+fn accept_channel(listener: &TcpListener, id: u64) -> Result<TcpStream, MigrateError> {
+    let deadline = Instant::now() + CHANNEL_TIMEOUT;
+    listener.set_nonblocking(true).map_err(|e| MigrateError::Other(format!("listener: {e}")))?;
+    let r = loop {
+        match listener.accept() {
+            Ok((mut s, peer)) => {
+                s.set_nonblocking(false).ok();
+                s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                match protocol::read_frame(&mut s) {
+                    Ok(f) if f.command == Command::PostcopyChannel => {
+                        match protocol::parse_json::<migration::postcopy::ChannelHello>("hello", &f.payload) {
+                            Ok(h) if h.id == id => break Ok(s),
+                            _ => log::warn!("post-copy: {peer} presented another migration's id"),
+                        }
+                    }
+                    other => log::warn!("post-copy: {peer} did not open a fault connection: {other:?}"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => break Err(MigrateError::Other(format!("waiting for the post-copy fault connection: {e}"))),
+        }
+    };
+    listener.set_nonblocking(false).ok();
+    r
+}
+
+/// Registers guest memory with a userfaultfd and starts the page handler that fetches the
+/// missing pages over the fault connection.
+fn start_postcopy(
+    built: &BuiltVm,
+    res: &mut HostResources,
+    s: Switched,
+    listener: TcpListener,
+) -> Result<(Arc<remote::Shared>, Arc<remote::GuestControl>), MigrateError> {
+    let uffd = res.take_uffd().map_err(|e| MigrateError::Memory(e.to_string()))?;
+    let uffd = Arc::new(
+        crate::uffd::GuestUffd::register(uffd, built.machine.vm.memory())
+            .map_err(|e| MigrateError::Memory(e.to_string()))?,
+    );
+    let control = Arc::new(remote::GuestControl::default());
+    let stats = Arc::new(crate::uffd::UffdStats::default());
+    let source = remote::Remote::new(uffd.clone(), s.needed, s.fault, listener, s.id, control.clone(), stats.clone())
+        .map_err(|e| MigrateError::Memory(e.to_string()))?;
+    let shared = source.shared();
+    let notifier = built.exits.notifier.clone();
+    let handler = crate::uffd::Handler::start(
+        "postcopy-faults",
+        crate::seccomp::ThreadKind::PostcopyFaults,
+        uffd,
+        Box::new(source),
+        stats,
+        Box::new(move |msg| notifier.notify(u8::MAX - 1, crate::vstate::vcpu::ExitReason::Error(msg))),
+    )
+    .map_err(|e| MigrateError::Memory(e.to_string()))?;
+    *built.machine.lazy_memory.lock().expect("Poisoned lock") = Some(Arc::new(handler));
+    Ok((shared, control))
 }
 
 /// Whether this host can take the VM described by `start`; returns its config with this host's
@@ -334,7 +448,8 @@ pub fn start_incoming(
     announce: Option<net::announce::AnnounceSchedule>,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<(crate::Vmm, Option<Duration>), MigrateError> {
-    let Incoming { built, answer, disks, scratch } = receive(listener, nets, disks, res, console, announce.is_some())?;
+    let Incoming { built, answer, disks, scratch, postcopy } =
+        receive(listener, nets, disks, res, console, announce.is_some())?;
     log::debug!("incoming: starting the vCPUs");
     let mut vmm = match crate::Vmm::start(built) {
         Ok(v) => v,
@@ -352,13 +467,26 @@ pub fn start_incoming(
     super::resume_devices(vmm.machine());
     // From `Complete` on, the guest is ours: even if the source cannot hear this answer any
     // more, the guest runs here (the source then keeps its copy paused).
+    if let Some((_, control)) = &postcopy {
+        control.attach(vmm.vcpus());
+    }
     let downtime = match answer.acknowledge(resumed_at_us) {
-        Ok(d) => {
+        Ok((d, stream)) => {
             log::debug!("incoming: acknowledged");
+            if let Some((shared, _)) = &postcopy
+                && let Err(e) = remote::start_receiver(shared.clone(), stream)
+            {
+                log::warn!("post-copy: cannot start the receiver: {e}");
+                remote::mark_broken(shared);
+            }
             d
         }
         Err(e) => {
             log::warn!("could not tell the source the migration completed: {e}");
+            if let Some((shared, _)) = &postcopy {
+                // The source reconnects; the page handler takes it from there.
+                remote::mark_broken(shared);
+            }
             None
         }
     };

@@ -26,10 +26,11 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddr
 
 use super::dirty::{self, Bitmap};
 use super::disks::{self, DiskCopier};
+use super::postcopy_source;
 use super::{
     MachineState, MigrateError, announce_now, pause_devices, resume_devices, save_devices, save_disks, save_vm_state,
 };
-use crate::api::{MigrateRequest, MigrationInfo, MigrationPhase, RoundInfo};
+use crate::api::{MigrateRequest, MigrationInfo, MigrationMode, MigrationPhase, PostcopyInfo, RoundInfo};
 use crate::builder::Machine;
 use crate::vstate::vcpu::{THROTTLE_TICK, VcpuSet};
 
@@ -64,6 +65,7 @@ pub struct MigrateParams {
     /// Bytes per second, if capped.
     pub max_bandwidth: Option<u64>,
     pub max_rounds: u32,
+    pub mode: MigrationMode,
 }
 
 impl TryFrom<&MigrateRequest> for MigrateParams {
@@ -93,7 +95,7 @@ impl TryFrom<&MigrateRequest> for MigrateParams {
             Some(0) => return Err("max_rounds: must be at least 1".into()),
             other => other.unwrap_or(DEFAULT_MAX_ROUNDS),
         };
-        Ok(MigrateParams { to: r.to.clone(), downtime, max_bandwidth, max_rounds })
+        Ok(MigrateParams { to: r.to.clone(), downtime, max_bandwidth, max_rounds, mode: r.mode.unwrap_or_default() })
     }
 }
 
@@ -125,13 +127,29 @@ struct Source<'a> {
     throttling: Arc<AtomicBool>,
     /// The copied disks (see [`super::disks`]).
     disks: DiskCopier,
+    /// The destination's address, and this migration's id if it may switch to post-copy.
+    addr: Option<std::net::SocketAddr>,
+    postcopy_id: Option<u64>,
+}
+
+/// How pre-copy ended.
+enum Switch {
+    /// Stop and copy what is left (the dirty set the last round left).
+    StopAndCopy(Vec<Bitmap>),
+    /// Move the guest now; the dirty set follows by post-copy.
+    Postcopy(Vec<Bitmap>),
 }
 
 /// Migrates `m` to `params.to`, reporting progress as it goes.
 pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progress: &Mutex<MigrationInfo>) -> Outcome {
     {
         let mut p = progress.lock().expect("Poisoned lock");
-        *p = MigrationInfo { phase: MigrationPhase::Setup, destination: Some(params.to.clone()), ..Default::default() };
+        *p = MigrationInfo {
+            phase: MigrationPhase::Setup,
+            destination: Some(params.to.clone()),
+            mode: params.mode,
+            ..Default::default()
+        };
     }
     let mut src = Source {
         m,
@@ -147,6 +165,8 @@ pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progr
         complete_sent: false,
         throttling: Arc::new(AtomicBool::new(false)),
         disks: DiskCopier::new(m),
+        addr: None,
+        postcopy_id: None,
     };
     let result = std::thread::scope(|scope| {
         // The auto-converge ticker: while throttling, kick the vCPUs every tick so each sleeps
@@ -206,8 +226,10 @@ impl Source<'_> {
     /// The whole migration; returns the destination's downtime in µs.
     fn run(&mut self) -> Result<Option<u64>, MigrateError> {
         self.setup()?;
-        let carried = self.precopy()?;
-        self.stop_and_copy(carried)
+        match self.precopy()? {
+            Switch::StopAndCopy(carried) => self.stop_and_copy(carried),
+            Switch::Postcopy(carried) => self.postcopy(carried),
+        }
     }
 
     fn setup(&mut self) -> Result<(), MigrateError> {
@@ -233,6 +255,13 @@ impl Source<'_> {
         stream.set_write_timeout(Some(ANSWER_TIMEOUT)).ok();
         stream.set_read_timeout(Some(ANSWER_TIMEOUT)).ok();
         self.stream = Some(stream);
+        self.addr = Some(addr);
+        if self.params.mode != MigrationMode::Precopy {
+            let mut id = [0u8; 8];
+            // SAFETY: getrandom into a local buffer of its length.
+            unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+            self.postcopy_id = Some(u64::from_le_bytes(id) | 1);
+        }
 
         let vm = &self.m.vm;
         let memory =
@@ -244,6 +273,7 @@ impl Source<'_> {
             cpuid: self.m.cpuid.lock().expect("Poisoned lock").clone(),
             tsc_khz: None,
             disks: disks::layouts(self.m),
+            postcopy_id: self.postcopy_id,
         };
         log::debug!("migration: connected, sending Start");
         protocol::write_json(self.stream()?, Command::Start, &start)?;
@@ -255,8 +285,8 @@ impl Source<'_> {
         Ok(())
     }
 
-    /// Pre-copy rounds; returns the dirty set the last round left unsent.
-    fn precopy(&mut self) -> Result<Vec<Bitmap>, MigrateError> {
+    /// Pre-copy rounds; returns how they ended, with the dirty set the last round left unsent.
+    fn precopy(&mut self) -> Result<Switch, MigrateError> {
         let vm = &self.m.vm;
         dirty::start(vm)?;
         self.disks.start_tracking();
@@ -299,10 +329,18 @@ impl Source<'_> {
                 p.eta_ms = estimate.as_millis() as u64;
             });
             let converging = n * 4 <= prev_dirty * 3 && pages_time > WORTH_ANOTHER_ROUND;
+            if self.params.mode == MigrationMode::Postcopy {
+                // Post-copy after the first round, whatever is left.
+                return Ok(Switch::Postcopy(dirty));
+            }
             if (estimate <= self.params.downtime && !converging) || round >= self.params.max_rounds {
-                return Ok(dirty);
+                return Ok(Switch::StopAndCopy(dirty));
             }
             // Not shrinking by at least a tenth: the guest dirties as fast as we copy.
+            if round >= 2 && n * 10 >= prev_dirty * 9 && self.params.mode == MigrationMode::PostcopyAuto {
+                log::info!("migration: round {round} left {n} dirty pages; switching to post-copy");
+                return Ok(Switch::Postcopy(dirty));
+            }
             if round >= 2 && n * 10 >= prev_dirty * 9 {
                 let pct = match self.m.vcpu_shared.throttle_pct.load(Ordering::Relaxed) {
                     0 => THROTTLE_INITIAL,
@@ -388,6 +426,122 @@ impl Source<'_> {
             answer.downtime_us
         );
         Ok(answer.downtime_us)
+    }
+
+    /// Moves the guest now and lets the pages it dirtied since the last round follow: the
+    /// destination gets the list of pages it lacks instead of the pages, runs the guest, and
+    /// fetches them on first touch while this host pushes them (see [`postcopy_source`]).
+    fn postcopy(&mut self, carried: Vec<Bitmap>) -> Result<Option<u64>, MigrateError> {
+        let vm = &self.m.vm;
+        let (addr, id) = match (self.addr, self.postcopy_id) {
+            (Some(a), Some(id)) => (a, id),
+            _ => return Err(MigrateError::Other("post-copy without a destination address".into())),
+        };
+        protocol::write_frame(self.stream()?, Command::Prepare, &[])?;
+        let answer = protocol::read_response(self.stream()?)?;
+        if !answer.ok {
+            return Err(MigrateError::Refused(answer.error.unwrap_or_else(|| "no reason given".into())));
+        }
+        let paused_at = Instant::now();
+        self.vcpus.lock().expect("Poisoned lock").pause_and_save().map_err(MigrateError::Vcpus)?;
+        self.paused = true;
+        self.states_pending = true;
+        self.update(|p| {
+            p.paused_at_us = Some(protocol::unix_now_us());
+            p.phase = MigrationPhase::StopAndCopy;
+        });
+        protocol::write_frame(self.stream()?, Command::Paused, &[])?;
+        pause_devices(self.m);
+        self.set_throttle(0);
+        let mut needed = carried;
+        for (a, b) in needed.iter_mut().zip(dirty::collect(vm)?) {
+            or_into(a, &b);
+        }
+        let layout: Vec<(u64, u64)> = vm.memory().iter().map(|r| (r.start_addr().raw_value(), r.len())).collect();
+        let bitmap = migration::postcopy::PageBitmap {
+            regions: layout.iter().zip(needed).map(|(&(start, len), w)| (start, len / PAGE_SIZE as u64, w)).collect(),
+        };
+        let needed_pages = bitmap.count();
+        let round = self.progress.lock().expect("Poisoned lock").round + 1;
+        self.record_round(round, needed_pages, true);
+        protocol::write_frame(self.stream()?, Command::PostcopyDirty, &bitmap.encode())?;
+        // Disks do not go by post-copy: their last blocks go now, as in stop-and-copy.
+        self.disk_round(false)?;
+        disks::flush_shared(self.m)?;
+        let fault = postcopy_source::open_channel(addr, Command::PostcopyChannel, id)?;
+        let m = self.m;
+        let progress = self.progress;
+        let transfer = postcopy_source::Transfer {
+            mem: m.vm.memory(),
+            layout,
+            needed: bitmap,
+            fault,
+            addr,
+            id,
+            progress,
+            max_bandwidth: self.params.max_bandwidth,
+        };
+        let mut downtime_us = None;
+        // The fault connection is served from here on: restoring the machine, the destination
+        // already touches pages it does not have.
+        let done = transfer.run(|| {
+            self.states_pending = false;
+            let vcpus = self.vcpus.lock().expect("Poisoned lock").saved_states().map_err(MigrateError::Vcpus)?;
+            let (serial, nets) = save_devices(m);
+            let disks = save_disks(m);
+            let state = MachineState { version: STATE_VERSION, vm: save_vm_state(vm)?, vcpus, serial, nets, disks };
+            protocol::write_json(self.stream()?, Command::State, &state)?;
+            protocol::write_frame(self.stream()?, Command::Complete, &[])?;
+            self.complete_sent = true;
+            // From `Complete` on the destination owns the guest. Without an answer it may run it
+            // already, with pages missing that only this host has: the transfer goes on by
+            // reconnecting, as after any break.
+            let answer = match protocol::read_response(self.stream()?) {
+                Ok(a) if !a.ok => {
+                    return Err(MigrateError::Refused(a.error.unwrap_or_else(|| "no reason given".into())));
+                }
+                Ok(a) => Some(a),
+                Err(e) => {
+                    log::warn!("migration: no answer to Complete ({e}); the guest may run on the destination");
+                    None
+                }
+            };
+            // The guest runs on the destination now; its memory is on both hosts until every
+            // page is across, and this host never resumes it.
+            let downtime = paused_at.elapsed();
+            let switched_at_ms = self.started.elapsed().as_millis() as u64;
+            downtime_us = answer.as_ref().and_then(|a| a.downtime_us);
+            let resumed_at_us = answer.as_ref().and_then(|a| a.resumed_at_us);
+            self.update(|p| {
+                p.downtime_ms = Some(downtime.as_millis() as u64);
+                p.downtime_us = Some(downtime.as_micros() as u64);
+                p.resumed_at_us = resumed_at_us;
+                p.phase = MigrationPhase::Postcopy;
+                p.postcopy = Some(PostcopyInfo { switched_at_ms, pages_needed: needed_pages, ..Default::default() });
+            });
+            log::info!(
+                "migration: switched to post-copy after {switched_at_ms} ms ({needed_pages} pages to follow), \
+                 downtime {} µs",
+                downtime.as_micros()
+            );
+            let main = if answer.is_some() { self.stream.take() } else { None };
+            self.stream = None;
+            if let Some(main) = &main {
+                postcopy_source::bound_stalls(main);
+                main.set_read_timeout(None).ok();
+            }
+            Ok(main)
+        })?;
+        self.update(|p| {
+            if let Some(pc) = p.postcopy.as_mut() {
+                pc.faults = Some(done.faults);
+                pc.fault_latency_median_us = done.fault_latency_median_us;
+                pc.fault_latency_p99_us = done.fault_latency_p99_us;
+                pc.duration_ms = Some(done.duration_ms);
+                pc.reconnects = done.reconnects;
+            }
+        });
+        Ok(downtime_us)
     }
 
     /// Notes the start of a copy round in the progress report.
@@ -545,7 +699,7 @@ impl Source<'_> {
 
 /// Whether a guest page is all zero, read in place a cache line at a time (raw copies, the way
 /// vm-memory reads guest memory the guest may be writing), stopping at the first non-zero line.
-fn page_is_zero<B: vm_memory::bitmap::BitmapSlice>(page: &VolatileSlice<'_, B>) -> bool {
+pub(super) fn page_is_zero<B: vm_memory::bitmap::BitmapSlice>(page: &VolatileSlice<'_, B>) -> bool {
     const LINE: usize = 64;
     if page.len() != PAGE_SIZE {
         return false;

@@ -46,10 +46,16 @@ pub enum ThreadKind {
     MemLoader,
     /// Writes snapshots: started before the sandbox, the one thread that may create files.
     Snapshot,
+    /// Post-copy's source: answers the destination's faults on the fault connection.
+    PostcopyServer,
+    /// Post-copy's destination: the page handler (faults, the fault connection, reconnections).
+    PostcopyFaults,
+    /// Post-copy's destination: places the pages pushed on the main connection.
+    PostcopyReceiver,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 10] = [
+    pub const ALL: [ThreadKind; 13] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Memslots,
@@ -60,6 +66,9 @@ impl ThreadKind {
         ThreadKind::ApiConnection,
         ThreadKind::MemLoader,
         ThreadKind::Snapshot,
+        ThreadKind::PostcopyServer,
+        ThreadKind::PostcopyFaults,
+        ThreadKind::PostcopyReceiver,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,6 +83,9 @@ impl ThreadKind {
             ThreadKind::ApiConnection => "api-conn",
             ThreadKind::MemLoader => "mem-loader",
             ThreadKind::Snapshot => "snapshot",
+            ThreadKind::PostcopyServer => "postcopy-server",
+            ThreadKind::PostcopyFaults => "postcopy-faults",
+            ThreadKind::PostcopyReceiver => "postcopy-recv",
         }
     }
 }

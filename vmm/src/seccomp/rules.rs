@@ -387,6 +387,50 @@ const SNAPSHOT: Profile = Profile {
     socket_domains: &[],
 };
 
+/// Post-copy's source, answering faults: reads requests and writes pages on its connection.
+const POSTCOPY_SERVER: Profile = Profile {
+    syscalls: &[
+        libc::SYS_read,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_shutdown,
+        libc::SYS_poll,
+        libc::SYS_setsockopt,
+        libc::SYS_getsockopt,
+        libc::SYS_fcntl,
+    ],
+    ioctls: &[],
+    socket_domains: &[],
+};
+
+/// Post-copy's destination page handler: fault events, the fault connection (requests out,
+/// pages in), taking a new pair of connections after a break (accept on the kept listener), and
+/// pausing and resuming the vCPUs meanwhile.
+const POSTCOPY_FAULTS: Profile = Profile {
+    syscalls: &[
+        libc::SYS_read,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_accept4,
+        libc::SYS_shutdown,
+        libc::SYS_setsockopt,
+        libc::SYS_getsockopt,
+        libc::SYS_getpeername,
+        libc::SYS_fcntl,
+    ],
+    ioctls: &[UFFD_FILL, TERMINAL],
+    socket_domains: &[],
+};
+
+/// Post-copy's destination receiver: reads pushed pages and places them.
+const POSTCOPY_RECEIVER: Profile = Profile {
+    syscalls: &[libc::SYS_read, libc::SYS_recvfrom, libc::SYS_poll, libc::SYS_shutdown, libc::SYS_fcntl],
+    ioctls: &[UFFD_FILL],
+    socket_domains: &[],
+};
+
 impl ThreadKind {
     /// Whether this kind creates files, and so has no filter refusing opens in front of its own.
     pub fn creates_files(self) -> bool {
@@ -406,6 +450,9 @@ impl ThreadKind {
             ThreadKind::ApiConnection => &API_CONNECTION,
             ThreadKind::MemLoader => &MEM_LOADER,
             ThreadKind::Snapshot => &SNAPSHOT,
+            ThreadKind::PostcopyServer => &POSTCOPY_SERVER,
+            ThreadKind::PostcopyFaults => &POSTCOPY_FAULTS,
+            ThreadKind::PostcopyReceiver => &POSTCOPY_RECEIVER,
         }
     }
 
@@ -419,8 +466,10 @@ impl ThreadKind {
                 ThreadKind::BlockIo,
                 ThreadKind::Migration,
                 ThreadKind::MemLoader,
+                ThreadKind::PostcopyFaults,
+                ThreadKind::PostcopyReceiver,
             ],
-            ThreadKind::Migration => &[ThreadKind::MigrationTicker],
+            ThreadKind::Migration => &[ThreadKind::MigrationTicker, ThreadKind::PostcopyServer],
             ThreadKind::Api => &[ThreadKind::ApiConnection],
             _ => &[],
         }

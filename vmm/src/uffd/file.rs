@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 
 use migration::snapshot::{ChunkTable, crc64};
 
-use super::{GuestUffd, PageSource, Served, UffdError, UffdStats};
+use super::{Ctx, GuestUffd, PageSource, Served, UffdError, UffdStats};
 
 /// One guest memory region and where it starts in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,7 +146,8 @@ impl FileSource {
 }
 
 impl PageSource for FileSource {
-    fn fault(&mut self, uffd: &GuestUffd, gpa: u64) -> Result<Served, UffdError> {
+    fn fault(&mut self, ctx: &Ctx, gpa: u64) -> Result<Served, UffdError> {
+        let uffd = ctx.uffd;
         let chunk = self.chunk_of(gpa).ok_or(UffdError::Outside(gpa))?;
         if self.is_loaded(chunk) {
             // A second fault in a chunk placed meanwhile: its waiter may need waking.
@@ -157,7 +158,8 @@ impl PageSource for FileSource {
         Ok(Served::Now)
     }
 
-    fn idle(&mut self, uffd: &GuestUffd) -> Result<bool, UffdError> {
+    fn idle(&mut self, ctx: &Ctx) -> Result<bool, UffdError> {
+        let uffd = ctx.uffd;
         let chunks = self.table.chunks();
         while self.next < chunks && (!self.table.has_data(self.next) || self.is_loaded(self.next)) {
             self.next += 1;

@@ -23,6 +23,7 @@
 //! `UFFDIO_ZEROPAGE`, `UFFDIO_WAKE`), `read`, `poll`, `pread64` (file source).
 
 pub mod file;
+pub mod remote;
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,6 +69,9 @@ pub enum UffdError {
     /// What the source could not give (a damaged snapshot chunk, a read error, a lost source).
     #[error("{0}")]
     Source(String),
+    /// The handler was told to stop while the source waited.
+    #[error("stopped")]
+    Stopped,
 }
 
 /// One region of guest memory: where it is for the guest and in this process.
@@ -270,18 +274,25 @@ impl GuestUffd {
 /// How a fault was dealt with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Served {
-    /// The page is there now (the latency is the handler's).
+    /// The page is there now, loaded from the source (a fault counted, with its latency).
     Now,
-    /// Asked for; it will arrive (the source measures the latency when it does).
-    Later,
+    /// The page is there now without the source: it never held data (a zero page).
+    Local,
+}
+
+/// What a source works with: the memory and the handler's stop event (a source that waits,
+/// for a reconnection say, must give up when it fires: return [`UffdError::Stopped`]).
+pub struct Ctx<'a> {
+    pub uffd: &'a GuestUffd,
+    pub stop: &'a EventFd,
 }
 
 /// Where missing pages come from.
 pub trait PageSource: Send {
     /// The guest (or the VMM) touched missing page `gpa`: make it present, or ask for it.
-    fn fault(&mut self, uffd: &GuestUffd, gpa: u64) -> Result<Served, UffdError>;
+    fn fault(&mut self, ctx: &Ctx, gpa: u64) -> Result<Served, UffdError>;
     /// No fault is waiting: load ahead a little. Returns whether there is more to load ahead.
-    fn idle(&mut self, uffd: &GuestUffd) -> Result<bool, UffdError>;
+    fn idle(&mut self, ctx: &Ctx) -> Result<bool, UffdError>;
     /// Whether every page that must come from the source is there: the handler then releases
     /// the memory and ends.
     fn done(&self) -> bool;
@@ -386,7 +397,7 @@ impl Handler {
                         uffd.release();
                         HandlerEnd::Done
                     }
-                    Ok(false) => HandlerEnd::Stopped,
+                    Ok(false) | Err(UffdError::Stopped) => HandlerEnd::Stopped,
                     Err(e) => HandlerEnd::Failed(e.to_string()),
                 };
                 {
@@ -455,6 +466,7 @@ fn serve(
     stats: &UffdStats,
 ) -> Result<bool, UffdError> {
     let mut ahead = true;
+    let ctx = Ctx { uffd, stop };
     loop {
         if source.done() {
             return Ok(true);
@@ -485,7 +497,7 @@ fn serve(
                     let t = Instant::now();
                     let host = addr as u64 & !(PAGE - 1);
                     let gpa = uffd.gpa(host).ok_or(UffdError::Outside(host))?;
-                    if source.fault(uffd, gpa)? == Served::Now {
+                    if source.fault(&ctx, gpa)? == Served::Now {
                         stats.record(t.elapsed());
                     }
                 }
@@ -498,7 +510,7 @@ fn serve(
             ahead = true;
         }
         if ahead {
-            ahead = source.idle(uffd)?;
+            ahead = source.idle(&ctx)?;
         }
     }
 }
