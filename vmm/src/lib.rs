@@ -11,6 +11,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod disk_config;
+pub mod fault;
 pub mod fuzzing;
 pub mod host;
 pub mod jail;
@@ -21,6 +22,7 @@ pub mod migrate;
 pub mod net_config;
 pub mod probe;
 pub mod seccomp;
+pub mod transport;
 pub mod vmm;
 pub mod vstate;
 

@@ -169,8 +169,7 @@ fn run(round_trip: bool, dest_flags: Vec<String>) -> Result<(), String> {
 
 fn migrate(vm: &Vm, to: &str) -> Result<MigrationInfo, String> {
     let api = vm.api();
-    api.migrate(&MigrateRequest { to: to.into(), downtime_ms: None, max_bandwidth_mib_s: None, max_rounds: None })
-        .map_err(|e| format!("starting the migration: {e}"))?;
+    api.migrate(&MigrateRequest::to(to)).map_err(|e| format!("starting the migration: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         let info = api.migration().map_err(|e| format!("following the migration: {e}"))?;

@@ -191,6 +191,7 @@ impl Running {
             downtime_ms: Some(DOWNTIME_LIMIT_MS),
             max_bandwidth_mib_s: None,
             max_rounds: None,
+            ..Default::default()
         };
         api.migrate(&request).map_err(|e| format!("starting the migration: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(120);
