@@ -180,7 +180,7 @@ fn case(fault: Fault, phase: Phase) -> String {
             if phase == Phase::AfterComplete {
                 // The destination got everything and runs the guest.
                 let deadline = Instant::now() + GUEST_TIMEOUT;
-                while dst.api().get_vm().map(|v| v.state) != Ok(VmState::Running) {
+                while !dst.api().get_vm().is_ok_and(|v| v.state == VmState::Running) {
                     assert!(
                         Instant::now() < deadline && dst.try_wait().is_none(),
                         "the destination does not run the guest{}",

@@ -85,6 +85,9 @@ pub fn explain(e: io::Error, peer: &str, link: &LinkConfig) -> io::Error {
             ),
         );
     }
+    if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) {
+        return io::Error::new(e.kind(), format!("{peer} closed the connection ({e})"));
+    }
     if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) && e.raw_os_error().is_some() {
         return io::Error::new(
             io::ErrorKind::TimedOut,
@@ -135,7 +138,9 @@ mod tests {
         let e = explain(io::Error::from_raw_os_error(libc::EAGAIN), "10.0.0.2:7100", &link);
         assert!(e.to_string().contains("nothing for 30 s"), "{e}");
         let e = explain(io::Error::from_raw_os_error(libc::ECONNRESET), "p", &link);
-        assert_eq!(e.raw_os_error(), Some(libc::ECONNRESET));
+        assert!(e.to_string().starts_with("p closed the connection"), "{e}");
+        let e = explain(io::Error::from_raw_os_error(libc::ENETUNREACH), "p", &link);
+        assert_eq!(e.raw_os_error(), Some(libc::ENETUNREACH));
         // A read timeout on a real socket.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use migration::protocol::{self, Command, Response};
 use rustls::pki_types::ServerName;
-use rustls::{ClientConnection, ServerConnection, StreamOwned};
+use rustls::{ClientConnection, ServerConnection};
 
 pub use link::LinkConfig;
 use tls::Side;
@@ -96,8 +96,33 @@ pub enum TransportError {
 
 enum Inner {
     Plain(TcpStream),
-    Client(Box<StreamOwned<ClientConnection, TcpStream>>),
-    Server(Box<StreamOwned<ServerConnection, TcpStream>>),
+    Client(Box<ClientConnection>, TcpStream),
+    Server(Box<ServerConnection>, TcpStream),
+}
+
+/// Writes `buf` through a TLS connection and sends the records at once, passing on the
+/// socket's own error (rustls's `Stream` keeps a failed send for the next call, which then
+/// sees only the closed socket, not why it closed).
+macro_rules! tls_write {
+    ($conn:expr, $sock:expr, $buf:expr) => {{
+        let (conn, sock) = ($conn, $sock);
+        let mut result = Ok(0);
+        while conn.wants_write() {
+            if let Err(e) = conn.write_tls(sock) {
+                result = Err(e);
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = conn.writer().write($buf);
+            while result.is_ok() && conn.wants_write() {
+                if let Err(e) = conn.write_tls(sock) {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }};
 }
 
 /// One migration connection, plain or TLS, as a byte stream.
@@ -123,31 +148,27 @@ impl MigrationStream {
     /// bypass TLS).
     pub fn tcp(&self) -> &TcpStream {
         match &self.inner {
-            Inner::Plain(s) => s,
-            Inner::Client(s) => s.get_ref(),
-            Inner::Server(s) => s.get_ref(),
+            Inner::Plain(s) | Inner::Client(_, s) | Inner::Server(_, s) => s,
+        }
+    }
+
+    fn peer_certificates(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        match &self.inner {
+            Inner::Plain(_) => None,
+            Inner::Client(c, _) => c.peer_certificates(),
+            Inner::Server(c, _) => c.peer_certificates(),
         }
     }
 
     /// The names (DNS names and addresses) in the peer's certificate; empty without TLS.
     pub fn peer_names(&self) -> Vec<String> {
-        let certs = match &self.inner {
-            Inner::Plain(_) => None,
-            Inner::Client(s) => s.conn.peer_certificates(),
-            Inner::Server(s) => s.conn.peer_certificates(),
-        };
-        certs.and_then(|c| c.first()).map(|c| tls::certificate_names(c)).unwrap_or_default()
+        self.peer_certificates().and_then(|c| c.first()).map(|c| tls::certificate_names(c)).unwrap_or_default()
     }
 
     /// Whether the peer's certificate is valid for `name` (a DNS name or an address), e.g. to
     /// check a source against a cluster's record of who should send this guest.
     pub fn peer_is(&self, name: &str) -> bool {
-        let certs = match &self.inner {
-            Inner::Plain(_) => None,
-            Inner::Client(s) => s.conn.peer_certificates(),
-            Inner::Server(s) => s.conn.peer_certificates(),
-        };
-        certs.and_then(|c| c.first()).is_some_and(|c| tls::certificate_is_for(c, name))
+        self.peer_certificates().and_then(|c| c.first()).is_some_and(|c| tls::certificate_is_for(c, name))
     }
 
     /// Who the peer is, for a log line.
@@ -161,7 +182,7 @@ impl MigrationStream {
 
     fn explain(&self, e: io::Error) -> io::Error {
         if let Some(r) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-            let side = if matches!(self.inner, Inner::Server(_)) { Side::Server } else { Side::Client };
+            let side = if matches!(self.inner, Inner::Server(..)) { Side::Server } else { Side::Client };
             let dir = self.tls_dir.as_deref().unwrap_or(Path::new("."));
             return io::Error::new(io::ErrorKind::InvalidData, tls::describe(r, side, dir));
         }
@@ -173,8 +194,8 @@ impl Read for MigrationStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let r = match &mut self.inner {
             Inner::Plain(s) => s.read(buf),
-            Inner::Client(s) => s.read(buf),
-            Inner::Server(s) => s.read(buf),
+            Inner::Client(c, s) => rustls::Stream::new(c.as_mut(), s).read(buf),
+            Inner::Server(c, s) => rustls::Stream::new(c.as_mut(), s).read(buf),
         };
         r.map_err(|e| self.explain(e))
     }
@@ -184,19 +205,15 @@ impl Write for MigrationStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let r = match &mut self.inner {
             Inner::Plain(s) => s.write(buf),
-            Inner::Client(s) => s.write(buf),
-            Inner::Server(s) => s.write(buf),
+            Inner::Client(c, s) => tls_write!(c.as_mut(), s, buf),
+            Inner::Server(c, s) => tls_write!(c.as_mut(), s, buf),
         };
         r.map_err(|e| self.explain(e))
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        let r = match &mut self.inner {
-            Inner::Plain(s) => s.flush(),
-            Inner::Client(s) => s.flush(),
-            Inner::Server(s) => s.flush(),
-        };
-        r.map_err(|e| self.explain(e))
+        // Every write sends its records at once.
+        Ok(())
     }
 }
 
@@ -286,9 +303,8 @@ pub fn connect(to: &str, security: &Security, link: &LinkConfig) -> Result<Migra
     while conn.wants_write() {
         conn.write_tls(&mut tcp).map_err(|e| TransportError::Refused(link::explain(e, to, link).to_string()))?;
     }
-    let stream = StreamOwned::new(conn, tcp);
     Ok(MigrationStream {
-        inner: Inner::Client(Box::new(stream)),
+        inner: Inner::Client(Box::new(conn), tcp),
         peer: to.into(),
         link: *link,
         tls_dir: Some(id.dir().to_path_buf()),
@@ -370,7 +386,7 @@ fn handshake(
     }
     done(&tcp)?;
     Ok(MigrationStream {
-        inner: Inner::Server(Box::new(StreamOwned::new(conn, tcp))),
+        inner: Inner::Server(Box::new(conn), tcp),
         peer,
         link: *link,
         tls_dir: Some(id.dir().to_path_buf()),
