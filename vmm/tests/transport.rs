@@ -323,3 +323,20 @@ fn incoming_fd_takes_a_listening_or_a_connected_socket() {
     let e = socket_from_fd(file.into_raw_fd()).err().expect("a file taken for a socket").to_string();
     assert!(e.contains("not a socket"), "{e}");
 }
+
+/// A source that refuses the destination's certificate hangs up (its alert goes out before it
+/// has keys, and the destination's record layer drops it): the destination says what that means.
+#[test]
+fn the_destination_says_why_a_source_hung_up() {
+    let c = Cluster::new("hear");
+    let other = Cluster::new("hear-other");
+    let b = c.issue("hear-b", &spec("host-b", &[LOOPBACK]));
+    let agent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = format!("127.0.0.1:{}", agent.local_addr().unwrap().port());
+    let source = thread::spawn(move || connect(&to, &tls(&other.ca.0), &LinkConfig::default()).map(drop));
+    let (conn, _) = agent.accept().unwrap();
+    let e = accept_connection(conn, &tls(&b.0), &LinkConfig::default()).err().expect("accepted").to_string();
+    println!("the destination says: {e}");
+    assert!(e.contains("refused our certificate"), "{e}");
+    expect_refused(source.join().unwrap().map(|()| unreachable!()), &["unknown issuer"]);
+}

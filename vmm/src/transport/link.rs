@@ -91,7 +91,7 @@ pub fn explain(e: io::Error, peer: &str, link: &LinkConfig) -> io::Error {
     if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) && e.raw_os_error().is_some() {
         return io::Error::new(
             io::ErrorKind::TimedOut,
-            format!("{peer} sent or took nothing for {} s while its link was up", link.io_timeout.as_secs()),
+            format!("{peer} sent or took nothing for {} s while its link was up", link.io_timeout.as_secs_f64()),
         );
     }
     e

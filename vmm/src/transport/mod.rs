@@ -314,6 +314,12 @@ pub fn connect(to: &str, security: &Security, link: &LinkConfig) -> Result<Migra
 /// Tells a peer of the other mode why it is refused, in a frame it understands either way.
 fn refuse_in_plain(tcp: &mut TcpStream, why: &str) {
     let _ = protocol::write_json(tcp, Command::Response, &Response::error(why));
+    close_gently(tcp);
+}
+
+/// Closes our side and reads what the peer still sends for a moment, so that what we said
+/// last (a refusal, a TLS alert) reaches it instead of being cut off by a reset.
+fn close_gently(tcp: &mut TcpStream) {
     let _ = tcp.flush();
     let _ = tcp.shutdown(std::net::Shutdown::Write);
     // Let the peer read it before the close (an unread close would reset the connection).
@@ -335,7 +341,8 @@ fn handshake(
     tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
     tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
     let mut first = [0u8; 1];
-    let seen = tcp.peek(&mut first).map_err(|e| format!("nothing received: {}", link::explain(e, &peer, link)))?;
+    let waiting = LinkConfig { io_timeout: HANDSHAKE_TIMEOUT, ..*link };
+    let seen = tcp.peek(&mut first).map_err(|e| format!("nothing received: {}", link::explain(e, &peer, &waiting)))?;
     let done = |tcp: &TcpStream| -> Result<(), String> {
         tcp.set_read_timeout(Some(link.io_timeout)).map_err(|e| e.to_string())?;
         tcp.set_write_timeout(Some(link.io_timeout)).map_err(|e| e.to_string())
@@ -371,12 +378,15 @@ fn handshake(
             Err(e) => {
                 // rustls has queued an alert for the peer: send it, so the peer learns why.
                 let _ = conn.write_tls(&mut tcp);
+                close_gently(&mut tcp);
                 return Err(match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                     Some(r) => tls::describe(r, Side::Server, id.dir()),
                     None if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        "it closed the connection during the TLS handshake (did it refuse our certificate?)".into()
+                        "it hung up during the TLS handshake: it refused our certificate (another CA, or not the name \
+                         it dialled), or it was not a migration source"
+                            .into()
                     }
-                    None => link::explain(e, &peer, link).to_string(),
+                    None => link::explain(e, &peer, &waiting).to_string(),
                 });
             }
         }

@@ -243,7 +243,17 @@ fn certificate_sentence(c: &CertificateError, whose: &str, dir: &Path) -> String
         }
         CertificateError::NotValidForName => format!("{whose} certificate does not name the address we dialled"),
         CertificateError::NotValidForNameContext { expected, presented } => {
-            format!("{whose} certificate is for {} but we dialled {}", presented.join(", "), expected.to_str())
+            // webpki writes the names as `DnsName("x")` and `IpAddress(1.2.3.4)`.
+            let names: Vec<&str> = presented
+                .iter()
+                .map(|p| {
+                    p.trim_start_matches("DnsName(\"")
+                        .trim_start_matches("IpAddress(")
+                        .trim_end_matches(')')
+                        .trim_end_matches('"')
+                })
+                .collect();
+            format!("{whose} certificate is for {} but we dialled {}", names.join(", "), expected.to_str())
         }
         CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
             format!("{whose} certificate is not meant for this use (extended key usage)")
