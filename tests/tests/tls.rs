@@ -125,13 +125,27 @@ fn refused_peers_leave_the_guest_on_the_source_and_the_destination_waiting() {
     }
     let bed = two_hosts();
     let (a_ip, b_ip) = (bed.host("a").ip().unwrap(), bed.host("b").ip().unwrap());
-    let src = start_source(&bed, "a", &["--mem-mib", "256"], "vmm.workload=echo");
+    // Without seccomp: this source reads the TLS directories the requests name (a sandboxed
+    // VMM opens no files after it started; checked at the end).
+    let src = start_source(&bed, "a", &["--mem-mib", "256", "--no-seccomp"], "vmm.workload=echo");
     let (dst, addr) = start_destination_with(&bed, "b", MIGRATION_PORT, &[]);
     // A destination whose certificate names another address.
     let wrong =
         pki().issue("wrong-name", HostSpec::new("elsewhere", &["10.9.9.9".parse::<IpAddr>().unwrap()], 30).unwrap());
     let wrong_dir = wrong.display().to_string();
-    let (wrong_dst, wrong_addr) = start_destination_with(&bed, "b", MIGRATION_PORT + 1, &["--tls-dir", &wrong_dir]);
+    // (Without --net: host b's TAP belongs to the other destination, and this one never gets
+    // as far as building a VM.)
+    let port = (MIGRATION_PORT + 1).to_string();
+    let wrong_dst = Vm::start(
+        Some(bed.host("b")),
+        &["run", "--incoming", &format!("0.0.0.0:{port}"), "--tls-dir", &wrong_dir].map(String::from),
+    );
+    assert!(
+        wrong_dst.log.wait_line(LISTEN_TIMEOUT, |l| l.contains("waiting for an incoming migration")).is_some(),
+        "the wrong-name destination does not listen{}",
+        dump(&[("wrong-name destination", &wrong_dst)])
+    );
+    let wrong_addr = format!("{b_ip}:{port}");
     let ctx = [("source", &src), ("destination", &dst), ("wrong-name destination", &wrong_dst)];
 
     // Someone connects first and says nothing; then garbage.
@@ -191,6 +205,12 @@ fn refused_peers_leave_the_guest_on_the_source_and_the_destination_waiting() {
     assert_eq!(all.len(), 5, "{all:#?}{}", dump(&ctx));
     assert!(all.iter().any(|l| l.contains("without a word") || l.contains("nothing received")), "{all:#?}");
 
+    // The destination, sandboxed (the default), refuses to read a TLS directory named in a
+    // request after it started, and says how to give it one.
+    let req = MigrateRequest { tls_dir: Some(pki().foreign_dir(b_ip).display().to_string()), ..request("127.0.0.1:9") };
+    let refused = dst.api().migrate(&req).expect_err("a sandboxed VMM read a TLS directory late");
+    assert!(refused.to_string().contains("sandboxed"), "{refused}");
+
     // Plaintext needs both ends: a TLS source and a plaintext destination refuse each other,
     // then both in plaintext works.
     let (plain, plain_addr) = start_destination_with(&bed, "a", MIGRATION_PORT + 2, &["--insecure-plaintext"]);
@@ -205,5 +225,4 @@ fn refused_peers_leave_the_guest_on_the_source_and_the_destination_waiting() {
     assert!(!info.encrypted, "{info:?}");
     assert!(dst.log.text().contains("neither encrypted nor authenticated"), "no warning{}", dump(&ctx));
     exchange(&bed, 7000, "still here\n").expect("the guest answers from host a again");
-    let _ = b_ip;
 }

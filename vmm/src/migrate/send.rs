@@ -113,7 +113,17 @@ impl MigrateParams {
             log::warn!("{}", transport::PLAINTEXT_WARNING);
             Security::InsecurePlaintext
         } else if let Some(dir) = &r.tls_dir {
-            Security::tls(std::path::Path::new(dir)).map_err(|e| format!("tls_dir: {e}"))?
+            match &defaults.security {
+                // The VMM's own directory (e.g. VMM_TLS_DIR set for every command): already read.
+                Some(s @ Security::Tls(id)) if id.dir() == std::path::Path::new(dir) => s.clone(),
+                _ if crate::seccomp::enabled() => {
+                    return Err(format!(
+                        "tls_dir '{dir}': this VMM is sandboxed (seccomp) and opens no files after it started: \
+                         give it --tls-dir when starting it, or start it with --no-seccomp"
+                    ));
+                }
+                _ => Security::tls(std::path::Path::new(dir)).map_err(|e| format!("tls_dir: {e}"))?,
+            }
         } else {
             defaults.security.clone().ok_or(
                 "this VMM has no TLS identity for migrations: start it with --tls-dir DIR (or VMM_TLS_DIR), \

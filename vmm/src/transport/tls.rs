@@ -150,7 +150,10 @@ impl TlsIdentity {
         // One connection per migration: session tickets would only be a post-handshake message
         // for the source to read.
         server.send_tls13_tickets = 0;
-        Ok(TlsIdentity { dir: dir.to_path_buf(), client: Arc::new(client), server: Arc::new(server) })
+        // Absolute, so that a request naming the same directory is recognised (`vmm migrate`
+        // sends absolute paths).
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        Ok(TlsIdentity { dir, client: Arc::new(client), server: Arc::new(server) })
     }
 
     pub fn dir(&self) -> &Path {
