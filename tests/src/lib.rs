@@ -24,6 +24,7 @@ pub mod guest;
 pub mod l2;
 pub mod moves;
 pub mod netns;
+pub mod pki;
 mod process;
 pub mod snapshots;
 pub mod udp_stream;

@@ -20,7 +20,7 @@
 //! machines these tests run on are small and shared. Run with `--nocapture` to see them.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, TcpListener};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread;
@@ -29,13 +29,15 @@ use std::time::{Duration, Instant};
 use migration::memory::{BatchWriter, PAGE_SIZE};
 use migration::protocol::{self, Command as Frame, RegionLayout, Response, StartPayload};
 use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase, VmState};
+use vmm::transport::{self, LinkConfig, MigrationStream};
 use vmm_tests::TestBed;
-use vmm_tests::guest::exchange;
 use vmm_tests::moves::{
-    CONTROL_PORT, ECHO_PORT, EXIT_TIMEOUT, GUEST_TIMEOUT, LISTEN_TIMEOUT, MIGRATION_PORT, MIGRATION_TIMEOUT,
-    assert_completed, assert_exits_cleanly, dump, migrate_api, print_info, request, s, start_destination, start_source,
-    wait_migration,
+    CONTROL_PORT, ECHO_PORT, EXIT_TIMEOUT, GUEST_TIMEOUT, GuestStatus, LISTEN_TIMEOUT, MIGRATION_PORT,
+    MIGRATION_TIMEOUT, assert_completed, assert_dirty_console, assert_exits_cleanly, assert_state, dump, exchange,
+    guest_status, migrate_api, parse_status, print_info, request, s, start_destination, start_source, wait_migration,
+    wait_more_passes,
 };
+use vmm_tests::pki::{pki, tls_args};
 use vmm_tests::vm::{Vm, kvm_or_skip, vmm_bin};
 
 const DIRTY_64: &str = "vmm.workload=dirty vmm.dirty_mib=64 vmm.dirty_rate=64";
@@ -75,79 +77,6 @@ fn migrate_cli(src: &Vm, to: &str, extra: &[&str], ctx: &[(&str, &Vm)]) -> (bool
     (status.success(), out, err)
 }
 
-/// One `status` answer of the guest's control port.
-#[derive(Clone, Debug)]
-struct GuestStatus {
-    workload: String,
-    uptime_ms: u64,
-    dirty_passes: u64,
-    dirty_mismatches: u64,
-    /// Before the request went out and after the answer came back.
-    asked: Instant,
-    answered: Instant,
-}
-
-fn parse_status(line: &str) -> Option<GuestStatus> {
-    let mut fields = line.trim().split(' ');
-    if fields.next()? != "STATUS" {
-        return None;
-    }
-    let (mut workload, mut uptime, mut passes, mut mismatches) = (None, None, None, None);
-    for field in fields {
-        match field.split_once('=')? {
-            ("workload", v) => workload = Some(v.to_string()),
-            ("uptime_ms", v) => uptime = v.parse().ok(),
-            ("dirty_passes", v) => passes = v.parse().ok(),
-            ("dirty_mismatches", v) => mismatches = v.parse().ok(),
-            _ => {}
-        }
-    }
-    let now = Instant::now();
-    Some(GuestStatus {
-        workload: workload?,
-        uptime_ms: uptime?,
-        dirty_passes: passes?,
-        dirty_mismatches: mismatches?,
-        asked: now,
-        answered: now,
-    })
-}
-
-/// Asks the guest for `status` on its control port from the client, retrying until it answers
-/// (right after a move the network may need a moment to learn where the guest is).
-fn guest_status(bed: &TestBed, ctx: &[(&str, &Vm)]) -> GuestStatus {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    loop {
-        let asked = Instant::now();
-        let answer = exchange(bed, CONTROL_PORT, "status\n");
-        let answered = Instant::now();
-        match answer.as_deref().map(parse_status) {
-            Ok(Some(status)) => return GuestStatus { asked, answered, ..status },
-            other => assert!(
-                Instant::now() < deadline,
-                "the guest does not answer `status` on {}:{CONTROL_PORT}: {other:?}{}",
-                bed.guest_ip(0),
-                dump(ctx)
-            ),
-        }
-        thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// Waits until the guest's dirty workload completed more passes than `than`.
-fn wait_more_passes(bed: &TestBed, than: u64, ctx: &[(&str, &Vm)]) -> GuestStatus {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    loop {
-        let st = guest_status(bed, ctx);
-        assert_eq!(st.dirty_mismatches, 0, "the dirty workload found corrupted pages: {st:?}{}", dump(ctx));
-        if st.dirty_passes > than {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "the dirty workload stopped at {} passes: {st:?}{}", than, dump(ctx));
-        thread::sleep(Duration::from_millis(500));
-    }
-}
-
 /// The guest's echo server on port 7000 answers a line with the same line.
 fn assert_echo(bed: &TestBed, ctx: &[(&str, &Vm)]) {
     let deadline = Instant::now() + GUEST_TIMEOUT;
@@ -172,39 +101,6 @@ fn assert_clock_continues(before: &GuestStatus, after: &GuestStatus, ctx: &[(&st
         dump(ctx)
     );
     println!("guest uptime {} -> {} ms (+{jump} ms in {wall} ms of wall time)", before.uptime_ms, after.uptime_ms);
-}
-
-/// The `mismatches=` count of a `DIRTY pass=N mib=M ms=T mismatches=X` console line.
-fn dirty_line_mismatches(line: &str) -> Option<u64> {
-    line.split(' ').find_map(|f| f.strip_prefix("mismatches=")).and_then(|v| v.parse().ok())
-}
-
-/// The `pass=` number of a `DIRTY pass=N ...` console line.
-fn dirty_line_pass(line: &str) -> Option<u64> {
-    line.split(' ').find_map(|f| f.strip_prefix("pass=")).and_then(|v| v.parse().ok())
-}
-
-/// The VM's console shows the dirty workload's progress lines (a new one after `after_pass`),
-/// all with `mismatches=0`, and no `DIRTY-MISMATCH` line.
-fn assert_dirty_console(vm: &Vm, after_pass: u64, ctx: &[(&str, &Vm)]) -> u64 {
-    let line = vm.console.wait_line(GUEST_TIMEOUT, |l| {
-        l.starts_with("DIRTY pass=") && dirty_line_pass(l).is_some_and(|p| p > after_pass)
-    });
-    assert!(line.is_some(), "no DIRTY line after pass {after_pass} on the console{}", dump(ctx));
-    let text = vm.console.text();
-    assert!(!text.contains("DIRTY-MISMATCH"), "the dirty workload found corrupted pages{}", dump(ctx));
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("DIRTY pass=")).collect();
-    for l in &lines {
-        assert_eq!(dirty_line_mismatches(l), Some(0), "line {l:?}{}", dump(ctx));
-    }
-    lines.iter().filter_map(|l| dirty_line_pass(l)).max().unwrap_or(0)
-}
-
-fn assert_state(vm: &Vm, want: VmState, ctx: &[(&str, &Vm)]) {
-    match vm.api().get_vm() {
-        Ok(info) => assert_eq!(info.state, want, "{info:?}{}", dump(ctx)),
-        Err(e) => panic!("GET /vm failed: {e}{}", dump(ctx)),
-    }
 }
 
 /// How a test moves the guest.
@@ -379,15 +275,17 @@ fn killing_the_destination_during_precopy_keeps_the_guest_on_the_source() {
     move_dirty_guest(&bed, src, "b", MIGRATION_PORT + 1, Via::Api, "second attempt to host b");
 }
 
-/// A fake destination on host b's address: accepts one migration connection and hands it with
-/// the source's `Start` frame to `serve`. Returns the address and the server thread.
+/// A fake destination on host b's address: accepts one migration connection (mutual TLS with
+/// host b's identity from the test PKI) and hands it with the source's `Start` frame to
+/// `serve`. Returns the address and the server thread.
 fn fake_destination<T: Send + 'static>(
     bed: &TestBed,
-    serve: impl FnOnce(TcpStream, StartPayload) -> T + Send + 'static,
+    serve: impl FnOnce(MigrationStream, StartPayload) -> T + Send + 'static,
 ) -> (String, thread::JoinHandle<Result<T, String>>) {
     let ip: Ipv4Addr = bed.host("b").ip().expect("hosts have addresses");
     let listener = bed.host("b").run_in(move || TcpListener::bind((ip, 0))).expect("enter host b").expect("bind");
     let addr = listener.local_addr().expect("local address").to_string();
+    let security = pki().security(ip);
     // The socket belongs to host b's namespace whatever thread uses it.
     let server = thread::spawn(move || -> Result<T, String> {
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -402,8 +300,8 @@ fn fake_destination<T: Send + 'static>(
             }
         };
         stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-        stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
-        let mut stream = stream;
+        let mut stream =
+            transport::accept_connection(stream, &security, &LinkConfig::default()).map_err(|e| e.to_string())?;
         let frame = protocol::read_frame(&mut stream).map_err(|e| format!("reading Start: {e}"))?;
         if frame.command != Frame::Start {
             return Err(format!("the source began with {:?}", frame.command));
@@ -662,13 +560,17 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
-/// Starts `vmm run --incoming 127.0.0.1:PORT`, lets `feed` talk to it as a fake source, and
-/// expects the destination to end with a non-zero exit and exactly one `vmm: error:` line that
-/// contains one of `expected` (case-insensitively). Returns that line.
-fn bad_source(case: &str, expected: &[&str], feed: impl FnOnce(&mut TcpStream)) -> String {
+/// Starts `vmm run --incoming 127.0.0.1:PORT` (mutual TLS with the test PKI's CA identity),
+/// lets `feed` talk to it as a fake but authenticated source, and expects the destination to
+/// end with a non-zero exit and exactly one `vmm: error:` line that contains one of `expected`
+/// (case-insensitively). Returns that line.
+fn bad_source(case: &str, expected: &[&str], feed: impl FnOnce(&mut MigrationStream)) -> String {
+    let tls_dir = pki().ca_dir().to_path_buf();
     let (dst, port) = loop {
         let port = free_port();
-        let dst = Vm::start(None, &s(&["run", "--incoming", &format!("127.0.0.1:{port}")]));
+        let mut args = s(&["run", "--incoming", &format!("127.0.0.1:{port}")]);
+        args.extend(tls_args(&tls_dir));
+        let dst = Vm::start(None, &args);
         if dst.log.wait_line(LISTEN_TIMEOUT, |l| l.contains("waiting for an incoming migration")).is_some() {
             break (dst, port);
         }
@@ -679,11 +581,11 @@ fn bad_source(case: &str, expected: &[&str], feed: impl FnOnce(&mut TcpStream)) 
             dump(&[("destination", &dst)])
         );
     };
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the destination");
-    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("read timeout");
-    stream.set_write_timeout(Some(Duration::from_secs(60))).expect("write timeout");
+    let security = transport::Security::tls(&tls_dir).expect("the test PKI");
+    let link = LinkConfig { io_timeout: Duration::from_secs(60), ..LinkConfig::default() };
+    let mut stream = transport::connect(&format!("127.0.0.1:{port}"), &security, &link).expect("connect");
     feed(&mut stream);
-    let _ = stream.shutdown(Shutdown::Write);
+    let _ = stream.tcp().shutdown(Shutdown::Write);
     // What the destination says before it goes (it tells a real source why).
     let answer = protocol::read_frame(&mut stream).map(|f| String::from_utf8_lossy(&f.payload).into_owned());
     let status = dst.wait_timeout(EXIT_TIMEOUT);

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The `vmm` command line.
 
-use std::path::PathBuf;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -18,8 +19,11 @@ use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
 use vmm::disk_config::DiskConfig;
 use vmm::host::HostResources;
 use vmm::jail::JailUser;
+use vmm::migrate::receive::{IncomingConfig, IncomingFrom};
+use vmm::migrate::send::MigrationDefaults;
 use vmm::net_config::NetConfig;
 use vmm::seccomp::{SeccompMode, ThreadKind};
+use vmm::transport::{self, LinkConfig, Security, pki};
 use vmm::{ExitReason, VmConfig, Vmm};
 
 #[derive(Parser)]
@@ -48,6 +52,78 @@ enum Command {
     /// Pause a VM and write a snapshot of it into a directory (`vmm run --restore` runs it
     /// again); wait for the end.
     Snapshot(SnapshotArgs),
+    /// Make the certificates of mutual TLS between hosts: a cluster CA and host identities.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Write a new cluster CA and a first host identity into DIR: ca.pem, ca-key.pem, cert.pem,
+    /// key.pem (private keys mode 0600; existing files are never overwritten).
+    Init {
+        /// The directory (created, mode 0700, if missing).
+        dir: PathBuf,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Write another host's identity into OUT_DIR (ca.pem, cert.pem, key.pem; no CA key),
+    /// signed by the CA in CA_DIR.
+    Issue {
+        /// A directory with ca.pem and ca-key.pem (made by `vmm tls init`).
+        ca_dir: PathBuf,
+        /// Where the new identity goes (created, mode 0700, if missing).
+        out_dir: PathBuf,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct HostArgs {
+    /// The host's DNS name [default for `init`: this machine's host name].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// An address sources dial this host at; repeatable.
+    #[arg(long = "ip", value_name = "ADDR")]
+    ips: Vec<IpAddr>,
+    /// How long the host certificate is valid, in days.
+    #[arg(long, default_value_t = pki::DEFAULT_DAYS, value_name = "N")]
+    days: u32,
+}
+
+/// How a migration connection is secured (`vmm run`, `vmm migrate`).
+#[derive(clap::Args)]
+struct SecurityArgs {
+    /// TLS directory (ca.pem, cert.pem, key.pem; see `vmm tls init`) for mutual TLS on migration
+    /// connections.
+    #[arg(long, value_name = "DIR", env = "VMM_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Migrate without TLS: nothing is encrypted or authenticated. Both ends need it.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// A migration fails when its peer acknowledges nothing for this long (a dead link), in ms.
+    #[arg(long, value_name = "MS", default_value_t = transport::link::DEFAULT_STALL_TIMEOUT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(transport::link::MIN_STALL_TIMEOUT.as_millis() as u64..))]
+    stall_timeout_ms: u64,
+}
+
+impl SecurityArgs {
+    /// The security asked for: `None` when neither TLS nor plaintext was given.
+    fn security(&self) -> Result<Option<Security>, Box<dyn std::error::Error>> {
+        if self.insecure_plaintext {
+            eprintln!("vmm: warning: {}", transport::PLAINTEXT_WARNING);
+            return Ok(Some(Security::InsecurePlaintext));
+        }
+        Ok(match &self.tls_dir {
+            Some(dir) => Some(Security::tls(dir)?),
+            None => None,
+        })
+    }
+
+    fn link(&self) -> LinkConfig {
+        LinkConfig::with_stall_ms(self.stall_timeout_ms).unwrap_or_default()
+    }
 }
 
 #[derive(clap::Args)]
@@ -110,6 +186,16 @@ struct MigrateArgs {
     /// Print the final migration state as JSON (the API's `GET /vm/migration` answer).
     #[arg(long)]
     json: bool,
+    /// TLS directory on this host for this migration (default: the source VMM's own --tls-dir).
+    #[arg(long, value_name = "DIR", env = "VMM_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Migrate without TLS: nothing is encrypted or authenticated. The destination needs it too.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// The migration fails when the destination acknowledges nothing for this long, in ms
+    /// [VMM default: 5000].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(transport::link::MIN_STALL_TIMEOUT.as_millis() as u64..))]
+    stall_timeout_ms: Option<u64>,
 }
 
 fn parse_host_port(s: &str) -> Result<String, String> {
@@ -123,18 +209,27 @@ fn parse_host_port(s: &str) -> Result<String, String> {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long, required_unless_present_any = ["incoming", "restore"])]
+    #[arg(long, required_unless_present_any = ["incoming", "incoming_fd", "restore"])]
     kernel: Option<PathBuf>,
     /// Instead of booting, wait on ADDR:PORT for a live migration and run the guest it brings
-    /// (its memory, vCPUs and devices come from the source; only --net, --disk, --api-sock and
-    /// the announce options apply).
-    #[arg(long, value_name = "ADDR:PORT", group = "received", conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template"])]
+    /// (its memory, vCPUs and devices come from the source; only --net, --disk, --api-sock, the
+    /// security and the announce options apply).
+    #[arg(long, value_name = "ADDR:PORT", group = "incoming_from", group = "received",
+          conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template", "incoming_fd", "restore"])]
     incoming: Option<String>,
+    /// Like --incoming, on an inherited TCP socket: a listening one, or one connection that
+    /// someone else (a host agent) accepted (post-copy needs a listening one).
+    #[arg(long, value_name = "FD", group = "incoming_from", group = "received",
+          conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template", "restore"])]
+    incoming_fd: Option<i32>,
     /// Instead of booting, run the VM of a snapshot (`vmm snapshot`) again; its memory is
     /// loaded as the guest touches it (only --net, --disk, --api-sock and the announce options
     /// apply).
-    #[arg(long, value_name = "DIR", group = "received", conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template"])]
+    #[arg(long, value_name = "DIR", group = "received",
+          conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template"])]
     restore: Option<PathBuf>,
+    #[command(flatten)]
+    security: SecurityArgs,
     /// Serve the API (HTTP + JSON) on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -216,6 +311,7 @@ fn main() -> ExitCode {
         Command::Stop(args) => api_call(args, ApiClient::shutdown),
         Command::Migrate(args) => migrate(args),
         Command::Snapshot(args) => snapshot(args),
+        Command::Tls(cmd) => tls(cmd),
     };
     match result {
         Ok(code) => code,
@@ -241,20 +337,30 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         nets: args.nets.clone(),
         disks: args.disks.clone(),
     };
+    // The TLS identity is read now too, before the sandbox.
+    let security = args.security.security()?;
+    let link = args.security.link();
+    let incoming_at = args.incoming.is_some() || args.incoming_fd.is_some();
+    if incoming_at && security.is_none() {
+        return Err(NO_IDENTITY.into());
+    }
     let mut restore = None;
-    let (mut res, listener) = match (&args.incoming, &args.restore) {
-        (_, Some(dir)) => {
+    let (mut res, incoming) = match (&args.incoming, args.incoming_fd, &args.restore) {
+        (_, _, Some(dir)) => {
             let opts = vmm::snapshot::restore::RestoreOptions { nets: &args.nets, disks: &args.disks };
             let prepared = vmm::snapshot::restore::prepare(dir, &opts)?;
             let res = HostResources::open_for_restore(&prepared.config)?;
             restore = Some((dir.clone(), prepared));
             (res, None)
         }
-        (Some(listen), None) => {
+        (Some(listen), _, None) => {
             let listener = vmm::migrate::receive::listen(listen)?;
-            (HostResources::open_for_incoming(&args.nets, &args.disks)?, Some(listener))
+            (HostResources::open_for_incoming(&args.nets, &args.disks)?, Some(IncomingFrom::Listener(listener)))
         }
-        (None, None) => (HostResources::open_for_boot(&config)?, None),
+        (None, Some(fd), None) => {
+            (HostResources::open_for_incoming(&args.nets, &args.disks)?, Some(IncomingFrom::Fd(fd)))
+        }
+        (None, None, None) => (HostResources::open_for_boot(&config)?, None),
     };
     vmm::host::read_host_facts();
     // The sandbox: the jail (one thread yet), then each thread's filter as it starts.
@@ -285,7 +391,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         step_ms: args.announce_step_ms,
         kick_tcp: !args.no_tcp_kick,
     });
-    let mut vmm = match (listener, restore) {
+    let mut vmm = match (incoming, restore) {
         (_, Some((dir, prepared))) => {
             let (mut vmm, took) = vmm::snapshot::restore::start(prepared, &mut res, Box::new(std::io::stdout()))?;
             // On stderr whatever the log level: scripts and tests wait for it.
@@ -295,9 +401,11 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
             vmm
         }
-        (Some(listener), None) => {
+        (Some(from), None) => {
+            let security = security.clone().ok_or(NO_IDENTITY)?;
+            let cfg = IncomingConfig { from, security, link };
             let (vmm, downtime) = vmm::migrate::receive::start_incoming(
-                listener,
+                cfg,
                 &args.nets,
                 &args.disks,
                 &mut res,
@@ -313,6 +421,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     };
     vmm.attach_snapshot_writer(snapshot_writer);
+    vmm.set_migration_defaults(MigrationDefaults { security, link });
     let _server = api.map(|(server, rx, wake)| {
         vmm.attach_api(rx, wake);
         server
@@ -386,6 +495,14 @@ fn snapshot(args: SnapshotArgs) -> Result<ExitCode, Box<dyn std::error::Error>> 
 /// summary; fails if the migration did.
 fn migrate(args: MigrateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let client = ApiClient::new(&args.api.api_sock);
+    if args.insecure_plaintext {
+        eprintln!("vmm: warning: {}", transport::PLAINTEXT_WARNING);
+    }
+    // The source VMM reads the directory, maybe from another working directory.
+    let tls_dir = match (&args.tls_dir, args.insecure_plaintext) {
+        (Some(dir), false) => Some(absolute(dir)?.display().to_string()),
+        _ => None,
+    };
     let request = MigrateRequest {
         to: args.to.clone(),
         downtime_ms: args.downtime_ms,
@@ -398,6 +515,9 @@ fn migrate(args: MigrateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         } else {
             None
         },
+        tls_dir,
+        insecure_plaintext: args.insecure_plaintext,
+        stall_timeout_ms: args.stall_timeout_ms,
     };
     // Only to size the progress bar, so a failure here is no reason to stop.
     let guest_bytes = client.get_vm().ok().map(|vm| vm.config.mem_mib.saturating_mul(1 << 20));
@@ -439,4 +559,44 @@ fn migrate(args: MigrateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         return Err(format!("migration to {} failed: {why}", args.to).into());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Why a destination without a TLS identity does not start.
+const NO_IDENTITY: &str = "an incoming migration needs --tls-dir DIR (or VMM_TLS_DIR) with this host's certificates \
+                           (see `vmm tls init`), or --insecure-plaintext";
+
+fn absolute(p: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()).into())
+}
+
+/// `vmm tls init|issue`.
+fn tls(cmd: TlsCommand) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let spec = |h: &HostArgs, default_name: Option<String>| -> Result<pki::HostSpec, Box<dyn std::error::Error>> {
+        let name = h.name.clone().or(default_name).ok_or("--name NAME is required")?;
+        Ok(pki::HostSpec::new(&name, &h.ips, h.days)?)
+    };
+    match cmd {
+        TlsCommand::Init { dir, host } => {
+            let spec = spec(&host, Some(pki::local_hostname()))?;
+            pki::init(&dir, &spec)?;
+            eprintln!(
+                "vmm: wrote a new CA and the identity of {} into {} (keep {} on this host only)",
+                describe_host(&spec),
+                dir.display(),
+                pki::CA_KEY
+            );
+        }
+        TlsCommand::Issue { ca_dir, out_dir, host } => {
+            let spec = spec(&host, None)?;
+            pki::issue(&ca_dir, &out_dir, &spec)?;
+            eprintln!("vmm: wrote the identity of {} into {}", describe_host(&spec), out_dir.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe_host(spec: &pki::HostSpec) -> String {
+    let mut names = vec![spec.name.clone()];
+    names.extend(spec.ips.iter().map(|ip| ip.to_string()));
+    names.join(", ")
 }

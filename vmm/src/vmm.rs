@@ -20,7 +20,7 @@ use crate::api::{
 use crate::builder::{BuiltVm, Machine};
 use crate::devices::serial::SerialPort;
 use crate::metrics;
-use crate::migrate::send::{self, MigrateParams, Outcome};
+use crate::migrate::send::{self, MigrateParams, MigrationDefaults, Outcome};
 use crate::snapshot;
 use crate::snapshot::save::{After, SnapshotParams};
 use crate::vstate::vcpu::{ExitChannel, ExitNotifier, ExitReason, VcpuSet};
@@ -79,6 +79,8 @@ pub struct Vmm {
     outcome_read: bool,
     /// Where snapshots are written (without one, a thread of its own per snapshot).
     snapshot_writer: Option<snapshot::save::Writer>,
+    /// TLS identity and stall bound for migrations started through the API.
+    migration_defaults: MigrationDefaults,
 }
 
 impl Vmm {
@@ -121,6 +123,7 @@ impl Vmm {
             worker: None,
             outcome_read: false,
             snapshot_writer: None,
+            migration_defaults: MigrationDefaults::default(),
         })
     }
 
@@ -139,6 +142,11 @@ impl Vmm {
     /// The vCPUs, for what must pause and resume them from elsewhere (post-copy's page handler).
     pub fn vcpus(&self) -> Arc<Mutex<VcpuSet>> {
         self.vcpus.clone()
+    }
+
+    /// What migrations started through the API use unless their request says otherwise.
+    pub fn set_migration_defaults(&mut self, defaults: MigrationDefaults) {
+        self.migration_defaults = defaults;
     }
 
     pub fn machine(&self) -> &Arc<Machine> {
@@ -273,7 +281,7 @@ impl Vmm {
             VmState::Running => {}
             s => return Err(ApiError::Conflict(format!("cannot migrate a VM that is {}", state_word(s)))),
         }
-        let params = MigrateParams::try_from(req).map_err(ApiError::BadRequest)?;
+        let params = MigrateParams::from_request(req, &self.migration_defaults).map_err(ApiError::BadRequest)?;
         if let Some(t) = self.worker.take() {
             let _ = t.join();
         }
@@ -283,6 +291,7 @@ impl Vmm {
             *p = MigrationInfo {
                 phase: MigrationPhase::Setup,
                 destination: Some(params.to.clone()),
+                encrypted: matches!(params.security, crate::transport::Security::Tls(_)),
                 ..Default::default()
             };
         }

@@ -18,8 +18,7 @@
 //! pages it still lacks and the transfer goes on. It ends when the destination says
 //! `PostcopyDone`.
 
-use std::io::Write;
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::Shutdown;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -31,6 +30,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::MigrateError;
 use crate::api::{MigrationInfo, MigrationPhase};
+use crate::transport::{self, LinkConfig, MigrationStream, Security};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Pages pushed per frame: small enough that the destination places pages steadily.
@@ -39,40 +39,20 @@ const PUSH_BATCH: usize = 1 << 20;
 const AROUND_FAULT: u64 = 16;
 /// Wait between reconnection attempts.
 const RECONNECT_EVERY: Duration = Duration::from_millis(500);
-/// How long a connection attempt, and the answer to `PostcopyResume`, may take.
-const RECONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the answer to `PostcopyResume` may take.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A connection's stall bound: a peer that stops acknowledging for this long (a cut link) makes
-/// writes fail, and an idle connection is probed every second, so reads fail too.
-pub const STALL: Duration = Duration::from_secs(4);
-
-/// Bounds how long a broken link can go unnoticed on `s`: `TCP_USER_TIMEOUT` for unacknowledged
-/// data and keepalive probes for an idle connection.
-pub fn bound_stalls(s: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let fd = s.as_raw_fd();
-    let set = |level: i32, name: i32, value: i32| {
-        // SAFETY: setsockopt on our own socket with a valid int.
-        let rc =
-            unsafe { libc::setsockopt(fd, level, name, (&raw const value).cast(), std::mem::size_of::<i32>() as u32) };
-        if rc != 0 {
-            log::debug!("setsockopt({level}, {name}): {}", std::io::Error::last_os_error());
-        }
-    };
-    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, STALL.as_millis() as i32);
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
-    s.set_nodelay(true).ok();
+/// Where the destination is and how to reach it: the migration's own address and security.
+#[derive(Clone)]
+pub struct Peer {
+    pub to: String,
+    pub security: Security,
+    pub link: LinkConfig,
 }
 
 /// Connects to the destination for a post-copy connection and sends its first frame.
-pub fn open_channel(addr: SocketAddr, first: Command, id: u64) -> Result<TcpStream, MigrateError> {
-    let mut s =
-        TcpStream::connect_timeout(&addr, RECONNECT_TIMEOUT).map_err(|e| MigrateError::Connect(addr.to_string(), e))?;
-    bound_stalls(&s);
-    s.set_write_timeout(Some(RECONNECT_TIMEOUT)).ok();
+pub fn open_channel(peer: &Peer, first: Command, id: u64) -> Result<MigrationStream, MigrateError> {
+    let mut s = transport::connect(&peer.to, &peer.security, &peer.link)?;
     protocol::write_json(&mut s, first, &ChannelHello { id })?;
     Ok(s)
 }
@@ -155,8 +135,8 @@ pub struct Transfer<'a> {
     pub mem: &'a GuestMemoryMmap,
     pub layout: Vec<(u64, u64)>,
     pub needed: PageBitmap,
-    pub fault: TcpStream,
-    pub addr: SocketAddr,
+    pub fault: MigrationStream,
+    pub peer: Peer,
     pub id: u64,
     pub progress: &'a Mutex<MigrationInfo>,
     /// Cap on the push rate, bytes per second (answers to faults are never held back).
@@ -171,17 +151,17 @@ impl Transfer<'_> {
     /// long as it takes. An error from `switch` ends it (the guest never ran there).
     pub fn run(
         self,
-        switch: impl FnOnce() -> Result<Option<TcpStream>, MigrateError>,
+        switch: impl FnOnce() -> Result<Option<MigrationStream>, MigrateError>,
     ) -> Result<PostcopyDone, MigrateError> {
-        let Transfer { mem, layout, mut needed, mut fault, addr, id, progress, max_bandwidth } = self;
+        let Transfer { mem, layout, mut needed, mut fault, peer, id, progress, max_bandwidth } = self;
         let counts = Counts::default();
         let mut reconnects = 0;
         let mut switch = Some(switch);
-        let mut main: Option<TcpStream> = None;
+        let mut main: Option<MigrationStream> = None;
         loop {
             let pages = Pages::new(&needed);
             let result = std::thread::scope(|scope| -> Result<Result<PostcopyDone, MigrateError>, MigrateError> {
-                let fault_ctl = fault.try_clone();
+                let fault_ctl = fault.tcp().try_clone();
                 let stop_server = || {
                     pages.broken.store(true, Ordering::SeqCst);
                     if let Ok(f) = &fault_ctl {
@@ -215,7 +195,7 @@ impl Transfer<'_> {
                 if served.is_err()
                     && let Some(m) = &main
                 {
-                    let _ = m.shutdown(Shutdown::Both);
+                    let _ = m.tcp().shutdown(Shutdown::Both);
                 }
                 Ok(served)
             })?;
@@ -234,7 +214,7 @@ impl Transfer<'_> {
                     pc.reconnects = reconnects;
                 }
             });
-            let (m, f, missing) = reconnect(addr, id, &layout);
+            let (m, f, missing) = reconnect(&peer, id, &layout);
             (main, fault, needed) = (Some(m), f, missing);
             log::info!("post-copy: reconnected; {} page(s) still missing on the destination", needed.count());
             update(progress, |p| p.phase = MigrationPhase::Postcopy);
@@ -248,15 +228,15 @@ fn update(progress: &Mutex<MigrationInfo>, f: impl FnOnce(&mut MigrationInfo)) {
 
 /// Reconnects until the destination takes both connections again; returns them and the pages
 /// it still lacks.
-fn reconnect(addr: SocketAddr, id: u64, layout: &[(u64, u64)]) -> (TcpStream, TcpStream, PageBitmap) {
+fn reconnect(peer: &Peer, id: u64, layout: &[(u64, u64)]) -> (MigrationStream, MigrationStream, PageBitmap) {
     let mut attempt = 0u64;
     loop {
         attempt += 1;
-        match try_reconnect(addr, id, layout) {
+        match try_reconnect(peer, id, layout) {
             Ok(r) => return r,
             Err(e) => {
                 if attempt == 1 || attempt % 20 == 0 {
-                    log::warn!("post-copy: reconnecting to {addr} (attempt {attempt}): {e}");
+                    log::warn!("post-copy: reconnecting to {} (attempt {attempt}): {e}", peer.to);
                 }
                 std::thread::sleep(RECONNECT_EVERY);
             }
@@ -265,12 +245,12 @@ fn reconnect(addr: SocketAddr, id: u64, layout: &[(u64, u64)]) -> (TcpStream, Tc
 }
 
 fn try_reconnect(
-    addr: SocketAddr,
+    peer: &Peer,
     id: u64,
     layout: &[(u64, u64)],
-) -> Result<(TcpStream, TcpStream, PageBitmap), MigrateError> {
-    let mut main = open_channel(addr, Command::PostcopyResume, id)?;
-    main.set_read_timeout(Some(RECONNECT_TIMEOUT)).ok();
+) -> Result<(MigrationStream, MigrationStream, PageBitmap), MigrateError> {
+    let mut main = open_channel(peer, Command::PostcopyResume, id)?;
+    main.tcp().set_read_timeout(Some(RESUME_TIMEOUT)).ok();
     let mut buf = Vec::new();
     match protocol::read_frame_into(&mut main, &mut buf)? {
         Command::PostcopyDirty => {}
@@ -281,23 +261,20 @@ fn try_reconnect(
         other => return Err(MigrateError::Other(format!("expected PostcopyDirty, got {other:?}"))),
     }
     let missing = PageBitmap::decode(&buf, layout).map_err(|e| MigrateError::Other(e.to_string()))?;
-    main.set_read_timeout(None).ok();
-    let fault = open_channel(addr, Command::PostcopyChannel, id)?;
+    let fault = open_channel(peer, Command::PostcopyChannel, id)?;
     Ok((main, fault, missing))
 }
 
 /// Pushes every page still missing, from where the destination last faulted, then
 /// `PostcopyEnd`.
 fn push_all(
-    main: &mut TcpStream,
+    main: &mut MigrationStream,
     mem: &GuestMemoryMmap,
     pages: &Pages,
     counts: &Counts,
     progress: &Mutex<MigrationInfo>,
     max_bandwidth: Option<u64>,
 ) -> Result<(), MigrateError> {
-    // No write may wait longer than the stall bound (the kernel's user timeout ends it too).
-    main.set_write_timeout(Some(STALL)).ok();
     let started = std::time::Instant::now();
     let mut sent_bytes = 0u64;
     let mut batch = BatchWriter::with_capacity(PUSH_BATCH + PAGE_SIZE + 64);
@@ -365,14 +342,13 @@ fn push_all(
         }
     }
     protocol::write_frame(main, Command::PostcopyEnd, &[])?;
-    main.flush().ok();
     log::debug!("post-copy: every page pushed");
     Ok(())
 }
 
 /// Answers the destination's faults until it says it has every page.
 fn serve_faults(
-    fault: &mut TcpStream,
+    fault: &mut MigrationStream,
     mem: &GuestMemoryMmap,
     pages: &Pages,
     counts: &Counts,
@@ -380,7 +356,9 @@ fn serve_faults(
 ) -> Result<PostcopyDone, MigrateError> {
     crate::seccomp::apply(crate::seccomp::ThreadKind::PostcopyServer)
         .map_err(|e| MigrateError::Other(e.to_string()))?;
-    fault.set_write_timeout(Some(STALL)).ok();
+    // Faults come when they come: an idle fault connection is no broken one (the stall bound
+    // notices a dead link).
+    fault.tcp().set_read_timeout(None).ok();
     let mut buf = Vec::new();
     let mut batch = BatchWriter::with_capacity((AROUND_FAULT as usize + 1) * (PAGE_SIZE + 16));
     loop {

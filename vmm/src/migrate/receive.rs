@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The destination side of a live migration: `vmm run --incoming ADDR:PORT`.
 //!
-//! One connection is accepted, and only one: the listener closes as soon as it is taken. The
+//! One connection is accepted, and only one: the listener closes as soon as it is taken, unless
+//! the source offers post-copy (then later connections of the same migration, and only those,
+//! are taken on it: see [`crate::uffd::remote`]). The
 //! source's `Start` is checked (versions, memory, CPU features, NICs) before anything else
 //! happens, so an incompatible source hears "no" while its guest still runs undisturbed. Memory
 //! batches are applied as they come. Pages the source sends as zero are not written (fresh
@@ -11,7 +13,8 @@
 //! carries the pause as measured here. Anything unexpected ends the process with a clear error;
 //! the source then resumes its guest.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use migration::memory::{BatchReader, PAGE_SIZE};
@@ -26,12 +29,29 @@ use crate::config::VmConfig;
 use crate::disk_config::DiskConfig;
 use crate::host::HostResources;
 use crate::net_config::NetConfig;
+use crate::transport::{self, IncomingSocket, LinkConfig, MigrationListener, MigrationStream, Security};
 use crate::uffd::remote;
 use migration::postcopy::PageBitmap;
 use std::sync::Arc;
 
-/// How long the destination waits for the next frame before giving up on the source.
-const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Where a destination's migration comes from.
+#[derive(Debug)]
+pub enum IncomingFrom {
+    /// `--incoming ADDR:PORT`, bound before the VMM was sandboxed (see [`listen`]).
+    Listener(TcpListener),
+    /// Listen on this ADDR:PORT now.
+    Addr(String),
+    /// `--incoming-fd N`: an inherited socket, listening or already connected.
+    Fd(RawFd),
+}
+
+/// How a destination takes its migration.
+#[derive(Debug)]
+pub struct IncomingConfig {
+    pub from: IncomingFrom,
+    pub security: Security,
+    pub link: LinkConfig,
+}
 
 /// A received, restored machine whose vCPUs are ready to start, and the connection on which
 /// the source waits for the answer.
@@ -51,13 +71,13 @@ pub struct Incoming {
 /// What a post-copy switch set up before `Complete`.
 struct Switched {
     needed: PageBitmap,
-    fault: TcpStream,
+    fault: MigrationStream,
     id: u64,
 }
 
 /// Tells the source how the migration ended.
 pub struct Acknowledger {
-    stream: TcpStream,
+    stream: MigrationStream,
     /// When the source said it paused the guest.
     paused_at: Option<Instant>,
 }
@@ -66,7 +86,7 @@ impl Acknowledger {
     /// The guest runs here now (call once the vCPUs run; `resumed_at_us` is when they started,
     /// see [`protocol::unix_now_us`]); returns the pause measured here, and the connection
     /// (post-copy's pages come on it).
-    pub fn acknowledge(mut self, resumed_at_us: u64) -> Result<(Option<Duration>, TcpStream), MigrateError> {
+    pub fn acknowledge(mut self, resumed_at_us: u64) -> Result<(Option<Duration>, MigrationStream), MigrateError> {
         let downtime = self.paused_at.map(|t| t.elapsed());
         let downtime_us = downtime.map(|d| d.as_micros() as u64);
         let answer = Response { ok: true, error: None, downtime_us, resumed_at_us: Some(resumed_at_us) };
@@ -87,30 +107,57 @@ pub fn listen(listen: &str) -> Result<TcpListener, MigrateError> {
     TcpListener::bind(addr).map_err(|e| MigrateError::Other(format!("cannot listen on {listen}: {e}")))
 }
 
-/// Waits on `listener` for a migration and receives it into a new machine built from `res`.
+/// Waits for the source's connection: the first peer that passes the handshake. Returns the
+/// listener too (kept in case the migration switches to post-copy), unless the connection came
+/// from an inherited connected socket.
+fn accept(cfg: IncomingConfig) -> Result<(MigrationStream, Option<MigrationListener>), MigrateError> {
+    let mode = cfg.security.describe();
+    let listener = match cfg.from {
+        IncomingFrom::Listener(l) => {
+            let at = l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+            // On stderr whatever the log level: scripts wait for this line before they migrate.
+            eprintln!("vmm: waiting for an incoming migration on {at} ({mode})");
+            MigrationListener::from_listener(l, cfg.security, cfg.link)
+        }
+        IncomingFrom::Addr(listen) => {
+            let l = MigrationListener::bind(&listen, cfg.security, cfg.link)?;
+            // On stderr whatever the log level: scripts wait for this line before they migrate.
+            eprintln!("vmm: waiting for an incoming migration on {listen} ({mode})");
+            l
+        }
+        IncomingFrom::Fd(fd) => match transport::socket_from_fd(fd)? {
+            IncomingSocket::Listener(l) => {
+                let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                eprintln!("vmm: waiting for an incoming migration on fd {fd} ({at}, {mode})");
+                MigrationListener::from_listener(l, cfg.security.clone(), cfg.link)
+            }
+            IncomingSocket::Connection(c) => {
+                eprintln!("vmm: waiting for an incoming migration on fd {fd} (a connection, {mode})");
+                return Ok((transport::accept_connection(c, &cfg.security, &cfg.link)?, None));
+            }
+        },
+    };
+    // Nobody else gets in while this migration runs: the listener is closed once `Start` says
+    // the migration cannot switch to post-copy, and until then nobody is accepted on it.
+    let stream = listener.accept_while(&|| true)?;
+    Ok((stream, Some(listener)))
+}
+
+/// Waits for a migration as `cfg` says and receives it into a new machine built from `res`.
 /// `nets` (from the destination's command line) replaces the source's TAP names, NIC by NIC;
 /// if empty, the source's names are used (not by a sealed, i.e. sandboxed, destination: it
 /// opened its TAPs and disks before and needs them named). Console output of the guest goes
 /// to `console`.
 pub fn receive(
-    listener: TcpListener,
+    cfg: IncomingConfig,
     nets: &[NetConfig],
     disks: &[DiskConfig],
     res: &mut HostResources,
     console: Box<dyn std::io::Write + Send>,
     announce: bool,
 ) -> Result<Incoming, MigrateError> {
-    let listen = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-    // On stderr whatever the log level: scripts wait for this line before they migrate.
-    eprintln!("vmm: waiting for an incoming migration on {listen}");
-    let (mut stream, peer) = listener.accept().map_err(|e| MigrateError::Other(format!("accept: {e}")))?;
-    // Nobody else gets in while (and after) this migration runs, unless it may switch to
-    // post-copy: then the listener stays for its later connections (see `receive_on`).
-    let mut listener = Some(listener);
-    log::info!("incoming migration from {peer}");
-    stream.set_nodelay(true).ok();
-    stream.set_read_timeout(Some(FRAME_TIMEOUT)).ok();
-    stream.set_write_timeout(Some(FRAME_TIMEOUT)).ok();
+    let (mut stream, mut listener) = accept(cfg)?;
+    log::info!("incoming migration from {}", stream.describe_peer());
 
     // Allocated once, up front, for the largest frame.
     let mut scratch = Vec::with_capacity(protocol::MAX_PAYLOAD as usize);
@@ -131,8 +178,8 @@ type Received = (BuiltVm, Option<Instant>, DiskSink, Option<(Arc<remote::Shared>
 
 #[allow(clippy::too_many_arguments)]
 fn receive_on(
-    stream: &mut TcpStream,
-    listener: &mut Option<TcpListener>,
+    stream: &mut MigrationStream,
+    listener: &mut Option<MigrationListener>,
     nets: &[NetConfig],
     disks: &[DiskConfig],
     res: &mut HostResources,
@@ -146,7 +193,9 @@ fn receive_on(
     }
     let start: StartPayload = protocol::parse_json("Start", &first.payload)?;
     log::debug!("incoming: Start");
+    crate::fault::point("destination:start");
     if start.postcopy_id.is_none() {
+        // Nobody else gets in while (and after) this migration runs.
         *listener = None;
     }
     let mut config = check_start(&start, nets, res)?;
@@ -234,6 +283,7 @@ fn receive_on(
             other => return Err(MigrateError::Other(format!("unexpected {other:?} during a migration"))),
         }
     }
+    crate::fault::point("destination:complete");
     let state = state.ok_or_else(|| MigrateError::Other("Complete came before the machine's State".into()))?;
     // Restoring kvmclock and other MSRs makes KVM touch guest memory: the slots must be there,
     // and with post-copy the pages that are still on the source must come when touched.
@@ -255,32 +305,10 @@ const CHANNEL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Accepts post-copy's fault connection: the first connection that presents this migration's
 /// id (others are closed).
-fn accept_channel(listener: &TcpListener, id: u64) -> Result<TcpStream, MigrateError> {
+fn accept_channel(listener: &MigrationListener, id: u64) -> Result<MigrationStream, MigrateError> {
     let deadline = Instant::now() + CHANNEL_TIMEOUT;
-    listener.set_nonblocking(true).map_err(|e| MigrateError::Other(format!("listener: {e}")))?;
-    let r = loop {
-        match listener.accept() {
-            Ok((mut s, peer)) => {
-                s.set_nonblocking(false).ok();
-                s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-                match protocol::read_frame(&mut s) {
-                    Ok(f) if f.command == Command::PostcopyChannel => {
-                        match protocol::parse_json::<migration::postcopy::ChannelHello>("hello", &f.payload) {
-                            Ok(h) if h.id == id => break Ok(s),
-                            _ => log::warn!("post-copy: {peer} presented another migration's id"),
-                        }
-                    }
-                    other => log::warn!("post-copy: {peer} did not open a fault connection: {other:?}"),
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => break Err(MigrateError::Other(format!("waiting for the post-copy fault connection: {e}"))),
-        }
-    };
-    listener.set_nonblocking(false).ok();
-    r
+    remote::accept_hello(listener, Command::PostcopyChannel, id, &|| Instant::now() < deadline)
+        .map_err(|e| MigrateError::Other(format!("waiting for the post-copy fault connection: {e}")))
 }
 
 /// Registers guest memory with a userfaultfd and starts the page handler that fetches the
@@ -289,7 +317,7 @@ fn start_postcopy(
     built: &BuiltVm,
     res: &mut HostResources,
     s: Switched,
-    listener: TcpListener,
+    listener: MigrationListener,
 ) -> Result<(Arc<remote::Shared>, Arc<remote::GuestControl>), MigrateError> {
     let uffd = res.take_uffd().map_err(|e| MigrateError::Memory(e.to_string()))?;
     let uffd = Arc::new(
@@ -441,7 +469,7 @@ pub fn apply_batch(
 /// `vmm run --incoming`: receives a migration and runs the guest here. Returns the running VMM
 /// and the guest's pause as measured here.
 pub fn start_incoming(
-    listener: TcpListener,
+    cfg: IncomingConfig,
     nets: &[NetConfig],
     disks: &[DiskConfig],
     res: &mut HostResources,
@@ -449,7 +477,7 @@ pub fn start_incoming(
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<(crate::Vmm, Option<Duration>), MigrateError> {
     let Incoming { built, answer, disks, scratch, postcopy } =
-        receive(listener, nets, disks, res, console, announce.is_some())?;
+        receive(cfg, nets, disks, res, console, announce.is_some())?;
     log::debug!("incoming: starting the vCPUs");
     let mut vmm = match crate::Vmm::start(built) {
         Ok(v) => v,

@@ -14,7 +14,7 @@
 //! paused here, because it may already be running there (never two live copies).
 
 use std::io::Write;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,6 +32,7 @@ use super::{
 };
 use crate::api::{MigrateRequest, MigrationInfo, MigrationMode, MigrationPhase, PostcopyInfo, RoundInfo};
 use crate::builder::Machine;
+use crate::transport::{self, LinkConfig, MigrationStream, Security};
 use crate::vstate::vcpu::{THROTTLE_TICK, VcpuSet};
 
 /// Default guest pause target (QEMU and Cloud Hypervisor default to 300 ms).
@@ -40,10 +41,6 @@ pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(50);
 pub const DEFAULT_MAX_ROUNDS: u32 = 30;
 /// A memory frame is sent once its batch is this large.
 const BATCH_BYTES: usize = 8 << 20;
-/// How long a refused connection is retried (the destination may still be starting).
-const CONNECT_RETRY: Duration = Duration::from_secs(5);
-/// How long to wait for the destination's answers.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time the stop-and-copy phase needs besides pages (state, restore, acknowledgement).
 const FIXED_DOWNTIME: Duration = Duration::from_millis(5);
 /// Under the downtime limit, pre-copy goes on while each round still shrinks the dirty set by
@@ -66,12 +63,24 @@ pub struct MigrateParams {
     pub max_bandwidth: Option<u64>,
     pub max_rounds: u32,
     pub mode: MigrationMode,
+    /// Mutual TLS (by default) or plaintext.
+    pub security: Security,
+    /// The stall bound and timeouts of the connection.
+    pub link: LinkConfig,
 }
 
-impl TryFrom<&MigrateRequest> for MigrateParams {
-    type Error = String;
+/// What a VMM uses for a migration its request does not say otherwise about (`vmm run
+/// --tls-dir`, `--insecure-plaintext`, `--stall-timeout-ms`).
+#[derive(Clone, Debug, Default)]
+pub struct MigrationDefaults {
+    /// `None`: no TLS identity, so a request must bring one (or ask for plaintext).
+    pub security: Option<Security>,
+    pub link: LinkConfig,
+}
 
-    fn try_from(r: &MigrateRequest) -> Result<Self, String> {
+impl MigrateParams {
+    /// Checks a request; `defaults` fill in what it leaves out.
+    pub fn from_request(r: &MigrateRequest, defaults: &MigrationDefaults) -> Result<Self, String> {
         // Resolving a name reads /etc (hosts, resolv.conf, nsswitch): a sandboxed VMM cannot.
         if crate::seccomp::enabled() && r.to.parse::<std::net::SocketAddr>().is_err() {
             return Err(format!(
@@ -95,7 +104,43 @@ impl TryFrom<&MigrateRequest> for MigrateParams {
             Some(0) => return Err("max_rounds: must be at least 1".into()),
             other => other.unwrap_or(DEFAULT_MAX_ROUNDS),
         };
-        Ok(MigrateParams { to: r.to.clone(), downtime, max_bandwidth, max_rounds, mode: r.mode.unwrap_or_default() })
+        let link = match r.stall_timeout_ms {
+            Some(ms) => LinkConfig::with_stall_ms(ms).map_err(|e| format!("stall_timeout_ms: {e}"))?,
+            None => defaults.link,
+        };
+        let security = if r.insecure_plaintext {
+            if r.tls_dir.is_some() {
+                return Err("tls_dir and insecure_plaintext: choose one".into());
+            }
+            log::warn!("{}", transport::PLAINTEXT_WARNING);
+            Security::InsecurePlaintext
+        } else if let Some(dir) = &r.tls_dir {
+            match &defaults.security {
+                // The VMM's own directory (e.g. VMM_TLS_DIR set for every command): already read.
+                Some(s @ Security::Tls(id)) if id.dir() == std::path::Path::new(dir) => s.clone(),
+                _ if crate::seccomp::enabled() => {
+                    return Err(format!(
+                        "tls_dir '{dir}': this VMM is sandboxed (seccomp) and opens no files after it started: \
+                         give it --tls-dir when starting it, or start it with --no-seccomp"
+                    ));
+                }
+                _ => Security::tls(std::path::Path::new(dir)).map_err(|e| format!("tls_dir: {e}"))?,
+            }
+        } else {
+            defaults.security.clone().ok_or(
+                "this VMM has no TLS identity for migrations: start it with --tls-dir DIR (or VMM_TLS_DIR), \
+                 or give tls_dir in the request (vmm migrate --tls-dir); plaintext only with insecure_plaintext",
+            )?
+        };
+        Ok(MigrateParams {
+            to: r.to.clone(),
+            downtime,
+            max_bandwidth,
+            max_rounds,
+            security,
+            link,
+            mode: r.mode.unwrap_or_default(),
+        })
     }
 }
 
@@ -116,7 +161,7 @@ struct Source<'a> {
     vcpus: &'a Mutex<VcpuSet>,
     progress: &'a Mutex<MigrationInfo>,
     params: MigrateParams,
-    stream: Option<TcpStream>,
+    stream: Option<MigrationStream>,
     batch: BatchWriter,
     started: Instant,
     bytes_sent: u64,
@@ -127,8 +172,7 @@ struct Source<'a> {
     throttling: Arc<AtomicBool>,
     /// The copied disks (see [`super::disks`]).
     disks: DiskCopier,
-    /// The destination's address, and this migration's id if it may switch to post-copy.
-    addr: Option<std::net::SocketAddr>,
+    /// This migration's id, if it may switch to post-copy.
     postcopy_id: Option<u64>,
 }
 
@@ -148,6 +192,7 @@ pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progr
             phase: MigrationPhase::Setup,
             destination: Some(params.to.clone()),
             mode: params.mode,
+            encrypted: matches!(params.security, Security::Tls(_)),
             ..Default::default()
         };
     }
@@ -165,7 +210,6 @@ pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progr
         complete_sent: false,
         throttling: Arc::new(AtomicBool::new(false)),
         disks: DiskCopier::new(m),
-        addr: None,
         postcopy_id: None,
     };
     let result = std::thread::scope(|scope| {
@@ -214,7 +258,7 @@ impl Source<'_> {
         f(&mut self.progress.lock().expect("Poisoned lock"));
     }
 
-    fn stream(&mut self) -> Result<&mut TcpStream, MigrateError> {
+    fn stream(&mut self) -> Result<&mut MigrationStream, MigrateError> {
         self.stream.as_mut().ok_or_else(|| MigrateError::Other("not connected".into()))
     }
 
@@ -233,29 +277,9 @@ impl Source<'_> {
     }
 
     fn setup(&mut self) -> Result<(), MigrateError> {
-        let to = self.params.to.clone();
-        let addr = to
-            .to_socket_addrs()
-            .map_err(|e| MigrateError::Connect(to.clone(), e))?
-            .next()
-            .ok_or_else(|| MigrateError::Connect(to.clone(), std::io::ErrorKind::NotFound.into()))?;
-        // A destination that is still starting refuses for a moment: try again for a while.
-        let deadline = Instant::now() + CONNECT_RETRY;
-        let stream = loop {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-                Ok(s) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(MigrateError::Connect(to, e)),
-            }
-        };
-        stream.set_nodelay(true).ok();
-        // A destination that stops reading must not hang us forever.
-        stream.set_write_timeout(Some(ANSWER_TIMEOUT)).ok();
-        stream.set_read_timeout(Some(ANSWER_TIMEOUT)).ok();
+        let stream = transport::connect(&self.params.to, &self.params.security, &self.params.link)?;
+        log::info!("migration: connected to {}", stream.describe_peer());
         self.stream = Some(stream);
-        self.addr = Some(addr);
         if self.params.mode != MigrationMode::Precopy {
             let mut id = [0u8; 8];
             // SAFETY: getrandom into a local buffer of its length.
@@ -381,6 +405,7 @@ impl Source<'_> {
         step("vCPUs paused");
         self.update(|p| p.phase = MigrationPhase::StopAndCopy);
         protocol::write_frame(self.stream()?, Command::Paused, &[])?;
+        crate::fault::point("source:paused");
         pause_devices(self.m);
         self.set_throttle(0);
         // What the last round left, and what changed since (including the devices' last writes).
@@ -407,6 +432,7 @@ impl Source<'_> {
         protocol::write_frame(self.stream()?, Command::Complete, &[])?;
         self.complete_sent = true;
         step("state sent");
+        crate::fault::point("source:complete");
         let answer = protocol::read_response(self.stream()?)?;
         step("acknowledged");
         if !answer.ok {
@@ -433,9 +459,13 @@ impl Source<'_> {
     /// fetches them on first touch while this host pushes them (see [`postcopy_source`]).
     fn postcopy(&mut self, carried: Vec<Bitmap>) -> Result<Option<u64>, MigrateError> {
         let vm = &self.m.vm;
-        let (addr, id) = match (self.addr, self.postcopy_id) {
-            (Some(a), Some(id)) => (a, id),
-            _ => return Err(MigrateError::Other("post-copy without a destination address".into())),
+        let Some(id) = self.postcopy_id else {
+            return Err(MigrateError::Other("post-copy in a migration that did not offer it".into()));
+        };
+        let peer = postcopy_source::Peer {
+            to: self.params.to.clone(),
+            security: self.params.security.clone(),
+            link: self.params.link,
         };
         protocol::write_frame(self.stream()?, Command::Prepare, &[])?;
         let answer = protocol::read_response(self.stream()?)?;
@@ -468,7 +498,7 @@ impl Source<'_> {
         // Disks do not go by post-copy: their last blocks go now, as in stop-and-copy.
         self.disk_round(false)?;
         disks::flush_shared(self.m)?;
-        let fault = postcopy_source::open_channel(addr, Command::PostcopyChannel, id)?;
+        let fault = postcopy_source::open_channel(&peer, Command::PostcopyChannel, id)?;
         let m = self.m;
         let progress = self.progress;
         let transfer = postcopy_source::Transfer {
@@ -476,7 +506,7 @@ impl Source<'_> {
             layout,
             needed: bitmap,
             fault,
-            addr,
+            peer,
             id,
             progress,
             max_bandwidth: self.params.max_bandwidth,
@@ -526,10 +556,6 @@ impl Source<'_> {
             );
             let main = if answer.is_some() { self.stream.take() } else { None };
             self.stream = None;
-            if let Some(main) = &main {
-                postcopy_source::bound_stalls(main);
-                main.set_read_timeout(None).ok();
-            }
             Ok(main)
         })?;
         self.update(|p| {

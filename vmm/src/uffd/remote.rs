@@ -14,7 +14,6 @@
 //! to come back with `PostcopyResume` and the migration's id. It tells the source which pages
 //! it still lacks, takes the new fault connection, resumes the guest, and goes on.
 
-use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +27,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Ctx, GuestUffd, PageSource, Served, UffdError, UffdStats};
-use crate::migrate::postcopy_source::{STALL, bound_stalls};
+use crate::transport::{MigrationListener, MigrationStream, TransportError};
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vcpu::VcpuSet;
 
@@ -36,6 +35,35 @@ use crate::vstate::vcpu::VcpuSet;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(8);
 /// How long the first frame of a new connection may take.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts the next connection on `listener` whose first frame is `first` with this
+/// migration's `id` (others are closed and logged), while `go_on` says so. Every connection
+/// passes the transport's handshake first (mutual TLS unless plaintext was asked for).
+pub fn accept_hello(
+    listener: &MigrationListener,
+    first: Command,
+    id: u64,
+    go_on: &dyn Fn() -> bool,
+) -> Result<MigrationStream, TransportError> {
+    loop {
+        let mut s = listener.accept_while(go_on)?;
+        s.tcp().set_read_timeout(Some(HELLO_TIMEOUT)).ok();
+        let mut buf = Vec::new();
+        let peer = s.describe_peer();
+        match protocol::read_frame_into(&mut s, &mut buf) {
+            Ok(c) if c == first => match protocol::parse_json::<ChannelHello>("hello", &buf) {
+                Ok(h) if h.id == id => {
+                    log::info!("post-copy: {first:?} from {peer}");
+                    return Ok(s);
+                }
+                Ok(_) => log::warn!("post-copy: {peer} presented another migration's id; closed"),
+                Err(e) => log::warn!("post-copy: {peer}: {e}"),
+            },
+            Ok(c) => log::warn!("post-copy: {peer} began with {c:?}, not {first:?}; closed"),
+            Err(e) => log::warn!("post-copy: {peer}: {e}"),
+        }
+    }
+}
 
 fn src_err(e: impl std::fmt::Display) -> UffdError {
     UffdError::Source(e.to_string())
@@ -81,7 +109,7 @@ pub struct Shared {
     broken: AtomicBool,
     /// Written by the receiver when the handler should look (all there, or broken).
     wake: EventFd,
-    receiver: Mutex<Option<(JoinHandle<()>, TcpStream)>>,
+    receiver: Mutex<Option<(JoinHandle<()>, std::net::TcpStream)>>,
     uffd: Arc<GuestUffd>,
 }
 
@@ -160,8 +188,8 @@ impl GuestControl {
 /// The missing pages' source: the migration source, over the fault connection.
 pub struct Remote {
     shared: Arc<Shared>,
-    fault: Option<TcpStream>,
-    listener: TcpListener,
+    fault: Option<MigrationStream>,
+    listener: MigrationListener,
     id: u64,
     control: Arc<GuestControl>,
     stats: Arc<UffdStats>,
@@ -177,15 +205,13 @@ impl Remote {
     pub fn new(
         uffd: Arc<GuestUffd>,
         needed: PageBitmap,
-        fault: TcpStream,
-        listener: TcpListener,
+        fault: MigrationStream,
+        listener: MigrationListener,
         id: u64,
         control: Arc<GuestControl>,
         stats: Arc<UffdStats>,
     ) -> Result<Remote, UffdError> {
-        bound_stalls(&fault);
-        fault.set_read_timeout(Some(ANSWER_TIMEOUT)).ok();
-        fault.set_write_timeout(Some(STALL)).ok();
+        fault.tcp().set_read_timeout(Some(ANSWER_TIMEOUT)).ok();
         let received = needed.regions.iter().map(|(_, _, w)| w.iter().map(|_| AtomicU64::new(0)).collect()).collect();
         let shared = Arc::new(Shared {
             remaining: AtomicU64::new(needed.count()),
@@ -234,27 +260,25 @@ impl Remote {
         self.control.with("pausing", VcpuSet::pause);
         self.fault = None;
         stop_receiver(&self.shared);
+        let stop = ctx.stop;
+        let go_on = || !stopped(stop);
         let main = loop {
-            let (mut main, hello) = self.accept(ctx, Command::PostcopyResume)?;
-            if hello.id != self.id {
-                log::warn!("post-copy: a connection with another migration's id; refused");
-                continue;
-            }
+            let mut main =
+                accept_hello(&self.listener, Command::PostcopyResume, self.id, &go_on).map_err(|e| match e {
+                    TransportError::Stopped => UffdError::Stopped,
+                    e => src_err(e),
+                })?;
             let missing = self.shared.missing();
-            main.set_write_timeout(Some(STALL)).ok();
             match protocol::write_frame(&mut main, Command::PostcopyDirty, &missing.encode()) {
                 Ok(()) => break main,
                 Err(e) => log::warn!("post-copy: the source's new connection failed: {e}"),
             }
         };
-        let fault = loop {
-            let (fault, hello) = self.accept(ctx, Command::PostcopyChannel)?;
-            if hello.id == self.id {
-                break fault;
-            }
-        };
-        fault.set_read_timeout(Some(ANSWER_TIMEOUT)).ok();
-        fault.set_write_timeout(Some(STALL)).ok();
+        let fault = accept_hello(&self.listener, Command::PostcopyChannel, self.id, &go_on).map_err(|e| match e {
+            TransportError::Stopped => UffdError::Stopped,
+            e => src_err(e),
+        })?;
+        fault.tcp().set_read_timeout(Some(ANSWER_TIMEOUT)).ok();
         self.fault = Some(fault);
         self.shared.broken.store(false, Ordering::SeqCst);
         start_receiver(self.shared.clone(), main)?;
@@ -265,44 +289,6 @@ impl Remote {
             self.shared.remaining.load(Ordering::SeqCst)
         );
         Ok(())
-    }
-
-    /// Accepts the next connection whose first frame is `first`.
-    fn accept(&mut self, ctx: &Ctx, first: Command) -> Result<(TcpStream, ChannelHello), UffdError> {
-        loop {
-            let mut fds = [
-                libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: ctx.stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            ];
-            // SAFETY: a valid array of two pollfds.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(UffdError::Poll(e));
-            }
-            if fds[1].revents != 0 {
-                return Err(UffdError::Stopped);
-            }
-            let Ok((mut s, peer)) = self.listener.accept() else { continue };
-            s.set_nonblocking(false).ok();
-            s.set_read_timeout(Some(HELLO_TIMEOUT)).ok();
-            bound_stalls(&s);
-            let mut buf = Vec::new();
-            match protocol::read_frame_into(&mut s, &mut buf) {
-                Ok(c) if c == first => match protocol::parse_json::<ChannelHello>("hello", &buf) {
-                    Ok(h) => {
-                        log::info!("post-copy: {first:?} from {peer}");
-                        return Ok((s, h));
-                    }
-                    Err(e) => log::warn!("post-copy: {peer}: {e}"),
-                },
-                Ok(c) => log::warn!("post-copy: {peer} began with {c:?}, not {first:?}"),
-                Err(e) => log::warn!("post-copy: {peer}: {e}"),
-            }
-        }
     }
 
     fn done_report(&self) -> PostcopyDone {
@@ -377,10 +363,11 @@ impl PageSource for Remote {
 }
 
 /// Starts the thread that places the pages pushed on `main`.
-pub fn start_receiver(shared: Arc<Shared>, main: TcpStream) -> Result<(), UffdError> {
-    bound_stalls(&main);
-    main.set_read_timeout(None).ok();
-    let ctl = main.try_clone().map_err(UffdError::Thread)?;
+pub fn start_receiver(shared: Arc<Shared>, main: MigrationStream) -> Result<(), UffdError> {
+    // The source may pause between pushes (a bandwidth cap, faults first); the stall bound
+    // still notices a dead link.
+    main.tcp().set_read_timeout(None).ok();
+    let ctl = main.tcp().try_clone().map_err(UffdError::Thread)?;
     let s2 = shared.clone();
     let thread = std::thread::Builder::new()
         .name("postcopy-recv".into())
@@ -405,7 +392,7 @@ fn stop_receiver(shared: &Shared) {
     }
 }
 
-fn receive_pushed(mut main: TcpStream, shared: &Shared) {
+fn receive_pushed(mut main: MigrationStream, shared: &Shared) {
     if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::PostcopyReceiver) {
         log::error!("post-copy receiver: {e}");
         shared.broken.store(true, Ordering::SeqCst);
@@ -432,4 +419,11 @@ fn receive_pushed(mut main: TcpStream, shared: &Shared) {
             return;
         }
     }
+}
+
+/// Whether the handler's stop event fired (read without consuming it).
+fn stopped(stop: &EventFd) -> bool {
+    let mut fd = libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    unsafe { libc::poll(&mut fd, 1, 0) > 0 }
 }
