@@ -194,9 +194,17 @@ fn receive_on(
     let start: StartPayload = protocol::parse_json("Start", &first.payload)?;
     log::debug!("incoming: Start");
     crate::fault::point("destination:start");
-    if start.postcopy_id.is_none() {
+    match (start.postcopy_id, &listener) {
         // Nobody else gets in while (and after) this migration runs.
-        *listener = None;
+        (None, _) => *listener = None,
+        (Some(_), Some(_)) => {}
+        (Some(_), None) => {
+            return Err(MigrateError::Incompatible(
+                "post-copy needs a destination that listens (--incoming, or --incoming-fd with a listening \
+                 socket): it takes a second connection"
+                    .into(),
+            ));
+        }
     }
     let mut config = check_start(&start, nets, res)?;
     log::debug!("incoming: Start checked");
@@ -207,6 +215,12 @@ fn receive_on(
     // the pages arrive; `Prepare` waits for it, before the guest pauses on the source.
     log::debug!("incoming: machine built");
     protocol::write_json(stream, Command::Response, &Response::ok())?;
+    // A migration that may switch to post-copy opens its fault connection now, so that its
+    // handshake is not part of the pause.
+    let mut fault = match (start.postcopy_id, listener.as_ref()) {
+        (Some(id), Some(l)) => Some(accept_channel(l, id)?),
+        _ => None,
+    };
 
     let mem = built.machine.vm.memory().clone();
     let mut written = Written::new(&mem);
@@ -222,7 +236,7 @@ fn receive_on(
             }
             Command::Disk => sink.apply(buf)?,
             Command::PostcopyDirty if switched.is_none() => {
-                let (Some(id), Some(l)) = (start.postcopy_id, listener.as_ref()) else {
+                let (Some(id), Some(fault)) = (start.postcopy_id, fault.take()) else {
                     return Err(MigrateError::Other(
                         "PostcopyDirty in a migration that did not offer post-copy".into(),
                     ));
@@ -236,7 +250,6 @@ fn receive_on(
                     needed.count(),
                     paused_at.map_or(0, |t: Instant| t.elapsed().as_micros())
                 );
-                let fault = accept_channel(l, id)?;
                 switched = Some(Switched { needed, fault, id });
             }
             Command::Prepare => {

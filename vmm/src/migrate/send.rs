@@ -172,8 +172,10 @@ struct Source<'a> {
     throttling: Arc<AtomicBool>,
     /// The copied disks (see [`super::disks`]).
     disks: DiskCopier,
-    /// This migration's id, if it may switch to post-copy.
+    /// This migration's id, if it may switch to post-copy, and its fault connection (opened
+    /// at set-up, so that its handshake is not part of the pause).
     postcopy_id: Option<u64>,
+    fault: Option<MigrationStream>,
 }
 
 /// How pre-copy ended.
@@ -211,6 +213,7 @@ pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progr
         throttling: Arc::new(AtomicBool::new(false)),
         disks: DiskCopier::new(m),
         postcopy_id: None,
+        fault: None,
     };
     let result = std::thread::scope(|scope| {
         // The auto-converge ticker: while throttling, kick the vCPUs every tick so each sleeps
@@ -306,7 +309,19 @@ impl Source<'_> {
         if !answer.ok {
             return Err(MigrateError::Refused(answer.error.unwrap_or_else(|| "no reason given".into())));
         }
+        if let Some(id) = self.postcopy_id {
+            self.fault = Some(postcopy_source::open_channel(&self.peer(), Command::PostcopyChannel, id)?);
+        }
         Ok(())
+    }
+
+    /// The destination, for post-copy's later connections.
+    fn peer(&self) -> postcopy_source::Peer {
+        postcopy_source::Peer {
+            to: self.params.to.clone(),
+            security: self.params.security.clone(),
+            link: self.params.link,
+        }
     }
 
     /// Pre-copy rounds; returns how they ended, with the dirty set the last round left unsent.
@@ -459,14 +474,10 @@ impl Source<'_> {
     /// fetches them on first touch while this host pushes them (see [`postcopy_source`]).
     fn postcopy(&mut self, carried: Vec<Bitmap>) -> Result<Option<u64>, MigrateError> {
         let vm = &self.m.vm;
-        let Some(id) = self.postcopy_id else {
+        let (Some(id), Some(fault)) = (self.postcopy_id, self.fault.take()) else {
             return Err(MigrateError::Other("post-copy in a migration that did not offer it".into()));
         };
-        let peer = postcopy_source::Peer {
-            to: self.params.to.clone(),
-            security: self.params.security.clone(),
-            link: self.params.link,
-        };
+        let peer = self.peer();
         protocol::write_frame(self.stream()?, Command::Prepare, &[])?;
         let answer = protocol::read_response(self.stream()?)?;
         if !answer.ok {
@@ -498,7 +509,6 @@ impl Source<'_> {
         // Disks do not go by post-copy: their last blocks go now, as in stop-and-copy.
         self.disk_round(false)?;
         disks::flush_shared(self.m)?;
-        let fault = postcopy_source::open_channel(&peer, Command::PostcopyChannel, id)?;
         let m = self.m;
         let progress = self.progress;
         let transfer = postcopy_source::Transfer {

@@ -393,6 +393,8 @@ const POSTCOPY_SERVER: Profile = Profile {
         libc::SYS_read,
         libc::SYS_recvfrom,
         libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
         libc::SYS_shutdown,
         libc::SYS_poll,
         libc::SYS_setsockopt,
@@ -404,8 +406,9 @@ const POSTCOPY_SERVER: Profile = Profile {
 };
 
 /// Post-copy's destination page handler: fault events, the fault connection (requests out,
-/// pages in), taking a new pair of connections after a break (accept on the kept listener), and
-/// pausing and resuming the vCPUs meanwhile.
+/// pages in), taking a new pair of connections after a break (accept on the kept listener, and a
+/// thread per connection for its TLS handshake, which run under this filter), restarting the
+/// receiver, and pausing and resuming the vCPUs meanwhile.
 const POSTCOPY_FAULTS: Profile = Profile {
     syscalls: &[
         libc::SYS_read,
@@ -413,10 +416,13 @@ const POSTCOPY_FAULTS: Profile = Profile {
         libc::SYS_ppoll,
         libc::SYS_recvfrom,
         libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
         libc::SYS_accept4,
         libc::SYS_shutdown,
         libc::SYS_setsockopt,
         libc::SYS_getsockopt,
+        libc::SYS_getsockname,
         libc::SYS_getpeername,
         libc::SYS_fcntl,
     ],
@@ -426,7 +432,17 @@ const POSTCOPY_FAULTS: Profile = Profile {
 
 /// Post-copy's destination receiver: reads pushed pages and places them.
 const POSTCOPY_RECEIVER: Profile = Profile {
-    syscalls: &[libc::SYS_read, libc::SYS_recvfrom, libc::SYS_poll, libc::SYS_shutdown, libc::SYS_fcntl],
+    syscalls: &[
+        libc::SYS_read,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_poll,
+        libc::SYS_setsockopt,
+        libc::SYS_shutdown,
+        libc::SYS_fcntl,
+    ],
     ioctls: &[UFFD_FILL],
     socket_domains: &[],
 };
@@ -470,6 +486,8 @@ impl ThreadKind {
                 ThreadKind::PostcopyReceiver,
             ],
             ThreadKind::Migration => &[ThreadKind::MigrationTicker, ThreadKind::PostcopyServer],
+            // Its accept and handshake threads keep its filter.
+            ThreadKind::PostcopyFaults => &[ThreadKind::PostcopyFaults, ThreadKind::PostcopyReceiver],
             ThreadKind::Api => &[ThreadKind::ApiConnection],
             _ => &[],
         }
