@@ -250,6 +250,18 @@ impl Write for Sniff<'_> {
 /// Dials `to` (`host:port`) as a migration source. A destination that refuses the connection
 /// (it may still be starting) is tried again for a few seconds.
 pub fn connect(to: &str, security: &Security, link: &LinkConfig) -> Result<MigrationStream, TransportError> {
+    connect_routed(to, None, security, link)
+}
+
+/// [`connect`], first sending a `Route` frame in plaintext when `route` is given: a host
+/// agent's shared migration port reads it to choose the destination VMM it hands the
+/// connection to, which then does the TLS handshake (like SNI, the route is not secret).
+pub fn connect_routed(
+    to: &str,
+    route: Option<&str>,
+    security: &Security,
+    link: &LinkConfig,
+) -> Result<MigrationStream, TransportError> {
     let addr: SocketAddr = to
         .to_socket_addrs()
         .map_err(|e| TransportError::Resolve(to.into(), e.to_string()))?
@@ -266,6 +278,12 @@ pub fn connect(to: &str, security: &Security, link: &LinkConfig) -> Result<Migra
         }
     };
     link::configure(&tcp, link)?;
+    if let Some(route) = route {
+        protocol::write_route(&mut tcp, route).map_err(|e| match e {
+            protocol::ProtocolError::Io(io) => TransportError::Io(io),
+            other => TransportError::Refused(other.to_string()),
+        })?;
+    }
     let id = match security {
         Security::InsecurePlaintext => {
             return Ok(MigrationStream { inner: Inner::Plain(tcp), peer: to.into(), link: *link, tls_dir: None });
