@@ -223,6 +223,10 @@ fn host_of(to: &str) -> &str {
     host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
 }
 
+/// How much of what the destination sends first is kept: enough for a refusal frame (a host
+/// agent's, on a routed connection) to be read back.
+const SNIFF_BYTES: usize = 4096;
+
 /// A stream that remembers the first bytes it read, to tell what kind of peer answered.
 struct Sniff<'a> {
     inner: &'a mut TcpStream,
@@ -232,7 +236,7 @@ struct Sniff<'a> {
 impl Read for Sniff<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        let room = 4usize.saturating_sub(self.first.len()).min(n);
+        let room = SNIFF_BYTES.saturating_sub(self.first.len()).min(n);
         self.first.extend_from_slice(&buf[..room]);
         Ok(n)
     }
@@ -301,7 +305,14 @@ pub fn connect_routed(
             Ok((0, 0)) => return Err(TransportError::Refused("the TLS handshake with the destination stalled".into())),
             Ok(_) => {}
             Err(e) => {
-                let why = if sniff.first.starts_with(&FRAME_MAGIC) {
+                // A host agent that refuses a routed connection says why in a plain frame.
+                let agent_refusal = route
+                    .filter(|_| sniff.first.starts_with(&FRAME_MAGIC))
+                    .and_then(|_| protocol::read_response(&mut &sniff.first[..]).ok())
+                    .and_then(|r| r.error);
+                let why = if let Some(why) = agent_refusal {
+                    why
+                } else if sniff.first.starts_with(&FRAME_MAGIC) {
                     "the destination speaks plaintext migration (it runs with --insecure-plaintext): \
                      not sending the guest unencrypted"
                         .to_string()
