@@ -19,8 +19,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 # iproute2 (ip netns, bridges, veth, TAP), util-linux (unshare, setpriv), python3 (the initramfs
 # packer): tests and the demo use them. A C toolchain links the Rust binaries; libclang-dev is
-# what the userfaultfd crate's build generates its kernel bindings with (bindgen);
-# fonts-dejavu-core is the benchmark plot's font; curl fetches rustup if there is no Rust.
+# what the userfaultfd crate's build generates its kernel bindings with (bindgen); fonts-dejavu-core
+# is the benchmark plot's font; curl fetches rustup if there is no Rust. etcd-server (the
+# cluster's store; tests and the cluster demo start their own), etcd-client (etcdctl, to look
+# at it) and protobuf-compiler (protoc: the etcd client crate generates its gRPC code with it).
 missing=()
 command -v ip >/dev/null || missing+=(iproute2)
 command -v unshare >/dev/null || missing+=(util-linux)
@@ -29,6 +31,9 @@ command -v python3 >/dev/null || missing+=(python3)
 command -v cc >/dev/null || missing+=(build-essential)
 compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || missing+=(libclang-dev)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+command -v etcd >/dev/null || missing+=(etcd-server)
+command -v etcdctl >/dev/null || missing+=(etcd-client)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
 [ -x "$HOME/.cargo/bin/cargo" ] || command -v cargo >/dev/null || missing+=(curl ca-certificates)
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"

@@ -17,7 +17,9 @@
 //! The test bed needs root (it runs `ip netns add` and opens `/dev/net/tun`) and iproute2.
 
 pub mod bed;
+pub mod cgroup;
 pub mod client_cli;
+pub mod cluster;
 pub mod echo_stream;
 mod error;
 pub mod guest;
