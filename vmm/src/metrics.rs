@@ -54,6 +54,8 @@ pub fn render(m: &Machine, migration: &MigrationInfo, uptime: Duration) -> Strin
         MigrationPhase::Setup,
         MigrationPhase::Precopy,
         MigrationPhase::StopAndCopy,
+        MigrationPhase::Postcopy,
+        MigrationPhase::PostcopyPaused,
         MigrationPhase::Completed,
         MigrationPhase::Failed,
     ] {
@@ -83,6 +85,28 @@ pub fn render(m: &Machine, migration: &MigrationInfo, uptime: Duration) -> Strin
         ),
     ];
     for (name, help, v) in gauges {
+        family(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    // Post-copy's figures, once the last migration switched to it (0 before, or without it).
+    let pc = migration.postcopy.clone().unwrap_or_default();
+    let postcopy: [(&str, &str, u64); 6] = [
+        ("vmm_migration_postcopy_pages_pushed", "Pages sent in the background after the switch.", pc.pages_pushed),
+        ("vmm_migration_postcopy_pages_requested", "Pages sent in answer to faults.", pc.pages_requested),
+        ("vmm_migration_postcopy_faults", "Destination faults on missing pages.", pc.faults.unwrap_or(pc.requests)),
+        (
+            "vmm_migration_postcopy_fault_latency_median_microseconds",
+            "Median fault latency at the destination.",
+            pc.fault_latency_median_us.unwrap_or(0),
+        ),
+        (
+            "vmm_migration_postcopy_fault_latency_p99_microseconds",
+            "99th percentile fault latency at the destination.",
+            pc.fault_latency_p99_us.unwrap_or(0),
+        ),
+        ("vmm_migration_postcopy_reconnects", "Times the link broke and was taken up again.", u64::from(pc.reconnects)),
+    ];
+    for (name, help, v) in postcopy {
         family(&mut out, name, "gauge", help);
         let _ = writeln!(out, "{name} {v}");
     }

@@ -338,3 +338,28 @@ fn the_destination_says_why_a_source_hung_up() {
     assert!(e.contains("refused our certificate"), "{e}");
     expect_refused(source.join().unwrap().map(|()| unreachable!()), &["unknown issuer"]);
 }
+
+#[test]
+fn a_kept_listener_takes_later_connections_and_its_wait_can_be_called_off() {
+    let c = Cluster::new("keep");
+    let b = c.issue("keep-b", &spec("host-b", &[LOOPBACK]));
+    let (l, to) = listen(tls(&b.0));
+    let l = Arc::new(l);
+    // Two connections, one after the other, on the same listener (post-copy's main and fault
+    // connections, or a reconnection).
+    for round in 0..2 {
+        let l2 = l.clone();
+        let dst = thread::spawn(move || l2.accept_while(&|| true));
+        let mut src = connect(&to, &tls(&c.ca.0), &LinkConfig::default()).unwrap();
+        let dst = exchange(&mut src, dst);
+        assert!(dst.is_tls(), "round {round}");
+    }
+    // A wait called off ends with Stopped, and the listener still works after it.
+    let calls = std::sync::atomic::AtomicU32::new(0);
+    let r = l.accept_while(&|| calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2);
+    assert!(matches!(r, Err(TransportError::Stopped)), "{:?}", r.map(|s| s.describe_peer()));
+    let l2 = l.clone();
+    let dst = thread::spawn(move || l2.accept_while(&|| true));
+    let mut src = connect(&to, &tls(&c.ca.0), &LinkConfig::default()).unwrap();
+    exchange(&mut src, dst);
+}

@@ -301,10 +301,15 @@ impl Source<'_> {
         log::info!("migration: connected to {}", stream.describe_peer());
         self.stream = Some(stream);
         if self.params.mode != MigrationMode::Precopy {
+            // The id proves a later connection belongs to this migration: unguessable.
             let mut id = [0u8; 8];
-            // SAFETY: getrandom into a local buffer of its length.
-            unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
-            self.postcopy_id = Some(u64::from_le_bytes(id) | 1);
+            // SAFETY: getrandom writes at most `id.len()` bytes into the local buffer.
+            let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+            if n != id.len() as isize {
+                let e = std::io::Error::last_os_error();
+                return Err(MigrateError::Other(format!("no random id for post-copy: {e}")));
+            }
+            self.postcopy_id = Some(u64::from_le_bytes(id));
         }
 
         let vm = &self.m.vm;
@@ -503,6 +508,10 @@ impl Source<'_> {
         let answer = protocol::read_response(self.stream()?)?;
         if !answer.ok {
             return Err(MigrateError::Refused(answer.error.unwrap_or_else(|| "no reason given".into())));
+        }
+        if answer.committed {
+            log::info!("migration: the destination's cluster committed the move; the guest is no longer ours");
+            self.committed = true;
         }
         let paused_at = Instant::now();
         self.vcpus.lock().expect("Poisoned lock").pause_and_save().map_err(MigrateError::Vcpus)?;
