@@ -17,6 +17,8 @@
 //! The test bed needs root (it runs `ip netns add` and opens `/dev/net/tun`) and iproute2.
 
 pub mod bed;
+pub mod checks;
+pub mod client;
 pub mod client_cli;
 pub mod echo_stream;
 mod error;
@@ -24,6 +26,7 @@ pub mod guest;
 pub mod l2;
 pub mod moves;
 pub mod netns;
+pub mod place;
 mod process;
 pub mod udp_stream;
 pub mod vm;

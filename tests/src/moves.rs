@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase};
 
 use crate::TestBed;
-use crate::vm::{Vm, api_sock_path, guest_kernel};
+use crate::vm::{Guest, Vm, api_sock_path};
 
 /// A guest boots to its ready line within this, even on a loaded machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Linux boots to its ready line within this, even in the nested host on a loaded machine.
+pub const LINUX_BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 /// A destination prints its listening line within this.
 pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a migration may take here (2 cores shared with other tests' VMs).
@@ -54,14 +56,20 @@ pub fn dump(vms: &[(&str, &Vm)]) -> String {
 /// Boots our guest kernel in host `host` with a NIC on its TAP and `ip=` for guest 0, and waits
 /// for its ready line.
 pub fn start_source(bed: &TestBed, host: &str, extra: &[&str], workload: &str) -> Vm {
-    let kernel = guest_kernel();
+    start_guest(bed, host, Guest::Ours, extra, workload)
+}
+
+/// [`start_source`] for either guest.
+pub fn start_guest(bed: &TestBed, host: &str, guest: Guest, extra: &[&str], workload: &str) -> Vm {
     let sock = api_sock_path(&format!("src-{host}"));
-    let mut args = s(&["run", "--kernel", kernel.to_str().unwrap(), "--api-sock", sock.to_str().unwrap()]);
+    let mut args = s(&["run", "--api-sock", sock.to_str().unwrap()]);
+    args.extend(guest.boot_args());
     args.extend(s(extra));
     args.extend(["--net".to_string(), format!("tap={},mac={GUEST_MAC}", bed.host(host).tap())]);
-    args.extend(["--cmdline".to_string(), format!("console=ttyS0 {} {workload}", bed.guest_ip_cmdline(0))]);
+    args.extend(["--cmdline".to_string(), format!("{} {} {workload}", guest.cmdline(), bed.guest_ip_cmdline(0))]);
     let vm = Vm::start(Some(bed.host(host)), &args);
-    let ready = vm.console.wait_line(BOOT_TIMEOUT, |l| l.starts_with("GUEST-READY"));
+    let timeout = if guest == Guest::Linux { LINUX_BOOT_TIMEOUT } else { BOOT_TIMEOUT };
+    let ready = vm.console.wait_line(timeout, |l| l.starts_with("GUEST-READY"));
     assert!(ready.is_some(), "the guest did not boot on host {host}{}", dump(&[("source", &vm)]));
     assert!(vm.wait_api(LISTEN_TIMEOUT), "the source's API does not answer{}", dump(&[("source", &vm)]));
     vm
