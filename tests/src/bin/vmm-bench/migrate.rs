@@ -7,7 +7,6 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream, UdpSocket};
-use std::path::Path;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use vmm_tests::udp_stream::UdpStream;
 use vmm_tests::{Netns, TestBed};
 
 use crate::boot::ms;
-use crate::monitor::{GuestSpec, MigrationResult, Monitor, Running};
+use crate::monitor::{GuestImage, GuestSpec, MigrationResult, Monitor, Running};
 use crate::results::{Better, Results};
 
 const MAC: &str = "52:54:00:be:4c:02";
@@ -51,11 +50,11 @@ impl Case {
         }
     }
 
-    fn cmdline(&self, ip: &str) -> String {
+    fn cmdline(&self, start: &str, ip: &str) -> String {
         match self.dirty {
-            None => format!("console=ttyS0 {ip} vmm.workload=idle"),
+            None => format!("{start} {ip} vmm.workload=idle"),
             Some((mib, rate)) => {
-                format!("console=ttyS0 {ip} vmm.workload=dirty vmm.dirty_mib={mib} vmm.dirty_rate={rate}")
+                format!("{start} {ip} vmm.workload=dirty vmm.dirty_mib={mib} vmm.dirty_rate={rate}")
             }
         }
     }
@@ -80,15 +79,17 @@ pub struct Sample {
 
 pub struct Bench<'a> {
     bed: TestBed,
-    kernel: &'a Path,
+    guest: &'a GuestImage,
+    /// How long a guest may take to its ready line.
+    ready_timeout: Duration,
     pub samples: Vec<Sample>,
 }
 
 impl<'a> Bench<'a> {
-    pub fn new(kernel: &'a Path) -> Result<Self, String> {
+    pub fn new(guest: &'a GuestImage, ready_timeout: Duration) -> Result<Self, String> {
         let bed =
             TestBed::builder().host("a").host("b").client("client").host_ips().build().map_err(|e| e.to_string())?;
-        Ok(Bench { bed, kernel, samples: Vec::new() })
+        Ok(Bench { bed, guest, ready_timeout, samples: Vec::new() })
     }
 
     /// TCP bandwidth on loopback (inside host A) and from host A to host B, in MB/s.
@@ -108,7 +109,7 @@ impl<'a> Bench<'a> {
         for run in 0..runs {
             for m in Monitor::alternating(run) {
                 let s = self.once(case, m, run)?;
-                let section = format!("migration: {}", case.label());
+                let section = self.guest.section(&format!("migration: {}", case.label()));
                 let r = &s.result;
                 results.add(&section, "total time", "ms", Better::Lower, m, r.total_ms);
                 results.add(&section, DOWNTIME, "ms", Better::Lower, m, r.downtime_ms);
@@ -160,22 +161,22 @@ impl<'a> Bench<'a> {
         let (a, b, client) = (self.bed.host("a"), self.bed.host("b"), self.bed.client());
         let guest_ip = self.bed.guest_ip(0);
         let spec_a = GuestSpec {
-            kernel: self.kernel,
-            initrd: None,
-            cmdline: case.cmdline(&self.bed.guest_ip_cmdline(0)),
+            kernel: &self.guest.kernel,
+            initrd: self.guest.initrd.as_deref(),
+            cmdline: case.cmdline(&self.guest.cmdline, &self.bed.guest_ip_cmdline(0)),
             mem_mib: case.mem_mib,
             vcpus: case.vcpus,
             net: Some((a.tap(), MAC)),
         };
         let src = Running::start(m, Some(a), &spec_a, None);
-        src.wait_ready(Duration::from_secs(30))?;
+        src.wait_ready(self.ready_timeout)?;
         client
-            .wait_for_tcp((guest_ip, ECHO_PORT).into(), Duration::from_secs(10))
+            .wait_for_tcp((guest_ip, ECHO_PORT).into(), Duration::from_secs(30))
             .map_err(|e| format!("{}: {e}\n{}", m.name(), src.vm.describe()))?;
         let port = PORT.fetch_add(1, Ordering::Relaxed);
         let spec_b = GuestSpec { net: Some((b.tap(), MAC)), ..spec_a };
         let dst = Running::start(m, Some(b), &spec_b, Some(&format!("0.0.0.0:{port}")));
-        dst.wait_incoming(Duration::from_secs(10))?;
+        dst.wait_incoming(Duration::from_secs(30))?;
 
         let stream = client
             .run_in(move || TcpStream::connect_timeout(&(guest_ip, ECHO_PORT).into(), Duration::from_secs(5)))
@@ -193,7 +194,7 @@ impl<'a> Bench<'a> {
         udp.reset_gap();
         let b_ip = b.ip().ok_or("host B has no address")?;
         let result = src.migrate(&format!("{b_ip}:{port}"), &dst)?;
-        if !src.wait_exit(Duration::from_secs(10)) {
+        if !src.wait_exit(Duration::from_secs(30)) {
             return Err(format!("{}: the source did not exit after the migration", m.name()));
         }
         std::thread::sleep(Duration::from_millis(1000));
