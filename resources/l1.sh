@@ -219,7 +219,7 @@ setpriv --pdeathsig KILL -- qemu-system-x86_64 \
     -accel tcg -cpu max -M pc -smp "$smp" -m "$mem" \
     -nodefaults -no-user-config -display none -serial stdio -no-reboot \
     -kernel "$vmlinuz" -initrd "$cache/initramfs.cpio.gz" \
-    -append "console=ttyS0 rdinit=/init panic=-1 mitigations=off quiet loglevel=3" \
+    -append "console=ttyS0 rdinit=/init panic=-1 softlockup_panic=1 mitigations=off quiet loglevel=3" \
     -virtfs local,path=/,mount_tag=host0,security_model=none,readonly=on,multidevs=remap \
     -virtfs "local,path=$job,mount_tag=job0,security_model=none" \
     "${share_args[@]}" </dev/null &

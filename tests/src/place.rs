@@ -105,13 +105,15 @@ pub struct L1Options {
     pub mem_mib: u32,
     /// Directories shared writable (the rest of the file system is read-only there).
     pub rw: Vec<PathBuf>,
+    /// The nested host is stopped (and the run fails) after this long.
+    pub timeout: Duration,
 }
 
 impl Default for L1Options {
     /// 2 vCPUs (the machines this runs on have 2 cores) and 6 GiB: two 1 GiB guests at once
-    /// with room to spare.
+    /// with room to spare; 40 minutes, several times what a test binary takes there.
     fn default() -> Self {
-        L1Options { smp: 2, mem_mib: 6144, rw: Vec::new() }
+        L1Options { smp: 2, mem_mib: 6144, rw: Vec::new(), timeout: Duration::from_secs(2400) }
     }
 }
 
@@ -120,6 +122,7 @@ impl Default for L1Options {
 pub fn l1_command(opts: &L1Options, program: &Path, args: &[String]) -> Command {
     let mut cmd = Command::new(l1_script());
     cmd.args(["--smp", &opts.smp.to_string(), "--mem", &opts.mem_mib.to_string()]);
+    cmd.args(["--timeout", &opts.timeout.as_secs().max(1).to_string()]);
     for dir in &opts.rw {
         cmd.arg("--rw").arg(dir);
     }

@@ -249,6 +249,8 @@ fn linux_in_nested_host(o: &Options, out: &Path) -> Result<(), String> {
     let opts = L1Options {
         mem_mib: u32::try_from(4096 + 2 * largest).map_err(|_| "--mem-sizes: too large")?,
         rw: vec![out],
+        // Every case with 5 runs takes hours when everything is emulated.
+        timeout: Duration::from_secs(6 * 3600),
         ..L1Options::default()
     };
     let status =
