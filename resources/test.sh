@@ -5,7 +5,8 @@
 # runs every test of the workspace in release mode: unit tests, KVM probes, and the end-to-end
 # tests that boot real guests, migrate them between network namespaces and check the network,
 # the API and the address takeover. Needs root and /dev/kvm (without /dev/kvm the tests that
-# need it say so loudly and skip).
+# need it say so loudly and skip). Then the fuzzing smoke run: every fuzz target for
+# VMM_FUZZ_SECONDS (default 30) with AddressSanitizer (resources/fuzz.sh; 0 skips it).
 #
 # Usage: resources/test.sh [extra cargo test arguments]
 set -euo pipefail
@@ -19,3 +20,7 @@ cd "$root"
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo test --release --workspace "$@"
+fuzz_seconds=${VMM_FUZZ_SECONDS:-30}
+if [ "$fuzz_seconds" -gt 0 ]; then
+    "$here/fuzz.sh" "$fuzz_seconds"
+fi

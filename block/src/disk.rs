@@ -71,18 +71,40 @@ impl Disk {
     /// Creates a new sparse image of `size` bytes (the file must not exist), for a migration
     /// destination that receives a copied disk.
     pub fn create(path: &Path, size: u64, read_only: bool) -> Result<Self, DiskError> {
-        let file = OpenOptions::new()
+        // The guest's own view stays as the source had it: a read-only disk is still
+        // written here, by the migration, through this handle.
+        Self::create_in(Self::create_empty(path)?, path, size, read_only)
+    }
+
+    /// Creates a new, empty file for [`Disk::create_in`] (the file must not exist): a sandboxed
+    /// destination creates its copied disks' files before it drops its privileges and gives them
+    /// their size once the migration says it.
+    pub fn create_empty(path: &Path) -> Result<File, DiskError> {
+        OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
-            .map_err(|source| DiskError::Open { path: path.to_path_buf(), source })?;
+            .map_err(|source| DiskError::Open { path: path.to_path_buf(), source })
+    }
+
+    /// [`Disk::create`] on a file made by [`Disk::create_empty`].
+    pub fn create_in(file: File, path: &Path, size: u64, read_only: bool) -> Result<Self, DiskError> {
         file.set_len(size).map_err(|source| DiskError::Io { what: "size", path: path.to_path_buf(), source })?;
-        // The guest's own view stays as the source had it: a read-only disk is still
-        // written here, by the migration, through this handle.
         let mut disk = Self::from_file(file, path, false, false)?;
         disk.state.read_only = read_only;
+        Ok(disk)
+    }
+
+    /// A second handle on the same open image (the same lock), with its own view of it: e.g.
+    /// the device's, next to a migration's writer.
+    pub fn try_clone(&self, read_only: bool, shared: bool) -> Result<Self, DiskError> {
+        let path = self.state.path.clone();
+        let file = self.file.try_clone().map_err(|source| DiskError::Open { path: path.clone(), source })?;
+        let mut disk = Self::from_file(file, &path, false, true)?;
+        disk.state.read_only = read_only;
+        disk.state.shared = shared;
         Ok(disk)
     }
 

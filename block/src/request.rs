@@ -602,7 +602,7 @@ mod tests {
         rig.init(f);
         let mem = rig.mem.clone();
         let q = queue(&mem);
-        let worker = crate::Worker::spawn(rig.block.clone(), "test-blk".into()).unwrap();
+        let worker = crate::Worker::spawn(rig.block.clone(), "test-blk".into(), || {}).unwrap();
         rig.header(HDR, VIRTIO_BLK_T_IN, 0);
         q.add_desc_chains(&request(0, Some((DATA, 512, WRITE))), 0).unwrap();
         // What KVM's ioeventfd does when the driver writes QueueNotify.

@@ -25,8 +25,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts the I/O thread of `device`.
-    pub fn spawn(device: Arc<Mutex<Block>>, name: String) -> Result<Self, BlockError> {
+    /// Starts the I/O thread of `device`; the thread calls `first` before anything else (the
+    /// VMM installs the thread's seccomp filter there).
+    pub fn spawn(
+        device: Arc<Mutex<Block>>,
+        name: String,
+        first: impl FnOnce() + Send + 'static,
+    ) -> Result<Self, BlockError> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd)?;
         let stop2 = stop.try_clone().map_err(BlockError::EventFd)?;
         let notify = device.lock().expect("Poisoned lock").queue_events()[REQUEST_QUEUE]
@@ -34,7 +39,10 @@ impl Worker {
             .map_err(BlockError::EventFd)?;
         let handle = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(&device, &notify, &stop2))
+            .spawn(move || {
+                first();
+                run(&device, &notify, &stop2)
+            })
             .map_err(BlockError::EventFd)?;
         Ok(Worker { stop, handle: Some(handle) })
     }

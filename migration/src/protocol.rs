@@ -158,7 +158,11 @@ pub fn read_frame_into(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Command, 
     // byte once more before the socket does).
     buf.clear();
     buf.reserve(len as usize);
-    let got = r.take(len).read_to_end(buf)?;
+    // A TLS stream reports a peer that closed mid-frame as an error rather than an end.
+    let got = r.take(len).read_to_end(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
+        _ => ProtocolError::Io(e),
+    })?;
     if got as u64 != len {
         return Err(ProtocolError::Truncated);
     }

@@ -117,7 +117,12 @@ pub struct Net {
 impl Net {
     /// A device on TAP `tap_name` with MAC `mac`, raising its interrupt through `irqfd`.
     pub fn new(tap_name: &str, mac: MacAddr, irqfd: EventFd) -> Result<Self, NetError> {
-        let tap = Tap::open(tap_name)?;
+        Self::with_tap(Tap::open(tap_name)?, mac, irqfd)
+    }
+
+    /// A device on `tap`, opened before (a sandboxed VMM opens its TAPs before it drops its
+    /// privileges).
+    pub fn with_tap(tap: Tap, mac: MacAddr, irqfd: EventFd) -> Result<Self, NetError> {
         let mut queues = Vec::with_capacity(NUM_QUEUES);
         let mut queue_evts = Vec::with_capacity(NUM_QUEUES);
         for _ in 0..NUM_QUEUES {

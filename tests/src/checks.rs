@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase, VmState};
 
 use crate::TestBed;
-pub use crate::guest::exchange;
+use crate::guest::exchange;
 use crate::moves::{
-    CONTROL_PORT, ECHO_PORT, GUEST_TIMEOUT, MIGRATION_PORT, MIGRATION_TIMEOUT, assert_completed, assert_exits_cleanly,
-    dump, migrate_api, print_info, request, start_destination, start_guest, wait_migration,
+    ECHO_PORT, GUEST_TIMEOUT, GuestStatus, MIGRATION_PORT, MIGRATION_TIMEOUT, assert_completed, assert_dirty_console,
+    assert_exits_cleanly, assert_state, dump, guest_status, migrate_api, print_info, request, start_destination,
+    start_guest, wait_migration, wait_more_passes,
 };
 use crate::vm::{Guest, Vm, vmm_bin};
 
@@ -51,79 +52,6 @@ pub fn migrate_cli(src: &Vm, to: &str, extra: &[&str], ctx: &[(&str, &Vm)]) -> (
     (status.success(), out, err)
 }
 
-/// One `status` answer of the guest's control port.
-#[derive(Clone, Debug)]
-pub struct GuestStatus {
-    pub workload: String,
-    pub uptime_ms: u64,
-    pub dirty_passes: u64,
-    pub dirty_mismatches: u64,
-    /// Before the request went out and after the answer came back.
-    pub asked: Instant,
-    pub answered: Instant,
-}
-
-pub fn parse_status(line: &str) -> Option<GuestStatus> {
-    let mut fields = line.trim().split(' ');
-    if fields.next()? != "STATUS" {
-        return None;
-    }
-    let (mut workload, mut uptime, mut passes, mut mismatches) = (None, None, None, None);
-    for field in fields {
-        match field.split_once('=')? {
-            ("workload", v) => workload = Some(v.to_string()),
-            ("uptime_ms", v) => uptime = v.parse().ok(),
-            ("dirty_passes", v) => passes = v.parse().ok(),
-            ("dirty_mismatches", v) => mismatches = v.parse().ok(),
-            _ => {}
-        }
-    }
-    let now = Instant::now();
-    Some(GuestStatus {
-        workload: workload?,
-        uptime_ms: uptime?,
-        dirty_passes: passes?,
-        dirty_mismatches: mismatches?,
-        asked: now,
-        answered: now,
-    })
-}
-
-/// Asks the guest for `status` on its control port from the client, retrying until it answers
-/// (right after a move the network may need a moment to learn where the guest is).
-pub fn guest_status(bed: &TestBed, ctx: &[(&str, &Vm)]) -> GuestStatus {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    loop {
-        let asked = Instant::now();
-        let answer = exchange(bed, CONTROL_PORT, "status\n");
-        let answered = Instant::now();
-        match answer.as_deref().map(parse_status) {
-            Ok(Some(status)) => return GuestStatus { asked, answered, ..status },
-            other => assert!(
-                Instant::now() < deadline,
-                "the guest does not answer `status` on {}:{CONTROL_PORT}: {other:?}{}",
-                bed.guest_ip(0),
-                dump(ctx)
-            ),
-        }
-        thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// Waits until the guest's dirty workload completed more passes than `than`.
-pub fn wait_more_passes(bed: &TestBed, than: u64, ctx: &[(&str, &Vm)]) -> GuestStatus {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    loop {
-        let st = guest_status(bed, ctx);
-        assert_eq!(st.dirty_mismatches, 0, "the dirty workload found corrupted pages: {st:?}{}", dump(ctx));
-        if st.dirty_passes > than {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "the dirty workload stopped at {} passes: {st:?}{}", than, dump(ctx));
-        thread::sleep(Duration::from_millis(500));
-    }
-}
-
 /// The guest's echo server on port 7000 answers a line with the same line.
 pub fn assert_echo(bed: &TestBed, ctx: &[(&str, &Vm)]) {
     let deadline = Instant::now() + GUEST_TIMEOUT;
@@ -148,40 +76,6 @@ pub fn assert_clock_continues(before: &GuestStatus, after: &GuestStatus, ctx: &[
         dump(ctx)
     );
     println!("guest uptime {} -> {} ms (+{jump} ms in {wall} ms of wall time)", before.uptime_ms, after.uptime_ms);
-}
-
-/// The `mismatches=` count of a `DIRTY pass=N mib=M ms=T mismatches=X` console line.
-pub fn dirty_line_mismatches(line: &str) -> Option<u64> {
-    line.split(' ').find_map(|f| f.strip_prefix("mismatches=")).and_then(|v| v.parse().ok())
-}
-
-/// The `pass=` number of a `DIRTY pass=N ...` console line.
-pub fn dirty_line_pass(line: &str) -> Option<u64> {
-    line.split(' ').find_map(|f| f.strip_prefix("pass=")).and_then(|v| v.parse().ok())
-}
-
-/// The VM's console shows the dirty workload's progress lines (a new one after `after_pass`),
-/// all with `mismatches=0`, and no `DIRTY-MISMATCH` line.
-pub fn assert_dirty_console(vm: &Vm, after_pass: u64, ctx: &[(&str, &Vm)]) -> u64 {
-    let line = vm.console.wait_line(GUEST_TIMEOUT, |l| {
-        l.starts_with("DIRTY pass=") && dirty_line_pass(l).is_some_and(|p| p > after_pass)
-    });
-    assert!(line.is_some(), "no DIRTY line after pass {after_pass} on the console{}", dump(ctx));
-    let text = vm.console.text();
-    assert!(!text.contains("DIRTY-MISMATCH"), "the dirty workload found corrupted pages{}", dump(ctx));
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("DIRTY pass=")).collect();
-    // Our guest counts mismatches on each line; the Linux init only prints DIRTY-MISMATCH lines.
-    for l in &lines {
-        assert!(dirty_line_mismatches(l).is_none_or(|m| m == 0), "line {l:?}{}", dump(ctx));
-    }
-    lines.iter().filter_map(|l| dirty_line_pass(l)).max().unwrap_or(0)
-}
-
-pub fn assert_state(vm: &Vm, want: VmState, ctx: &[(&str, &Vm)]) {
-    match vm.api().get_vm() {
-        Ok(info) => assert_eq!(info.state, want, "{info:?}{}", dump(ctx)),
-        Err(e) => panic!("GET /vm failed: {e}{}", dump(ctx)),
-    }
 }
 
 /// How a test moves the guest.
@@ -439,6 +333,7 @@ mod tests {
 
     #[test]
     fn dirty_lines() {
+        use crate::moves::{dirty_line_mismatches, dirty_line_pass};
         assert_eq!(dirty_line_pass("DIRTY pass=12 mib=64 ms=1030"), Some(12));
         assert_eq!(dirty_line_mismatches("DIRTY pass=12 mib=64 ms=1030"), None);
         assert_eq!(dirty_line_mismatches("DIRTY pass=3 mib=64 ms=9 mismatches=4"), Some(4));

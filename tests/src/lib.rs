@@ -26,6 +26,7 @@ pub mod guest;
 pub mod l2;
 pub mod moves;
 pub mod netns;
+pub mod pki;
 pub mod place;
 mod process;
 pub mod udp_stream;

@@ -7,9 +7,10 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase};
+use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase, VmState};
 
 use crate::TestBed;
+use crate::pki::{pki, tls_args};
 use crate::vm::{Guest, Vm, api_sock_path};
 
 /// A guest boots to its ready line within this, even on a loaded machine.
@@ -53,21 +54,49 @@ pub fn dump(vms: &[(&str, &Vm)]) -> String {
     vms.iter().map(|(name, vm)| format!("\n===== {name} (pid {}) =====\n{}", vm.pid(), vm.describe())).collect()
 }
 
+/// The TLS directory of host `host` of `bed` (from the test PKI; it names the host's address).
+pub fn host_tls_dir(bed: &TestBed, host: &str) -> std::path::PathBuf {
+    match bed.host(host).ip() {
+        Some(ip) => pki().host_dir(ip),
+        None => pki().ca_dir().to_path_buf(),
+    }
+}
+
 /// Boots our guest kernel in host `host` with a NIC on its TAP and `ip=` for guest 0, and waits
-/// for its ready line.
+/// for its ready line. It migrates with the host's identity from the test PKI.
 pub fn start_source(bed: &TestBed, host: &str, extra: &[&str], workload: &str) -> Vm {
-    start_guest(bed, host, Guest::Ours, extra, workload)
+    start_guest_env(bed, host, Guest::Ours, extra, workload, &[])
+}
+
+/// [`start_source`] with environment variables for the VMM (e.g. `VMM_FAULT_STOP_AT`).
+pub fn start_source_env(bed: &TestBed, host: &str, extra: &[&str], workload: &str, env: &[(&str, &str)]) -> Vm {
+    start_guest_env(bed, host, Guest::Ours, extra, workload, env)
 }
 
 /// [`start_source`] for either guest.
 pub fn start_guest(bed: &TestBed, host: &str, guest: Guest, extra: &[&str], workload: &str) -> Vm {
+    start_guest_env(bed, host, guest, extra, workload, &[])
+}
+
+/// [`start_guest`] with environment variables for the VMM.
+pub fn start_guest_env(
+    bed: &TestBed,
+    host: &str,
+    guest: Guest,
+    extra: &[&str],
+    workload: &str,
+    env: &[(&str, &str)],
+) -> Vm {
     let sock = api_sock_path(&format!("src-{host}"));
     let mut args = s(&["run", "--api-sock", sock.to_str().unwrap()]);
     args.extend(guest.boot_args());
+    if !extra.contains(&"--tls-dir") && !extra.contains(&"--insecure-plaintext") {
+        args.extend(tls_args(&host_tls_dir(bed, host)));
+    }
     args.extend(s(extra));
     args.extend(["--net".to_string(), format!("tap={},mac={GUEST_MAC}", bed.host(host).tap())]);
     args.extend(["--cmdline".to_string(), format!("{} {} {workload}", guest.cmdline(), bed.guest_ip_cmdline(0))]);
-    let vm = Vm::start(Some(bed.host(host)), &args);
+    let vm = Vm::start_env(Some(bed.host(host)), &args, env);
     let timeout = if guest == Guest::Linux { LINUX_BOOT_TIMEOUT } else { BOOT_TIMEOUT };
     let ready = vm.console.wait_line(timeout, |l| l.starts_with("GUEST-READY"));
     assert!(ready.is_some(), "the guest did not boot on host {host}{}", dump(&[("source", &vm)]));
@@ -81,8 +110,20 @@ pub fn start_destination(bed: &TestBed, host: &str, port: u16) -> (Vm, String) {
     start_destination_with(bed, host, port, &[])
 }
 
-/// [`start_destination`] with more `vmm run` flags (`--no-announce`, `--no-tcp-kick`).
+/// [`start_destination`] with more `vmm run` flags (`--no-announce`, `--no-tcp-kick`, another
+/// `--tls-dir` or `--insecure-plaintext` instead of the host's identity from the test PKI).
 pub fn start_destination_with(bed: &TestBed, host: &str, port: u16, extra: &[&str]) -> (Vm, String) {
+    start_destination_env(bed, host, port, extra, &[])
+}
+
+/// [`start_destination_with`] with environment variables for the VMM.
+pub fn start_destination_env(
+    bed: &TestBed,
+    host: &str,
+    port: u16,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Vm, String) {
     let sock = api_sock_path(&format!("dst-{host}"));
     let mut args = vec![
         "run".to_string(),
@@ -93,8 +134,11 @@ pub fn start_destination_with(bed: &TestBed, host: &str, port: u16, extra: &[&st
         "--net".into(),
         format!("tap={}", bed.host(host).tap()),
     ];
+    if !extra.contains(&"--tls-dir") && !extra.contains(&"--insecure-plaintext") {
+        args.extend(tls_args(&host_tls_dir(bed, host)));
+    }
     args.extend(s(extra));
-    let vm = Vm::start(Some(bed.host(host)), &args);
+    let vm = Vm::start_env(Some(bed.host(host)), &args, env);
     let listening = vm.log.wait_line(LISTEN_TIMEOUT, |l| l.contains("waiting for an incoming migration"));
     assert!(listening.is_some(), "the destination on host {host} does not listen{}", dump(&[("destination", &vm)]));
     let ip = bed.host(host).ip().expect("hosts have addresses");
@@ -102,7 +146,7 @@ pub fn start_destination_with(bed: &TestBed, host: &str, port: u16, extra: &[&st
 }
 
 pub fn request(to: &str) -> MigrateRequest {
-    MigrateRequest { to: to.to_string(), downtime_ms: None, max_bandwidth_mib_s: None, max_rounds: None }
+    MigrateRequest::to(to)
 }
 
 /// The threads of process `pid` and where they are, for a hang's report: gdb's backtraces if
@@ -211,4 +255,113 @@ pub fn assert_exits_cleanly(src: &Vm, ctx: &[(&str, &Vm)]) {
     let status = src.wait_timeout(EXIT_TIMEOUT);
     assert!(status.is_some(), "the source VMM did not exit after the migration{}", dump(ctx));
     assert!(status.unwrap().success(), "the source VMM exited with {status:?}{}", dump(ctx));
+}
+
+/// One `status` answer of the guest's control port.
+#[derive(Clone, Debug)]
+pub struct GuestStatus {
+    pub workload: String,
+    pub uptime_ms: u64,
+    pub dirty_passes: u64,
+    pub dirty_mismatches: u64,
+    /// Before the request went out and after the answer came back.
+    pub asked: Instant,
+    pub answered: Instant,
+}
+
+pub fn parse_status(line: &str) -> Option<GuestStatus> {
+    let mut fields = line.trim().split(' ');
+    if fields.next()? != "STATUS" {
+        return None;
+    }
+    let (mut workload, mut uptime, mut passes, mut mismatches) = (None, None, None, None);
+    for field in fields {
+        match field.split_once('=')? {
+            ("workload", v) => workload = Some(v.to_string()),
+            ("uptime_ms", v) => uptime = v.parse().ok(),
+            ("dirty_passes", v) => passes = v.parse().ok(),
+            ("dirty_mismatches", v) => mismatches = v.parse().ok(),
+            _ => {}
+        }
+    }
+    let now = Instant::now();
+    Some(GuestStatus {
+        workload: workload?,
+        uptime_ms: uptime?,
+        dirty_passes: passes?,
+        dirty_mismatches: mismatches?,
+        asked: now,
+        answered: now,
+    })
+}
+
+pub use crate::guest::exchange;
+
+/// Asks the guest for `status` on its control port from the client, retrying until it answers
+/// (right after a move the network may need a moment to learn where the guest is).
+pub fn guest_status(bed: &TestBed, ctx: &[(&str, &Vm)]) -> GuestStatus {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let asked = Instant::now();
+        let answer = exchange(bed, CONTROL_PORT, "status\n");
+        let answered = Instant::now();
+        match answer.as_deref().map(parse_status) {
+            Ok(Some(status)) => return GuestStatus { asked, answered, ..status },
+            other => assert!(
+                Instant::now() < deadline,
+                "the guest does not answer `status` on {}:{CONTROL_PORT}: {other:?}{}",
+                bed.guest_ip(0),
+                dump(ctx)
+            ),
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Waits until the guest's dirty workload completed more passes than `than`.
+pub fn wait_more_passes(bed: &TestBed, than: u64, ctx: &[(&str, &Vm)]) -> GuestStatus {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let st = guest_status(bed, ctx);
+        assert_eq!(st.dirty_mismatches, 0, "the dirty workload found corrupted pages: {st:?}{}", dump(ctx));
+        if st.dirty_passes > than {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "the dirty workload stopped at {} passes: {st:?}{}", than, dump(ctx));
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The `mismatches=` count of a `DIRTY pass=N mib=M ms=T mismatches=X` console line.
+pub fn dirty_line_mismatches(line: &str) -> Option<u64> {
+    line.split(' ').find_map(|f| f.strip_prefix("mismatches=")).and_then(|v| v.parse().ok())
+}
+
+/// The `pass=` number of a `DIRTY pass=N ...` console line.
+pub fn dirty_line_pass(line: &str) -> Option<u64> {
+    line.split(' ').find_map(|f| f.strip_prefix("pass=")).and_then(|v| v.parse().ok())
+}
+
+/// The VM's console shows the dirty workload's progress lines (a new one after `after_pass`),
+/// all with `mismatches=0`, and no `DIRTY-MISMATCH` line.
+pub fn assert_dirty_console(vm: &Vm, after_pass: u64, ctx: &[(&str, &Vm)]) -> u64 {
+    let line = vm.console.wait_line(GUEST_TIMEOUT, |l| {
+        l.starts_with("DIRTY pass=") && dirty_line_pass(l).is_some_and(|p| p > after_pass)
+    });
+    assert!(line.is_some(), "no DIRTY line after pass {after_pass} on the console{}", dump(ctx));
+    let text = vm.console.text();
+    assert!(!text.contains("DIRTY-MISMATCH"), "the dirty workload found corrupted pages{}", dump(ctx));
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("DIRTY pass=")).collect();
+    for l in &lines {
+        // Our guest counts mismatches on each line; the Linux init only prints DIRTY-MISMATCH lines.
+        assert!(dirty_line_mismatches(l).is_none_or(|m| m == 0), "line {l:?}{}", dump(ctx));
+    }
+    lines.iter().filter_map(|l| dirty_line_pass(l)).max().unwrap_or(0)
+}
+
+pub fn assert_state(vm: &Vm, want: VmState, ctx: &[(&str, &Vm)]) {
+    match vm.api().get_vm() {
+        Ok(info) => assert_eq!(info.state, want, "{info:?}{}", dump(ctx)),
+        Err(e) => panic!("GET /vm failed: {e}{}", dump(ctx)),
+    }
 }

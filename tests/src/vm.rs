@@ -229,13 +229,23 @@ impl Vm {
         Vm::start_program(netns, &vmm_bin(), args)
     }
 
+    /// [`Vm::start`] with more environment variables (e.g. `VMM_FAULT_STOP_AT`).
+    pub fn start_env(netns: Option<&Netns>, args: &[String], env: &[(&str, &str)]) -> Vm {
+        Vm::start_program_env(netns, &vmm_bin(), args, env)
+    }
+
     /// Like [`Vm::start`] for another monitor (the benchmark runs QEMU through this too).
     pub fn start_program(netns: Option<&Netns>, program: &Path, args: &[String]) -> Vm {
+        Vm::start_program_env(netns, program, args, &[])
+    }
+
+    fn start_program_env(netns: Option<&Netns>, program: &Path, args: &[String], env: &[(&str, &str)]) -> Vm {
         let mut cmd = match netns {
             Some(ns) => ns.command(program),
             None => Command::new(program),
         };
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.envs(env.iter().copied());
         let api_sock = args.iter().position(|a| a == "--api-sock").and_then(|i| args.get(i + 1)).map(PathBuf::from);
         let started = Instant::now();
         let (proc, stdout, stderr) = match netns {
@@ -309,6 +319,30 @@ impl Vm {
                 let _ = c.wait();
             }
         }
+    }
+
+    /// Sends `signal` to the process (e.g. `libc::SIGCONT`).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory effects; the pid is our child's, not yet reaped.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Waits until the process is stopped (state `T`, e.g. at a fault point); false if it
+    /// exited or `timeout` passed first.
+    pub fn wait_stopped(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+            // The state follows the command name, which is in parentheses.
+            if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T')) {
+                return true;
+            }
+            if self.try_wait().is_some() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
     }
 
     /// The process id.

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use vmm::api::client::ApiClient;
 use vmm::api::{MigrationInfo, MigrationPhase, VmInfo, VmState};
+use vmm_tests::pki::{pki, tls_args};
 use vmm_tests::vm::{Vm, api_sock_path, guest_kernel, kvm_or_skip, vmm_bin};
 
 /// 2 MiB rewritten at 1 MiB/s: one pass, and so one `DIRTY` line, a second. Not 1 MiB: that is a
@@ -31,8 +32,9 @@ const PATIENCE: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// Starts `vmm run` on our guest with `cmdline`, `extra` arguments and an API socket; waits for
-/// the API and the guest's ready line.
+/// Starts `vmm run` on our guest with `cmdline`, `extra` arguments, an API socket and a TLS
+/// identity for migrations (unless `extra` says otherwise); waits for the API and the guest's
+/// ready line.
 fn start_vm(tag: &str, cmdline: &str, extra: &[&str]) -> Vm {
     let kernel = guest_kernel();
     let sock = api_sock_path(tag);
@@ -40,7 +42,10 @@ fn start_vm(tag: &str, cmdline: &str, extra: &[&str]) -> Vm {
         ["run", "--kernel", path_str(&kernel), "--api-sock", path_str(&sock), "--cmdline", cmdline]
             .map(str::to_string)
             .into();
-    args.extend(extra.iter().map(|a| a.to_string()));
+    if !extra.contains(&"--no-tls-identity") {
+        args.extend(tls_args(pki().ca_dir()));
+    }
+    args.extend(extra.iter().filter(|&&a| a != "--no-tls-identity").map(|a| a.to_string()));
     let vm = Vm::start(None, &args);
     assert!(vm.wait_api(PATIENCE), "the API did not answer\n{}", vm.describe());
     let ready = vm.console.wait_line(PATIENCE, |l| l.starts_with("GUEST-READY"));
@@ -410,6 +415,27 @@ fn error_classes_over_a_real_socket() {
 
 /// Clients that send nothing, garbage or half a request neither disturb the guest nor keep a
 /// normal client from being answered.
+/// Without a TLS identity, a VMM refuses to migrate unless the request brings one or asks for
+/// plaintext; a bad TLS directory in the request is named.
+#[test]
+fn a_vmm_without_a_tls_identity_refuses_to_migrate() {
+    if !kvm_or_skip("a_vmm_without_a_tls_identity_refuses_to_migrate") {
+        return;
+    }
+    let vm = start_vm("notls", "console=ttyS0 vmm.workload=idle", &["--no-tls-identity"]);
+    let s = &sock(&vm);
+    let answer = http(s, "PUT", "/vm/migrate", Some(r#"{"to": "127.0.0.1:9"}"#));
+    let msg = assert_refused(&vm, "migrate without TLS", &answer, 400, "--tls-dir");
+    assert!(msg.contains("insecure_plaintext"), "{msg}");
+    let answer = http(s, "PUT", "/vm/migrate", Some(r#"{"to": "127.0.0.1:9", "tls_dir": "/nonexistent-tls"}"#));
+    assert_refused(&vm, "migrate with a missing TLS directory", &answer, 400, "/nonexistent-tls");
+    assert_eq!(migration(&vm).phase, MigrationPhase::None, "a refused migration left a trace");
+    // `vmm migrate --tls-dir` passes the directory along.
+    let run = vmm_cli(&["migrate", "--api-sock", path_str(s), "--to", "127.0.0.1:9", "--tls-dir", "/nonexistent-tls"]);
+    assert_cli_error(&run, "/nonexistent-tls");
+    assert_state(&vm, VmState::Running);
+}
+
 #[test]
 fn bad_clients_do_not_disturb_the_vm() {
     if !kvm_or_skip("bad_clients_do_not_disturb_the_vm") {

@@ -22,8 +22,9 @@ use vmm::api::{MigrationPhase, VmState};
 use vmm_tests::TestBed;
 use vmm_tests::moves::{
     CONTROL_PORT, GUEST_MAC, GUEST_TIMEOUT, LISTEN_TIMEOUT, MIGRATION_PORT, assert_completed, assert_exits_cleanly,
-    dump, migrate_api, print_info, request, s, wait_migration,
+    dump, host_tls_dir, migrate_api, print_info, request, s, wait_migration,
 };
+use vmm_tests::pki::tls_args;
 use vmm_tests::vm::{Vm, api_sock_path, guest_kernel, kvm_or_skip};
 
 fn two_hosts() -> TestBed {
@@ -68,6 +69,7 @@ fn start_source(bed: &TestBed, disk: &str, workload: &str) -> Vm {
     args.extend(s(&["--mem-mib", "128", "--disk", disk]));
     args.extend(["--net".to_string(), format!("tap={},mac={GUEST_MAC}", bed.host("a").tap())]);
     args.extend(["--cmdline".to_string(), format!("console=ttyS0 {} {workload}", bed.guest_ip_cmdline(0))]);
+    args.extend(tls_args(&host_tls_dir(bed, "a")));
     let vm = Vm::start(Some(bed.host("a")), &args);
     let ready = vm.console.wait_line(Duration::from_secs(30), |l| l.starts_with("GUEST-READY"));
     assert!(ready.is_some(), "the guest did not boot{}", dump(&[("source", &vm)]));
@@ -82,6 +84,7 @@ fn start_destination(bed: &TestBed, host: &str, port: u16, disk: Option<&str>) -
     if let Some(d) = disk {
         args.extend(s(&["--disk", d]));
     }
+    args.extend(tls_args(&host_tls_dir(bed, host)));
     let vm = Vm::start(Some(bed.host(host)), &args);
     let listening = vm.log.wait_line(LISTEN_TIMEOUT, |l| l.contains("waiting for an incoming migration"));
     assert!(listening.is_some(), "the destination does not listen{}", dump(&[("destination", &vm)]));
@@ -170,8 +173,8 @@ fn shared_disk_moves_back_and_forth_without_losing_a_block() {
     let bed = two_hosts();
     let shared = Image::new("shared", 64 << 20);
     let vm = start_source(&bed, &shared.arg(",shared"), "vmm.workload=disk vmm.disk_mib=32 vmm.disk_rate=16");
-    // Without --disk the destination opens the source's path.
-    let vm = move_guest(&bed, vm, "b", MIGRATION_PORT, None, "shared disk to host b");
+    // A sandboxed destination (the default) opens only what its own --disk names.
+    let vm = move_guest(&bed, vm, "b", MIGRATION_PORT, Some(&shared.arg(",shared")), "shared disk to host b");
     let vm = move_guest(&bed, vm, "a", MIGRATION_PORT + 1, Some(&shared.arg(",shared")), "shared disk back to a");
     let info = vm.api().get_vm().expect("GET /vm");
     assert!(info.config.disks[0].shared);

@@ -28,12 +28,12 @@ use std::time::Duration;
 use libtest_mimic::Trial;
 use vmm_tests::TestBed;
 use vmm_tests::checks::{
-    DIRTY_64, Via, assert_cpu_check, assert_dirty_console, destination_killed_during_precopy, echo_exact, exchange,
-    move_dirty_guest, two_hosts,
+    DIRTY_64, Via, assert_cpu_check, destination_killed_during_precopy, echo_exact, move_dirty_guest, two_hosts,
 };
 use vmm_tests::client::{assert_intact, assert_new_connection, start_client, stop_client};
 use vmm_tests::moves::{
-    CONTROL_PORT, ECHO_PORT, GUEST_TIMEOUT, LINUX_BOOT_TIMEOUT, MIGRATION_PORT, dump, hop, start_guest,
+    CONTROL_PORT, ECHO_PORT, GUEST_TIMEOUT, LINUX_BOOT_TIMEOUT, MIGRATION_PORT, assert_dirty_console, dump, exchange,
+    hop, start_guest,
 };
 use vmm_tests::vm::{Guest, LINUX_NATIVE_CMDLINE, Vm, ping};
 

@@ -22,7 +22,7 @@
 //! machines these tests run on are small and shared. Run with `--nocapture` to see them.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, TcpListener};
 use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
@@ -31,16 +31,17 @@ use std::time::{Duration, Instant};
 use migration::memory::{BatchWriter, PAGE_SIZE};
 use migration::protocol::{self, Command as Frame, RegionLayout, Response, StartPayload};
 use vmm::api::{MigrationPhase, VmState};
+use vmm::transport::{self, LinkConfig, MigrationStream};
 use vmm_tests::TestBed;
 use vmm_tests::checks::{
-    DIRTY_64, Via, assert_clock_continues, assert_dirty_console, assert_echo, assert_state,
-    destination_killed_during_precopy, exchange, guest_status, move_dirty_guest, parse_status, two_hosts,
-    wait_more_passes,
+    DIRTY_64, Via, assert_clock_continues, assert_echo, destination_killed_during_precopy, move_dirty_guest, two_hosts,
 };
 use vmm_tests::moves::{
     CONTROL_PORT, EXIT_TIMEOUT, GUEST_TIMEOUT, LISTEN_TIMEOUT, MIGRATION_PORT, MIGRATION_TIMEOUT, assert_completed,
-    assert_exits_cleanly, dump, migrate_api, print_info, request, s, start_destination, start_source,
+    assert_dirty_console, assert_exits_cleanly, assert_state, dump, exchange, guest_status, migrate_api, parse_status,
+    print_info, request, s, start_destination, start_source, wait_more_passes,
 };
+use vmm_tests::pki::{pki, tls_args};
 use vmm_tests::vm::{Guest, Vm, kvm_or_skip, vmm_bin};
 
 #[test]
@@ -131,15 +132,17 @@ fn every_test_again_on_the_nested_hosts_kvm() {
     vmm_tests::place::rerun_inside("every_test_again_on_the_nested_hosts_kvm");
 }
 
-/// A fake destination on host b's address: accepts one migration connection and hands it with
-/// the source's `Start` frame to `serve`. Returns the address and the server thread.
+/// A fake destination on host b's address: accepts one migration connection (mutual TLS with
+/// host b's identity from the test PKI) and hands it with the source's `Start` frame to
+/// `serve`. Returns the address and the server thread.
 fn fake_destination<T: Send + 'static>(
     bed: &TestBed,
-    serve: impl FnOnce(TcpStream, StartPayload) -> T + Send + 'static,
+    serve: impl FnOnce(MigrationStream, StartPayload) -> T + Send + 'static,
 ) -> (String, thread::JoinHandle<Result<T, String>>) {
     let ip: Ipv4Addr = bed.host("b").ip().expect("hosts have addresses");
     let listener = bed.host("b").run_in(move || TcpListener::bind((ip, 0))).expect("enter host b").expect("bind");
     let addr = listener.local_addr().expect("local address").to_string();
+    let security = pki().security(ip);
     // The socket belongs to host b's namespace whatever thread uses it.
     let server = thread::spawn(move || -> Result<T, String> {
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -154,8 +157,8 @@ fn fake_destination<T: Send + 'static>(
             }
         };
         stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-        stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
-        let mut stream = stream;
+        let mut stream =
+            transport::accept_connection(stream, &security, &LinkConfig::default()).map_err(|e| e.to_string())?;
         let frame = protocol::read_frame(&mut stream).map_err(|e| format!("reading Start: {e}"))?;
         if frame.command != Frame::Start {
             return Err(format!("the source began with {:?}", frame.command));
@@ -413,13 +416,17 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
-/// Starts `vmm run --incoming 127.0.0.1:PORT`, lets `feed` talk to it as a fake source, and
-/// expects the destination to end with a non-zero exit and exactly one `vmm: error:` line that
-/// contains one of `expected` (case-insensitively). Returns that line.
-fn bad_source(case: &str, expected: &[&str], feed: impl FnOnce(&mut TcpStream)) -> String {
+/// Starts `vmm run --incoming 127.0.0.1:PORT` (mutual TLS with the test PKI's CA identity),
+/// lets `feed` talk to it as a fake but authenticated source, and expects the destination to
+/// end with a non-zero exit and exactly one `vmm: error:` line that contains one of `expected`
+/// (case-insensitively). Returns that line.
+fn bad_source(case: &str, expected: &[&str], feed: impl FnOnce(&mut MigrationStream)) -> String {
+    let tls_dir = pki().ca_dir().to_path_buf();
     let (dst, port) = loop {
         let port = free_port();
-        let dst = Vm::start(None, &s(&["run", "--incoming", &format!("127.0.0.1:{port}")]));
+        let mut args = s(&["run", "--incoming", &format!("127.0.0.1:{port}")]);
+        args.extend(tls_args(&tls_dir));
+        let dst = Vm::start(None, &args);
         if dst.log.wait_line(LISTEN_TIMEOUT, |l| l.contains("waiting for an incoming migration")).is_some() {
             break (dst, port);
         }
@@ -430,11 +437,11 @@ fn bad_source(case: &str, expected: &[&str], feed: impl FnOnce(&mut TcpStream)) 
             dump(&[("destination", &dst)])
         );
     };
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the destination");
-    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("read timeout");
-    stream.set_write_timeout(Some(Duration::from_secs(60))).expect("write timeout");
+    let security = transport::Security::tls(&tls_dir).expect("the test PKI");
+    let link = LinkConfig { io_timeout: Duration::from_secs(60), ..LinkConfig::default() };
+    let mut stream = transport::connect(&format!("127.0.0.1:{port}"), &security, &link).expect("connect");
     feed(&mut stream);
-    let _ = stream.shutdown(Shutdown::Write);
+    let _ = stream.tcp().shutdown(Shutdown::Write);
     // What the destination says before it goes (it tells a real source why).
     let answer = protocol::read_frame(&mut stream).map(|f| String::from_utf8_lossy(&f.payload).into_owned());
     let status = dst.wait_timeout(EXIT_TIMEOUT);

@@ -11,6 +11,7 @@ use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
 use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::Kvm;
 use net::Net;
+use net::tap::Tap;
 use virtio::MmioTransport;
 use virtio::{NOTIFY_OFFSET, VirtioDevice};
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
@@ -26,6 +27,7 @@ use crate::devices::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_SIZE};
 use crate::devices::pvpanic::{PVPANIC_PORT, PvPanic};
 use crate::devices::serial::{SERIAL_PORT_BASE, SERIAL_PORT_SIZE, SerialPort};
 use crate::disk_config::DiskConfig;
+use crate::host::HostResources;
 use crate::loader::{self, LoaderError};
 use crate::net_config::NetConfig;
 use crate::vstate::memory::{self, MemoryError};
@@ -62,6 +64,8 @@ pub enum BuildError {
     TooManyDevices(usize),
     #[error("failed to set up disk {path}: {source}")]
     Block { path: String, source: block::BlockError },
+    #[error("{0}")]
+    Host(#[from] crate::host::HostError),
 }
 
 /// Why /dev/kvm could not be used, in words a user can act on.
@@ -119,18 +123,24 @@ fn check_config(config: &VmConfig) -> Result<(), BuildError> {
 }
 
 /// KVM, memory, devices and (unconfigured) vCPUs: what booting and receiving a migration share.
-fn build_machine(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<BuiltVm, BuildError> {
-    let kvm = open_kvm()?;
+fn build_machine(
+    config: &VmConfig,
+    res: &mut HostResources,
+    console: Box<dyn Write + Send>,
+) -> Result<BuiltVm, BuildError> {
+    let kvm = res.take_kvm()?;
     let mem = memory::create_guest_memory(config.mem_mib << 20)?;
     let vm = Vm::new(&kvm, mem)?;
     let LegacyDevices { mut io, serial, reset_evt, panic_evt } = attach_legacy_devices(&vm, console)?;
     let mut nets = Vec::with_capacity(config.nets.len());
     for (i, nc) in config.nets.iter().enumerate() {
-        nets.push(attach_net_device(&vm, &mut io, i, nc)?);
+        let tap = res.take_tap(&nc.tap)?;
+        nets.push(attach_net_device(&vm, &mut io, i, nc, tap)?);
     }
     let mut disks = Vec::with_capacity(config.disks.len());
     for (i, dc) in config.disks.iter().enumerate() {
-        disks.push(attach_block_device(&vm, &mut io, nets.len() + i, i, dc)?);
+        let disk = res.take_disk(i, dc)?;
+        disks.push(attach_block_device(&vm, &mut io, nets.len() + i, i, dc, disk)?);
     }
     // `ip=` names the first NIC's address: seed it for announcing the guest after a migration
     // (the device also learns addresses from the guest's traffic).
@@ -157,25 +167,27 @@ fn build_machine(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Bu
     Ok(BuiltVm { machine, reset_evt, panic_evt, vcpus })
 }
 
-/// Builds a VM that boots `config.kernel`, with the serial console writing to `console`.
-pub fn build_vm_for_boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<BuiltVm, BuildError> {
+/// Builds a VM that boots `config.kernel`, with the serial console writing to `console`, from
+/// the host resources in `res` (see [`HostResources::open_for_boot`]).
+pub fn build_vm_for_boot(
+    config: &VmConfig,
+    res: &mut HostResources,
+    console: Box<dyn Write + Send>,
+) -> Result<BuiltVm, BuildError> {
     check_config(config)?;
     // Check the files before touching KVM, so bad input gets the error about the input.
-    let mut kernel_file = loader::open_kernel(&config.kernel)?;
-    if let Some(initrd) = &config.initrd {
-        std::fs::File::open(initrd).map_err(|source| LoaderError::Open {
-            kind: "initrd",
-            path: initrd.clone(),
-            source,
-        })?;
-    }
-    let built = build_machine(config, console)?;
+    let mut kernel_file = res.take_kernel(&config.kernel)?;
+    let mut initrd_file = match &config.initrd {
+        Some(path) => Some(res.take_initrd(path)?),
+        None => None,
+    };
+    let built = build_machine(config, res, console)?;
     let m = &built.machine;
     let mem = m.vm.memory();
     let kernel = loader::load_kernel(mem, &mut kernel_file, &config.kernel)?;
-    let initrd = match &config.initrd {
-        Some(path) => Some(loader::load_initrd(mem, path, &kernel)?),
-        None => None,
+    let initrd = match (&config.initrd, initrd_file.as_mut()) {
+        (Some(path), Some(file)) => Some(loader::load_initrd(mem, file, path, &kernel)?),
+        _ => None,
     };
     let device_args: Vec<String> = m
         .nets
@@ -214,9 +226,13 @@ pub fn build_vm_for_boot(config: &VmConfig, console: Box<dyn Write + Send>) -> R
 
 /// Builds an empty VM of `config`'s shape for an incoming migration: memory, devices and vCPUs
 /// exist; their contents come from the source.
-pub fn build_vm_for_incoming(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<BuiltVm, BuildError> {
+pub fn build_vm_for_incoming(
+    config: &VmConfig,
+    res: &mut HostResources,
+    console: Box<dyn Write + Send>,
+) -> Result<BuiltVm, BuildError> {
     check_config(config)?;
-    build_machine(config, console)
+    build_machine(config, res, console)
 }
 
 /// A virtio-net device and its virtio-mmio transport.
@@ -281,10 +297,16 @@ fn irqfd_for(vm: &Vm, what: &'static str, irq: u32) -> Result<EventFd, BuildErro
 }
 
 /// The NIC in virtio slot `slot`.
-fn attach_net_device(vm: &Vm, io: &mut IoManager, slot: usize, config: &NetConfig) -> Result<NetDevice, BuildError> {
+fn attach_net_device(
+    vm: &Vm,
+    io: &mut IoManager,
+    slot: usize,
+    config: &NetConfig,
+    tap: Tap,
+) -> Result<NetDevice, BuildError> {
     let (mmio_base, irq) = virtio_slot(slot)?;
     let net_err = |source| BuildError::Net { tap: config.tap.clone(), source };
-    let net = Net::new(&config.tap, config.mac.0, irqfd_for(vm, "virtio-net", irq)?).map_err(net_err)?;
+    let net = Net::with_tap(tap, config.mac.0, irqfd_for(vm, "virtio-net", irq)?).map_err(net_err)?;
     let net = Arc::new(Mutex::new(net));
     let transport = wire_virtio_device(vm, io, "virtio-net", net.clone(), mmio_base)?;
     Ok(NetDevice { config: config.clone(), net, transport, mmio_base, irq })
@@ -297,15 +319,18 @@ fn attach_block_device(
     slot: usize,
     index: usize,
     config: &DiskConfig,
+    disk: Disk,
 ) -> Result<BlockDevice, BuildError> {
     let (mmio_base, irq) = virtio_slot(slot)?;
     let path = config.path.display().to_string();
     let block_err = |source| BuildError::Block { path: path.clone(), source };
-    let disk = Disk::open(&config.path, config.read_only, config.shared).map_err(|e| block_err(e.into()))?;
     let block = Block::new(disk, &format!("vmm-disk-{index}"), irqfd_for(vm, "virtio-blk", irq)?).map_err(block_err)?;
     let block = Arc::new(Mutex::new(block));
     let transport = wire_virtio_device(vm, io, "virtio-blk", block.clone(), mmio_base)?;
-    let worker = block::Worker::spawn(block.clone(), format!("disk{index}")).map_err(block_err)?;
+    let worker = block::Worker::spawn(block.clone(), format!("disk{index}"), || {
+        crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::BlockIo)
+    })
+    .map_err(block_err)?;
     Ok(BlockDevice { config: config.clone(), block, transport, mmio_base, irq, worker })
 }
 

@@ -11,12 +11,18 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod disk_config;
+pub mod fault;
+pub mod fuzzing;
+pub mod host;
+pub mod jail;
 pub mod loader;
 pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod net_config;
 pub mod probe;
+pub mod seccomp;
+pub mod transport;
 pub mod vmm;
 pub mod vstate;
 

@@ -80,6 +80,11 @@ fn open(kind: &'static str, path: &Path) -> Result<File, LoaderError> {
     }
 }
 
+/// Opens the initrd.
+pub fn open_initrd(path: &Path) -> Result<File, LoaderError> {
+    open("initrd", path)
+}
+
 /// Opens the kernel and checks that it is one, before any guest resources exist.
 pub fn open_kernel(path: &Path) -> Result<File, LoaderError> {
     let mut file = open("kernel", path)?;
@@ -156,10 +161,10 @@ pub fn load_kernel(mem: &GuestMemoryMmap, file: &mut File, path: &Path) -> Resul
 /// the kernel's `initrd_addr_max`) and returns its address and size.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
+    file: &mut File,
     path: &Path,
     kernel: &LoadedKernel,
 ) -> Result<(GuestAddress, u32), LoaderError> {
-    let mut file = open("initrd", path)?;
     let size = file.metadata().map_err(|source| LoaderError::Open { kind: "initrd", path: path.into(), source })?.len();
     let too_large = || LoaderError::InitrdTooLarge { path: path.into(), size };
     let size32 = u32::try_from(size).map_err(|_| too_large())?;
@@ -174,7 +179,7 @@ pub fn load_initrd(
     if start < kernel.end.max(HIMEM_START) {
         return Err(too_large());
     }
-    mem.read_exact_volatile_from(GuestAddress(start), &mut file, size as usize)
+    mem.read_exact_volatile_from(GuestAddress(start), file, size as usize)
         .map_err(|_| LoaderError::InitrdCopy { path: path.into() })?;
     Ok((GuestAddress(start), size32))
 }
@@ -307,7 +312,7 @@ mod tests {
         let mem = create_guest_memory(32 << 20).unwrap();
         let path = temp_file("initrd", &[7u8; 10000]);
         let kernel = LoadedKernel { entry: HIMEM_START, end: 2 << 20, setup_header: None };
-        let (addr, size) = load_initrd(&mem, &path, &kernel).unwrap();
+        let (addr, size) = load_initrd(&mem, &mut open_initrd(&path).unwrap(), &path, &kernel).unwrap();
         assert_eq!(size, 10000);
         assert_eq!(addr.raw_value() % PAGE_SIZE, 0);
         assert!(addr.raw_value() + 10000 <= 32 << 20);
@@ -315,7 +320,8 @@ mod tests {
         let b: u8 = mem.read_obj(addr.unchecked_add(9999)).unwrap();
         assert_eq!(b, 7);
         let big = LoadedKernel { end: 32 << 20, ..kernel };
-        assert!(matches!(load_initrd(&mem, &path, &big), Err(LoaderError::InitrdTooLarge { .. })));
+        let mut f = open_initrd(&path).unwrap();
+        assert!(matches!(load_initrd(&mem, &mut f, &path, &big), Err(LoaderError::InitrdTooLarge { .. })));
         std::fs::remove_file(path).unwrap();
     }
 

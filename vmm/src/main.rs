@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The `vmm` command line.
 
-use std::path::PathBuf;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -11,12 +12,18 @@ use clap::{Parser, Subcommand};
 use net::announce::AnnounceSchedule;
 use vmm::api::client::{ApiClient, ClientError};
 use vmm::api::display;
-use vmm::api::server::start_api_server;
+use vmm::api::server::{ApiServerOptions, bind_api_socket};
 use vmm::api::{MigrateRequest, MigrationPhase};
 use vmm::arch::cpuid::CpuTemplate;
 use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
 use vmm::disk_config::DiskConfig;
+use vmm::host::HostResources;
+use vmm::jail::JailUser;
+use vmm::migrate::receive::{IncomingConfig, IncomingFrom};
+use vmm::migrate::send::MigrationDefaults;
 use vmm::net_config::NetConfig;
+use vmm::seccomp::{SeccompMode, ThreadKind};
+use vmm::transport::{self, LinkConfig, Security, pki};
 use vmm::{ExitReason, VmConfig, Vmm};
 
 #[derive(Parser)]
@@ -42,6 +49,78 @@ enum Command {
     Stop(ApiArgs),
     /// Live-migrate a running VM to a `vmm run --incoming` on another host, and wait for the end.
     Migrate(MigrateArgs),
+    /// Make the certificates of mutual TLS between hosts: a cluster CA and host identities.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Write a new cluster CA and a first host identity into DIR: ca.pem, ca-key.pem, cert.pem,
+    /// key.pem (private keys mode 0600; existing files are never overwritten).
+    Init {
+        /// The directory (created, mode 0700, if missing).
+        dir: PathBuf,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Write another host's identity into OUT_DIR (ca.pem, cert.pem, key.pem; no CA key),
+    /// signed by the CA in CA_DIR.
+    Issue {
+        /// A directory with ca.pem and ca-key.pem (made by `vmm tls init`).
+        ca_dir: PathBuf,
+        /// Where the new identity goes (created, mode 0700, if missing).
+        out_dir: PathBuf,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct HostArgs {
+    /// The host's DNS name [default for `init`: this machine's host name].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// An address sources dial this host at; repeatable.
+    #[arg(long = "ip", value_name = "ADDR")]
+    ips: Vec<IpAddr>,
+    /// How long the host certificate is valid, in days.
+    #[arg(long, default_value_t = pki::DEFAULT_DAYS, value_name = "N")]
+    days: u32,
+}
+
+/// How a migration connection is secured (`vmm run`, `vmm migrate`).
+#[derive(clap::Args)]
+struct SecurityArgs {
+    /// TLS directory (ca.pem, cert.pem, key.pem; see `vmm tls init`) for mutual TLS on migration
+    /// connections.
+    #[arg(long, value_name = "DIR", env = "VMM_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Migrate without TLS: nothing is encrypted or authenticated. Both ends need it.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// A migration fails when its peer acknowledges nothing for this long (a dead link), in ms.
+    #[arg(long, value_name = "MS", default_value_t = transport::link::DEFAULT_STALL_TIMEOUT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(transport::link::MIN_STALL_TIMEOUT.as_millis() as u64..))]
+    stall_timeout_ms: u64,
+}
+
+impl SecurityArgs {
+    /// The security asked for: `None` when neither TLS nor plaintext was given.
+    fn security(&self) -> Result<Option<Security>, Box<dyn std::error::Error>> {
+        if self.insecure_plaintext {
+            eprintln!("vmm: warning: {}", transport::PLAINTEXT_WARNING);
+            return Ok(Some(Security::InsecurePlaintext));
+        }
+        Ok(match &self.tls_dir {
+            Some(dir) => Some(Security::tls(dir)?),
+            None => None,
+        })
+    }
+
+    fn link(&self) -> LinkConfig {
+        LinkConfig::with_stall_ms(self.stall_timeout_ms).unwrap_or_default()
+    }
 }
 
 #[derive(clap::Args)]
@@ -79,6 +158,16 @@ struct MigrateArgs {
     /// Print the final migration state as JSON (the API's `GET /vm/migration` answer).
     #[arg(long)]
     json: bool,
+    /// TLS directory on this host for this migration (default: the source VMM's own --tls-dir).
+    #[arg(long, value_name = "DIR", env = "VMM_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Migrate without TLS: nothing is encrypted or authenticated. The destination needs it too.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// The migration fails when the destination acknowledges nothing for this long, in ms
+    /// [VMM default: 5000].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(transport::link::MIN_STALL_TIMEOUT.as_millis() as u64..))]
+    stall_timeout_ms: Option<u64>,
 }
 
 fn parse_host_port(s: &str) -> Result<String, String> {
@@ -92,20 +181,28 @@ fn parse_host_port(s: &str) -> Result<String, String> {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long, required_unless_present = "incoming")]
+    #[arg(long, required_unless_present_any = ["incoming", "incoming_fd"])]
     kernel: Option<PathBuf>,
     /// Instead of booting, wait on ADDR:PORT for a live migration and run the guest it brings
-    /// (its memory, vCPUs and devices come from the source; only --net, --api-sock and the
-    /// announce options apply).
-    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template"])]
+    /// (its memory, vCPUs and devices come from the source; only --net, --api-sock, the
+    /// security and the announce options apply).
+    #[arg(long, value_name = "ADDR:PORT", group = "incoming_from",
+          conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template", "incoming_fd"])]
     incoming: Option<String>,
+    /// Like --incoming, on an inherited TCP socket: a listening one, or one connection that
+    /// someone else (a host agent) accepted.
+    #[arg(long, value_name = "FD", group = "incoming_from",
+          conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template"])]
+    incoming_fd: Option<i32>,
+    #[command(flatten)]
+    security: SecurityArgs,
     /// Serve the API (HTTP + JSON) on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
     /// After an incoming migration, do not announce the guest at all (neither when it pauses on
     /// the source nor after it resumes here: no RARP, gratuitous ARP, guest announce or TCP
     /// duplicate ACKs): for measuring what the announce is worth.
-    #[arg(long, requires = "incoming")]
+    #[arg(long, requires = "incoming_from")]
     no_announce: bool,
     /// Announce rounds after an incoming migration.
     #[arg(long, default_value_t = 5, value_name = "N")]
@@ -118,7 +215,7 @@ struct RunArgs {
     announce_step_ms: u64,
     /// After an incoming migration, do not send duplicate ACKs on the guest's TCP flows (they
     /// make peers retransmit what was lost during the move at once): for measuring their worth.
-    #[arg(long, requires = "incoming")]
+    #[arg(long, requires = "incoming_from")]
     no_tcp_kick: bool,
     /// Initial ramdisk (cpio archive) for the guest.
     #[arg(long)]
@@ -144,6 +241,18 @@ struct RunArgs {
     /// a shared disk's path defaults to the source's).
     #[arg(long = "disk", value_name = "path=FILE[,ro][,shared]", value_parser = parse_disk)]
     disks: Vec<DiskConfig>,
+    /// seccomp filters on every thread: `true` (a call outside a thread's filter stops the VMM
+    /// with SIGSYS), `false` (none), or `log` (allowed, and logged by the kernel: for finding
+    /// what a filter misses).
+    #[arg(long, value_enum, default_value = "true", value_name = "true|false|log")]
+    seccomp: SeccompMode,
+    /// The same as --seccomp false (for debugging).
+    #[arg(long, conflicts_with = "seccomp")]
+    no_seccomp: bool,
+    /// Once /dev/kvm, the TAPs, the disks and the sockets are open, run as UID:GID with no
+    /// capabilities, in a mount namespace of its own with an empty root (needs root).
+    #[arg(long, value_name = "UID:GID")]
+    jail: Option<JailUser>,
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
@@ -166,6 +275,7 @@ fn main() -> ExitCode {
         Command::Resume(args) => api_call(args, ApiClient::resume),
         Command::Stop(args) => api_call(args, ApiClient::shutdown),
         Command::Migrate(args) => migrate(args),
+        Command::Tls(cmd) => tls(cmd),
     };
     match result {
         Ok(code) => code,
@@ -177,18 +287,59 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let seccomp = if args.no_seccomp { SeccompMode::Off } else { args.seccomp };
+    // Set-up: everything the VM uses of the host is opened now, before the VMM is sandboxed.
     // The API socket first: a path in use is an error before anything else happens.
-    let api = match &args.api_sock {
-        Some(path) => {
+    let api_socket = args.api_sock.as_deref().map(bind_api_socket).transpose()?;
+    let config = VmConfig {
+        kernel: args.kernel.clone().unwrap_or_default(),
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        mem_mib: args.mem_mib,
+        vcpus: args.vcpus,
+        cpu_template: args.cpu_template,
+        nets: args.nets.clone(),
+        disks: args.disks.clone(),
+    };
+    // The TLS identity is read now too, before the sandbox.
+    let security = args.security.security()?;
+    let link = args.security.link();
+    let incoming_at = args.incoming.is_some() || args.incoming_fd.is_some();
+    if incoming_at && security.is_none() {
+        return Err(NO_IDENTITY.into());
+    }
+    let (mut res, incoming) = match (&args.incoming, args.incoming_fd) {
+        (Some(listen), _) => {
+            let listener = vmm::migrate::receive::listen(listen)?;
+            (HostResources::open_for_incoming(&args.nets, &args.disks)?, Some(IncomingFrom::Listener(listener)))
+        }
+        (None, Some(fd)) => (HostResources::open_for_incoming(&args.nets, &args.disks)?, Some(IncomingFrom::Fd(fd))),
+        (None, None) => (HostResources::open_for_boot(&config)?, None),
+    };
+    vmm::host::read_host_facts();
+    // The sandbox: the jail (one thread yet), then each thread's filter as it starts.
+    if let Some(user) = args.jail {
+        vmm::jail::enter(user)?;
+    }
+    vmm::seccomp::init(seccomp)?;
+    if args.jail.is_some() || seccomp != SeccompMode::Off {
+        res.seal();
+    }
+    let api = match api_socket {
+        Some(socket) => {
             let (tx, rx) = std::sync::mpsc::channel();
             let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-            let server = start_api_server(path, tx, wake.clone())?;
+            let server = socket.start(tx, wake.clone(), ApiServerOptions::default())?;
             Some((server, rx, wake))
         }
         None => None,
     };
-    let mut vmm = match &args.incoming {
-        Some(listen) => {
+    vmm::seccomp::apply(ThreadKind::Vmm)?;
+
+    let mut vmm = match incoming {
+        Some(from) => {
+            let security = security.clone().ok_or(NO_IDENTITY)?;
+            let cfg = IncomingConfig { from, security, link };
             let schedule = (!args.no_announce).then_some(AnnounceSchedule {
                 rounds: args.announce_rounds,
                 initial_ms: args.announce_initial_ms,
@@ -196,9 +347,10 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 kick_tcp: !args.no_tcp_kick,
             });
             let (vmm, downtime) = vmm::migrate::receive::start_incoming(
-                listen,
+                cfg,
                 &args.nets,
                 &args.disks,
+                &mut res,
                 schedule,
                 Box::new(std::io::stdout()),
             )?;
@@ -206,20 +358,11 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             vmm
         }
         None => {
-            let config = VmConfig {
-                kernel: args.kernel.unwrap_or_default(),
-                initrd: args.initrd,
-                cmdline: args.cmdline,
-                mem_mib: args.mem_mib,
-                vcpus: args.vcpus,
-                cpu_template: args.cpu_template,
-                nets: args.nets,
-                disks: args.disks,
-            };
-            let built = vmm::build_vm_for_boot(&config, Box::new(std::io::stdout()))?;
+            let built = vmm::build_vm_for_boot(&config, &mut res, Box::new(std::io::stdout()))?;
             Vmm::start(built)?
         }
     };
+    vmm.set_migration_defaults(MigrationDefaults { security, link });
     let _server = api.map(|(server, rx, wake)| {
         vmm.attach_api(rx, wake);
         server
@@ -266,11 +409,22 @@ fn status(args: StatusArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
 /// summary; fails if the migration did.
 fn migrate(args: MigrateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let client = ApiClient::new(&args.api.api_sock);
+    if args.insecure_plaintext {
+        eprintln!("vmm: warning: {}", transport::PLAINTEXT_WARNING);
+    }
+    // The source VMM reads the directory, maybe from another working directory.
+    let tls_dir = match (&args.tls_dir, args.insecure_plaintext) {
+        (Some(dir), false) => Some(absolute(dir)?.display().to_string()),
+        _ => None,
+    };
     let request = MigrateRequest {
         to: args.to.clone(),
         downtime_ms: args.downtime_ms,
         max_bandwidth_mib_s: args.max_bandwidth_mib_s,
         max_rounds: args.max_rounds,
+        tls_dir,
+        insecure_plaintext: args.insecure_plaintext,
+        stall_timeout_ms: args.stall_timeout_ms,
     };
     // Only to size the progress bar, so a failure here is no reason to stop.
     let guest_bytes = client.get_vm().ok().map(|vm| vm.config.mem_mib.saturating_mul(1 << 20));
@@ -312,4 +466,44 @@ fn migrate(args: MigrateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         return Err(format!("migration to {} failed: {why}", args.to).into());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Why a destination without a TLS identity does not start.
+const NO_IDENTITY: &str = "an incoming migration needs --tls-dir DIR (or VMM_TLS_DIR) with this host's certificates \
+                           (see `vmm tls init`), or --insecure-plaintext";
+
+fn absolute(p: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()).into())
+}
+
+/// `vmm tls init|issue`.
+fn tls(cmd: TlsCommand) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let spec = |h: &HostArgs, default_name: Option<String>| -> Result<pki::HostSpec, Box<dyn std::error::Error>> {
+        let name = h.name.clone().or(default_name).ok_or("--name NAME is required")?;
+        Ok(pki::HostSpec::new(&name, &h.ips, h.days)?)
+    };
+    match cmd {
+        TlsCommand::Init { dir, host } => {
+            let spec = spec(&host, Some(pki::local_hostname()))?;
+            pki::init(&dir, &spec)?;
+            eprintln!(
+                "vmm: wrote a new CA and the identity of {} into {} (keep {} on this host only)",
+                describe_host(&spec),
+                dir.display(),
+                pki::CA_KEY
+            );
+        }
+        TlsCommand::Issue { ca_dir, out_dir, host } => {
+            let spec = spec(&host, None)?;
+            pki::issue(&ca_dir, &out_dir, &spec)?;
+            eprintln!("vmm: wrote the identity of {} into {}", describe_host(&spec), out_dir.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe_host(spec: &pki::HostSpec) -> String {
+    let mut names = vec![spec.name.clone()];
+    names.extend(spec.ips.iter().map(|ip| ip.to_string()));
+    names.join(", ")
 }

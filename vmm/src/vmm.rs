@@ -19,7 +19,7 @@ use crate::api::{
 use crate::builder::{BuiltVm, Machine};
 use crate::devices::serial::SerialPort;
 use crate::metrics;
-use crate::migrate::send::{self, MigrateParams, Outcome};
+use crate::migrate::send::{self, MigrateParams, MigrationDefaults, Outcome};
 use crate::vstate::vcpu::{ExitNotifier, ExitReason, VcpuSet};
 
 /// Errors of a running VM.
@@ -69,6 +69,8 @@ pub struct Vmm {
     migration: Option<JoinHandle<()>>,
     /// Someone read the completed migration's status (the source may go).
     outcome_read: bool,
+    /// TLS identity and stall bound for migrations started through the API.
+    migration_defaults: MigrationDefaults,
 }
 
 impl Vmm {
@@ -112,6 +114,7 @@ impl Vmm {
             shutdown_deadline: None,
             migration: None,
             outcome_read: false,
+            migration_defaults: MigrationDefaults::default(),
         })
     }
 
@@ -119,6 +122,11 @@ impl Vmm {
     pub fn attach_api(&mut self, requests: Receiver<ApiMessage>, wake: Arc<EventFd>) {
         self.events.add_subscriber(Arc::new(Mutex::new(Wakeup { evt: wake })));
         self.api = Some(requests);
+    }
+
+    /// What migrations started through the API use unless their request says otherwise.
+    pub fn set_migration_defaults(&mut self, defaults: MigrationDefaults) {
+        self.migration_defaults = defaults;
     }
 
     pub fn machine(&self) -> &Arc<Machine> {
@@ -247,7 +255,7 @@ impl Vmm {
             VmState::Running => {}
             s => return Err(ApiError::Conflict(format!("cannot migrate a VM that is {}", state_word(s)))),
         }
-        let params = MigrateParams::try_from(req).map_err(ApiError::BadRequest)?;
+        let params = MigrateParams::from_request(req, &self.migration_defaults).map_err(ApiError::BadRequest)?;
         if let Some(t) = self.migration.take() {
             let _ = t.join();
         }
@@ -257,6 +265,7 @@ impl Vmm {
             *p = MigrationInfo {
                 phase: MigrationPhase::Setup,
                 destination: Some(params.to.clone()),
+                encrypted: matches!(params.security, crate::transport::Security::Tls(_)),
                 ..Default::default()
             };
         }
@@ -265,6 +274,7 @@ impl Vmm {
         let worker = std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Migration);
                 let outcome = send::migrate(&machine, &vcpus, params, &status.migration);
                 match outcome {
                     Outcome::Completed => {

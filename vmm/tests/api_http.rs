@@ -393,7 +393,7 @@ fn vmm_errors_pass_through() {
 }
 
 fn migrate_defaults() -> MigrateRequest {
-    MigrateRequest { to: String::new(), downtime_ms: None, max_bandwidth_mib_s: None, max_rounds: None }
+    MigrateRequest::default()
 }
 
 #[test]

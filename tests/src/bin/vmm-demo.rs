@@ -39,9 +39,17 @@ fn run(round_trip: bool, dest_flags: Vec<String>) -> Result<(), String> {
     let bed = TestBed::builder().host("a").host("b").client("client").host_ips().build().map_err(|e| e.to_string())?;
     let guest_ip = bed.guest_ip(0);
 
+    // Mutual TLS between the hosts, with certificates made the way `vmm tls init` and `vmm tls
+    // issue` make them (a CA for this run, an identity per host naming its address).
+    let tls_dir = |host: &str| -> Result<String, String> {
+        let ip = bed.host(host).ip().ok_or("host has no IP")?;
+        Ok(vmm_tests::pki::pki().host_dir(ip).display().to_string())
+    };
     let src_sock = api_sock_path("demo-a");
     let args = vec![
         "run".to_string(),
+        "--tls-dir".into(),
+        tls_dir("a")?,
         "--kernel".into(),
         kernel.display().to_string(),
         "--mem-mib".into(),
@@ -87,6 +95,8 @@ fn run(round_trip: bool, dest_flags: Vec<String>) -> Result<(), String> {
             dst_sock.display().to_string(),
             "--net".into(),
             format!("tap={}", bed.host(to).tap()),
+            "--tls-dir".into(),
+            tls_dir(to)?,
         ];
         dargs.extend(dest_flags.iter().cloned());
         let next = Vm::start(Some(bed.host(to)), &dargs);
@@ -142,8 +152,9 @@ fn run(round_trip: bool, dest_flags: Vec<String>) -> Result<(), String> {
     println!("== summary");
     for (i, info) in reports.iter().enumerate() {
         println!(
-            "   migration {}: total {} ms, downtime {:.2} ms (source) / {:.2} ms (pause → running), {} round(s), {:.1} MiB sent, {} pages skipped",
+            "   migration {} ({}): total {} ms, downtime {:.2} ms (source) / {:.2} ms (pause → running), {} round(s), {:.1} MiB sent, {} pages skipped",
             i + 1,
+            if info.encrypted { "mutual TLS" } else { "PLAINTEXT" },
             info.total_ms,
             downtime_ms(info),
             pause_to_running_ms(info),
@@ -169,8 +180,7 @@ fn run(round_trip: bool, dest_flags: Vec<String>) -> Result<(), String> {
 
 fn migrate(vm: &Vm, to: &str) -> Result<MigrationInfo, String> {
     let api = vm.api();
-    api.migrate(&MigrateRequest { to: to.into(), downtime_ms: None, max_bandwidth_mib_s: None, max_rounds: None })
-        .map_err(|e| format!("starting the migration: {e}"))?;
+    api.migrate(&MigrateRequest::to(to)).map_err(|e| format!("starting the migration: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         let info = api.migration().map_err(|e| format!("following the migration: {e}"))?;

@@ -42,6 +42,7 @@ pub fn migration_summary(info: &MigrationInfo) -> String {
     let mut out = format!("migration to {to}: {}\n", phase_name(info.phase));
     let ms = |v: Option<u64>| v.map_or_else(|| "-".to_string(), duration);
     let rows = [
+        ("connection", if info.encrypted { "mutual TLS" } else { "plaintext" }.to_string()),
         ("total time", duration(info.total_ms)),
         ("downtime (source)", ms(info.downtime_ms)),
         ("downtime (destination)", ms(info.downtime_destination_ms)),

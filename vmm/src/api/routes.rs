@@ -140,6 +140,17 @@ fn validate_migrate(req: &MigrateRequest) -> Result<(), ApiError> {
     if req.max_rounds == Some(0) {
         return bad("max_rounds", "must be at least 1".to_string());
     }
+    if let Some(ms) = req.stall_timeout_ms
+        && ms < crate::transport::link::MIN_STALL_TIMEOUT.as_millis() as u64
+    {
+        return bad(
+            "stall_timeout_ms",
+            format!("must be at least {}", crate::transport::link::MIN_STALL_TIMEOUT.as_millis()),
+        );
+    }
+    if req.insecure_plaintext && req.tls_dir.is_some() {
+        return bad("insecure_plaintext", "conflicts with `tls_dir`".to_string());
+    }
     Ok(())
 }
 
@@ -201,6 +212,8 @@ mod tests {
             (br#"{"to":"h:1","max_rounds":0}"#, "`max_rounds`"),
             (br#"{"to":"h:1","max_bandwidth_mib_s":0}"#, "`max_bandwidth_mib_s`"),
             (br#"{"to":"h:1","speed":1}"#, "unknown field `speed`"),
+            (br#"{"to":"h:1","stall_timeout_ms":10}"#, "`stall_timeout_ms`"),
+            (br#"{"to":"h:1","tls_dir":"/x","insecure_plaintext":true}"#, "`insecure_plaintext`"),
         ];
         for (body, needle) in cases {
             let Err(ApiError::BadRequest(msg)) = parse_migrate(body) else {

@@ -162,6 +162,27 @@ pub fn start_api_server_with(
     wake: Arc<EventFd>,
     options: ApiServerOptions,
 ) -> Result<ApiServer, ApiServerError> {
+    bind_api_socket(path)?.start(to_vmm, wake, options)
+}
+
+/// An API socket that listens but whose server has not started (a sandboxed VMM creates its
+/// socket before it drops its privileges, and starts the server's threads after).
+pub struct BoundApiSocket {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+}
+
+impl Drop for BoundApiSocket {
+    fn drop(&mut self) {
+        // Never started: the socket file goes with it.
+        if self.listener.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Creates the API socket at `path` (mode 0600), replacing a stale one.
+pub fn bind_api_socket(path: &Path) -> Result<BoundApiSocket, ApiServerError> {
     clear_socket_path(path)?;
     let listener =
         UnixListener::bind(path).map_err(|e| ApiServerError::Bind { path: path.to_path_buf(), source: e.into() })?;
@@ -179,6 +200,35 @@ pub fn start_api_server_with(
     listener
         .set_nonblocking(true)
         .map_err(|e| remove_socket(ApiServerError::Bind { path: path.to_path_buf(), source: e.into() }))?;
+    Ok(BoundApiSocket { path: path.to_path_buf(), listener: Some(listener) })
+}
+
+impl BoundApiSocket {
+    /// Starts the server: requests go to the VMM thread on `to_vmm`, each followed by a write to
+    /// `wake`, the eventfd that thread's event loop watches.
+    pub fn start(
+        mut self,
+        to_vmm: Sender<ApiMessage>,
+        wake: Arc<EventFd>,
+        options: ApiServerOptions,
+    ) -> Result<ApiServer, ApiServerError> {
+        let path = self.path.clone();
+        let listener = self.listener.take().ok_or(ApiServerError::Poll(ErrorKind::NotFound.into()))?;
+        start_on(&path, listener, to_vmm, wake, options)
+    }
+}
+
+fn start_on(
+    path: &Path,
+    listener: UnixListener,
+    to_vmm: Sender<ApiMessage>,
+    wake: Arc<EventFd>,
+    options: ApiServerOptions,
+) -> Result<ApiServer, ApiServerError> {
+    let remove_socket = |e: ApiServerError| {
+        let _ = std::fs::remove_file(path);
+        e
+    };
     let stop = EventFd::new(EFD_NONBLOCK).map(Arc::new).map_err(|e| remove_socket(ApiServerError::Poll(e)))?;
     let epoll = Epoll::new()
         .and_then(|epoll| {
@@ -196,7 +246,10 @@ pub fn start_api_server_with(
         let stop = Arc::clone(&stop);
         thread::Builder::new()
             .name("api".to_string())
-            .spawn(move || accept_loop(&listener, &epoll, &stop, &dispatcher))
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Api);
+                accept_loop(&listener, &epoll, &stop, &dispatcher)
+            })
             .map_err(|e| remove_socket(ApiServerError::Thread(e)))?
     };
     log::info!("API listening on {}", path.display());
@@ -332,6 +385,7 @@ fn admit(stream: UnixStream, dispatcher: &Arc<Dispatcher>) {
         return;
     };
     let spawned = thread::Builder::new().name("api-conn".to_string()).spawn(move || {
+        crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::ApiConnection);
         // Accepted sockets do not inherit the listener's O_NONBLOCK on Linux; make sure anyway, as
         // the timeouts below only work on blocking sockets.
         if stream.set_nonblocking(false).is_ok() {
@@ -344,6 +398,13 @@ fn admit(stream: UnixStream, dispatcher: &Arc<Dispatcher>) {
     if let Err(e) = spawned {
         log::error!("failed to start a thread for an API connection: {e}");
     }
+}
+
+/// Serves the connection `stream` on this thread until it ends, passing requests on as a
+/// running server does (the fuzzing entry point for the HTTP side).
+pub fn serve_stream(stream: UnixStream, to_vmm: Sender<ApiMessage>, wake: Arc<EventFd>, options: ApiServerOptions) {
+    let dispatcher = Dispatcher { to_vmm: Mutex::new(Some(to_vmm)), wake, options, connections: AtomicUsize::new(0) };
+    serve_connection(stream, &dispatcher);
 }
 
 /// Answers 503 to a connection over the limit, without ever blocking the accept loop.

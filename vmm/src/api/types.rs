@@ -29,7 +29,7 @@ pub struct VmInfo {
 }
 
 /// `PUT /vm/migrate` body.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
     /// Destination `host:port` (a `vmm run --incoming` listening there).
@@ -43,6 +43,25 @@ pub struct MigrateRequest {
     /// Most pre-copy rounds before the migration forces convergence (default 30).
     #[serde(default)]
     pub max_rounds: Option<u32>,
+    /// TLS directory (`ca.pem`, `cert.pem`, `key.pem`) on the source's host for this
+    /// migration (default: the VMM's own `--tls-dir`).
+    #[serde(default)]
+    pub tls_dir: Option<String>,
+    /// Migrate without TLS: neither encrypted nor authenticated (the destination must run with
+    /// `--insecure-plaintext` too).
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// The stall bound: the migration fails when the destination acknowledges nothing for this
+    /// long, in ms (default: the VMM's `--stall-timeout-ms`, 5000).
+    #[serde(default)]
+    pub stall_timeout_ms: Option<u64>,
+}
+
+impl MigrateRequest {
+    /// A request with every default, to `to`.
+    pub fn to(to: &str) -> MigrateRequest {
+        MigrateRequest { to: to.to_string(), ..Default::default() }
+    }
 }
 
 /// Where a migration is.
@@ -70,6 +89,9 @@ pub enum MigrationPhase {
 pub struct MigrationInfo {
     pub phase: MigrationPhase,
     pub destination: Option<String>,
+    /// The connection is mutual TLS (false: `--insecure-plaintext`).
+    #[serde(default)]
+    pub encrypted: bool,
     /// Pre-copy round (1 is the full copy).
     pub round: u32,
     pub bytes_sent: u64,

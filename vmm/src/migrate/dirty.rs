@@ -50,9 +50,11 @@ pub fn collect(vm: &Vm) -> Result<Vec<Bitmap>, MigrateError> {
 }
 
 /// Whether swap is on: then a page mincore calls absent may hold data on disk, and residency
-/// says nothing about which pages are in use.
-fn swap_active() -> bool {
-    std::fs::read_to_string("/proc/swaps").map(|s| s.lines().count() > 1).unwrap_or(true)
+/// says nothing about which pages are in use. Read once, when the VMM starts (a sandboxed VMM
+/// cannot read /proc later).
+pub fn swap_active() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::fs::read_to_string("/proc/swaps").map(|s| s.lines().count() > 1).unwrap_or(true))
 }
 
 /// The pages of each region that were ever touched: anonymous memory that was never touched is

@@ -26,6 +26,7 @@ use super::MigrateError;
 use crate::builder::Machine;
 use crate::config::VmConfig;
 use crate::disk_config::DiskConfig;
+use crate::host::{HostResources, LocalDisk};
 
 /// A `Disk` frame is sent once its batch holds this much.
 const DISK_BATCH_BYTES: usize = 8 << 20;
@@ -215,7 +216,12 @@ pub struct DiskSink {
 impl DiskSink {
     /// Checks the guest's disks against this destination's `--disk` options and creates a new
     /// file for each copied disk; sets `config.disks` to this host's paths.
-    pub fn prepare(layouts: &[DiskLayout], local: &[DiskConfig], config: &mut VmConfig) -> Result<Self, MigrateError> {
+    pub fn prepare(
+        layouts: &[DiskLayout],
+        local: &[DiskConfig],
+        config: &mut VmConfig,
+        res: &mut HostResources,
+    ) -> Result<Self, MigrateError> {
         if layouts.len() != config.disks.len() {
             return Err(MigrateError::Incompatible(format!(
                 "the source describes {} disk(s) but its configuration has {}",
@@ -246,21 +252,75 @@ impl DiskSink {
             }
             disk.shared = layout.shared;
             disk.read_only = layout.read_only;
-            if layout.shared {
-                sink.disks.push(Incoming { writer: None, path: disk.path.clone(), created: false, size: layout.size });
-                continue;
-            }
-            let path = disk.path.clone();
-            // Never overwrite: a file there may be someone's data (or the source's own disk).
-            let created = Disk::create(&path, layout.size, layout.read_only).map_err(|e| {
-                MigrateError::Incompatible(format!("disk {i}: {e} (a copied disk needs a new file here)"))
-            })?;
-            drop(created);
-            sink.disks.push(Incoming { writer: None, path: path.clone(), created: true, size: layout.size });
-            let writer = Disk::open(&path, false, true)
-                .map_err(|e| MigrateError::Device(format!("disk {i}: opening {} to write: {e}", path.display())))?;
-            if let Some(last) = sink.disks.last_mut() {
-                last.writer = Some(writer);
+            let incompatible = |why: String| MigrateError::Incompatible(format!("disk {i}: {why}"));
+            match res.take_incoming_disk(i) {
+                // Opened before the VMM was sandboxed.
+                Some(LocalDisk::Shared(d)) => {
+                    if !layout.shared {
+                        return Err(incompatible(
+                            "the source copies it, but this destination's --disk says shared".into(),
+                        ));
+                    }
+                    if d.size() != layout.size || d.read_only() != layout.read_only {
+                        return Err(incompatible(format!(
+                            "the source's is {} bytes{}, this destination's {} bytes{}",
+                            layout.size,
+                            if layout.read_only { " (read-only)" } else { "" },
+                            d.size(),
+                            if d.read_only() { " (read-only)" } else { "" }
+                        )));
+                    }
+                    sink.disks.push(Incoming {
+                        writer: None,
+                        path: disk.path.clone(),
+                        created: false,
+                        size: layout.size,
+                    });
+                    res.put_disk(i, d);
+                }
+                Some(LocalDisk::New { file, config: local }) => {
+                    if layout.shared {
+                        return Err(incompatible(
+                            "the source shares it (,shared): give this destination --disk path=FILE,shared".into(),
+                        ));
+                    }
+                    sink.disks.push(Incoming {
+                        writer: None,
+                        path: local.path.clone(),
+                        created: true,
+                        size: layout.size,
+                    });
+                    let created = Disk::create_in(file, &local.path, layout.size, layout.read_only)
+                        .map_err(|e| incompatible(e.to_string()))?;
+                    let writer = created.try_clone(false, true).map_err(|e| incompatible(e.to_string()))?;
+                    if let Some(last) = sink.disks.last_mut() {
+                        last.writer = Some(writer);
+                    }
+                    res.put_disk(i, created);
+                }
+                None if res.sealed() => return Err(MigrateError::Incompatible(res.missing_disk(i).to_string())),
+                None if layout.shared => {
+                    sink.disks.push(Incoming {
+                        writer: None,
+                        path: disk.path.clone(),
+                        created: false,
+                        size: layout.size,
+                    });
+                }
+                None => {
+                    let path = disk.path.clone();
+                    // Never overwrite: a file there may be someone's data (or the source's own disk).
+                    let created = Disk::create(&path, layout.size, layout.read_only)
+                        .map_err(|e| incompatible(format!("{e} (a copied disk needs a new file here)")))?;
+                    drop(created);
+                    sink.disks.push(Incoming { writer: None, path: path.clone(), created: true, size: layout.size });
+                    let writer = Disk::open(&path, false, true).map_err(|e| {
+                        MigrateError::Device(format!("disk {i}: opening {} to write: {e}", path.display()))
+                    })?;
+                    if let Some(last) = sink.disks.last_mut() {
+                        last.writer = Some(writer);
+                    }
+                }
             }
         }
         Ok(sink)

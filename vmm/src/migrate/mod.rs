@@ -28,8 +28,8 @@ use crate::vstate::vm::Vm;
 pub enum MigrateError {
     #[error("{0}")]
     Protocol(#[from] migration::ProtocolError),
-    #[error("cannot connect to {0}: {1}")]
-    Connect(String, std::io::Error),
+    #[error("{0}")]
+    Transport(#[from] crate::transport::TransportError),
     #[error("the destination refused the migration: {0}")]
     Refused(String),
     #[error("KVM: {what}: {source}")]

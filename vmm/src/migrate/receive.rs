@@ -11,7 +11,8 @@
 //! carries the pause as measured here. Anything unexpected ends the process with a clear error;
 //! the source then resumes its guest.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use migration::memory::{BatchReader, PAGE_SIZE};
@@ -21,13 +22,31 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use super::disks::DiskSink;
 use super::{MachineState, MigrateError, check_cpuid, restore_devices, restore_disks, restore_vm_state};
 use crate::arch::layout::ram_regions;
-use crate::builder::{BuiltVm, build_vm_for_incoming, open_kvm};
+use crate::builder::{BuiltVm, build_vm_for_incoming};
 use crate::config::VmConfig;
 use crate::disk_config::DiskConfig;
+use crate::host::HostResources;
 use crate::net_config::NetConfig;
+use crate::transport::{self, IncomingSocket, LinkConfig, MigrationListener, MigrationStream, Security};
 
-/// How long the destination waits for the next frame before giving up on the source.
-const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Where a destination's migration comes from.
+#[derive(Debug)]
+pub enum IncomingFrom {
+    /// `--incoming ADDR:PORT`, bound before the VMM was sandboxed (see [`listen`]).
+    Listener(TcpListener),
+    /// Listen on this ADDR:PORT now.
+    Addr(String),
+    /// `--incoming-fd N`: an inherited socket, listening or already connected.
+    Fd(RawFd),
+}
+
+/// How a destination takes its migration.
+#[derive(Debug)]
+pub struct IncomingConfig {
+    pub from: IncomingFrom,
+    pub security: Security,
+    pub link: LinkConfig,
+}
 
 /// A received, restored machine whose vCPUs are ready to start, and the connection on which
 /// the source waits for the answer.
@@ -43,7 +62,7 @@ pub struct Incoming {
 
 /// Tells the source how the migration ended.
 pub struct Acknowledger {
-    stream: TcpStream,
+    stream: MigrationStream,
     /// When the source said it paused the guest.
     paused_at: Option<Instant>,
 }
@@ -65,33 +84,64 @@ impl Acknowledger {
     }
 }
 
-/// Waits on `listen` for a migration and receives it into a new machine. `nets` (from the
-/// destination's command line) replaces the source's TAP names, NIC by NIC; if empty, the
-/// source's names are used. Console output of the guest goes to `console`.
+/// Listens on `listen` (ADDR:PORT) for a migration: done before the VMM is sandboxed.
+pub fn listen(listen: &str) -> Result<TcpListener, MigrateError> {
+    let addr: SocketAddr =
+        listen.parse().map_err(|e| MigrateError::Other(format!("--incoming '{listen}': not an ADDR:PORT ({e})")))?;
+    TcpListener::bind(addr).map_err(|e| MigrateError::Other(format!("cannot listen on {listen}: {e}")))
+}
+
+/// Waits for the source's connection: the first peer that passes the handshake.
+fn accept(cfg: IncomingConfig) -> Result<MigrationStream, MigrateError> {
+    let mode = cfg.security.describe();
+    let listener = match cfg.from {
+        IncomingFrom::Listener(l) => {
+            let at = l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+            // On stderr whatever the log level: scripts wait for this line before they migrate.
+            eprintln!("vmm: waiting for an incoming migration on {at} ({mode})");
+            MigrationListener::from_listener(l, cfg.security, cfg.link)
+        }
+        IncomingFrom::Addr(listen) => {
+            let l = MigrationListener::bind(&listen, cfg.security, cfg.link)?;
+            // On stderr whatever the log level: scripts wait for this line before they migrate.
+            eprintln!("vmm: waiting for an incoming migration on {listen} ({mode})");
+            l
+        }
+        IncomingFrom::Fd(fd) => match transport::socket_from_fd(fd)? {
+            IncomingSocket::Listener(l) => {
+                let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                eprintln!("vmm: waiting for an incoming migration on fd {fd} ({at}, {mode})");
+                MigrationListener::from_listener(l, cfg.security.clone(), cfg.link)
+            }
+            IncomingSocket::Connection(c) => {
+                eprintln!("vmm: waiting for an incoming migration on fd {fd} (a connection, {mode})");
+                return Ok(transport::accept_connection(c, &cfg.security, &cfg.link)?);
+            }
+        },
+    };
+    // Nobody else gets in while (and after) this migration runs: accept closes the listener.
+    Ok(listener.accept()?)
+}
+
+/// Waits for a migration as `cfg` says and receives it into a new machine built from `res`.
+/// `nets` (from the destination's command line) replaces the source's TAP names, NIC by NIC;
+/// if empty, the source's names are used (not by a sealed, i.e. sandboxed, destination: it
+/// opened its TAPs and disks before and needs them named). Console output of the guest goes
+/// to `console`.
 pub fn receive(
-    listen: &str,
+    cfg: IncomingConfig,
     nets: &[NetConfig],
     disks: &[DiskConfig],
+    res: &mut HostResources,
     console: Box<dyn std::io::Write + Send>,
     announce: bool,
 ) -> Result<Incoming, MigrateError> {
-    let addr: SocketAddr =
-        listen.parse().map_err(|e| MigrateError::Other(format!("--incoming '{listen}': not an ADDR:PORT ({e})")))?;
-    let listener =
-        TcpListener::bind(addr).map_err(|e| MigrateError::Other(format!("cannot listen on {listen}: {e}")))?;
-    // On stderr whatever the log level: scripts wait for this line before they migrate.
-    eprintln!("vmm: waiting for an incoming migration on {listen}");
-    let (mut stream, peer) = listener.accept().map_err(|e| MigrateError::Other(format!("accept: {e}")))?;
-    // Nobody else gets in while (and after) this migration runs.
-    drop(listener);
-    log::info!("incoming migration from {peer}");
-    stream.set_nodelay(true).ok();
-    stream.set_read_timeout(Some(FRAME_TIMEOUT)).ok();
-    stream.set_write_timeout(Some(FRAME_TIMEOUT)).ok();
+    let mut stream = accept(cfg)?;
+    log::info!("incoming migration from {}", stream.describe_peer());
 
     // Allocated once, up front, for the largest frame.
     let mut scratch = Vec::with_capacity(protocol::MAX_PAYLOAD as usize);
-    let result = receive_on(&mut stream, nets, disks, console, &mut scratch, announce);
+    let result = receive_on(&mut stream, nets, disks, res, console, &mut scratch, announce);
     match result {
         Ok((built, paused_at, disks)) => {
             Ok(Incoming { built, answer: Acknowledger { stream, paused_at }, disks, scratch })
@@ -105,9 +155,10 @@ pub fn receive(
 }
 
 fn receive_on(
-    stream: &mut TcpStream,
+    stream: &mut MigrationStream,
     nets: &[NetConfig],
     disks: &[DiskConfig],
+    res: &mut HostResources,
     console: Box<dyn std::io::Write + Send>,
     buf: &mut Vec<u8>,
     announce: bool,
@@ -118,11 +169,12 @@ fn receive_on(
     }
     let start: StartPayload = protocol::parse_json("Start", &first.payload)?;
     log::debug!("incoming: Start");
-    let mut config = check_start(&start, nets)?;
+    crate::fault::point("destination:start");
+    let mut config = check_start(&start, nets, res)?;
     log::debug!("incoming: Start checked");
     // Dropped (removing the new files) on any failure before the guest runs here.
-    let mut sink = DiskSink::prepare(&start.disks, disks, &mut config)?;
-    let built = build_vm_for_incoming(&config, console)?;
+    let mut sink = DiskSink::prepare(&start.disks, disks, &mut config, res)?;
+    let built = build_vm_for_incoming(&config, res, console)?;
     // Registering guest memory with KVM takes milliseconds and goes on on its own thread while
     // the pages arrive; `Prepare` waits for it, before the guest pauses on the source.
     log::debug!("incoming: machine built");
@@ -184,6 +236,7 @@ fn receive_on(
             other => return Err(MigrateError::Other(format!("unexpected {other:?} during a migration"))),
         }
     }
+    crate::fault::point("destination:complete");
     let state = state.ok_or_else(|| MigrateError::Other("Complete came before the machine's State".into()))?;
     // Restoring kvmclock and other MSRs makes KVM touch guest memory: the slots must be there.
     built.machine.vm.memslots_ready()?;
@@ -194,7 +247,16 @@ fn receive_on(
 
 /// Whether this host can take the VM described by `start`; returns its config with this host's
 /// TAP names.
-fn check_start(start: &StartPayload, nets: &[NetConfig]) -> Result<VmConfig, MigrateError> {
+fn check_start(start: &StartPayload, nets: &[NetConfig], res: &mut HostResources) -> Result<VmConfig, MigrateError> {
+    let config = check_start_config(start, nets, res.sealed())?;
+    let kvm = res.kvm().map_err(|e| MigrateError::Incompatible(e.to_string()))?;
+    check_cpuid(kvm, &start.cpuid)?;
+    Ok(config)
+}
+
+/// The checks of a `Start` that need no KVM: versions, memory layout and size, NICs. `sealed`:
+/// the destination opened its TAPs up front, so the source's TAP names are never used.
+pub fn check_start_config(start: &StartPayload, nets: &[NetConfig], sealed: bool) -> Result<VmConfig, MigrateError> {
     if !start.state_version.compatible() {
         return Err(MigrateError::Incompatible(format!(
             "state version {}.{} (this VMM reads {}.x up to {}.{})",
@@ -227,19 +289,22 @@ fn check_start(start: &StartPayload, nets: &[NetConfig]) -> Result<VmConfig, Mig
         for (n, local) in config.nets.iter_mut().zip(nets) {
             n.tap = local.tap.clone();
         }
+    } else if sealed && !config.nets.is_empty() {
+        return Err(MigrateError::Incompatible(format!(
+            "the guest has {} NIC(s) and this destination, sandboxed, opens only the TAPs its --net options name",
+            config.nets.len()
+        )));
     }
-    let kvm = open_kvm().map_err(|e| MigrateError::Incompatible(e.to_string()))?;
-    check_cpuid(&kvm, &start.cpuid)?;
     Ok(config)
 }
 
 /// Which pages received data: a zero page need not be written unless it held something.
-struct Written {
+pub struct Written {
     bits: Vec<u64>,
 }
 
 impl Written {
-    fn new(mem: &crate::vstate::memory::GuestMemoryMmap) -> Self {
+    pub fn new(mem: &crate::vstate::memory::GuestMemoryMmap) -> Self {
         let pages = (mem.last_addr().raw_value() / PAGE_SIZE as u64 + 1) as usize;
         Written { bits: vec![0; pages.div_ceil(64)] }
     }
@@ -264,7 +329,9 @@ impl Written {
 
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
-fn apply_batch(
+/// Writes one `Memory` batch from the source into guest memory (the fuzzing entry point for
+/// memory batches, too).
+pub fn apply_batch(
     mem: &crate::vstate::memory::GuestMemoryMmap,
     batch: &[u8],
     written: &mut Written,
@@ -330,13 +397,14 @@ fn restore(built: &BuiltVm, state: &MachineState) -> Result<(), MigrateError> {
 /// `vmm run --incoming`: receives a migration and runs the guest here. Returns the running VMM
 /// and the guest's pause as measured here.
 pub fn start_incoming(
-    listen: &str,
+    cfg: IncomingConfig,
     nets: &[NetConfig],
     disks: &[DiskConfig],
+    res: &mut HostResources,
     announce: Option<net::announce::AnnounceSchedule>,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<(crate::Vmm, Option<Duration>), MigrateError> {
-    let Incoming { built, answer, disks, scratch } = receive(listen, nets, disks, console, announce.is_some())?;
+    let Incoming { built, answer, disks, scratch } = receive(cfg, nets, disks, res, console, announce.is_some())?;
     log::debug!("incoming: starting the vCPUs");
     let mut vmm = match crate::Vmm::start(built) {
         Ok(v) => v,

@@ -14,7 +14,7 @@
 //! paused here, because it may already be running there (never two live copies).
 
 use std::io::Write;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ use super::{
 };
 use crate::api::{MigrateRequest, MigrationInfo, MigrationPhase, RoundInfo};
 use crate::builder::Machine;
+use crate::transport::{self, LinkConfig, MigrationStream, Security};
 use crate::vstate::vcpu::{THROTTLE_TICK, VcpuSet};
 
 /// Default guest pause target (QEMU and Cloud Hypervisor default to 300 ms).
@@ -39,10 +40,6 @@ pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(50);
 pub const DEFAULT_MAX_ROUNDS: u32 = 30;
 /// A memory frame is sent once its batch is this large.
 const BATCH_BYTES: usize = 8 << 20;
-/// How long a refused connection is retried (the destination may still be starting).
-const CONNECT_RETRY: Duration = Duration::from_secs(5);
-/// How long to wait for the destination's answers.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time the stop-and-copy phase needs besides pages (state, restore, acknowledgement).
 const FIXED_DOWNTIME: Duration = Duration::from_millis(5);
 /// Under the downtime limit, pre-copy goes on while each round still shrinks the dirty set by
@@ -64,12 +61,31 @@ pub struct MigrateParams {
     /// Bytes per second, if capped.
     pub max_bandwidth: Option<u64>,
     pub max_rounds: u32,
+    /// Mutual TLS (by default) or plaintext.
+    pub security: Security,
+    /// The stall bound and timeouts of the connection.
+    pub link: LinkConfig,
 }
 
-impl TryFrom<&MigrateRequest> for MigrateParams {
-    type Error = String;
+/// What a VMM uses for a migration its request does not say otherwise about (`vmm run
+/// --tls-dir`, `--insecure-plaintext`, `--stall-timeout-ms`).
+#[derive(Clone, Debug, Default)]
+pub struct MigrationDefaults {
+    /// `None`: no TLS identity, so a request must bring one (or ask for plaintext).
+    pub security: Option<Security>,
+    pub link: LinkConfig,
+}
 
-    fn try_from(r: &MigrateRequest) -> Result<Self, String> {
+impl MigrateParams {
+    /// Checks a request; `defaults` fill in what it leaves out.
+    pub fn from_request(r: &MigrateRequest, defaults: &MigrationDefaults) -> Result<Self, String> {
+        // Resolving a name reads /etc (hosts, resolv.conf, nsswitch): a sandboxed VMM cannot.
+        if crate::seccomp::enabled() && r.to.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "to: '{}': this VMM is sandboxed (seccomp) and resolves no host names: give an IP address and port",
+                r.to
+            ));
+        }
         if r.to.to_socket_addrs().map(|mut a| a.next().is_none()).unwrap_or(true) {
             return Err(format!("to: '{}' is not a reachable host:port", r.to));
         }
@@ -86,7 +102,35 @@ impl TryFrom<&MigrateRequest> for MigrateParams {
             Some(0) => return Err("max_rounds: must be at least 1".into()),
             other => other.unwrap_or(DEFAULT_MAX_ROUNDS),
         };
-        Ok(MigrateParams { to: r.to.clone(), downtime, max_bandwidth, max_rounds })
+        let link = match r.stall_timeout_ms {
+            Some(ms) => LinkConfig::with_stall_ms(ms).map_err(|e| format!("stall_timeout_ms: {e}"))?,
+            None => defaults.link,
+        };
+        let security = if r.insecure_plaintext {
+            if r.tls_dir.is_some() {
+                return Err("tls_dir and insecure_plaintext: choose one".into());
+            }
+            log::warn!("{}", transport::PLAINTEXT_WARNING);
+            Security::InsecurePlaintext
+        } else if let Some(dir) = &r.tls_dir {
+            match &defaults.security {
+                // The VMM's own directory (e.g. VMM_TLS_DIR set for every command): already read.
+                Some(s @ Security::Tls(id)) if id.dir() == std::path::Path::new(dir) => s.clone(),
+                _ if crate::seccomp::enabled() => {
+                    return Err(format!(
+                        "tls_dir '{dir}': this VMM is sandboxed (seccomp) and opens no files after it started: \
+                         give it --tls-dir when starting it, or start it with --no-seccomp"
+                    ));
+                }
+                _ => Security::tls(std::path::Path::new(dir)).map_err(|e| format!("tls_dir: {e}"))?,
+            }
+        } else {
+            defaults.security.clone().ok_or(
+                "this VMM has no TLS identity for migrations: start it with --tls-dir DIR (or VMM_TLS_DIR), \
+                 or give tls_dir in the request (vmm migrate --tls-dir); plaintext only with insecure_plaintext",
+            )?
+        };
+        Ok(MigrateParams { to: r.to.clone(), downtime, max_bandwidth, max_rounds, security, link })
     }
 }
 
@@ -107,7 +151,7 @@ struct Source<'a> {
     vcpus: &'a Mutex<VcpuSet>,
     progress: &'a Mutex<MigrationInfo>,
     params: MigrateParams,
-    stream: Option<TcpStream>,
+    stream: Option<MigrationStream>,
     batch: BatchWriter,
     started: Instant,
     bytes_sent: u64,
@@ -124,7 +168,12 @@ struct Source<'a> {
 pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progress: &Mutex<MigrationInfo>) -> Outcome {
     {
         let mut p = progress.lock().expect("Poisoned lock");
-        *p = MigrationInfo { phase: MigrationPhase::Setup, destination: Some(params.to.clone()), ..Default::default() };
+        *p = MigrationInfo {
+            phase: MigrationPhase::Setup,
+            destination: Some(params.to.clone()),
+            encrypted: matches!(params.security, Security::Tls(_)),
+            ..Default::default()
+        };
     }
     let mut src = Source {
         m,
@@ -148,6 +197,7 @@ pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progr
         let done = Arc::new(AtomicBool::new(false));
         let done2 = done.clone();
         let ticker = scope.spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::MigrationTicker);
             while !done2.load(Ordering::Relaxed) {
                 // Parked rather than asleep, so the end of the migration wakes it at once
                 // instead of waiting out a tick before the scope can end.
@@ -186,7 +236,7 @@ impl Source<'_> {
         f(&mut self.progress.lock().expect("Poisoned lock"));
     }
 
-    fn stream(&mut self) -> Result<&mut TcpStream, MigrateError> {
+    fn stream(&mut self) -> Result<&mut MigrationStream, MigrateError> {
         self.stream.as_mut().ok_or_else(|| MigrateError::Other("not connected".into()))
     }
 
@@ -203,27 +253,8 @@ impl Source<'_> {
     }
 
     fn setup(&mut self) -> Result<(), MigrateError> {
-        let to = self.params.to.clone();
-        let addr = to
-            .to_socket_addrs()
-            .map_err(|e| MigrateError::Connect(to.clone(), e))?
-            .next()
-            .ok_or_else(|| MigrateError::Connect(to.clone(), std::io::ErrorKind::NotFound.into()))?;
-        // A destination that is still starting refuses for a moment: try again for a while.
-        let deadline = Instant::now() + CONNECT_RETRY;
-        let stream = loop {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-                Ok(s) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(MigrateError::Connect(to, e)),
-            }
-        };
-        stream.set_nodelay(true).ok();
-        // A destination that stops reading must not hang us forever.
-        stream.set_write_timeout(Some(ANSWER_TIMEOUT)).ok();
-        stream.set_read_timeout(Some(ANSWER_TIMEOUT)).ok();
+        let stream = transport::connect(&self.params.to, &self.params.security, &self.params.link)?;
+        log::info!("migration: connected to {}", stream.describe_peer());
         self.stream = Some(stream);
 
         let vm = &self.m.vm;
@@ -335,6 +366,7 @@ impl Source<'_> {
         step("vCPUs paused");
         self.update(|p| p.phase = MigrationPhase::StopAndCopy);
         protocol::write_frame(self.stream()?, Command::Paused, &[])?;
+        crate::fault::point("source:paused");
         pause_devices(self.m);
         self.set_throttle(0);
         // What the last round left, and what changed since (including the devices' last writes).
@@ -361,6 +393,7 @@ impl Source<'_> {
         protocol::write_frame(self.stream()?, Command::Complete, &[])?;
         self.complete_sent = true;
         step("state sent");
+        crate::fault::point("source:complete");
         let answer = protocol::read_response(self.stream()?)?;
         step("acknowledged");
         if !answer.ok {

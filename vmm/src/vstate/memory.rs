@@ -48,8 +48,13 @@ pub fn check_mem_size(mib: u64) -> Result<(), MemoryError> {
     Ok(())
 }
 
-/// The host's total RAM in MiB, from /proc/meminfo.
-fn host_mem_mib() -> Option<u64> {
+/// The host's total RAM in MiB, from /proc/meminfo (read once: a sandboxed VMM cannot later).
+pub fn host_mem_mib() -> Option<u64> {
+    static MIB: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *MIB.get_or_init(read_host_mem_mib)
+}
+
+fn read_host_mem_mib() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -344,6 +344,10 @@ impl Vcpu {
         exits: ExitNotifier,
         mut paused: bool,
     ) {
+        if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
+            exits.notify(self.index, ExitReason::Error(e.to_string()));
+            return;
+        }
         set_kick_target(&mut self.fd);
         loop {
             if paused {

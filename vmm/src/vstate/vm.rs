@@ -80,6 +80,7 @@ impl Vm {
         let pending = std::thread::Builder::new()
             .name("memslots".into())
             .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Memslots);
                 let _mem = mem;
                 for r in regions {
                     // SAFETY: the region is a live mapping of `memory`, which the Vm (and this

@@ -108,6 +108,16 @@ fn parse_args() -> Result<Options, String> {
 }
 
 fn main() {
+    // The raw-transfer reference's receiving process (see `migrate::raw_receive`).
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--raw-receive") {
+        let r = migrate::raw_receive(args.get(2).map_or("", String::as_str), args.get(3).map_or("", String::as_str));
+        if let Err(e) = r {
+            eprintln!("vmm-bench --raw-receive: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let result = parse_args().and_then(|o| run(&o));
     if let Err(e) = result {
         eprintln!("vmm-bench: error: {e}");

@@ -17,7 +17,7 @@ use vmm_tests::udp_stream::UdpStream;
 use vmm_tests::{Netns, TestBed};
 
 use crate::boot::ms;
-use crate::monitor::{GuestImage, GuestSpec, MigrationResult, Monitor, Running};
+use crate::monitor::{GuestImage, GuestSpec, MigrationResult, Monitor, Running, Wire};
 use crate::results::{Better, Results};
 
 const MAC: &str = "52:54:00:be:4c:02";
@@ -27,6 +27,50 @@ static PORT: AtomicU16 = AtomicU16::new(7300);
 pub const DOWNTIME: &str = "downtime: pause → running on the destination";
 /// The UDP stream's losses across the migration.
 pub const UDP_LOST: &str = "UDP datagrams lost (one sent every 10 ms)";
+/// The reference row: raw TCP of the same bytes into fresh memory.
+pub const RAW_ROW: &str = "reference: raw TCP of the same bytes into fresh memory";
+
+/// `vmm-bench --raw-receive ADDR BYTES`: listens on ADDR (a free port, printed as `PORT N`),
+/// reads BYTES from one connection into freshly mapped anonymous memory and prints `MBPS X`,
+/// from the first byte to the last.
+pub fn raw_receive(addr: &str, bytes: &str) -> Result<(), String> {
+    let ip: Ipv4Addr = addr.parse().map_err(|_| format!("{addr}: not an IPv4 address"))?;
+    let bytes: usize = bytes.parse().map_err(|_| format!("{bytes}: not a number"))?;
+    let listener = TcpListener::bind((ip, 0)).map_err(|e| e.to_string())?;
+    println!("PORT {}", listener.local_addr().map_err(|e| e.to_string())?.port());
+    let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
+    // SAFETY: a fresh private anonymous mapping of `bytes`; checked before use, unmapped at exit.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes.max(1),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if mem == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the mapping is `bytes` long, readable and writable, and only this slice uses it.
+    let buf = unsafe { std::slice::from_raw_parts_mut(mem.cast::<u8>(), bytes) };
+    let mut got = 0;
+    let mut start = None;
+    while got < bytes {
+        // Straight into the fresh pages: each first write faults a page in, as on a
+        // destination VMM.
+        let n = s.read(&mut buf[got..]).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("the sender stopped after {got} of {bytes} bytes"));
+        }
+        start.get_or_insert_with(Instant::now);
+        got += n;
+    }
+    let secs = start.map_or(0.0, |t| t.elapsed().as_secs_f64()).max(1e-6);
+    println!("MBPS {}", bytes as f64 / secs / 1e6);
+    Ok(())
+}
 
 /// A guest configuration to migrate.
 #[derive(Clone, Debug, Serialize)]
@@ -66,6 +110,8 @@ pub struct Sample {
     pub case: String,
     pub monitor: Monitor,
     pub run: usize,
+    /// Over mutual TLS (else plaintext).
+    pub tls: bool,
     pub result: MigrationResult,
     pub largest_gap_ms: f64,
     pub lines_lost: u64,
@@ -104,61 +150,143 @@ impl<'a> Bench<'a> {
         Ok(())
     }
 
-    /// `runs` migrations of `case` with each monitor, alternating.
+    /// `runs` migrations of `case` with each monitor, alternating, each over TLS and in
+    /// plaintext; per run also a raw TCP transfer of the bytes our TLS migration sent.
     pub fn case(&mut self, results: &mut Results, case: &Case, runs: usize) -> Result<(), String> {
+        let section = self.guest.section(&format!("migration: {}", case.label()));
         for run in 0..runs {
+            let mut rates = Vec::new();
+            let mut ours_bytes = None;
             for m in Monitor::alternating(run) {
-                let s = self.once(case, m, run)?;
-                let section = self.guest.section(&format!("migration: {}", case.label()));
-                let r = &s.result;
-                results.add(&section, "total time", "ms", Better::Lower, m, r.total_ms);
-                results.add(&section, DOWNTIME, "ms", Better::Lower, m, r.downtime_ms);
-                results.add(
-                    &section,
-                    "downtime as the source reports it",
-                    "ms",
-                    Better::Lower,
-                    m,
-                    r.reported_downtime_ms,
-                );
-                results.add(&section, "sent", "MiB", Better::Lower, m, r.bytes_sent as f64 / (1 << 20) as f64);
-                results.add(&section, "rounds", "", Better::Lower, m, f64::from(r.rounds));
-                results.add(&section, "client's largest echo gap", "ms", Better::Lower, m, s.largest_gap_ms);
-                results.add(&section, "echo lines lost", "", Better::Lower, m, s.lines_lost as f64);
-                results.add(&section, UDP_LOST, "", Better::Lower, m, s.datagrams_lost as f64);
-                results.add(
-                    &section,
-                    "client's largest UDP reply gap",
-                    "ms",
-                    Better::Lower,
-                    m,
-                    s.largest_datagram_gap_ms,
-                );
-                if s.datagrams_duplicated > 0 {
-                    eprintln!(
-                        "vmm-bench: {} {}: {} datagrams came back twice",
-                        m.name(),
-                        case.label(),
-                        s.datagrams_duplicated
+                let mut by_wire = [0.0; 2];
+                for (i, tls) in [true, false].into_iter().enumerate() {
+                    let s = self.once(case, m, run, tls)?;
+                    let prefix = if tls { "" } else { "plaintext: " };
+                    let r = &s.result;
+                    let rate = r.copy_rate_mb_s();
+                    by_wire[i] = rate;
+                    results.add(&section, &format!("{prefix}total time"), "ms", Better::Lower, m, r.total_ms);
+                    results.add(&section, &format!("{prefix}{DOWNTIME}"), "ms", Better::Lower, m, r.downtime_ms);
+                    results.add(&section, &format!("{prefix}copy rate"), "MB/s", Better::Higher, m, rate);
+                    if tls {
+                        results.add(
+                            &section,
+                            "downtime as the source reports it",
+                            "ms",
+                            Better::Lower,
+                            m,
+                            r.reported_downtime_ms,
+                        );
+                        results.add(&section, "sent", "MiB", Better::Lower, m, r.bytes_sent as f64 / (1 << 20) as f64);
+                        results.add(&section, "rounds", "", Better::Lower, m, f64::from(r.rounds));
+                        results.add(&section, "client's largest echo gap", "ms", Better::Lower, m, s.largest_gap_ms);
+                        results.add(&section, "echo lines lost", "", Better::Lower, m, s.lines_lost as f64);
+                        results.add(&section, UDP_LOST, "", Better::Lower, m, s.datagrams_lost as f64);
+                        results.add(
+                            &section,
+                            "client's largest UDP reply gap",
+                            "ms",
+                            Better::Lower,
+                            m,
+                            s.largest_datagram_gap_ms,
+                        );
+                        if s.datagrams_duplicated > 0 {
+                            eprintln!(
+                                "vmm-bench: {} {}: {} datagrams came back twice",
+                                m.name(),
+                                case.label(),
+                                s.datagrams_duplicated
+                            );
+                        }
+                        if m == Monitor::Ours {
+                            ours_bytes = Some(r.bytes_sent);
+                        }
+                    }
+                    if !s.stream_errors.is_empty() || !s.new_connection_ok {
+                        eprintln!(
+                            "vmm-bench: {} {} ({}): the connection did not survive intact: {:?}, new connection ok: {}",
+                            m.name(),
+                            case.label(),
+                            if tls { "TLS" } else { "plaintext" },
+                            s.stream_errors,
+                            s.new_connection_ok
+                        );
+                    }
+                    self.samples.push(s);
+                }
+                if by_wire[1] > 0.0 {
+                    results.add(&section, "copy rate, TLS ÷ plaintext", "", Better::Higher, m, by_wire[0] / by_wire[1]);
+                }
+                rates.push((m, by_wire[0]));
+            }
+            // The physical limit with the receiver's cost: the same bytes, raw TCP from host A
+            // into freshly mapped memory in a process on host B.
+            if let Some(bytes) = ours_bytes {
+                let raw = self.raw_transfer(bytes)?;
+                results.add(&section, RAW_ROW, "MB/s", Better::Higher, Monitor::Ours, raw);
+                for (m, rate) in rates {
+                    results.add(
+                        &section,
+                        "TLS copy rate ÷ raw TCP into fresh memory",
+                        "",
+                        Better::Higher,
+                        m,
+                        rate / raw,
                     );
                 }
-                if !s.stream_errors.is_empty() || !s.new_connection_ok {
-                    eprintln!(
-                        "vmm-bench: {} {}: the connection did not survive intact: {:?}, new connection ok: {}",
-                        m.name(),
-                        case.label(),
-                        s.stream_errors,
-                        s.new_connection_ok
-                    );
-                }
-                self.samples.push(s);
             }
         }
         Ok(())
     }
 
-    fn once(&self, case: &Case, m: Monitor, run: usize) -> Result<Sample, String> {
+    /// Raw TCP of `bytes` from host A to a `vmm-bench --raw-receive` process on host B that
+    /// reads them into freshly mapped memory; MB/s as the receiver saw it.
+    fn raw_transfer(&self, bytes: u64) -> Result<f64, String> {
+        let (a, b) = (self.bed.host("a"), self.bed.host("b"));
+        let b_ip = b.ip().ok_or("host B has no address")?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut cmd = b.command(&exe);
+        cmd.args(["--raw-receive", &b_ip.to_string(), &bytes.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        let mut child = cmd.spawn().map_err(|e| format!("starting the raw receiver: {e}"))?;
+        let mut out = std::io::BufReader::new(child.stdout.take().ok_or("no stdout")?);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).map_err(|e| e.to_string())?;
+        let port: u16 = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .ok_or(format!("raw receiver said {line:?}"))?;
+        let sent = a
+            .run_in(move || -> std::io::Result<()> {
+                let mut s = TcpStream::connect((b_ip, port))?;
+                s.set_nodelay(true)?;
+                let buf = vec![0x5au8; 8 << 20];
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(buf.len() as u64) as usize;
+                    s.write_all(&buf[..n])?;
+                    left -= n as u64;
+                }
+                s.shutdown(Shutdown::Write)
+            })
+            .map_err(|e| e.to_string())?;
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line).map_err(|e| e.to_string())?;
+        let _ = child.wait();
+        sent.map_err(|e| format!("raw transfer: {e}"))?;
+        line.trim().strip_prefix("MBPS ").and_then(|v| v.parse().ok()).ok_or(format!("raw receiver said {line:?}"))
+    }
+
+    fn once(&self, case: &Case, m: Monitor, run: usize, tls: bool) -> Result<Sample, String> {
         let (a, b, client) = (self.bed.host("a"), self.bed.host("b"), self.bed.client());
+        let wire = |ip: Option<Ipv4Addr>| match (tls, ip) {
+            (true, Some(ip)) => Ok(Wire::Tls(vmm_tests::pki::pki().host_dir(ip))),
+            (true, None) => Err("hosts have no addresses".to_string()),
+            (false, _) => Ok(Wire::Plaintext),
+        };
+        let (wire_a, wire_b) = (wire(a.ip())?, wire(b.ip())?);
         let guest_ip = self.bed.guest_ip(0);
         let spec_a = GuestSpec {
             kernel: &self.guest.kernel,
@@ -168,14 +296,14 @@ impl<'a> Bench<'a> {
             vcpus: case.vcpus,
             net: Some((a.tap(), MAC)),
         };
-        let src = Running::start(m, Some(a), &spec_a, None);
+        let src = Running::start_wire(m, Some(a), &spec_a, None, Some(&wire_a));
         src.wait_ready(self.ready_timeout)?;
         client
             .wait_for_tcp((guest_ip, ECHO_PORT).into(), Duration::from_secs(30))
             .map_err(|e| format!("{}: {e}\n{}", m.name(), src.vm.describe()))?;
         let port = PORT.fetch_add(1, Ordering::Relaxed);
         let spec_b = GuestSpec { net: Some((b.tap(), MAC)), ..spec_a };
-        let dst = Running::start(m, Some(b), &spec_b, Some(&format!("0.0.0.0:{port}")));
+        let dst = Running::start_wire(m, Some(b), &spec_b, Some(&format!("0.0.0.0:{port}")), Some(&wire_b));
         dst.wait_incoming(Duration::from_secs(30))?;
 
         let stream = client
@@ -220,6 +348,7 @@ impl<'a> Bench<'a> {
             case: case.label(),
             monitor: m,
             run,
+            tls,
             result,
             largest_gap_ms: ms(stats.largest_gap),
             lines_lost: stats.lost(),

@@ -74,6 +74,21 @@ pub struct GuestSpec<'a> {
     pub net: Option<(&'a str, &'a str)>,
 }
 
+/// How a migration connection is made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// Mutual TLS with this host's identity (a TLS directory of the test PKI; QEMU gets the
+    /// same certificates as `tls-creds-x509`).
+    Tls(PathBuf),
+    Plaintext,
+}
+
+impl Wire {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Wire::Tls(_))
+    }
+}
+
 /// A running monitor process.
 pub struct Running {
     pub vm: Vm,
@@ -82,6 +97,30 @@ pub struct Running {
     /// A QEMU destination's QMP connection, open before the migration so that it hears the
     /// guest resume.
     events: RefCell<Option<Qmp>>,
+    /// How this monitor migrates (`None`: it does not).
+    wire: Option<Wire>,
+    /// A QEMU destination's address (`-incoming defer`, started once TLS is set).
+    incoming: Option<String>,
+}
+
+/// QEMU's `tls-creds-x509` directory made from a TLS directory of ours: the same CA, and this
+/// host's certificate and key for both ends.
+fn qemu_creds(dir: &Path) -> Result<PathBuf, String> {
+    let out = dir.join("qemu");
+    if out.exists() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    for (from, to) in [
+        ("ca.pem", "ca-cert.pem"),
+        ("cert.pem", "server-cert.pem"),
+        ("key.pem", "server-key.pem"),
+        ("cert.pem", "client-cert.pem"),
+        ("key.pem", "client-key.pem"),
+    ] {
+        std::fs::copy(dir.join(from), out.join(to)).map_err(|e| format!("{to}: {e}"))?;
+    }
+    Ok(out)
 }
 
 /// One pre-copy round as the monitor reported it.
@@ -113,9 +152,36 @@ pub struct MigrationResult {
     pub timeline: Vec<RoundPoint>,
 }
 
+impl MigrationResult {
+    /// The pre-copy copy rate in MB/s: bytes sent from the first round's start to the last
+    /// round's (set-up and the pause left out), or over the whole migration if it had one
+    /// round only.
+    pub fn copy_rate_mb_s(&self) -> f64 {
+        if let (Some(first), Some(last)) = (self.timeline.first(), self.timeline.last())
+            && last.t_ms > first.t_ms
+            && last.bytes_sent > first.bytes_sent
+        {
+            return (last.bytes_sent - first.bytes_sent) as f64 / (last.t_ms - first.t_ms) / 1e3;
+        }
+        if self.total_ms > 0.0 { self.bytes_sent as f64 / self.total_ms / 1e3 } else { 0.0 }
+    }
+}
+
 impl Running {
     /// Boots `spec` (or, with `incoming`, waits for a migration on that address) in `netns`.
     pub fn start(monitor: Monitor, netns: Option<&Netns>, spec: &GuestSpec, incoming: Option<&str>) -> Running {
+        Running::start_wire(monitor, netns, spec, incoming, None)
+    }
+
+    /// [`Running::start`] for a migration over `wire`.
+    pub fn start_wire(
+        monitor: Monitor,
+        netns: Option<&Netns>,
+        spec: &GuestSpec,
+        incoming: Option<&str>,
+        wire: Option<&Wire>,
+    ) -> Running {
+        let wire = wire.cloned();
         match monitor {
             Monitor::Ours => {
                 let sock = api_sock_path("bench");
@@ -138,7 +204,13 @@ impl Running {
                     args.extend(["--net".into(), net]);
                 }
                 args.extend(["--api-sock".into(), sock.display().to_string()]);
-                Running { vm: Vm::start(netns, &args), monitor, qmp: None, events: RefCell::new(None) }
+                match &wire {
+                    Some(Wire::Tls(dir)) => args.extend(["--tls-dir".into(), dir.display().to_string()]),
+                    Some(Wire::Plaintext) => args.push("--insecure-plaintext".into()),
+                    None => {}
+                }
+                let vm = Vm::start(netns, &args);
+                Running { vm, monitor, qmp: None, events: RefCell::new(None), wire, incoming: None }
             }
             Monitor::Qemu => {
                 let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -146,11 +218,24 @@ impl Running {
                 let _ = std::fs::remove_file(&qmp);
                 let mut args = qemu_args(spec);
                 args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", qmp.display())]);
-                if let Some(addr) = incoming {
-                    args.extend(["-incoming".into(), format!("tcp:{addr}")]);
+                if let Some(Wire::Tls(dir)) = &wire {
+                    let endpoint = if incoming.is_some() { "server" } else { "client" };
+                    // A failure here shows as QEMU's own error when it starts.
+                    let creds = qemu_creds(dir).unwrap_or_else(|e| dir.join(format!("qemu-creds-failed: {e}")));
+                    args.extend([
+                        "-object".into(),
+                        format!("tls-creds-x509,id=tls0,dir={},endpoint={endpoint},verify-peer=on", creds.display()),
+                    ]);
+                }
+                match (incoming, &wire) {
+                    // TLS must be set before the destination listens: start it through QMP.
+                    (Some(_), Some(Wire::Tls(_))) => args.extend(["-incoming".into(), "defer".into()]),
+                    (Some(addr), _) => args.extend(["-incoming".into(), format!("tcp:{addr}")]),
+                    (None, _) => {}
                 }
                 let vm = Vm::start_program(netns, Path::new(QEMU), &args);
-                Running { vm, monitor, qmp: Some(qmp), events: RefCell::new(None) }
+                let incoming = incoming.map(str::to_string);
+                Running { vm, monitor, qmp: Some(qmp), events: RefCell::new(None), wire, incoming }
             }
         }
     }
@@ -179,9 +264,15 @@ impl Running {
                 .wait_line(timeout, |l| l.contains("waiting for an incoming migration"))
                 .map(drop)
                 .ok_or_else(|| format!("the destination did not start\n{}", self.vm.describe())),
-            // QMP answers once QEMU's main loop runs, and it listens for the migration before.
+            // QMP answers once QEMU's main loop runs, and it listens for the migration before
+            // (with TLS, once told to, after the credentials are set).
             Monitor::Qemu => {
-                *self.events.borrow_mut() = Some(self.qmp(timeout)?);
+                let mut qmp = self.qmp(timeout)?;
+                if let (Some(Wire::Tls(_)), Some(addr)) = (&self.wire, &self.incoming) {
+                    qmp.execute("migrate-set-parameters", json!({ "tls-creds": "tls0" }))?;
+                    qmp.execute("migrate-incoming", json!({ "uri": format!("tcp:{addr}") }))?;
+                }
+                *self.events.borrow_mut() = Some(qmp);
                 Ok(())
             }
         }
@@ -203,18 +294,17 @@ impl Running {
 
     fn migrate_ours(&self, to: &str) -> Result<MigrationResult, String> {
         let api = self.vm.api();
-        let request = MigrateRequest {
-            to: to.into(),
-            downtime_ms: Some(DOWNTIME_LIMIT_MS),
-            max_bandwidth_mib_s: None,
-            max_rounds: None,
-        };
+        let request = MigrateRequest { to: to.into(), downtime_ms: Some(DOWNTIME_LIMIT_MS), ..Default::default() };
+        let want_tls = self.wire.as_ref().is_some_and(Wire::is_tls);
         api.migrate(&request).map_err(|e| format!("starting the migration: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
             let info = api.migration().map_err(|e| format!("following the migration: {e}"))?;
             match info.phase {
                 MigrationPhase::Completed => {
+                    if info.encrypted != want_tls {
+                        return Err(format!("the migration's encryption was {}, not as asked", info.encrypted));
+                    }
                     let timeline = info
                         .rounds
                         .iter()
@@ -252,6 +342,11 @@ impl Running {
             "migrate-set-parameters",
             json!({ "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": QEMU_MAX_BANDWIDTH }),
         )?;
+        if self.wire.as_ref().is_some_and(Wire::is_tls) {
+            // The destination's certificate must name the address dialled, as ours checks.
+            let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
+            qmp.execute("migrate-set-parameters", json!({ "tls-creds": "tls0", "tls-hostname": host }))?;
+        }
         qmp.execute("migrate", json!({ "uri": format!("tcp:{to}") }))?;
         let start = Instant::now();
         let mut timeline: Vec<RoundPoint> = Vec::new();

@@ -46,6 +46,10 @@ pub fn check(r: &Results, cases: &[Case]) -> Vec<String> {
         if let (Some(a), Some(b)) = (med(&s, DOWNTIME, Ours), med(&s, DOWNTIME, Qemu)) {
             line(a <= 0.3 * b, format!("{l}: downtime ≤ 0.3 × QEMU's: {a:.1} ms vs {b:.1} ms"));
         }
+        if let Some(x) = med(&s, "copy rate, TLS ÷ plaintext", Ours) {
+            let q = med(&s, "copy rate, TLS ÷ plaintext", Qemu).map_or(String::new(), |q| format!(" (QEMU: {q:.2} ×)"));
+            line(x >= 0.8, format!("{l}: copy rate over TLS ≥ 0.8 × plaintext: {x:.2} ×{q}"));
+        }
         if case.dirty.is_none()
             && case.mem_mib >= 1024
             && let Some(sent) = med(&s, "sent", Ours)

@@ -1,0 +1,551 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The migration transport: a connection between two VMMs (or a VMM and whatever hands it a
+//! socket), mutual TLS 1.3 by default, plaintext only when both ends are told so.
+//!
+//! - [`connect`] (the source) dials, retries while the destination is still starting, sets up
+//!   the link ([`link`]: stall bound, timeouts) and completes the TLS handshake, checking that
+//!   the destination's certificate names the host or address dialled.
+//! - [`MigrationListener::accept`] (the destination) takes connections until one completes the
+//!   handshake with a certificate of the cluster's CA. Each connection is handshaken on a
+//!   thread of its own, so a peer that connects first and stalls or fails delays no one; a
+//!   refused peer is closed and logged, and the listener keeps waiting for the real one.
+//! - [`MigrationStream`] hides plain TCP and TLS behind `Read` and `Write`, and turns I/O
+//!   errors into sentences (a silent link, a refused certificate).
+//!
+//! A peer that speaks the other mode (plaintext to TLS or back) is told so in a plain
+//! `Response` frame of the migration protocol, which both kinds of peer recognise, so both
+//! ends print one clear line. The destination-side handshake also works on a socket accepted
+//! by someone else ([`socket_from_fd`], [`accept_connection`]), e.g. a host agent that owns the port.
+
+pub mod link;
+pub mod pki;
+pub mod tls;
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use migration::protocol::{self, Command, Response};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, ServerConnection};
+
+pub use link::LinkConfig;
+use tls::Side;
+pub use tls::TlsIdentity;
+
+/// How long a refused connection is retried (the destination may still be starting).
+const CONNECT_RETRY: Duration = Duration::from_secs(5);
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connecting peer has to complete the TLS handshake at the destination.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections being handshaken at once at a destination; more are closed at once.
+const MAX_HANDSHAKES: usize = 16;
+/// The first bytes of every migration frame ("VMMG"), to recognise a plaintext peer.
+const FRAME_MAGIC: [u8; 4] = protocol::MAGIC.to_le_bytes();
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Whether a migration connection is encrypted and authenticated.
+#[derive(Clone, Debug)]
+pub enum Security {
+    /// Mutual TLS 1.3 with this host's identity.
+    Tls(Arc<TlsIdentity>),
+    /// No encryption, no authentication (`--insecure-plaintext`).
+    InsecurePlaintext,
+}
+
+impl Security {
+    /// Loads the TLS directory `dir`.
+    pub fn tls(dir: &Path) -> Result<Security, tls::TlsError> {
+        Ok(Security::Tls(Arc::new(TlsIdentity::load(dir)?)))
+    }
+
+    /// For log lines: "mutual TLS (DIR)" or "plaintext".
+    pub fn describe(&self) -> String {
+        match self {
+            Security::Tls(id) => format!("mutual TLS, certificates in {}", id.dir().display()),
+            Security::InsecurePlaintext => "PLAINTEXT, unauthenticated".into(),
+        }
+    }
+}
+
+/// The warning both ends print when told to run without TLS.
+pub const PLAINTEXT_WARNING: &str = "--insecure-plaintext: the migration stream is neither encrypted nor \
+    authenticated; anyone who can reach the port can read the guest's memory or send a guest to run";
+
+/// Errors setting up a migration connection.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, String),
+    #[error("cannot connect to {0}: {1}")]
+    Connect(String, io::Error),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(String, io::Error),
+    /// The peer or this end refused the connection; the sentence says why.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+enum Inner {
+    Plain(TcpStream),
+    Client(Box<ClientConnection>, TcpStream),
+    Server(Box<ServerConnection>, TcpStream),
+}
+
+/// Writes `buf` through a TLS connection and sends the records at once, passing on the
+/// socket's own error (rustls's `Stream` keeps a failed send for the next call, which then
+/// sees only the closed socket, not why it closed).
+macro_rules! tls_write {
+    ($conn:expr, $sock:expr, $buf:expr) => {{
+        let (conn, sock) = ($conn, $sock);
+        let mut result = Ok(0);
+        while conn.wants_write() {
+            if let Err(e) = conn.write_tls(sock) {
+                result = Err(e);
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = conn.writer().write($buf);
+            while result.is_ok() && conn.wants_write() {
+                if let Err(e) = conn.write_tls(sock) {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }};
+}
+
+/// One migration connection, plain or TLS, as a byte stream.
+pub struct MigrationStream {
+    inner: Inner,
+    peer: String,
+    link: LinkConfig,
+    /// The TLS directory, for error sentences.
+    tls_dir: Option<PathBuf>,
+}
+
+impl MigrationStream {
+    /// The peer's address, as dialled or accepted.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    pub fn is_tls(&self) -> bool {
+        !matches!(self.inner, Inner::Plain(_))
+    }
+
+    /// The TCP socket underneath (for socket options; reading or writing it directly would
+    /// bypass TLS).
+    pub fn tcp(&self) -> &TcpStream {
+        match &self.inner {
+            Inner::Plain(s) | Inner::Client(_, s) | Inner::Server(_, s) => s,
+        }
+    }
+
+    fn peer_certificates(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        match &self.inner {
+            Inner::Plain(_) => None,
+            Inner::Client(c, _) => c.peer_certificates(),
+            Inner::Server(c, _) => c.peer_certificates(),
+        }
+    }
+
+    /// The names (DNS names and addresses) in the peer's certificate; empty without TLS.
+    pub fn peer_names(&self) -> Vec<String> {
+        self.peer_certificates().and_then(|c| c.first()).map(|c| tls::certificate_names(c)).unwrap_or_default()
+    }
+
+    /// Whether the peer's certificate is valid for `name` (a DNS name or an address), e.g. to
+    /// check a source against a cluster's record of who should send this guest.
+    pub fn peer_is(&self, name: &str) -> bool {
+        self.peer_certificates().and_then(|c| c.first()).is_some_and(|c| tls::certificate_is_for(c, name))
+    }
+
+    /// Who the peer is, for a log line.
+    pub fn describe_peer(&self) -> String {
+        if self.is_tls() {
+            format!("{} (certificate for {})", self.peer, self.peer_names().join(", "))
+        } else {
+            format!("{} (plaintext, unauthenticated)", self.peer)
+        }
+    }
+
+    fn explain(&self, e: io::Error) -> io::Error {
+        if let Some(r) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            let side = if matches!(self.inner, Inner::Server(..)) { Side::Server } else { Side::Client };
+            let dir = self.tls_dir.as_deref().unwrap_or(Path::new("."));
+            return io::Error::new(io::ErrorKind::InvalidData, tls::describe(r, side, dir));
+        }
+        link::explain(e, &self.peer, &self.link)
+    }
+}
+
+impl Read for MigrationStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let r = match &mut self.inner {
+            Inner::Plain(s) => s.read(buf),
+            Inner::Client(c, s) => rustls::Stream::new(c.as_mut(), s).read(buf),
+            Inner::Server(c, s) => rustls::Stream::new(c.as_mut(), s).read(buf),
+        };
+        r.map_err(|e| self.explain(e))
+    }
+}
+
+impl Write for MigrationStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let r = match &mut self.inner {
+            Inner::Plain(s) => s.write(buf),
+            Inner::Client(c, s) => tls_write!(c.as_mut(), s, buf),
+            Inner::Server(c, s) => tls_write!(c.as_mut(), s, buf),
+        };
+        r.map_err(|e| self.explain(e))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // Every write sends its records at once.
+        Ok(())
+    }
+}
+
+/// The host part of `host:port` (without the brackets of an IPv6 address).
+fn host_of(to: &str) -> &str {
+    let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
+}
+
+/// A stream that remembers the first bytes it read, to tell what kind of peer answered.
+struct Sniff<'a> {
+    inner: &'a mut TcpStream,
+    first: Vec<u8>,
+}
+
+impl Read for Sniff<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let room = 4usize.saturating_sub(self.first.len()).min(n);
+        self.first.extend_from_slice(&buf[..room]);
+        Ok(n)
+    }
+}
+
+impl Write for Sniff<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Dials `to` (`host:port`) as a migration source. A destination that refuses the connection
+/// (it may still be starting) is tried again for a few seconds.
+pub fn connect(to: &str, security: &Security, link: &LinkConfig) -> Result<MigrationStream, TransportError> {
+    let addr: SocketAddr = to
+        .to_socket_addrs()
+        .map_err(|e| TransportError::Resolve(to.into(), e.to_string()))?
+        .next()
+        .ok_or_else(|| TransportError::Resolve(to.into(), "no address".into()))?;
+    let deadline = Instant::now() + CONNECT_RETRY;
+    let mut tcp = loop {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(s) => break s,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(TransportError::Connect(to.into(), e)),
+        }
+    };
+    link::configure(&tcp, link)?;
+    let id = match security {
+        Security::InsecurePlaintext => {
+            return Ok(MigrationStream { inner: Inner::Plain(tcp), peer: to.into(), link: *link, tls_dir: None });
+        }
+        Security::Tls(id) => id,
+    };
+    let host = host_of(to);
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| TransportError::Refused(format!("'{host}' cannot be checked against a certificate: {e}")))?;
+    let mut conn =
+        ClientConnection::new(id.client_config(), name).map_err(|e| TransportError::Refused(format!("TLS: {e}")))?;
+    let mut sniff = Sniff { inner: &mut tcp, first: Vec::new() };
+    while conn.is_handshaking() {
+        match conn.complete_io(&mut sniff) {
+            Ok((0, 0)) => return Err(TransportError::Refused("the TLS handshake with the destination stalled".into())),
+            Ok(_) => {}
+            Err(e) => {
+                let why = if sniff.first.starts_with(&FRAME_MAGIC) {
+                    "the destination speaks plaintext migration (it runs with --insecure-plaintext): \
+                     not sending the guest unencrypted"
+                        .to_string()
+                } else if let Some(r) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    tls::describe(r, Side::Client, id.dir())
+                } else if e.kind() == io::ErrorKind::UnexpectedEof {
+                    "the destination closed the connection during the TLS handshake".to_string()
+                } else {
+                    link::explain(e, to, link).to_string()
+                };
+                return Err(TransportError::Refused(why));
+            }
+        }
+    }
+    // The handshake ends on reading the server's Finished; ours is still queued. Send it now,
+    // so the destination's handshake ends too, before we have anything to write.
+    while conn.wants_write() {
+        conn.write_tls(&mut tcp).map_err(|e| TransportError::Refused(link::explain(e, to, link).to_string()))?;
+    }
+    Ok(MigrationStream {
+        inner: Inner::Client(Box::new(conn), tcp),
+        peer: to.into(),
+        link: *link,
+        tls_dir: Some(id.dir().to_path_buf()),
+    })
+}
+
+/// Tells a peer of the other mode why it is refused, in a frame it understands either way.
+fn refuse_in_plain(tcp: &mut TcpStream, why: &str) {
+    let _ = protocol::write_json(tcp, Command::Response, &Response::error(why));
+    close_gently(tcp);
+}
+
+/// Closes our side and reads what the peer still sends for a moment, so that what we said
+/// last (a refusal, a TLS alert) reaches it instead of being cut off by a reset.
+fn close_gently(tcp: &mut TcpStream) {
+    let _ = tcp.flush();
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
+    // Let the peer read it before the close (an unread close would reset the connection).
+    let mut sink = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let _ = tcp.set_read_timeout(Some(Duration::from_millis(200)));
+    while Instant::now() < deadline && matches!(tcp.read(&mut sink), Ok(n) if n > 0) {}
+}
+
+/// The destination's side of a new connection: checks what kind of peer it is and completes
+/// the TLS handshake. Refusals are sentences, for the log.
+fn handshake(
+    mut tcp: TcpStream,
+    peer: String,
+    security: &Security,
+    link: &LinkConfig,
+) -> Result<MigrationStream, String> {
+    link::configure(&tcp, link).map_err(|e| format!("socket options: {e}"))?;
+    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+    tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut first = [0u8; 1];
+    let waiting = LinkConfig { io_timeout: HANDSHAKE_TIMEOUT, ..*link };
+    let seen = tcp.peek(&mut first).map_err(|e| format!("nothing received: {}", link::explain(e, &peer, &waiting)))?;
+    let done = |tcp: &TcpStream| -> Result<(), String> {
+        tcp.set_read_timeout(Some(link.io_timeout)).map_err(|e| e.to_string())?;
+        tcp.set_write_timeout(Some(link.io_timeout)).map_err(|e| e.to_string())
+    };
+    let id = match security {
+        Security::InsecurePlaintext => {
+            if seen == 1 && first[0] == TLS_HANDSHAKE {
+                refuse_in_plain(&mut tcp, "this destination runs with --insecure-plaintext and does not speak TLS");
+                return Err("it speaks TLS, and this destination runs with --insecure-plaintext".into());
+            }
+            done(&tcp)?;
+            return Ok(MigrationStream { inner: Inner::Plain(tcp), peer, link: *link, tls_dir: None });
+        }
+        Security::Tls(id) => id,
+    };
+    if seen == 0 {
+        return Err("it closed the connection without a word".into());
+    }
+    if first[0] == FRAME_MAGIC[0] {
+        refuse_in_plain(
+            &mut tcp,
+            "this destination requires mutual TLS (give both ends --tls-dir, or both --insecure-plaintext)",
+        );
+        return Err("it speaks plaintext migration (a source with --insecure-plaintext?), and this destination \
+                    requires mutual TLS"
+            .into());
+    }
+    let mut conn = ServerConnection::new(id.server_config()).map_err(|e| format!("TLS: {e}"))?;
+    while conn.is_handshaking() {
+        match conn.complete_io(&mut tcp) {
+            Ok((0, 0)) => return Err("the TLS handshake stalled".into()),
+            Ok(_) => {}
+            Err(e) => {
+                // rustls has queued an alert for the peer: send it, so the peer learns why.
+                let _ = conn.write_tls(&mut tcp);
+                close_gently(&mut tcp);
+                return Err(match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    Some(r) => tls::describe(r, Side::Server, id.dir()),
+                    None if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        "it hung up during the TLS handshake: it refused our certificate (another CA, or not the name \
+                         it dialled), or it was not a migration source"
+                            .into()
+                    }
+                    None => link::explain(e, &peer, &waiting).to_string(),
+                });
+            }
+        }
+    }
+    while conn.wants_write() {
+        conn.write_tls(&mut tcp).map_err(|e| link::explain(e, &peer, link).to_string())?;
+    }
+    done(&tcp)?;
+    Ok(MigrationStream {
+        inner: Inner::Server(Box::new(conn), tcp),
+        peer,
+        link: *link,
+        tls_dir: Some(id.dir().to_path_buf()),
+    })
+}
+
+/// A destination's listening socket.
+pub struct MigrationListener {
+    listener: TcpListener,
+    security: Security,
+    link: LinkConfig,
+}
+
+impl MigrationListener {
+    /// Listens on `addr` (`ADDR:PORT`).
+    pub fn bind(addr: &str, security: Security, link: LinkConfig) -> Result<MigrationListener, TransportError> {
+        let sa: SocketAddr = addr.parse().map_err(|e| {
+            TransportError::Listen(
+                addr.into(),
+                io::Error::new(io::ErrorKind::InvalidInput, format!("not an ADDR:PORT ({e})")),
+            )
+        })?;
+        let listener = TcpListener::bind(sa).map_err(|e| TransportError::Listen(addr.into(), e))?;
+        Ok(MigrationListener { listener, security, link })
+    }
+
+    /// Listens on a socket someone else bound (and is listening on).
+    pub fn from_listener(listener: TcpListener, security: Security, link: LinkConfig) -> MigrationListener {
+        MigrationListener { listener, security, link }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Waits for a peer that completes the handshake, and stops listening. Every other
+    /// connection (refused, or arriving while one is being handshaken) is closed and logged.
+    pub fn accept(self) -> Result<MigrationStream, TransportError> {
+        let MigrationListener { listener, security, link } = self;
+        let listener = Arc::new(listener);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<Result<MigrationStream, TransportError>>();
+        let acceptor = {
+            let (listener, stop, tx) = (listener.clone(), stop.clone(), tx.clone());
+            std::thread::Builder::new().name("migration-accept".into()).spawn(move || {
+                accept_loop(&listener, &stop, &tx, &security, &link);
+            })?
+        };
+        drop(tx);
+        let got = rx.recv().unwrap_or_else(|_| Err(TransportError::Refused("the accept loop ended".into())));
+        stop.store(true, Ordering::SeqCst);
+        // Wakes the acceptor's blocking accept (it then fails with EINVAL on Linux).
+        // SAFETY: shutdown on a socket fd we own; no memory is involved.
+        unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+        let _ = acceptor.join();
+        got
+    }
+}
+
+fn accept_loop(
+    listener: &TcpListener,
+    stop: &AtomicBool,
+    tx: &mpsc::Sender<Result<MigrationStream, TransportError>>,
+    security: &Security,
+    link: &LinkConfig,
+) {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::SeqCst) {
+        let (tcp, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(_) if stop.load(Ordering::SeqCst) => return,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                log::warn!("migration listener: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+            Err(e) => {
+                let _ = tx.send(Err(TransportError::Io(e)));
+                return;
+            }
+        };
+        if in_flight.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
+            log::warn!("refused a migration connection from {peer}: {MAX_HANDSHAKES} handshakes already under way");
+            continue;
+        }
+        in_flight.fetch_add(1, Ordering::SeqCst);
+        let (tx, security, link, in_flight) = (tx.clone(), security.clone(), *link, in_flight.clone());
+        let spawned = std::thread::Builder::new().name("migration-handshake".into()).spawn(move || {
+            match handshake(tcp, peer.to_string(), &security, &link) {
+                Ok(stream) => {
+                    // Only the first to get here is used; the others are dropped (closed).
+                    let _ = tx.send(Ok(stream));
+                }
+                Err(why) => log::warn!("refused a migration connection from {peer}: {why}"),
+            }
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            log::warn!("refused a migration connection from {peer}: cannot start a thread for it: {e}");
+        }
+    }
+}
+
+/// What `--incoming-fd` gives a destination: a listening socket, or one connection accepted by
+/// someone else (a host agent that owns the port).
+pub enum IncomingSocket {
+    Listener(TcpListener),
+    Connection(TcpStream),
+}
+
+/// Takes ownership of the inherited file descriptor `fd`, which must be a TCP socket.
+pub fn socket_from_fd(fd: RawFd) -> Result<IncomingSocket, TransportError> {
+    let get = |name: i32| -> io::Result<i32> {
+        let mut v = 0i32;
+        let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+        // SAFETY: v and len are valid for writes of their sizes; a bad fd only gives an error.
+        let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&mut v as *mut i32).cast(), &mut len) };
+        if r == 0 { Ok(v) } else { Err(io::Error::last_os_error()) }
+    };
+    let bad =
+        |why: String| TransportError::Listen(format!("fd {fd}"), io::Error::new(io::ErrorKind::InvalidInput, why));
+    let kind = get(libc::SO_TYPE).map_err(|e| bad(format!("not a socket ({e})")))?;
+    let domain = get(libc::SO_DOMAIN).map_err(|e| bad(e.to_string()))?;
+    if kind != libc::SOCK_STREAM || !(domain == libc::AF_INET || domain == libc::AF_INET6) {
+        return Err(bad("not a TCP socket".into()));
+    }
+    let listening = get(libc::SO_ACCEPTCONN).map_err(|e| bad(e.to_string()))? != 0;
+    // Whatever the descriptor was, it must not leak into processes this VMM starts.
+    // SAFETY: fcntl on an fd we checked is an open socket.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(if listening {
+        // SAFETY: `fd` is an open TCP socket (checked above) that the caller hands over to us;
+        // no one else in this process owns it.
+        IncomingSocket::Listener(unsafe { TcpListener::from_raw_fd(fd) })
+    } else {
+        // SAFETY: as above.
+        IncomingSocket::Connection(unsafe { TcpStream::from_raw_fd(fd) })
+    })
+}
+
+/// The destination's handshake on a connection someone else accepted. A refused peer ends
+/// this (nobody else can come on this connection).
+pub fn accept_connection(
+    tcp: TcpStream,
+    security: &Security,
+    link: &LinkConfig,
+) -> Result<MigrationStream, TransportError> {
+    let peer = tcp.peer_addr().map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
+    handshake(tcp, peer.clone(), security, link)
+        .map_err(|why| TransportError::Refused(format!("refused {peer}: {why}")))
+}
