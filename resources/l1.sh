@@ -24,7 +24,9 @@
 #   --prepare         only install what is missing and build the initramfs (setup.sh does this)
 #
 # Status: COMMAND's, or 124 on a timeout, or 125 when the nested host cannot be built, does not
-# come up or ends without COMMAND's status. QEMU never outlives this script: it is killed on
+# come up or ends without COMMAND's status, or 123 when it ended because its own kernel crashed
+# (a panic or BUG on its console: under QEMU's emulated SVM this happens, rarely, in the nested
+# host's KVM; callers may run COMMAND once more). QEMU never outlives this script: it is killed on
 # exit, on INT, TERM and HUP, and (through its parent-death signal) if this script is killed.
 set -euo pipefail
 # All of the script is one block, read before any of it runs: a checkout or an edit while it runs
@@ -217,7 +219,8 @@ done
 log "booting the nested host (Linux $kver, $smp vCPUs, $mem MiB, TCG with SVM)"
 setpriv --pdeathsig KILL -- qemu-system-x86_64 \
     -accel tcg -cpu max -M pc -smp "$smp" -m "$mem" \
-    -nodefaults -no-user-config -display none -serial stdio -no-reboot \
+    -nodefaults -no-user-config -display none -no-reboot \
+    -chardev "stdio,id=console,signal=off,logfile=$job/console.log" -serial chardev:console \
     -kernel "$vmlinuz" -initrd "$cache/initramfs.cpio.gz" \
     -append "console=ttyS0 rdinit=/init panic=-1 softlockup_panic=1 mitigations=off quiet loglevel=3" \
     -virtfs local,path=/,mount_tag=host0,security_model=none,readonly=on,multidevs=remap \
@@ -264,6 +267,10 @@ if [ -f "$job/timeout" ]; then
     exit 124
 fi
 if [ ! -f "$job/status" ]; then
+    if grep -q -E 'Kernel panic|BUG: |general protection fault|stack guard page' "$job/console.log" 2>/dev/null; then
+        log "error: the nested host's kernel crashed after $elapsed s (its console above says how)"
+        exit 123
+    fi
     if [ -e "$job/ready" ]; then
         log "error: the nested host stopped after $elapsed s without COMMAND's status (QEMU status $qemu_status)"
     else

@@ -16,9 +16,9 @@ use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase, VmState};
 use crate::TestBed;
 use crate::guest::exchange;
 use crate::moves::{
-    ECHO_PORT, GUEST_TIMEOUT, GuestStatus, MIGRATION_PORT, MIGRATION_TIMEOUT, assert_completed, assert_dirty_console,
-    assert_exits_cleanly, assert_state, dump, guest_status, migrate_api, print_info, request, start_destination,
-    start_guest, wait_migration, wait_more_passes,
+    ECHO_PORT, GUEST_TIMEOUT, GuestStatus, MIGRATION_PORT, assert_completed, assert_dirty_console,
+    assert_exits_cleanly, assert_state, dump, guest_status, migrate_api, migration_timeout, nested_stall_ms,
+    print_info, request, slowness, start_destination, start_guest, wait_migration, wait_more_passes,
 };
 use crate::vm::{Guest, Vm, vmm_bin};
 
@@ -29,12 +29,13 @@ pub fn migrate_cli(src: &Vm, to: &str, extra: &[&str], ctx: &[(&str, &Vm)]) -> (
     let mut child = Command::new(vmm_bin())
         .args(["migrate", "--api-sock", sock.to_str().unwrap(), "--to", to])
         .args(extra)
+        .args(nested_stall_args(extra))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start vmm migrate");
-    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    let deadline = Instant::now() + migration_timeout();
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait for vmm migrate") {
             break status;
@@ -42,7 +43,7 @@ pub fn migrate_cli(src: &Vm, to: &str, extra: &[&str], ctx: &[(&str, &Vm)]) -> (
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("`vmm migrate --to {to}` did not end within {} s{}", MIGRATION_TIMEOUT.as_secs(), dump(ctx));
+            panic!("`vmm migrate --to {to}` did not end within {} s{}", migration_timeout().as_secs(), dump(ctx));
         }
         thread::sleep(Duration::from_millis(100));
     };
@@ -50,6 +51,14 @@ pub fn migrate_cli(src: &Vm, to: &str, extra: &[&str], ctx: &[(&str, &Vm)]) -> (
     child.stdout.take().expect("piped").read_to_string(&mut out).expect("read vmm migrate's stdout");
     child.stderr.take().expect("piped").read_to_string(&mut err).expect("read vmm migrate's stderr");
     (status.success(), out, err)
+}
+
+/// `--stall-timeout-ms` for `vmm migrate` inside the nested host, unless `extra` has one.
+fn nested_stall_args(extra: &[&str]) -> Vec<String> {
+    match nested_stall_ms() {
+        Some(ms) if !extra.contains(&"--stall-timeout-ms") => vec!["--stall-timeout-ms".into(), ms.to_string()],
+        _ => Vec::new(),
+    }
 }
 
 /// The guest's echo server on port 7000 answers a line with the same line.
@@ -163,7 +172,7 @@ pub fn destination_killed_during_precopy(guest: Guest) {
     let req = MigrateRequest { max_bandwidth_mib_s: Some(8), ..request(&addr) };
     src.api().migrate(&req).unwrap_or_else(|e| panic!("PUT /vm/migrate: {e}{}", dump(&ctx)));
     let started = Instant::now();
-    let deadline = started + MIGRATION_TIMEOUT;
+    let deadline = started + migration_timeout();
     let mut info = src.api().migration().expect("GET /vm/migration");
     while info.phase == MigrationPhase::Setup || started.elapsed() < Duration::from_secs(1) {
         assert!(Instant::now() < deadline, "the migration did not get to pre-copy: {info:?}{}", dump(&ctx));
@@ -223,7 +232,8 @@ pub fn parse_cpu_check(line: &str) -> Option<CpuCheck> {
 /// every register, the TSC and the clock held (no `CPU-CHECK-MISMATCH` line, all counts 0) and
 /// that the guest keeps time with kvmclock. Returns that line's figures.
 pub fn assert_cpu_check(vm: &Vm, after: u64, ctx: &[(&str, &Vm)]) -> CpuCheck {
-    let line = vm.console.wait_line(GUEST_TIMEOUT, |l| parse_cpu_check(l).is_some_and(|c| c.rounds > after));
+    let line =
+        vm.console.wait_line(GUEST_TIMEOUT * slowness(), |l| parse_cpu_check(l).is_some_and(|c| c.rounds > after));
     let line = line.unwrap_or_else(|| panic!("no CPU-CHECK line after round {after} on the console{}", dump(ctx)));
     let mismatches = vm.console.lines(|l| l.starts_with("CPU-CHECK-MISMATCH"));
     assert!(mismatches.is_empty(), "the guest's registers or clocks did not hold: {mismatches:?}{}", dump(ctx));

@@ -26,6 +26,28 @@ pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The guest answers on the network within this (also right after a move).
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How much longer than here the waits for a guest and a link's stall bound are inside the
+/// nested host, where everything runs under QEMU's emulator on a shared machine (a migration
+/// there can take minutes, and a thread can go unscheduled for seconds).
+pub const NESTED_SLOWNESS: u32 = 6;
+
+/// [`NESTED_SLOWNESS`] inside the nested host, else 1.
+pub fn slowness() -> u32 {
+    if crate::place::inside_nested_host() { NESTED_SLOWNESS } else { 1 }
+}
+
+/// How long a migration may take: [`MIGRATION_TIMEOUT`], twice that inside the nested host (a
+/// Linux guest's move there has been seen to take four minutes while the machine was busy).
+pub fn migration_timeout() -> Duration {
+    MIGRATION_TIMEOUT * slowness().min(2)
+}
+
+/// The stall bound given to migrations and destinations inside the nested host (the VMM's
+/// default, 5 s, is for real links; under emulation 5 s without an acknowledgement happens).
+pub fn nested_stall_ms() -> Option<u64> {
+    crate::place::inside_nested_host().then_some(5000 * u64::from(NESTED_SLOWNESS))
+}
+
 /// First port of the destinations (each host is a namespace of its own, so any port is free).
 pub const MIGRATION_PORT: u16 = 7100;
 /// The guest's echo service.
@@ -93,6 +115,9 @@ pub fn start_guest_env(
     if !extra.contains(&"--tls-dir") && !extra.contains(&"--insecure-plaintext") {
         args.extend(tls_args(&host_tls_dir(bed, host)));
     }
+    if let Some(ms) = nested_stall_ms().filter(|_| !extra.contains(&"--stall-timeout-ms")) {
+        args.extend(["--stall-timeout-ms".to_string(), ms.to_string()]);
+    }
     args.extend(s(extra));
     args.extend(["--net".to_string(), format!("tap={},mac={GUEST_MAC}", bed.host(host).tap())]);
     args.extend(["--cmdline".to_string(), format!("{} {} {workload}", guest.cmdline(), bed.guest_ip_cmdline(0))]);
@@ -146,7 +171,7 @@ pub fn start_destination_env(
 }
 
 pub fn request(to: &str) -> MigrateRequest {
-    MigrateRequest::to(to)
+    MigrateRequest { stall_timeout_ms: nested_stall_ms(), ..MigrateRequest::to(to) }
 }
 
 /// The threads of process `pid` and where they are, for a hang's report: gdb's backtraces if
@@ -173,7 +198,7 @@ pub fn thread_stacks(pid: u32) -> String {
 /// paused (stop-and-copy) for much longer than its own 30 s I/O timeouts is hung: its threads'
 /// stacks go into the failure message.
 pub fn wait_migration(src: &Vm, ctx: &[(&str, &Vm)]) -> MigrationInfo {
-    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    let deadline = Instant::now() + migration_timeout();
     let mut last: Option<MigrationInfo> = None;
     let mut stopped_since = None;
     loop {
@@ -199,7 +224,7 @@ pub fn wait_migration(src: &Vm, ctx: &[(&str, &Vm)]) -> MigrationInfo {
         assert!(
             Instant::now() < deadline,
             "the migration did not end within {} s; last progress {last:?}\nsource threads:\n{}{}",
-            MIGRATION_TIMEOUT.as_secs(),
+            migration_timeout().as_secs(),
             thread_stacks(src.pid()),
             dump(ctx)
         );
