@@ -20,7 +20,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 # iproute2 (ip netns, bridges, veth, TAP), util-linux (unshare, setpriv), python3 (the initramfs
 # packer): tests and the demo use them. A C toolchain links the Rust binaries; fonts-dejavu-core
-# is the benchmark plot's font; curl fetches rustup if there is no Rust.
+# is the benchmark plot's font; curl fetches rustup if there is no Rust. etcd-server (the
+# cluster's store; tests and the cluster demo start their own), etcd-client (etcdctl, to look
+# at it) and protobuf-compiler (protoc: the etcd client crate generates its gRPC code with it).
 missing=()
 command -v ip >/dev/null || missing+=(iproute2)
 command -v unshare >/dev/null || missing+=(util-linux)
@@ -28,6 +30,9 @@ command -v setpriv >/dev/null || missing+=(util-linux)
 command -v python3 >/dev/null || missing+=(python3)
 command -v cc >/dev/null || missing+=(build-essential)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+command -v etcd >/dev/null || missing+=(etcd-server)
+command -v etcdctl >/dev/null || missing+=(etcd-client)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
 [ -x "$HOME/.cargo/bin/cargo" ] || command -v cargo >/dev/null || missing+=(curl ca-certificates)
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"

@@ -22,6 +22,12 @@
 //!    and answers with its measured downtime; from then on it owns the guest.
 //!
 //! `Abandon` may replace any step before `Complete`: the destination discards everything.
+//!
+//! A source that migrates through a host agent's shared migration port first sends one `Route`
+//! frame naming the move, so the agent can hand the connection to the right destination VMM;
+//! the agent consumes it, and the destination VMM sees the conversation from `Start` on. When
+//! the destination commits the migration with its cluster at `Prepare` (answering with
+//! `committed: true`), the commit point moves from `Complete` to that answer.
 
 use std::io::{self, Read, Write};
 
@@ -30,12 +36,14 @@ use serde::{Deserialize, Serialize};
 /// "VMMG".
 pub const MAGIC: u32 = 0x474d_4d56;
 /// Protocol version this build speaks. Bump it on any change to framing or commands.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Header bytes before every payload.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted: a memory batch is sent once it reaches 8 MiB, so it is at most
 /// 8 MiB plus one page and a record.
 pub const MAX_PAYLOAD: u64 = 16 << 20;
+/// Longest route a `Route` frame carries, in bytes.
+pub const MAX_ROUTE: usize = 256;
 
 /// What a frame carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +58,8 @@ pub enum Command {
     Response = 7,
     Prepare = 8,
     Disk = 9,
+    /// Sent first, only to a host agent's shared port: which move this connection carries.
+    Route = 10,
 }
 
 impl Command {
@@ -64,6 +74,7 @@ impl Command {
             7 => Command::Response,
             8 => Command::Prepare,
             9 => Command::Disk,
+            10 => Command::Route,
             _ => return None,
         })
     }
@@ -135,6 +146,11 @@ fn read_exact_or_truncated(r: &mut impl Read, buf: &mut [u8]) -> Result<(), Prot
 
 /// Reads one frame, into `buf` (reused between calls to avoid allocating per frame).
 pub fn read_frame_into(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Command, ProtocolError> {
+    read_frame_limited(r, buf, MAX_PAYLOAD)
+}
+
+/// [`read_frame_into`] refusing payloads over `limit` bytes before reading them.
+fn read_frame_limited(r: &mut impl Read, buf: &mut Vec<u8>, limit: u64) -> Result<Command, ProtocolError> {
     let mut h = [0u8; HEADER_LEN];
     read_exact_or_truncated(r, &mut h)?;
     let magic = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
@@ -150,7 +166,7 @@ pub fn read_frame_into(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Command, 
     let mut len8 = [0u8; 8];
     len8.copy_from_slice(&h[8..16]);
     let len = u64::from_le_bytes(len8);
-    if len > MAX_PAYLOAD {
+    if len > limit {
         return Err(ProtocolError::TooLarge(len));
     }
     let crc = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
@@ -184,12 +200,17 @@ pub fn parse_json<T: for<'de> Deserialize<'de>>(what: &'static str, payload: &[u
     serde_json::from_slice(payload).map_err(|e| ProtocolError::Invalid { what, why: e.to_string() })
 }
 
-/// The destination's answer to `Start` and `Complete`.
+/// The destination's answer to `Start`, `Prepare` and `Complete`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     #[serde(default)]
     pub error: Option<String>,
+    /// Only in the answer to `Prepare`: the destination's cluster has recorded the destination
+    /// as the guest's owner. From this answer on the source must never resume the guest on its
+    /// own: only the cluster can hand it back (see `docs/migration-protocol.md`).
+    #[serde(default)]
+    pub committed: bool,
     /// Guest pause as the destination measured it (`Paused` received → guest resumed), in µs.
     #[serde(default)]
     pub downtime_us: Option<u64>,
@@ -201,11 +222,11 @@ pub struct Response {
 
 impl Response {
     pub fn ok() -> Self {
-        Response { ok: true, error: None, downtime_us: None, resumed_at_us: None }
+        Response { ok: true, error: None, committed: false, downtime_us: None, resumed_at_us: None }
     }
 
     pub fn error(msg: impl Into<String>) -> Self {
-        Response { ok: false, error: Some(msg.into()), downtime_us: None, resumed_at_us: None }
+        Response { ok: false, error: Some(msg.into()), committed: false, downtime_us: None, resumed_at_us: None }
     }
 }
 
@@ -221,6 +242,42 @@ pub fn read_response(r: &mut impl Read) -> Result<Response, ProtocolError> {
         return Err(ProtocolError::Unexpected { expected: "Response", got: frame.command });
     }
     parse_json("response", &frame.payload)
+}
+
+/// Writes the `Route` frame that opens a connection to a host agent's shared migration port.
+pub fn write_route(w: &mut impl Write, route: &str) -> Result<(), ProtocolError> {
+    check_route(route)?;
+    write_frame(w, Command::Route, route.as_bytes())
+}
+
+/// Reads the `Route` frame a connection to a shared migration port must start with.
+/// Anything longer than a route is refused before it is read.
+pub fn read_route(r: &mut impl Read) -> Result<String, ProtocolError> {
+    let mut payload = Vec::new();
+    let command = read_frame_limited(r, &mut payload, MAX_ROUTE as u64).map_err(|e| match e {
+        ProtocolError::TooLarge(n) => {
+            ProtocolError::Invalid { what: "route", why: format!("{n} bytes, more than {MAX_ROUTE}") }
+        }
+        e => e,
+    })?;
+    if command != Command::Route {
+        return Err(ProtocolError::Unexpected { expected: "Route", got: command });
+    }
+    let route =
+        String::from_utf8(payload).map_err(|_| ProtocolError::Invalid { what: "route", why: "not UTF-8".into() })?;
+    check_route(&route)?;
+    Ok(route)
+}
+
+/// A route is 1 to [`MAX_ROUTE`] printable ASCII characters.
+pub fn check_route(route: &str) -> Result<(), ProtocolError> {
+    if route.is_empty() || route.len() > MAX_ROUTE || !route.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ProtocolError::Invalid {
+            what: "route",
+            why: format!("must be 1 to {MAX_ROUTE} printable ASCII characters without spaces"),
+        });
+    }
+    Ok(())
 }
 
 /// A guest memory region as the source lays it out.
@@ -274,6 +331,34 @@ mod tests {
         let resp = read_response(&mut r).unwrap();
         assert_eq!(resp.error.as_deref(), Some("no"));
         assert!(matches!(read_frame(&mut r), Err(ProtocolError::Truncated)));
+    }
+
+    #[test]
+    fn routes_round_trip_and_bad_ones_are_refused() {
+        let mut buf = Vec::new();
+        write_route(&mut buf, "move/vm-1/42").unwrap();
+        assert_eq!(read_route(&mut Cursor::new(&buf)).unwrap(), "move/vm-1/42");
+        for bad in ["", "has space", &"x".repeat(MAX_ROUTE + 1), "tab\there"] {
+            assert!(write_route(&mut Vec::new(), bad).is_err(), "{bad:?}");
+            let mut raw = Vec::new();
+            write_frame(&mut raw, Command::Route, bad.as_bytes()).unwrap();
+            assert!(read_route(&mut Cursor::new(&raw)).is_err(), "{bad:?}");
+        }
+        let mut other = Vec::new();
+        write_frame(&mut other, Command::Start, b"{}").unwrap();
+        assert!(matches!(read_route(&mut Cursor::new(&other)), Err(ProtocolError::Unexpected { .. })));
+        let mut long = Vec::new();
+        write_frame(&mut long, Command::Route, &[b'x'; MAX_ROUTE + 1]).unwrap();
+        assert!(matches!(read_route(&mut Cursor::new(&long)), Err(ProtocolError::Invalid { what: "route", .. })));
+        let mut not_utf8 = Vec::new();
+        write_frame(&mut not_utf8, Command::Route, &[0xff, 0xfe]).unwrap();
+        assert!(read_route(&mut Cursor::new(&not_utf8)).is_err());
+    }
+
+    #[test]
+    fn an_old_response_without_committed_reads_as_not_committed() {
+        let r: Response = parse_json("response", br#"{"ok": true}"#).unwrap();
+        assert!(r.ok && !r.committed);
     }
 
     #[test]

@@ -17,9 +17,11 @@
 //! The test bed needs root (it runs `ip netns add` and opens `/dev/net/tun`) and iproute2.
 
 pub mod bed;
+pub mod cgroup;
 pub mod checks;
 pub mod client;
 pub mod client_cli;
+pub mod cluster;
 pub mod echo_stream;
 mod error;
 pub mod guest;

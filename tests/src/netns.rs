@@ -192,6 +192,33 @@ impl Netns {
         cmd
     }
 
+    /// A command that runs `program` directly in the namespace, joined (`setns`) between fork
+    /// and exec. Unlike [`Netns::command`] (`ip netns exec`, which remounts `/sys` for the
+    /// namespace) it keeps this process's mounts, so the program sees the cgroup hierarchy under
+    /// `/sys/fs/cgroup`: what a host agent needs to read its CPU quota.
+    pub fn command_keeping_mounts(&self, program: impl AsRef<OsStr>) -> Command {
+        let path = std::ffi::CString::new(self.path().into_os_string().into_encoded_bytes())
+            .expect("namespace paths have no NUL");
+        let mut cmd = Command::new(program);
+        // SAFETY: between fork and exec the closure only makes async-signal-safe system calls
+        // (open, setns, close) on memory it owns.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let rc = libc::setns(fd, libc::CLONE_NEWNET);
+                libc::close(fd);
+                if rc != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
     /// Starts `cmd` (made with [`Netns::command`]) and registers it with this namespace, which
     /// kills and reaps it when the namespace goes away, including during a panic: a process left
     /// inside a namespace would keep it alive.

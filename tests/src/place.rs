@@ -223,6 +223,11 @@ fn selected(args: &Arguments, trial: &Trial) -> bool {
 /// under QEMU's emulator). Inside the nested host it does nothing. The inner run's output is
 /// printed line by line (run with `--nocapture` to watch it).
 pub fn rerun_inside(this_test: &str) {
+    rerun_inside_skipping(this_test, &[]);
+}
+
+/// [`rerun_inside`], also skipping the tests `skip` (each with the reason it is not rerun there).
+pub fn rerun_inside_skipping(this_test: &str, skip: &[(&str, &str)]) {
     if inside_nested_host() {
         println!("{this_test}: already inside the nested host");
         return;
@@ -232,7 +237,11 @@ pub fn rerun_inside(this_test: &str) {
         return;
     }
     let exe = std::env::current_exe().expect("the test binary's path");
-    let args = ["--skip", this_test, "--test-threads", "2", "--color", "never"].map(String::from);
+    let mut args = ["--skip", this_test, "--test-threads", "2", "--color", "never"].map(String::from).to_vec();
+    for (name, why) in skip {
+        println!("{this_test}: {name} is not run in the nested host: {why}");
+        args.extend(["--skip".to_string(), name.to_string()]);
+    }
     let mut attempt = 1;
     loop {
         let (status, summary, errors) = run_inside_once(&exe, &args);

@@ -129,7 +129,15 @@ fn killing_the_destination_during_precopy_keeps_the_guest_on_the_source() {
 /// VMM's vCPU and VM state save and restore must work with, besides this machine's.
 #[test]
 fn every_test_again_on_the_nested_hosts_kvm() {
-    vmm_tests::place::rerun_inside("every_test_again_on_the_nested_hosts_kvm");
+    vmm_tests::place::rerun_inside_skipping(
+        "every_test_again_on_the_nested_hosts_kvm",
+        &[(
+            "one_gib_guest_migrates",
+            "under the emulator a busy machine copies about 5 MB/s, below its guest's 64 MiB/s dirty rate, so \
+             it converges only when pre-copy gives up after its last round, half an hour later; \
+             the other tests take the same paths",
+        )],
+    );
 }
 
 /// A fake destination on host b's address: accepts one migration connection (mutual TLS with

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The `vmm` command line.
 
+use std::ffi::OsString;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -25,6 +26,10 @@ use vmm::net_config::NetConfig;
 use vmm::seccomp::{SeccompMode, ThreadKind};
 use vmm::transport::{self, LinkConfig, Security, pki};
 use vmm::{ExitReason, VmConfig, Vmm};
+
+/// The binary next to `vmm` that serves `vmm host|cluster|vm ...`, git style: the cluster
+/// layer builds on this crate, so it cannot live in it.
+const CLUSTER_BIN: &str = "vmm-cluster";
 
 #[derive(Parser)]
 #[command(name = "vmm", version, about = "A KVM micro-VM monitor built for live migration")]
@@ -52,6 +57,22 @@ enum Command {
     /// Make the certificates of mutual TLS between hosts: a cluster CA and host identities.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// A host of a cluster: run its agent, drain it, undrain it (`vmm host --help`).
+    #[command(disable_help_flag = true)]
+    Host(ClusterArgs),
+    /// The cluster's state: hosts, VMs, migrations in flight (`vmm cluster --help`).
+    #[command(disable_help_flag = true)]
+    Cluster(ClusterArgs),
+    /// VMs placed on a cluster's hosts: create, list, stop, move (`vmm vm --help`).
+    #[command(disable_help_flag = true)]
+    Vm(ClusterArgs),
+}
+
+/// Everything after `vmm host|cluster|vm`, passed on to `vmm-cluster` as it is.
+#[derive(clap::Args)]
+struct ClusterArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+    args: Vec<OsString>,
 }
 
 #[derive(Subcommand)]
@@ -194,6 +215,11 @@ struct RunArgs {
     #[arg(long, value_name = "FD", group = "incoming_from",
           conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template"])]
     incoming_fd: Option<i32>,
+    /// With --incoming or --incoming-fd: an inherited unix socket (file descriptor N) to the
+    /// host agent, which must commit the migration in the cluster before `Prepare` is answered
+    /// (see docs/migration-protocol.md).
+    #[arg(long, value_name = "N", requires = "incoming_from")]
+    commit_hook_fd: Option<i32>,
     #[command(flatten)]
     security: SecurityArgs,
     /// Serve the API (HTTP + JSON) on this unix socket.
@@ -276,6 +302,9 @@ fn main() -> ExitCode {
         Command::Stop(args) => api_call(args, ApiClient::shutdown),
         Command::Migrate(args) => migrate(args),
         Command::Tls(cmd) => tls(cmd),
+        Command::Host(a) => cluster("host", a),
+        Command::Cluster(a) => cluster("cluster", a),
+        Command::Vm(a) => cluster("vm", a),
     };
     match result {
         Ok(code) => code,
@@ -308,6 +337,8 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if incoming_at && security.is_none() {
         return Err(NO_IDENTITY.into());
     }
+    // Taken over now, before the sandbox: checking it asks the kernel about the socket.
+    let mut hook = args.commit_hook_fd.map(vmm::migrate::hook::CommitHook::from_fd).transpose()?;
     let (mut res, incoming) = match (&args.incoming, args.incoming_fd) {
         (Some(listen), _) => {
             let listener = vmm::migrate::receive::listen(listen)?;
@@ -339,7 +370,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut vmm = match incoming {
         Some(from) => {
             let security = security.clone().ok_or(NO_IDENTITY)?;
-            let cfg = IncomingConfig { from, security, link };
+            let cfg = IncomingConfig { from, security, link, hook: hook.take() };
             let schedule = (!args.no_announce).then_some(AnnounceSchedule {
                 rounds: args.announce_rounds,
                 initial_ms: args.announce_initial_ms,
@@ -378,6 +409,24 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         ExitReason::Error(e) => Err(e.into()),
     }
+}
+
+/// `vmm host|cluster|vm ...`: replaces this process with the binary that serves them, found next
+/// to this one.
+fn cluster(command: &str, args: ClusterArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let path = exe.with_file_name(CLUSTER_BIN);
+    if !path.is_file() {
+        return Err(format!(
+            "`vmm {command}` is served by {CLUSTER_BIN}, which is not installed next to {}",
+            exe.display()
+        )
+        .into());
+    }
+    use std::os::unix::process::CommandExt;
+    // exec only returns on failure.
+    let e = std::process::Command::new(&path).arg(command).args(&args.args).exec();
+    Err(format!("cannot run {}: {e}", path.display()).into())
 }
 
 fn probe() -> Result<ExitCode, Box<dyn std::error::Error>> {
@@ -425,6 +474,7 @@ fn migrate(args: MigrateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         tls_dir,
         insecure_plaintext: args.insecure_plaintext,
         stall_timeout_ms: args.stall_timeout_ms,
+        route: None,
     };
     // Only to size the progress bar, so a failure here is no reason to stop.
     let guest_bytes = client.get_vm().ok().map(|vm| vm.config.mem_mib.saturating_mul(1 << 20));

@@ -55,6 +55,11 @@ pub struct MigrateRequest {
     /// long, in ms (default: the VMM's `--stall-timeout-ms`, 5000).
     #[serde(default)]
     pub stall_timeout_ms: Option<u64>,
+    /// Sent first, in a `Route` frame before the TLS handshake: for a destination that is a host
+    /// agent's shared migration port (`vmm host run`), which move this is. Absent for a plain
+    /// `vmm run --incoming`.
+    #[serde(default)]
+    pub route: Option<String>,
 }
 
 impl MigrateRequest {

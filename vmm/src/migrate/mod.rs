@@ -5,6 +5,7 @@
 
 pub mod dirty;
 pub mod disks;
+pub mod hook;
 pub mod receive;
 pub mod send;
 

@@ -1,5 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The destination side of a live migration: `vmm run --incoming ADDR:PORT`.
+//! The destination side of a live migration: `vmm run --incoming ADDR:PORT`, or
+//! `vmm run --incoming-fd N` on a socket a host agent hands over (then usually with a commit
+//! hook: see [`super::hook`]).
 //!
 //! One connection is accepted, and only one: the listener closes as soon as it is taken. The
 //! source's `Start` is checked (versions, memory, CPU features, NICs) before anything else
@@ -20,6 +22,7 @@ use migration::protocol::{self, Command, Response, StartPayload};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::disks::DiskSink;
+use super::hook::CommitHook;
 use super::{MachineState, MigrateError, check_cpuid, restore_devices, restore_disks, restore_vm_state};
 use crate::arch::layout::ram_regions;
 use crate::builder::{BuiltVm, build_vm_for_incoming};
@@ -46,6 +49,8 @@ pub struct IncomingConfig {
     pub from: IncomingFrom,
     pub security: Security,
     pub link: LinkConfig,
+    /// Who must commit the migration before `Prepare` is answered (`--commit-hook-fd`).
+    pub hook: Option<CommitHook>,
 }
 
 /// A received, restored machine whose vCPUs are ready to start, and the connection on which
@@ -58,6 +63,8 @@ pub struct Incoming {
     /// The receive buffer: freeing megabytes of touched memory takes a while, so it is dropped
     /// only once the guest runs and the source knows.
     pub scratch: Vec<u8>,
+    /// The commit hook, told when the guest is about to run and when it runs.
+    pub hook: Option<CommitHook>,
 }
 
 /// Tells the source how the migration ended.
@@ -73,7 +80,7 @@ impl Acknowledger {
     pub fn acknowledge(mut self, resumed_at_us: u64) -> Result<Option<Duration>, MigrateError> {
         let downtime = self.paused_at.map(|t| t.elapsed());
         let downtime_us = downtime.map(|d| d.as_micros() as u64);
-        let answer = Response { ok: true, error: None, downtime_us, resumed_at_us: Some(resumed_at_us) };
+        let answer = Response { downtime_us, resumed_at_us: Some(resumed_at_us), ..Response::ok() };
         protocol::write_json(&mut self.stream, Command::Response, &answer)?;
         Ok(downtime)
     }
@@ -92,7 +99,12 @@ pub fn listen(listen: &str) -> Result<TcpListener, MigrateError> {
 }
 
 /// Waits for the source's connection: the first peer that passes the handshake.
-fn accept(cfg: IncomingConfig) -> Result<MigrationStream, MigrateError> {
+fn accept(mut cfg: IncomingConfig) -> Result<(MigrationStream, Option<CommitHook>), MigrateError> {
+    let hook = cfg.hook.take();
+    Ok((accept_stream(cfg)?, hook))
+}
+
+fn accept_stream(cfg: IncomingConfig) -> Result<MigrationStream, MigrateError> {
     let mode = cfg.security.describe();
     let listener = match cfg.from {
         IncomingFrom::Listener(l) => {
@@ -127,7 +139,8 @@ fn accept(cfg: IncomingConfig) -> Result<MigrationStream, MigrateError> {
 /// `nets` (from the destination's command line) replaces the source's TAP names, NIC by NIC;
 /// if empty, the source's names are used (not by a sealed, i.e. sandboxed, destination: it
 /// opened its TAPs and disks before and needs them named). Console output of the guest goes
-/// to `console`.
+/// to `console`. With a commit hook, `Prepare` is answered only once the hook committed the
+/// migration (see [`super::hook`]).
 pub fn receive(
     cfg: IncomingConfig,
     nets: &[NetConfig],
@@ -136,15 +149,15 @@ pub fn receive(
     console: Box<dyn std::io::Write + Send>,
     announce: bool,
 ) -> Result<Incoming, MigrateError> {
-    let mut stream = accept(cfg)?;
+    let (mut stream, mut hook) = accept(cfg)?;
     log::info!("incoming migration from {}", stream.describe_peer());
 
     // Allocated once, up front, for the largest frame.
     let mut scratch = Vec::with_capacity(protocol::MAX_PAYLOAD as usize);
-    let result = receive_on(&mut stream, nets, disks, res, console, &mut scratch, announce);
+    let result = receive_on(&mut stream, nets, disks, res, console, &mut scratch, announce, hook.as_mut());
     match result {
         Ok((built, paused_at, disks)) => {
-            Ok(Incoming { built, answer: Acknowledger { stream, paused_at }, disks, scratch })
+            Ok(Incoming { built, answer: Acknowledger { stream, paused_at }, disks, scratch, hook })
         }
         Err(e) => {
             // Tell the source why, if it still listens; it resumes its guest.
@@ -154,6 +167,7 @@ pub fn receive(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn receive_on(
     stream: &mut MigrationStream,
     nets: &[NetConfig],
@@ -162,6 +176,7 @@ fn receive_on(
     console: Box<dyn std::io::Write + Send>,
     buf: &mut Vec<u8>,
     announce: bool,
+    mut hook: Option<&mut CommitHook>,
 ) -> Result<(BuiltVm, Option<Instant>, DiskSink), MigrateError> {
     let first = protocol::read_frame(stream)?;
     if first.command != Command::Start {
@@ -195,9 +210,18 @@ fn receive_on(
             Command::Prepare => {
                 // The guest is about to pause on the source: whatever is still being set up
                 // here must be done before that, not while the guest waits.
-                let ready = built.machine.vm.memslots_ready();
+                let ready = built.machine.vm.memslots_ready().map_err(MigrateError::from);
+                // The commit, if a hook must make it, comes last: a refusal from here on
+                // costs nothing, after the commit the guest is this host's.
+                let ready = ready.and_then(|()| match hook.as_deref_mut() {
+                    Some(h) => h
+                        .commit()
+                        .map(|()| true)
+                        .map_err(|why| MigrateError::Other(format!("the commit hook refused the migration: {why}"))),
+                    None => Ok(false),
+                });
                 let answer = match &ready {
-                    Ok(()) => Response::ok(),
+                    Ok(committed) => Response { committed: *committed, ..Response::ok() },
                     Err(e) => Response::error(e.to_string()),
                 };
                 protocol::write_json(stream, Command::Response, &answer)?;
@@ -404,7 +428,12 @@ pub fn start_incoming(
     announce: Option<net::announce::AnnounceSchedule>,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<(crate::Vmm, Option<Duration>), MigrateError> {
-    let Incoming { built, answer, disks, scratch } = receive(cfg, nets, disks, res, console, announce.is_some())?;
+    let Incoming { built, answer, disks, scratch, mut hook } =
+        receive(cfg, nets, disks, res, console, announce.is_some())?;
+    if let Some(h) = hook.as_mut() {
+        // From here on the guest may run here: the hook must not hand it back any more.
+        h.complete();
+    }
     log::debug!("incoming: starting the vCPUs");
     let mut vmm = match crate::Vmm::start(built) {
         Ok(v) => v,
@@ -432,6 +461,9 @@ pub fn start_incoming(
             None
         }
     };
+    if let Some(h) = hook.as_mut() {
+        h.running(resumed_at_us, downtime.map(|d| d.as_micros() as u64));
+    }
     // Announced once already when the guest paused; the timed rounds start now.
     if let Some(schedule) = announce {
         vmm.announce(schedule);

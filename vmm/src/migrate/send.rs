@@ -11,7 +11,10 @@
 //!
 //! Failure is safe: any error before `Complete` resumes the guest here. After `Complete`, only
 //! an explicit refusal from the destination does; if the answer never comes the guest stays
-//! paused here, because it may already be running there (never two live copies).
+//! paused here, because it may already be running there (never two live copies). When the
+//! destination committed the migration with its cluster at `Prepare`, the commit point is that
+//! answer: from then on no failure resumes the guest here; the cluster hands it back (and the
+//! host agent resumes it through the API) if the destination never ran it.
 
 use std::io::Write;
 use std::net::ToSocketAddrs;
@@ -57,6 +60,8 @@ const THROTTLE_MAX: u32 = 90;
 #[derive(Clone, Debug)]
 pub struct MigrateParams {
     pub to: String,
+    /// Sent first in a `Route` frame, for a host agent's shared migration port.
+    pub route: Option<String>,
     pub downtime: Duration,
     /// Bytes per second, if capped.
     pub max_bandwidth: Option<u64>,
@@ -130,7 +135,18 @@ impl MigrateParams {
                  or give tls_dir in the request (vmm migrate --tls-dir); plaintext only with insecure_plaintext",
             )?
         };
-        Ok(MigrateParams { to: r.to.clone(), downtime, max_bandwidth, max_rounds, security, link })
+        if let Some(route) = &r.route {
+            protocol::check_route(route).map_err(|e| format!("route: {e}"))?;
+        }
+        Ok(MigrateParams {
+            to: r.to.clone(),
+            route: r.route.clone(),
+            downtime,
+            max_bandwidth,
+            max_rounds,
+            security,
+            link,
+        })
     }
 }
 
@@ -159,6 +175,8 @@ struct Source<'a> {
     /// The vCPUs' states are being read and must be collected before anything else is asked.
     states_pending: bool,
     complete_sent: bool,
+    /// The destination's cluster recorded it as the owner (its answer to `Prepare`).
+    committed: bool,
     throttling: Arc<AtomicBool>,
     /// The copied disks (see [`super::disks`]).
     disks: DiskCopier,
@@ -187,6 +205,7 @@ pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progr
         paused: false,
         states_pending: false,
         complete_sent: false,
+        committed: false,
         throttling: Arc::new(AtomicBool::new(false)),
         disks: DiskCopier::new(m),
     };
@@ -253,7 +272,12 @@ impl Source<'_> {
     }
 
     fn setup(&mut self) -> Result<(), MigrateError> {
-        let stream = transport::connect(&self.params.to, &self.params.security, &self.params.link)?;
+        let stream = transport::connect_routed(
+            &self.params.to,
+            self.params.route.as_deref(),
+            &self.params.security,
+            &self.params.link,
+        )?;
         log::info!("migration: connected to {}", stream.describe_peer());
         self.stream = Some(stream);
 
@@ -352,6 +376,10 @@ impl Source<'_> {
         let answer = protocol::read_response(self.stream()?)?;
         if !answer.ok {
             return Err(MigrateError::Refused(answer.error.unwrap_or_else(|| "no reason given".into())));
+        }
+        if answer.committed {
+            log::info!("migration: the destination's cluster committed the move; the guest is no longer ours");
+            self.committed = true;
         }
         let paused_at = Instant::now();
         log::debug!("stop-and-copy: pausing");
@@ -513,13 +541,45 @@ impl Source<'_> {
     fn fail(&mut self, e: MigrateError) -> Outcome {
         let refused = matches!(e, MigrateError::Refused(_));
         let msg = e.to_string();
-        if self.complete_sent && !refused {
-            let msg = format!(
-                "{msg}; the destination may be running the guest, so it stays paused here \
-                 (resume it only if the destination is known not to run it)"
-            );
+        if (self.complete_sent && !refused) || self.committed {
+            let msg = if self.committed {
+                format!(
+                    "{msg}; the destination's cluster had committed the move, so the guest stays paused here \
+                     until the cluster hands it back"
+                )
+            } else {
+                format!(
+                    "{msg}; the destination may be running the guest, so it stays paused here \
+                     (resume it only if the destination is known not to run it)"
+                )
+            };
             log::error!("migration: {msg}");
+            if self.committed && !self.complete_sent {
+                // The destination never got everything: tell it to give up at once (it exits
+                // without running the guest, and its cluster hands the guest back).
+                if let Some(s) = self.stream.as_mut() {
+                    let _ = protocol::write_frame(s, Command::Abandon, &[]);
+                    let _ = s.flush();
+                }
+            }
             self.stream = None;
+            let vcpus = self.vcpus.lock().expect("Poisoned lock");
+            if self.states_pending {
+                // Not needed any more, but must not be taken for a later resume's answers.
+                let _ = vcpus.saved_states();
+                self.states_pending = false;
+            }
+            if !self.paused {
+                // Committed but not yet paused: the guest is no longer ours to run.
+                match vcpus.pause() {
+                    Ok(()) => {
+                        self.paused = true;
+                        pause_devices(self.m);
+                    }
+                    Err(e) => log::error!("migration: pausing the vCPUs after the commit failed: {e}"),
+                }
+            }
+            drop(vcpus);
             // Whatever happens next (a resume here, or nothing), dirty pages no longer matter.
             if let Err(e) = dirty::stop(&self.m.vm) {
                 log::warn!("migration: stopping dirty logging: {e}");

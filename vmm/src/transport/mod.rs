@@ -223,6 +223,10 @@ fn host_of(to: &str) -> &str {
     host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
 }
 
+/// How much of what the destination sends first is kept: enough for a refusal frame (a host
+/// agent's, on a routed connection) to be read back.
+const SNIFF_BYTES: usize = 4096;
+
 /// A stream that remembers the first bytes it read, to tell what kind of peer answered.
 struct Sniff<'a> {
     inner: &'a mut TcpStream,
@@ -232,7 +236,7 @@ struct Sniff<'a> {
 impl Read for Sniff<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        let room = 4usize.saturating_sub(self.first.len()).min(n);
+        let room = SNIFF_BYTES.saturating_sub(self.first.len()).min(n);
         self.first.extend_from_slice(&buf[..room]);
         Ok(n)
     }
@@ -250,6 +254,18 @@ impl Write for Sniff<'_> {
 /// Dials `to` (`host:port`) as a migration source. A destination that refuses the connection
 /// (it may still be starting) is tried again for a few seconds.
 pub fn connect(to: &str, security: &Security, link: &LinkConfig) -> Result<MigrationStream, TransportError> {
+    connect_routed(to, None, security, link)
+}
+
+/// [`connect`], first sending a `Route` frame in plaintext when `route` is given: a host
+/// agent's shared migration port reads it to choose the destination VMM it hands the
+/// connection to, which then does the TLS handshake (like SNI, the route is not secret).
+pub fn connect_routed(
+    to: &str,
+    route: Option<&str>,
+    security: &Security,
+    link: &LinkConfig,
+) -> Result<MigrationStream, TransportError> {
     let addr: SocketAddr = to
         .to_socket_addrs()
         .map_err(|e| TransportError::Resolve(to.into(), e.to_string()))?
@@ -266,6 +282,12 @@ pub fn connect(to: &str, security: &Security, link: &LinkConfig) -> Result<Migra
         }
     };
     link::configure(&tcp, link)?;
+    if let Some(route) = route {
+        protocol::write_route(&mut tcp, route).map_err(|e| match e {
+            protocol::ProtocolError::Io(io) => TransportError::Io(io),
+            other => TransportError::Refused(other.to_string()),
+        })?;
+    }
     let id = match security {
         Security::InsecurePlaintext => {
             return Ok(MigrationStream { inner: Inner::Plain(tcp), peer: to.into(), link: *link, tls_dir: None });
@@ -283,7 +305,14 @@ pub fn connect(to: &str, security: &Security, link: &LinkConfig) -> Result<Migra
             Ok((0, 0)) => return Err(TransportError::Refused("the TLS handshake with the destination stalled".into())),
             Ok(_) => {}
             Err(e) => {
-                let why = if sniff.first.starts_with(&FRAME_MAGIC) {
+                // A host agent that refuses a routed connection says why in a plain frame.
+                let agent_refusal = route
+                    .filter(|_| sniff.first.starts_with(&FRAME_MAGIC))
+                    .and_then(|_| protocol::read_response(&mut &sniff.first[..]).ok())
+                    .and_then(|r| r.error);
+                let why = if let Some(why) = agent_refusal {
+                    why
+                } else if sniff.first.starts_with(&FRAME_MAGIC) {
                     "the destination speaks plaintext migration (it runs with --insecure-plaintext): \
                      not sending the guest unencrypted"
                         .to_string()

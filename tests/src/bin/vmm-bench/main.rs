@@ -7,11 +7,13 @@
 //! `migration.png` into the output directory.
 //!
 //! Usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] [--only SECTIONS]
-//! [--mem-sizes MIB,..] [--dirty-rates MIBS,..] [--smp-vcpus N] (as root; SECTIONS: a
-//! comma-separated subset of boot,linux,network,migration; a dirty rate of 0 is the idle guest;
-//! the SMP case migrates a 256 MiB guest whose N vCPUs all dirty memory, 0 leaves it out).
+//! [--mem-sizes MIB,..] [--dirty-rates MIBS,..] [--smp-vcpus N] [--density-vms N]
+//! [--drain-vms N] [--drain-mib N] (as root; SECTIONS: a comma-separated subset of
+//! boot,linux,network,migration,cluster; a dirty rate of 0 is the idle guest; the SMP case
+//! migrates a 256 MiB guest whose N vCPUs all dirty memory, 0 leaves it out).
 
 mod boot;
+mod cluster;
 mod migrate;
 mod monitor;
 mod net;
@@ -32,8 +34,9 @@ use serde_json::json;
 use vmm_tests::place::{L1Options, Place};
 
 const USAGE: &str = "usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] \
-                     [--only boot,linux,network,migration] [--mem-sizes 256,1024] [--dirty-rates 0,64,512] \
-                     [--smp-vcpus 4]";
+                     [--only boot,linux,network,migration,cluster] [--mem-sizes 256,1024] [--dirty-rates 0,64,512] \
+                     [--smp-vcpus 4] [--density-vms 50] [--drain-vms 6] [--drain-mib 256]";
+const SECTIONS: [&str; 5] = ["boot", "linux", "network", "migration", "cluster"];
 
 struct Options {
     runs: usize,
@@ -44,6 +47,9 @@ struct Options {
     mem_sizes: Vec<u64>,
     dirty_rates: Vec<u64>,
     smp_vcpus: u8,
+    density_vms: usize,
+    drain_vms: u8,
+    drain_mib: u64,
 }
 
 fn numbers(name: &str, v: &str) -> Result<Vec<u64>, String> {
@@ -56,10 +62,13 @@ fn parse_args() -> Result<Options, String> {
         boot_runs: 20,
         out: vmm_tests::vm::build_dir().join("bench"),
         quick: false,
-        sections: ["boot", "linux", "network", "migration"].map(String::from).to_vec(),
+        sections: SECTIONS.map(String::from).to_vec(),
         mem_sizes: vec![256, 1024],
         dirty_rates: vec![0, 64, 512],
         smp_vcpus: 4,
+        density_vms: 50,
+        drain_vms: 6,
+        drain_mib: 256,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -69,6 +78,13 @@ fn parse_args() -> Result<Options, String> {
             "--boot-runs" => o.boot_runs = value("--boot-runs")?.parse().map_err(|_| "--boot-runs: not a number")?,
             "--out" => o.out = PathBuf::from(value("--out")?),
             "--quick" => o.quick = true,
+            "--density-vms" => {
+                o.density_vms = value("--density-vms")?.parse().map_err(|_| "--density-vms: not a number")?
+            }
+            "--drain-vms" => {
+                o.drain_vms = value("--drain-vms")?.parse().map_err(|_| "--drain-vms: not a number (1 to 90)")?
+            }
+            "--drain-mib" => o.drain_mib = value("--drain-mib")?.parse().map_err(|_| "--drain-mib: not a number")?,
             "--mem-sizes" => o.mem_sizes = numbers("--mem-sizes", &value("--mem-sizes")?)?,
             "--dirty-rates" => o.dirty_rates = numbers("--dirty-rates", &value("--dirty-rates")?)?,
             "--smp-vcpus" => {
@@ -81,7 +97,7 @@ fn parse_args() -> Result<Options, String> {
             "--only" => {
                 o.sections = value("--only")?.split(',').map(str::to_string).collect();
                 for s in &o.sections {
-                    if !["boot", "linux", "network", "migration"].contains(&s.as_str()) {
+                    if !SECTIONS.contains(&s.as_str()) {
                         return Err(format!("--only: unknown section {s:?}\n{USAGE}"));
                     }
                 }
@@ -97,6 +113,12 @@ fn parse_args() -> Result<Options, String> {
         o.runs = o.runs.min(1);
         o.boot_runs = o.boot_runs.min(3);
         o.mem_sizes.retain(|&m| m <= 256);
+        o.density_vms = o.density_vms.min(10);
+        o.drain_vms = o.drain_vms.min(3);
+        o.drain_mib = o.drain_mib.min(128);
+    }
+    if o.drain_vms == 0 || o.drain_vms > 90 || o.drain_mib < 64 {
+        return Err("--drain-vms must be 1 to 90 and --drain-mib at least 64".into());
     }
     if o.mem_sizes.iter().any(|&m| m < 64) {
         return Err("--mem-sizes: at least 64 MiB (the dirty workload alone uses 64)".into());
@@ -144,7 +166,10 @@ fn run(o: &Options) -> Result<(), String> {
     if linux_nested && o.sections.len() == 1 {
         return linux_in_nested_host(o, &o.out);
     }
-    ensure_qemu()?;
+    let section = |s: &str| o.sections.iter().any(|x| x == s) && !(s == "linux" && linux_nested);
+    if ["boot", "linux", "network", "migration"].iter().any(|s| section(s)) {
+        ensure_qemu()?;
+    }
     let ours = GuestImage {
         kernel: vmm_tests::vm::guest_kernel(),
         initrd: None,
@@ -153,7 +178,6 @@ fn run(o: &Options) -> Result<(), String> {
     };
     let machine = machine();
     eprintln!("vmm-bench: {}", machine["summary"].as_str().unwrap_or(""));
-    let section = |s: &str| o.sections.iter().any(|x| x == s) && !(s == "linux" && linux_nested);
     let mut results = Results::default();
     let mut samples: Vec<Sample> = Vec::new();
     let cases = cases(&o.mem_sizes, &o.dirty_rates, o.smp_vcpus);
@@ -198,8 +222,28 @@ fn run(o: &Options) -> Result<(), String> {
         samples.append(&mut bench.samples);
     }
 
+    let settings = cluster::Settings {
+        density_vms: o.density_vms,
+        drain_vms: o.drain_vms,
+        drain_mib: o.drain_mib,
+        runs: o.runs,
+        idle_window: std::time::Duration::from_secs(if o.quick { 5 } else { 10 }),
+    };
+    if section("cluster") {
+        eprintln!("vmm-bench: cluster: density, up to {} VMs", o.density_vms);
+        cluster::density(&mut results, &settings)?;
+        for dirty in [false, true] {
+            cluster::drain(&mut results, &settings, dirty)?;
+        }
+    }
+
     let table = results.markdown();
-    let targets = targets::check(&results, &cases);
+    let mut targets = targets::check(&results, &cases);
+    if section("cluster") {
+        cluster::targets(&results, &settings, &mut |ok, text| {
+            targets.push(format!("- {} {text}", if ok { "met:" } else { "NOT met:" }))
+        });
+    }
     std::fs::create_dir_all(&o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
     let emulated = if vmm_tests::place::inside_nested_host() {
         "All of it ran inside the nested host (resources/l1.sh: Linux 6.1 under QEMU's emulator, TCG, \

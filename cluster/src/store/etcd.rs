@@ -1,0 +1,267 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The etcd v3 backend, on the `etcd-client` crate (gRPC over tonic). Every call has a
+//! deadline, so an unreachable etcd is a clear [`StoreError::Unavailable`] after a few seconds,
+//! never a hang.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use super::{Compare, Event, KeyValue, LeaseId, Op, Revision, Store, StoreError, Txn, TxnResult, Watch};
+
+/// Longest any one request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a connection attempt to one endpoint may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    endpoints: String,
+    timeout: Duration,
+}
+
+impl EtcdStore {
+    /// Connects to etcd at `endpoints` (`http://HOST:PORT`, or `HOST:PORT`). The connection is
+    /// made lazily: an unreachable etcd shows up as an error of the first request.
+    pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
+        let joined = endpoints.join(",");
+        if endpoints.is_empty() {
+            return Err(StoreError::Unavailable { endpoints: joined, why: "no endpoint given".into() });
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|e| StoreError::Unavailable { endpoints: joined.clone(), why: e.to_string() })?;
+        Ok(EtcdStore { client, endpoints: joined, timeout: REQUEST_TIMEOUT })
+    }
+
+    /// Runs one request under the deadline, mapping its errors. A request that could not even
+    /// connect (with several members, the balancer may pick one that is down) is tried again
+    /// until the deadline: it never reached etcd, so this is safe for any request. A request
+    /// that may have reached etcd is never repeated here; its caller reads the state afresh.
+    async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let err = match tokio::time::timeout_at(deadline, f()).await {
+                Err(_) => return Err(self.unavailable(format!("no answer within {} s", self.timeout.as_secs()))),
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e,
+            };
+            let unsent = never_sent(&err);
+            let err = self.map_error(err);
+            if !unsent || tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    fn unavailable(&self, why: String) -> StoreError {
+        StoreError::Unavailable { endpoints: self.endpoints.clone(), why }
+    }
+
+    fn map_error(&self, e: etcd_client::Error) -> StoreError {
+        use etcd_client::Error as E;
+        match e {
+            E::TransportError(t) => self.unavailable(t.to_string()),
+            E::IoError(io) => self.unavailable(io.to_string()),
+            // gRPC's codes (tonic is not a direct dependency): cancelled, deadline exceeded and
+            // unavailable mean the request did not get through.
+            E::GRpcStatus(s) => match s.code() as i32 {
+                1 | 4 | 14 => self.unavailable(s.message().to_string()),
+                _ => StoreError::Failed(s.message().to_string()),
+            },
+            other => StoreError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// Pause before trying a request that could not connect again.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Whether a request failed before it reached any etcd member (so repeating it is safe).
+fn never_sent(e: &etcd_client::Error) -> bool {
+    let text = match e {
+        etcd_client::Error::TransportError(t) => t.to_string(),
+        etcd_client::Error::GRpcStatus(s) if s.code() as i32 == 14 => s.message().to_string(),
+        _ => return false,
+    };
+    text.contains("connect")
+}
+
+fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        version: kv.version(),
+        lease: kv.lease(),
+    }
+}
+
+fn to_compare(c: &Compare) -> EtcdCompare {
+    match c {
+        Compare::ModRevision(k, r) => EtcdCompare::mod_revision(k.as_str(), CompareOp::Equal, *r),
+        Compare::CreateRevision(k, r) => EtcdCompare::create_revision(k.as_str(), CompareOp::Equal, *r),
+        Compare::Version(k, v) => EtcdCompare::version(k.as_str(), CompareOp::Equal, *v),
+        Compare::Lease(k, l) => EtcdCompare::lease(k.as_str(), CompareOp::Equal, *l),
+        Compare::Value(k, v) => EtcdCompare::value(k.as_str(), CompareOp::Equal, v.clone()),
+    }
+}
+
+fn to_op(op: &Op) -> TxnOp {
+    match op {
+        Op::Put { key, value, lease } => {
+            let options = (*lease != 0).then(|| PutOptions::new().with_lease(*lease));
+            TxnOp::put(key.as_str(), value.clone(), options)
+        }
+        Op::Delete { key } => TxnOp::delete(key.as_str(), None),
+        Op::Get { key } => TxnOp::get(key.as_str(), None),
+    }
+}
+
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let resp = self
+            .call(|| {
+                let (mut c, key) = (self.client.clone(), key.to_string());
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        Ok(resp.kvs().first().map(to_kv))
+    }
+
+    async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+        let resp = self
+            .call(|| {
+                let (mut c, prefix) = (self.client.clone(), prefix.to_string());
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        Ok((resp.kvs().iter().map(to_kv).collect(), revision))
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+        let etcd_txn = etcd_client::Txn::new()
+            .when(txn.when.iter().map(to_compare).collect::<Vec<_>>())
+            .and_then(txn.then.iter().map(to_op).collect::<Vec<_>>())
+            .or_else(txn.otherwise.iter().map(to_op).collect::<Vec<_>>());
+        let resp = self
+            .call(|| {
+                let (mut c, t) = (self.client.clone(), etcd_txn.clone());
+                async move { c.txn(t).await }
+            })
+            .await?;
+        let gets = resp
+            .op_responses()
+            .into_iter()
+            .filter_map(|r| match r {
+                TxnOpResponse::Get(g) => Some(g.kvs().first().map(to_kv)),
+                _ => None,
+            })
+            .collect();
+        Ok(TxnResult { succeeded: resp.succeeded(), revision: resp.header().map_or(0, |h| h.revision()), gets })
+    }
+
+    async fn grant_lease(&self, ttl_s: i64) -> Result<(LeaseId, i64), StoreError> {
+        let resp = self
+            .call(|| {
+                let mut c = self.client.clone();
+                async move { c.lease_grant(ttl_s, None).await }
+            })
+            .await?;
+        Ok((resp.id(), resp.ttl()))
+    }
+
+    async fn keep_alive(&self, id: LeaseId) -> Result<bool, StoreError> {
+        // etcd keeps leases alive over a stream; opening one sends the first renewal and reads
+        // its answer. One short-lived stream per renewal costs a round trip on the existing
+        // connection and leaves no state to resynchronise.
+        let renewed = self
+            .call(|| {
+                let mut c = self.client.clone();
+                async move { c.lease_keep_alive(id).await }
+            })
+            .await;
+        match renewed {
+            Ok(_) => Ok(true),
+            // What etcd-client makes of a renewal answered with TTL 0.
+            Err(StoreError::Failed(why)) if why.contains("lease not found") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn revoke_lease(&self, id: LeaseId) -> Result<(), StoreError> {
+        self.call(|| {
+            let mut c = self.client.clone();
+            async move { c.lease_revoke(id).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<Watch, StoreError> {
+        let stream = self
+            .call(|| {
+                let (mut c, prefix) = (self.client.clone(), prefix.to_string());
+                async move { c.watch(prefix, Some(WatchOptions::new().with_prefix())).await }
+            })
+            .await?;
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move {
+            // Keeps the request half alive for as long as the watch runs.
+            let (_requests, mut responses) = stream.split();
+            loop {
+                let batch = match responses.message().await {
+                    Ok(Some(resp)) if resp.canceled() => {
+                        Err(StoreError::Failed(format!("watch cancelled: {}", resp.cancel_reason())))
+                    }
+                    Ok(Some(resp)) => {
+                        let revision = resp.header().map_or(0, |h| h.revision());
+                        Ok(resp
+                            .events()
+                            .iter()
+                            .filter_map(|e| {
+                                let kv = e.kv()?;
+                                Some(Event {
+                                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                                    deleted: e.event_type() == EventType::Delete,
+                                    revision: kv.mod_revision().max(revision),
+                                })
+                            })
+                            .collect::<Vec<_>>())
+                    }
+                    Ok(None) => Err(this.unavailable("the watch stream ended".into())),
+                    Err(e) => Err(this.map_error(e)),
+                };
+                let end = batch.is_err();
+                if matches!(&batch, Ok(events) if events.is_empty()) {
+                    continue;
+                }
+                if tx.send(batch).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Watch::new(rx))
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd at {}", self.endpoints)
+    }
+}

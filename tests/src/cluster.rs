@@ -1,0 +1,264 @@
+// SPDX-License-Identifier: Apache-2.0
+//! A cluster on one machine, for the cluster tests, the cluster demo and the benchmark: the
+//! test bed's hosts (network namespaces on one segment), each with a CPU quota of its own
+//! ([`CpuCgroup`]) and a host agent (`vmm host run`), and a private etcd in the client's
+//! namespace, where the cluster commands run too. Dropping it kills the agents and every VMM
+//! they started (through their cgroups), stops etcd and removes the namespaces, the cgroups and
+//! the state directories.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use vmm_cluster::cli::StatusReport;
+use vmm_cluster::etcd_server::EtcdServer;
+
+use crate::cgroup::CpuCgroup;
+use crate::vm::{build_dir, vmm_bin};
+use crate::{Process, TestBed};
+
+/// Every host's shared migration port.
+pub const MIGRATION_PORT: u16 = 7200;
+
+/// How a cluster is made.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// CPU quota per host, thousandths of a CPU (`None`: none).
+    pub cpu_millis: Option<u64>,
+    /// Memory capacity each agent announces, MiB.
+    pub mem_mib: u64,
+    pub etcd_members: usize,
+    /// The agents' load report period, seconds.
+    pub load_every_s: f64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { cpu_millis: Some(600), mem_mib: 2048, etcd_members: 1, load_every_s: 1.0 }
+    }
+}
+
+/// The `vmm-cluster` binary of the tests' profile.
+pub fn cluster_bin() -> PathBuf {
+    let p = build_dir().join("vmm-cluster");
+    assert!(p.exists(), "{} is missing: build the workspace first (`cargo build --workspace --release`)", p.display());
+    p
+}
+
+/// A running cluster; see the module doc.
+pub struct ClusterBed {
+    pub bed: TestBed,
+    cgroups: BTreeMap<String, CpuCgroup>,
+    etcd: Option<EtcdServer>,
+    endpoints: String,
+    agents: BTreeMap<String, Process>,
+    state_root: PathBuf,
+    options: ClusterOptions,
+}
+
+impl ClusterBed {
+    /// Builds hosts `hosts` and a client, starts etcd, and starts an agent on every host.
+    pub fn start(hosts: &[&str], options: ClusterOptions) -> ClusterBed {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let mut builder = TestBed::builder().client("ctl").host_ips();
+        for h in hosts {
+            builder = builder.host(h);
+        }
+        let bed = builder.build().expect("build the test bed");
+        let mut cgroups = BTreeMap::new();
+        for h in hosts {
+            let g = CpuCgroup::create(&format!("cl{n}-{h}"), options.cpu_millis).expect("create the host's cgroup");
+            cgroups.insert(h.to_string(), g);
+        }
+        let ip = IpAddr::V4(bed.client().ip());
+        let members = options.etcd_members;
+        let etcd = bed.client().run_in(move || EtcdServer::start(ip, members)).expect("enter the client namespace");
+        let etcd = etcd.unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+        let endpoints = etcd.endpoints_arg();
+        let state_root = std::env::temp_dir().join(format!("vmm-cl-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_root);
+        let mut cluster =
+            ClusterBed { bed, cgroups, etcd: Some(etcd), endpoints, agents: BTreeMap::new(), state_root, options };
+        for h in hosts {
+            cluster.start_agent(h);
+        }
+        cluster.wait_until("every host to register", Duration::from_secs(30), |s| {
+            hosts.iter().all(|h| s.hosts.iter().any(|r| r.name == *h && r.up))
+        });
+        cluster
+    }
+
+    /// etcd's client URLs, comma-separated.
+    pub fn endpoints(&self) -> &str {
+        &self.endpoints
+    }
+
+    /// Kills every etcd member: "etcd is down".
+    pub fn kill_etcd(&mut self) {
+        if let Some(e) = self.etcd.as_mut() {
+            e.kill_all();
+        }
+    }
+
+    /// Restarts every etcd member with its data (in the client's namespace, where it listens).
+    pub fn restart_etcd(&mut self) {
+        let etcd = self.etcd.as_mut().expect("etcd was started");
+        let restarted = self.bed.client().run_in(|| etcd.restart_all()).expect("enter the client namespace");
+        restarted.unwrap_or_else(|e| panic!("cannot restart etcd: {e}"));
+    }
+
+    /// Host `host`'s agent state directory.
+    pub fn state_dir(&self, host: &str) -> PathBuf {
+        self.state_root.join(host)
+    }
+
+    /// Host `host`'s migration address.
+    pub fn migration_addr(&self, host: &str) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.bed.host(host).ip().expect("hosts have addresses")), MIGRATION_PORT)
+    }
+
+    pub fn cgroup(&self, host: &str) -> &CpuCgroup {
+        &self.cgroups[host]
+    }
+
+    /// Starts (or restarts) host `host`'s agent, its log in `<state dir>.log`.
+    pub fn start_agent(&mut self, host: &str) {
+        let dir = self.state_dir(host);
+        std::fs::create_dir_all(&dir).expect("create the state directory");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_root.join(format!("{host}.log")))
+            .expect("open the agent's log");
+        let h = self.bed.host(host);
+        let mut cmd = h.command_keeping_mounts(cluster_bin());
+        cmd.args(["host", "run", "--name", host, "--etcd", &self.endpoints, "--state-dir"])
+            .arg(&dir)
+            .args(["--listen", &self.migration_addr(host).to_string(), "--bridge", h.bridge()])
+            .args(["--mem-mib", &self.options.mem_mib.to_string(), "--insecure-plaintext"])
+            .args(["--load-every", &self.options.load_every_s.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        self.cgroups[host].enter(&mut cmd);
+        let p = h.spawn(&mut cmd).expect("start the agent");
+        self.agents.insert(host.to_string(), p);
+    }
+
+    /// Kills host `host`'s agent (SIGKILL), as a crash would. Its VMMs keep running.
+    pub fn kill_agent(&mut self, host: &str) {
+        if let Some(p) = self.agents.remove(host) {
+            let _ = p.kill();
+        }
+    }
+
+    /// The agent's process, if running.
+    pub fn agent(&self, host: &str) -> Option<&Process> {
+        self.agents.get(host)
+    }
+
+    /// Host `host`'s agent log so far.
+    pub fn agent_log(&self, host: &str) -> String {
+        std::fs::read_to_string(self.state_root.join(format!("{host}.log"))).unwrap_or_default()
+    }
+
+    /// Every agent's log and every VMM's log, for a failing assertion's message.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for h in self.cgroups.keys() {
+            out.push_str(&format!("\n===== agent {h} =====\n{}", self.agent_log(h)));
+            let vms = self.state_dir(h).join("vms");
+            for e in std::fs::read_dir(&vms).into_iter().flatten().flatten() {
+                let log = std::fs::read_to_string(e.path().join("vmm.log")).unwrap_or_default();
+                out.push_str(&format!("\n----- {h}: VMM {} -----\n{log}", e.file_name().to_string_lossy()));
+            }
+        }
+        out
+    }
+
+    /// Runs `vmm ARGS` (the cluster commands go through `vmm` to `vmm-cluster`) in the client
+    /// namespace, with `--etcd` set.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd: Command = self.bed.client().command(vmm_bin());
+        cmd.args(args).env("VMM_ETCD", &self.endpoints).stdin(Stdio::null());
+        cmd.output().expect("run vmm")
+    }
+
+    /// [`ClusterBed::cli`], which must succeed; its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "`vmm {}` failed ({}):\n{}{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.describe()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// [`ClusterBed::cli`], which must fail; its stderr.
+    pub fn cli_err(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "`vmm {}` succeeded but should not have:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// `vmm cluster status --json`.
+    pub fn status(&self) -> Option<StatusReport> {
+        let out = self.cli(&["cluster", "status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until the status satisfies `pred`; returns it.
+    pub fn wait_until(&self, what: &str, timeout: Duration, pred: impl Fn(&StatusReport) -> bool) -> StatusReport {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            if let Some(s) = self.status() {
+                if pred(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gave up after {} s waiting for {what}; last status:\n{}{}",
+                timeout.as_secs(),
+                last.map(|s| vmm_cluster::cli::render_status(&s)).unwrap_or_else(|| "(none)".into()),
+                self.describe()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// VM `vm`'s row, if it exists.
+    pub fn vm(&self, vm: &str) -> Option<vmm_cluster::cli::VmRow> {
+        self.status()?.vms.into_iter().find(|v| v.name == vm)
+    }
+}
+
+impl Drop for ClusterBed {
+    fn drop(&mut self) {
+        // The cgroups hold the agents and all their VMMs: killing them first leaves nothing
+        // inside the namespaces.
+        self.agents.clear();
+        self.cgroups.clear();
+        self.etcd = None;
+        let _ = std::fs::remove_dir_all(&self.state_root);
+    }
+}
