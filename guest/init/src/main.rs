@@ -15,6 +15,7 @@ mod console;
 mod burn;
 mod compute;
 mod control;
+mod cpucheck;
 mod cpus;
 mod dirty;
 mod echo;
@@ -52,7 +53,7 @@ fn main() {
     // Read the CPU set while this thread's affinity is still the whole set.
     cpus::all();
 
-    if let Err(e) = start(params, mode) {
+    if let Err(e) = start(params, mode).and_then(|()| cpucheck::start(&cmdline)) {
         fatal(mode, &e);
     }
     say!(

@@ -46,6 +46,23 @@ impl Monitor {
     }
 }
 
+/// A guest kernel to run and how: our guest, or Linux with its initramfs.
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The start of every command line (console, power off).
+    pub cmdline: String,
+    /// Prefix of the result sections (empty for our guest).
+    pub section: &'static str,
+}
+
+impl GuestImage {
+    /// A section name for this guest.
+    pub fn section(&self, name: &str) -> String {
+        format!("{}{name}", self.section)
+    }
+}
+
 /// A guest to boot.
 pub struct GuestSpec<'a> {
     pub kernel: &'a Path,
