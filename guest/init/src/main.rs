@@ -87,9 +87,10 @@ fn start(params: Params, mode: Mode) -> Result<(), String> {
         Workload::Compute => compute::start(params.work_units),
         Workload::Burn => burn::start(params.duty_pct),
         // Not done for Linux yet: the data disk is mounted at /data, but no workload runs on it.
-        Workload::Disk => {
-            Err("the disk workload runs only in vmm-guest (the Linux init mounts /dev/vda at /data)".into())
-        }
+        Workload::Disk | Workload::DiskBench => Err(format!(
+            "the {} workload runs only in vmm-guest (the Linux init mounts /dev/vda at /data)",
+            params.workload.name()
+        )),
     }
 }
 
