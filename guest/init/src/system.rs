@@ -106,10 +106,22 @@ pub fn poweroff(mode: Mode) -> ! {
         crate::idle_forever();
     }
     say!("GUEST-POWEROFF");
+    // The disk workload's file closed, so that /data can be unmounted below.
+    crate::records::stop();
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
     if mode == Mode::Test {
         std::process::exit(0);
+    }
+    // Unmounted, the data disk's file system is clean (only this mount goes: the superblock
+    // stays if anything else mounts it, as on a test host).
+    // SAFETY: a NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(c"/data".as_ptr(), 0) } != 0 {
+        let e = io::Error::last_os_error();
+        // EINVAL: nothing mounted there (no data disk).
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            say!("init: cannot unmount /data: {e}");
+        }
     }
     // A restart, not RB_POWER_OFF: the guest has no ACPI, so Linux cannot power it off. With
     // `reboot=k` a restart resets the machine through the i8042 keyboard controller, and our
