@@ -23,6 +23,7 @@ pub mod net_config;
 pub mod probe;
 pub mod seccomp;
 pub mod snapshot;
+pub mod storage;
 pub mod transport;
 pub mod uffd;
 pub mod vmm;

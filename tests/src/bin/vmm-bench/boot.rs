@@ -24,6 +24,7 @@ pub fn our_guest(results: &mut Results, runs: usize, kernel: &Path) -> Result<()
         mem_mib: MEM_MIB,
         vcpus: 1,
         net: None,
+        disk: None,
     };
     let image = image_size(kernel)?;
     results.add("boot", "our guest kernel: loaded image", "KiB", Better::Lower, Monitor::Ours, image.loaded_kib());
@@ -82,6 +83,7 @@ pub fn linux(results: &mut Results, runs: usize, guest: &GuestImage, ready_timeo
         mem_mib: MEM_MIB,
         vcpus: 1,
         net: None,
+        disk: None,
     };
     let image = image_size(&guest.kernel)?;
     let initrd_kib = std::fs::metadata(initrd).map_err(|e| format!("{}: {e}", initrd.display()))?.len() as f64 / 1024.0;

@@ -9,11 +9,12 @@
 //! Usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] [--only SECTIONS]
 //! [--mem-sizes MIB,..] [--dirty-rates MIBS,..] [--smp-vcpus N] [--density-vms N]
 //! [--drain-vms N] [--drain-mib N] (as root; SECTIONS: a comma-separated subset of
-//! boot,linux,network,migration,cluster; a dirty rate of 0 is the idle guest; the SMP case
+//! boot,linux,network,migration,disk,cluster; a dirty rate of 0 is the idle guest; the SMP case
 //! migrates a 256 MiB guest whose N vCPUs all dirty memory, 0 leaves it out).
 
 mod boot;
 mod cluster;
+mod disk;
 mod migrate;
 mod monitor;
 mod net;
@@ -34,9 +35,9 @@ use serde_json::json;
 use vmm_tests::place::{L1Options, Place};
 
 const USAGE: &str = "usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] \
-                     [--only boot,linux,network,migration,cluster] [--mem-sizes 256,1024] [--dirty-rates 0,64,512] \
+                     [--only boot,linux,network,migration,disk,cluster] [--mem-sizes 256,1024] [--dirty-rates 0,64,512] \
                      [--smp-vcpus 4] [--density-vms 50] [--drain-vms 6] [--drain-mib 256]";
-const SECTIONS: [&str; 5] = ["boot", "linux", "network", "migration", "cluster"];
+const SECTIONS: [&str; 6] = ["boot", "linux", "network", "migration", "disk", "cluster"];
 
 struct Options {
     runs: usize,
@@ -167,7 +168,7 @@ fn run(o: &Options) -> Result<(), String> {
         return linux_in_nested_host(o, &o.out);
     }
     let section = |s: &str| o.sections.iter().any(|x| x == s) && !(s == "linux" && linux_nested);
-    if ["boot", "linux", "network", "migration"].iter().any(|s| section(s)) {
+    if ["boot", "linux", "network", "migration", "disk"].iter().any(|s| section(s)) {
         ensure_qemu()?;
     }
     let ours = GuestImage {
@@ -220,6 +221,13 @@ fn run(o: &Options) -> Result<(), String> {
             bench.case(&mut results, case, o.runs)?;
         }
         samples.append(&mut bench.samples);
+    }
+
+    if section("disk") {
+        eprintln!("vmm-bench: disk throughput and IOPS, {} runs each", o.runs);
+        disk::throughput(&mut results, o.runs, &ours.kernel)?;
+        eprintln!("vmm-bench: disk migration, {} runs each", o.runs);
+        disk::migration(&mut results, o.runs, &ours.kernel)?;
     }
 
     let settings = cluster::Settings {

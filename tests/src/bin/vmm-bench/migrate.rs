@@ -295,6 +295,7 @@ impl<'a> Bench<'a> {
             mem_mib: case.mem_mib,
             vcpus: case.vcpus,
             net: Some((a.tap(), MAC)),
+            disk: None,
         };
         let src = Running::start_wire(m, Some(a), &spec_a, None, Some(&wire_a));
         src.wait_ready(self.ready_timeout)?;

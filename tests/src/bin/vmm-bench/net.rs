@@ -35,6 +35,7 @@ pub fn bench(results: &mut Results, runs: usize, guest: &GuestImage, ready_timeo
         mem_mib: 256,
         vcpus: 1,
         net: Some((bed.host("a").tap(), MAC)),
+        disk: None,
     };
     for run in 0..runs {
         for m in Monitor::alternating(run) {
