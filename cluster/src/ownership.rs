@@ -346,18 +346,21 @@ pub async fn fail_requested<S: Store>(store: &S, vm: &str, id: &str, error: &str
     .await
 }
 
-/// Records when the guest paused on the source and ran on the destination (the source learns
-/// both from its VMM), whatever phase the move is in.
+/// Records when the guest paused on the source and ran on the destination, and the guest's
+/// dirty rate in the last pre-copy round (the source learns them from its VMM), whatever phase
+/// the move is in.
 pub async fn note_pause<S: Store>(
     store: &S,
     vm: &str,
     id: &str,
     paused_us: Option<u64>,
     resumed_us: Option<u64>,
+    dirty_pages_s: Option<u64>,
 ) -> Result<bool, StoreError> {
     update_move(store, vm, id, |m| {
         m.times.paused_us = paused_us.or(m.times.paused_us);
         m.times.resumed_us = resumed_us.or(m.times.resumed_us);
+        m.times.dirty_pages_s = dirty_pages_s.or(m.times.dirty_pages_s);
         true
     })
     .await
@@ -521,7 +524,7 @@ mod tests {
         let arrival = Arrival { commit_done_us: Some(5), resumed_us: Some(2), downtime_us: Some(1) };
         assert!(finish(&s, "v", &m.id, arrival).await.unwrap());
         assert!(!finish(&s, "v", &m.id, Arrival::default()).await.unwrap());
-        assert!(note_pause(&s, "v", &m.id, Some(1), Some(2)).await.unwrap());
+        assert!(note_pause(&s, "v", &m.id, Some(1), Some(2), Some(3)).await.unwrap());
         let done: Versioned<MoveRecord> = parse(&s.get(&keys::moves("v")).await.unwrap().unwrap()).unwrap();
         assert_eq!(done.value.phase, MovePhase::Done);
         assert_eq!((done.value.times.paused_us, done.value.times.commit_done_us), (Some(1), Some(5)));

@@ -92,7 +92,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub vmm: Option<PathBuf>,
     /// Seconds between load reports.
-    #[arg(long, default_value_t = 2.0, value_name = "S")]
+    #[arg(long, default_value_t = 1.0, value_name = "S")]
     pub load_every: f64,
 }
 
