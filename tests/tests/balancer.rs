@@ -63,9 +63,12 @@ fn load_piled_on_one_host_is_spread_even_when_the_leader_dies() {
             "a",
         ]);
     }
-    // The imbalance shows once the agents measured it; the status says what a balancer would do.
+    // The imbalance shows once the agents measured every VM; the status says what a balancer
+    // would do.
     let s = c.wait_until("the load on a to show", WAIT, |s| {
-        s.balancer.as_ref().is_some_and(|b| b.plan.spread.is_some_and(|x| x > 0.5) && !b.plan.moves.is_empty())
+        s.balancer.as_ref().is_some_and(|b| {
+            b.plan.spread.is_some_and(|x| x > 0.5) && !b.plan.moves.is_empty() && b.plan.held.is_empty()
+        })
     });
     let b = s.balancer.as_ref().unwrap();
     assert_eq!(b.source, "computed here", "{b:?}");
