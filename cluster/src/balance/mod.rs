@@ -18,8 +18,9 @@
 //! - **Hysteresis**: balancing starts when the spread is above `start_spread` and goes on until
 //!   it is below `stop_spread` (the caller carries `active` from one plan to the next).
 //! - **Small steps.** At most one outgoing and one incoming migration per host at a time (moves
-//!   in flight count), a cooldown per VM after it moved, a settling time for a host after one of
-//!   its moves ended (its figures catch up), and a VM never goes back to the host it just left.
+//!   in flight count), a cooldown per VM after it moved, a settling time in which a host that
+//!   just ended a move receives nothing (a VM that arrived has no figures yet), and a VM never
+//!   goes back to the host it just left.
 //! - **Only what is known.** Hosts that are down, drained, or whose load figures are stale are
 //!   left out of the balance altogether (neither source nor destination); VMs that are not
 //!   running or have no figures yet stay where they are. Memory must fit, as placement says.
@@ -56,7 +57,7 @@ pub struct Policy {
     pub cooldown_ms: u64,
     /// A VM does not go back to the host it left for this long.
     pub no_return_ms: u64,
-    /// A host is left alone this long after one of its moves ended.
+    /// A host receives nothing for this long after one of its moves ended.
     pub settle_ms: u64,
     /// Load figures older than this are ignored.
     pub stale_ms: u64,
@@ -310,9 +311,10 @@ pub fn plan(input: &BalanceInput, policy: &Policy) -> Plan {
         let base = h.base_millis.unwrap_or(0.0).max(0.0);
         work.hosts.insert(h.name.clone(), (h.cpu_millis as f64, base));
         work.mem.insert(h.name.clone(), (h.mem_mib, h.used_mem_mib));
+        // A VM that just arrived has no figures yet, so the host looks lighter than it is: it
+        // receives nothing until they are in. (Its own VMs' figures are sound: it may send.)
         if h.last_move_end_ms.is_some_and(|end| end + policy.settle_ms > now) {
             notes.insert(h.name.clone(), "settling after a move".into());
-            work.busy_out.insert(h.name.clone());
             work.busy_in.insert(h.name.clone());
         }
     }
@@ -532,7 +534,7 @@ pub fn check(input: &BalanceInput, policy: &Policy, plan: &Plan) -> Result<(), S
         }
         for (name, set, what) in [(&m.from, &mut out, "sends"), (&m.to, &mut inc, "receives")] {
             let h = host(name).ok_or(format!("{name}: no such host"))?;
-            if !h.up || h.drained || !h.load_at_ms.is_some_and(|at| at + policy.stale_ms >= now) {
+            if !h.up || h.drained || h.load_at_ms.is_none_or(|at| at + policy.stale_ms < now) {
                 return fail(&format!("host {name} is down, drained or without fresh figures"));
             }
             if !set.insert(name) {
