@@ -3,7 +3,8 @@
 #
 # Sets everything up on a fresh Debian 12 machine (run as root): the packages the build and the
 # tests need, the Linux guest kernel (built once, then cached outside the work tree), the Linux
-# guest's initramfs, and the whole workspace in release mode (the VMM, our own guest kernel, the
+# guest's initramfs, the nested host of resources/l1.sh (packages and its initramfs), and the
+# whole workspace in release mode (the VMM, our own guest kernel, the
 # demo and the benchmarks).
 #
 # Usage: resources/setup.sh
@@ -52,6 +53,8 @@ log "Linux guest kernel"
 "$here/build_kernel.sh"
 log "Linux guest initramfs"
 "$here/build_initramfs.sh" >/dev/null
+log "nested host (resources/l1.sh: QEMU, Linux 6.1, busybox; Linux tests run in it where KVM emulates kernel code)"
+"$here/l1.sh" --prepare
 log "workspace (release)"
 (cd "$root" && cargo build --release --workspace)
 log "done: target/release/vmm, target/release/vmm-guest, resources/build/{vmlinux,initramfs.cpio}"

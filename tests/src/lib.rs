@@ -18,6 +18,8 @@
 
 pub mod bed;
 pub mod cgroup;
+pub mod checks;
+pub mod client;
 pub mod client_cli;
 pub mod cluster;
 pub mod echo_stream;
@@ -27,6 +29,7 @@ pub mod l2;
 pub mod moves;
 pub mod netns;
 pub mod pki;
+pub mod place;
 mod process;
 pub mod udp_stream;
 pub mod vm;

@@ -46,6 +46,14 @@ pub fn guest_kernel() -> PathBuf {
     )
 }
 
+/// The takeover tests' client process.
+pub fn echo_client_bin() -> PathBuf {
+    built(
+        "vmm-echo-client",
+        "build the workspace first with the same profile as the tests (`cargo build --workspace --release`)",
+    )
+}
+
 /// The Linux guest kernel and initramfs built by `resources/`, if they exist.
 pub fn linux_artifacts() -> Option<(PathBuf, PathBuf)> {
     let dir = workspace_dir().join("resources/build");
@@ -60,6 +68,55 @@ pub fn linux_artifacts() -> Option<(PathBuf, PathBuf)> {
 /// KVM and returns the host's values.
 pub const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 noxsave clearcpuid=smap,smep,popcnt,cx16,fsgsbase,\
 rdtscp,movbe,rdrand,rdseed,bmi1,bmi2,avx,avx2,erms,fsrm,invpcid,pcid,umip,pku,rdpid,clflushopt,clwb";
+
+/// The kernel command line of Linux where KVM runs guest kernel code natively (hardware KVM,
+/// or the nested host's): no instruction needs hiding there.
+pub const LINUX_NATIVE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Which guest a test boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guest {
+    /// Our own guest kernel, `vmm-guest`.
+    Ours,
+    /// Linux 6.12 with our initramfs, on a KVM that runs its kernel code natively.
+    Linux,
+}
+
+impl Guest {
+    /// `--kernel PATH [--initrd PATH]`. Panics with what to do if the Linux build is missing.
+    pub fn boot_args(self) -> Vec<String> {
+        match self {
+            Guest::Ours => vec!["--kernel".into(), guest_kernel().display().to_string()],
+            Guest::Linux => {
+                let (kernel, initrd) = linux_artifacts().unwrap_or_else(|| {
+                    panic!(
+                        "resources/build/vmlinux or initramfs.cpio is missing: run resources/build_kernel.sh and \
+                         resources/build_initramfs.sh (resources/setup.sh does both)"
+                    )
+                });
+                ["--kernel", &kernel.display().to_string(), "--initrd", &initrd.display().to_string()]
+                    .map(String::from)
+                    .to_vec()
+            }
+        }
+    }
+
+    /// The start of the kernel command line (the console and how to power off).
+    pub fn cmdline(self) -> &'static str {
+        match self {
+            Guest::Ours => "console=ttyS0",
+            Guest::Linux => LINUX_NATIVE_CMDLINE,
+        }
+    }
+
+    /// The `kernel=` word of its ready line.
+    pub fn ready_name(self) -> &'static str {
+        match self {
+            Guest::Ours => "vmm-guest",
+            Guest::Linux => "linux",
+        }
+    }
+}
 
 /// Whether KVM is there. When it is not, say so loudly: the caller skips the test.
 pub fn kvm_or_skip(test: &str) -> bool {

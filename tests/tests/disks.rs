@@ -8,7 +8,10 @@
 //! - a 1 GiB sparse disk with 8 MiB written sends about 8 MiB of disk data, and the
 //!   destination's file holds exactly what the guest wrote;
 //! - a destination whose file system fills up while the disk arrives fails, removes its
-//!   partial file, and the guest runs on at the source with its disk intact.
+//!   partial file, and the guest runs on at the source with its disk intact;
+//! - `GET /vm` and `/metrics` count the guest's requests, and a VMM that stops (the guest
+//!   powered off, or moved away) leaves its image with nothing in the page cache unwritten;
+//!   a destination makes its received copy durable once the guest runs there.
 //!
 //! Figures are printed, never asserted beyond the byte counts the issue sets.
 
@@ -78,6 +81,16 @@ fn start_source(bed: &TestBed, disk: &str, workload: &str) -> Vm {
 }
 
 fn start_destination(bed: &TestBed, host: &str, port: u16, disk: Option<&str>) -> (Vm, String) {
+    start_destination_env(bed, host, port, disk, &[])
+}
+
+fn start_destination_env(
+    bed: &TestBed,
+    host: &str,
+    port: u16,
+    disk: Option<&str>,
+    env: &[(&str, &str)],
+) -> (Vm, String) {
     let sock = api_sock_path(&format!("disk-dst-{host}-{port}"));
     let mut args = s(&["run", "--incoming", &format!("0.0.0.0:{port}"), "--api-sock", sock.to_str().unwrap(), "--net"]);
     args.push(format!("tap={}", bed.host(host).tap()));
@@ -85,7 +98,7 @@ fn start_destination(bed: &TestBed, host: &str, port: u16, disk: Option<&str>) -
         args.extend(s(&["--disk", d]));
     }
     args.extend(tls_args(&host_tls_dir(bed, host)));
-    let vm = Vm::start(Some(bed.host(host)), &args);
+    let vm = Vm::start_env(Some(bed.host(host)), &args, env);
     let listening = vm.log.wait_line(LISTEN_TIMEOUT, |l| l.contains("waiting for an incoming migration"));
     assert!(listening.is_some(), "the destination does not listen{}", dump(&[("destination", &vm)]));
     (vm, format!("{}:{port}", bed.host(host).ip().expect("hosts have addresses")))
@@ -161,6 +174,8 @@ fn copied_disk_moves_back_and_forth_without_losing_a_block() {
     let vm = start_source(&bed, &on_a.arg(""), "vmm.workload=disk vmm.disk_mib=32 vmm.disk_rate=16");
     let vm = move_guest(&bed, vm, "b", MIGRATION_PORT, Some(&on_b.arg("")), "copied disk to host b");
     assert!(on_b.0.exists(), "host b has its own copy");
+    // The source flushed the image it leaves behind before it exited.
+    assert_eq!(unwritten_pages(&on_a.0), 0, "the source's image still has unwritten pages");
     let vm = move_guest(&bed, vm, "a", MIGRATION_PORT + 1, Some(&back_on_a.arg("")), "copied disk back to host a");
     assert_eq!(vm.api().get_vm().expect("GET /vm").config.disks[0].path, back_on_a.0);
 }
@@ -201,7 +216,10 @@ fn a_sparse_disk_sends_what_was_written_not_its_size() {
     // One pass over 8 MiB, then the workload stops: 8 MiB of the 1 GiB disk are allocated.
     let src = start_source(&bed, &on_a.arg(""), "vmm.workload=disk vmm.disk_mib=8 vmm.disk_passes=1");
     wait_passes(&bed, 0, &[("source", &src)]);
-    let (dst, addr) = start_destination(&bed, "b", MIGRATION_PORT, Some(&on_b.arg("")));
+    let info = src.api().get_vm().expect("GET /vm");
+    assert!(info.disks[0].allocated_bytes >= 8 << 20, "{:?}", info.disks[0]);
+    assert!(info.disks[0].allocated_bytes < 16 << 20, "{:?}", info.disks[0]);
+    let (dst, addr) = start_destination_env(&bed, "b", MIGRATION_PORT, Some(&on_b.arg("")), &[("VMM_LOG", "info")]);
     let ctx = [("source", &src), ("destination", &dst)];
     let info = migrate_api(&src, &request(&addr), &ctx);
     print_info("1 GiB sparse disk, 8 MiB written", &info);
@@ -218,6 +236,94 @@ fn a_sparse_disk_sends_what_was_written_not_its_size() {
     assert!(got == pattern(1, written as usize), "the destination's disk differs from what the guest wrote");
     assert_eq!(f.metadata().expect("stat").len(), 1 << 30);
     assert!(allocated(&on_b.0) < 16 << 20, "sparse on the destination too: {} bytes", allocated(&on_b.0));
+    // What arrived went through the page cache; the destination makes it durable on the side.
+    let synced = dst.log.wait_line(GUEST_TIMEOUT, |l| l.contains("received copy made durable"));
+    assert!(synced.is_some(), "the destination does not make the received disk durable{}", dump(&ctx));
+    assert_eq!(unwritten_pages(&on_b.0), 0, "the destination's image still has unwritten pages");
+}
+
+/// Pages of the file at `path` that sit in the page cache dirty or under writeback, i.e. not
+/// yet on its device (cachestat(2), Linux 6.5).
+fn unwritten_pages(path: &Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        cache: u64,
+        dirty: u64,
+        writeback: u64,
+        evicted: u64,
+        recently_evicted: u64,
+    }
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // Offset 0, length 0: the whole file.
+    let range = Range { off: 0, len: 0 };
+    let mut st = Stat::default();
+    // SAFETY: cachestat reads `range` and writes `st`, both live locals of the kernel's layout.
+    let rc = unsafe { libc::syscall(SYS_CACHESTAT, f.as_raw_fd(), &range as *const Range, &mut st as *mut Stat, 0) };
+    assert_eq!(rc, 0, "cachestat {}: {}", path.display(), std::io::Error::last_os_error());
+    st.dirty + st.writeback
+}
+
+/// One sample of a `/metrics` family for disk 0.
+fn disk_metric(text: &str, name: &str, path: &Path) -> u64 {
+    let prefix = format!("{name}{{disk=\"0\",path=\"{}\"}} ", path.display());
+    let line = text.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {prefix} in\n{text}"));
+    line[prefix.len()..].parse().unwrap_or_else(|e| panic!("{line}: {e}"))
+}
+
+#[test]
+fn the_api_counts_the_guests_io_and_a_stopped_vmm_leaves_its_image_durable() {
+    if !kvm_or_skip("the_api_counts_the_guests_io_and_a_stopped_vmm_leaves_its_image_durable") {
+        return;
+    }
+    let bed = two_hosts();
+    let image = Image::new("stop", 64 << 20);
+    // A pass over 32 MiB takes 4 s: the VMM stops in the middle of one, between two flushes.
+    let vm = start_source(&bed, &image.arg(""), "vmm.workload=disk vmm.disk_mib=32 vmm.disk_rate=8");
+    let ctx = [("vm", &vm)];
+    wait_passes(&bed, 0, &ctx);
+    let info = vm.api().get_vm().expect("GET /vm");
+    println!("GET /vm disks: {:?}", info.disks);
+    assert_eq!(info.disks.len(), 1);
+    let d = &info.disks[0];
+    assert_eq!(d.path, image.0);
+    assert_eq!(d.size_bytes, 64 << 20);
+    assert!(!d.read_only && !d.shared);
+    // One pass reads and writes 32 MiB in 64 KiB requests, then flushes.
+    assert!(d.io.writes >= 512 && d.io.write_bytes >= 32 << 20, "{d:?}");
+    assert!(d.io.reads >= 512 && d.io.read_bytes >= 32 << 20, "{d:?}");
+    assert!(d.io.flushes >= 1, "{d:?}");
+    assert_eq!((d.io.io_errors, d.io.unsupported, d.io.bad_descriptors), (0, 0, 0), "{d:?}");
+    assert_eq!(d.dirty_blocks, 0, "no migration copies the disk");
+    assert!(d.allocated_bytes >= 32 << 20, "{d:?}");
+
+    let text = vm.api().metrics().expect("GET /metrics");
+    assert!(disk_metric(&text, "vmm_disk_writes_total", &image.0) >= d.io.writes);
+    assert!(disk_metric(&text, "vmm_disk_read_bytes_total", &image.0) >= d.io.read_bytes);
+    assert!(disk_metric(&text, "vmm_disk_flushes_total", &image.0) >= d.io.flushes);
+    assert_eq!(disk_metric(&text, "vmm_disk_errors_total", &image.0), 0);
+    assert_eq!(disk_metric(&text, "vmm_disk_size_bytes", &image.0), 64 << 20);
+    assert_eq!(disk_metric(&text, "vmm_disk_dirty_blocks", &image.0), 0);
+
+    // Writes since the last flush are in the page cache (the host writes them back by itself
+    // only after 30 s): the stop must write them.
+    thread::sleep(Duration::from_secs(1));
+    let before = unwritten_pages(&image.0);
+    println!("pages not yet written before the stop: {before}");
+    if before == 0 {
+        println!("*** the host wrote the image back by itself: this run cannot tell whether the stop flushes ***");
+    }
+    vm.api().shutdown().expect("PUT /vm/shutdown");
+    let status = vm.wait_timeout(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "the VMM did not exit cleanly: {status:?}{}", dump(&ctx));
+    assert_eq!(unwritten_pages(&image.0), 0, "the stopped VMM left unwritten pages of its image");
 }
 
 /// A tmpfs of its own, unmounted when dropped.

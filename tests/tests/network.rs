@@ -14,6 +14,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vmm_tests::checks::echo_exact;
 use vmm_tests::vm::{Vm, guest_kernel, kvm_or_skip, ping};
 use vmm_tests::{Netns, TestBed, list_netns};
 
@@ -157,26 +158,6 @@ fn ping_from_client(bed: &TestBed, ip: Ipv4Addr, vm: &Vm) -> Duration {
         .unwrap_or_else(|e| panic!("ping {ip} from the client: {e}\n{}", vm.describe()))
 }
 
-/// A deterministic pseudo-random byte stream (xorshift64), filled block by block.
-struct XorShift(u64);
-
-impl XorShift {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
-        }
-    }
-}
-
-/// Sizes of the blocks a stream of `total` bytes is cut into: writer and reader generate the
-/// same blocks, so a short last block does not shift the pattern.
-fn blocks(total: usize, block: usize) -> impl Iterator<Item = usize> {
-    (0..total.div_ceil(block)).map(move |k| block.min(total - k * block))
-}
-
 /// Whether a process with this pid exists (a zombie counts: it was not reaped).
 fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -233,57 +214,10 @@ fn hundred_megabytes_round_trip_byte_exact() {
         return;
     }
     const TOTAL: usize = 100_000_000;
-    const BLOCK: usize = 64 << 10;
-    const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
-
     let bed = TestBed::builder().host("a").client("client").build().expect("build test bed");
     let vm = start_guest(&bed, "a", 0, "echo");
     wait_for_echo(&bed, 0, &vm);
-
-    // The socket is made inside the client namespace; the threads using it need not be there.
-    let addr = SocketAddr::from((bed.guest_ip(0), ECHO_PORT));
-    let mut reader =
-        connect_in(bed.client(), addr).unwrap_or_else(|e| panic!("connect {addr}: {e}\n{}", vm.describe()));
-    let mut writer = reader.try_clone().expect("clone the socket for the writer");
-
-    let start = Instant::now();
-    let writing = thread::spawn(move || -> std::io::Result<()> {
-        let mut rng = XorShift(SEED);
-        let mut buf = vec![0u8; BLOCK];
-        for len in blocks(TOTAL, BLOCK) {
-            rng.fill(&mut buf[..len]);
-            writer.write_all(&buf[..len])?;
-        }
-        writer.shutdown(Shutdown::Write)
-    });
-
-    let mut rng = XorShift(SEED);
-    let (mut expected, mut got) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
-    let mut offset = 0usize;
-    for len in blocks(TOTAL, BLOCK) {
-        rng.fill(&mut expected[..len]);
-        if let Err(e) = reader.read_exact(&mut got[..len]) {
-            panic!("reading the echo at byte {offset} of {TOTAL}: {e}\n{}", vm.describe());
-        }
-        if let Some(i) = expected[..len].iter().zip(&got[..len]).position(|(a, b)| a != b) {
-            panic!(
-                "echoed data differs at byte {}: expected {:#04x}, got {:#04x}\n{}",
-                offset + i,
-                expected[i],
-                got[i],
-                vm.describe()
-            );
-        }
-        offset += len;
-    }
-    let elapsed = start.elapsed();
-    writing.join().expect("writer thread").unwrap_or_else(|e| panic!("writing: {e}\n{}", vm.describe()));
-
-    // The guest closes once it echoed everything: nothing more may come.
-    let mut extra = Vec::new();
-    let n = reader.read_to_end(&mut extra).unwrap_or_else(|e| panic!("reading to EOF: {e}\n{}", vm.describe()));
-    assert_eq!(n, 0, "{n} bytes more than were sent\n{}", vm.describe());
-
+    let elapsed = echo_exact(&bed, 0, TOTAL, &vm);
     let mb_s = TOTAL as f64 / elapsed.as_secs_f64() / 1e6;
     println!("echo: {TOTAL} bytes each way in {elapsed:.2?}: {mb_s:.1} MB/s (informational)");
 }

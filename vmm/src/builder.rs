@@ -258,6 +258,10 @@ pub struct BlockDevice {
     pub mmio_base: u64,
     pub irq: u32,
     pub worker: block::Worker,
+    /// The image and the device's counters, for the API and the final flush without the
+    /// device lock (which the I/O thread holds while it works).
+    pub disk: Arc<Disk>,
+    pub metrics: Arc<block::metrics::BlockMetrics>,
 }
 
 /// The MMIO window and interrupt line of the `slot`-th virtio device (NICs first, then disks).
@@ -325,13 +329,14 @@ fn attach_block_device(
     let path = config.path.display().to_string();
     let block_err = |source| BuildError::Block { path: path.clone(), source };
     let block = Block::new(disk, &format!("vmm-disk-{index}"), irqfd_for(vm, "virtio-blk", irq)?).map_err(block_err)?;
+    let (disk, metrics) = (block.disk().clone(), block.metrics());
     let block = Arc::new(Mutex::new(block));
     let transport = wire_virtio_device(vm, io, "virtio-blk", block.clone(), mmio_base)?;
     let worker = block::Worker::spawn(block.clone(), format!("disk{index}"), || {
         crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::BlockIo)
     })
     .map_err(block_err)?;
-    Ok(BlockDevice { config: config.clone(), block, transport, mmio_base, irq, worker })
+    Ok(BlockDevice { config: config.clone(), block, transport, mmio_base, irq, worker, disk, metrics })
 }
 
 struct LegacyDevices {

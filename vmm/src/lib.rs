@@ -22,6 +22,7 @@ pub mod migrate;
 pub mod net_config;
 pub mod probe;
 pub mod seccomp;
+pub mod storage;
 pub mod transport;
 pub mod vmm;
 pub mod vstate;

@@ -5,11 +5,13 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::api::{MigrationInfo, MigrationPhase};
+use crate::api::{DiskInfo, MigrationInfo, MigrationPhase};
 use crate::builder::Machine;
 
 /// Reads one counter of a NIC.
 type NetCounter = fn(&net::metrics::NetMetrics) -> u64;
+/// Reads one number of a disk.
+type DiskValue = fn(&DiskInfo) -> u64;
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -47,6 +49,8 @@ pub fn render(m: &Machine, migration: &MigrationInfo, uptime: Duration) -> Strin
         }
     }
 
+    disks(&mut out, m);
+
     let phase = |p: MigrationPhase| serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned));
     family(&mut out, "vmm_migration_phase", "gauge", "1 for the phase the last migration is in.");
     for p in [
@@ -64,11 +68,12 @@ pub fn render(m: &Machine, migration: &MigrationInfo, uptime: Duration) -> Strin
             u8::from(migration.phase == p)
         );
     }
-    let gauges: [(&str, &str, u64); 8] = [
+    let gauges: [(&str, &str, u64); 9] = [
         ("vmm_migration_rounds", "Pre-copy rounds of the last migration.", u64::from(migration.round)),
         ("vmm_migration_bytes_sent", "Bytes sent by the last migration.", migration.bytes_sent),
         ("vmm_migration_pages_sent", "Pages sent by the last migration.", migration.pages_sent),
         ("vmm_migration_pages_skipped", "Untouched or zero pages not sent.", migration.pages_skipped),
+        ("vmm_migration_disk_bytes_sent", "Disk data bytes sent by the last migration.", migration.disk_bytes_sent),
         ("vmm_migration_total_milliseconds", "Duration of the last migration.", migration.total_ms),
         ("vmm_migration_downtime_milliseconds", "Guest pause, measured here.", migration.downtime_ms.unwrap_or(0)),
         (
@@ -87,4 +92,49 @@ pub fn render(m: &Machine, migration: &MigrationInfo, uptime: Duration) -> Strin
         let _ = writeln!(out, "{name} {v}");
     }
     out
+}
+
+/// Every disk's request counters, its size and allocation, and its dirty blocks while a
+/// migration copies it.
+fn disks(out: &mut String, m: &Machine) {
+    let infos = crate::storage::disk_infos(m);
+    let families: [(&str, &str, &str, DiskValue); 14] = [
+        ("vmm_disk_reads_total", "counter", "Read requests completed.", |d| d.io.reads),
+        ("vmm_disk_read_bytes_total", "counter", "Bytes read by the guest.", |d| d.io.read_bytes),
+        ("vmm_disk_writes_total", "counter", "Write requests completed.", |d| d.io.writes),
+        ("vmm_disk_write_bytes_total", "counter", "Bytes written by the guest.", |d| d.io.write_bytes),
+        ("vmm_disk_flushes_total", "counter", "Flush requests (fdatasync).", |d| d.io.flushes),
+        ("vmm_disk_discards_total", "counter", "Discard and write-zeroes requests.", |d| d.io.discards),
+        ("vmm_disk_errors_total", "counter", "Requests answered with an I/O error.", |d| d.io.io_errors),
+        ("vmm_disk_unsupported_total", "counter", "Requests of an unknown type.", |d| d.io.unsupported),
+        ("vmm_disk_bad_descriptors_total", "counter", "Descriptor chains refused.", |d| d.io.bad_descriptors),
+        ("vmm_disk_size_bytes", "gauge", "Size of the disk.", |d| d.size_bytes),
+        ("vmm_disk_allocated_bytes", "gauge", "Bytes the image takes on its file system.", |d| d.allocated_bytes),
+        ("vmm_disk_read_only", "gauge", "1 if the guest may only read the disk.", |d| u64::from(d.read_only)),
+        ("vmm_disk_shared", "gauge", "1 if the disk is on shared storage.", |d| u64::from(d.shared)),
+        ("vmm_disk_dirty_blocks", "gauge", "4 KiB blocks a migration has yet to send.", |d| d.dirty_blocks),
+    ];
+    for (name, kind, help, get) in families {
+        family(out, name, kind, help);
+        for (i, d) in infos.iter().enumerate() {
+            let path = label_value(&d.path.display().to_string());
+            let _ = writeln!(out, "{name}{{disk=\"{i}\",path=\"{path}\"}} {}", get(d));
+        }
+    }
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("/var/a b.img"), "/var/a b.img");
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 }

@@ -179,6 +179,9 @@ impl Vmm {
             }
         }
         self.vcpus.lock().expect("Poisoned lock").finish();
+        // Whatever the guest wrote, durable in the image it leaves here (after a migration:
+        // the source's copy, which the destination no longer needs but an operator may).
+        crate::storage::final_flush(&self.machine);
         Ok(reason)
     }
 
@@ -198,6 +201,7 @@ impl Vmm {
                 state: self.state(),
                 config: self.machine.config.clone(),
                 uptime_ms: self.started.elapsed().as_millis() as u64,
+                disks: crate::storage::disk_infos(&self.machine),
             })),
             ApiRequest::Pause => match self.state() {
                 VmState::Running => {

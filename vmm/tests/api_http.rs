@@ -19,8 +19,8 @@ use vmm::api::client::{ApiClient, ClientError, HttpResponse};
 use vmm::api::routes::{self, ROUTES};
 use vmm::api::server::{ApiServer, ApiServerError, ApiServerOptions, start_api_server, start_api_server_with};
 use vmm::api::{
-    ApiError, ApiMessage, ApiRequest, ApiResponse, MigrateRequest, MigrationInfo, MigrationPhase, RoundInfo, VmInfo,
-    VmState,
+    ApiError, ApiMessage, ApiRequest, ApiResponse, DiskInfo, MigrateRequest, MigrationInfo, MigrationPhase, RoundInfo,
+    VmInfo, VmState,
 };
 use vmm::arch::cpuid::CpuTemplate;
 use vmm::config::VmConfig;
@@ -42,6 +42,16 @@ fn sample_config() -> VmConfig {
         cpu_template: CpuTemplate::Host,
         nets: vec!["tap=tap0,mac=52:54:00:12:34:56".parse::<NetConfig>().unwrap()],
         disks: vec!["path=/var/lib/vmm/data.img,shared".parse().unwrap()],
+    }
+}
+
+fn sample_disk() -> DiskInfo {
+    DiskInfo {
+        path: PathBuf::from("/var/lib/vmm/data.img"),
+        size_bytes: 1 << 30,
+        allocated_bytes: 8 << 20,
+        shared: true,
+        ..Default::default()
     }
 }
 
@@ -68,6 +78,7 @@ impl FakeVmm {
                 state: self.state,
                 config: sample_config(),
                 uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap(),
+                disks: vec![sample_disk()],
             })),
             ApiRequest::Pause if self.state == VmState::Running => {
                 self.state = VmState::Paused;
@@ -1015,8 +1026,10 @@ fn openapi_routes_match_the_server() {
 
 #[test]
 fn openapi_schemas_match_serde() {
-    let vm = VmInfo { state: VmState::Running, config: sample_config(), uptime_ms: 1 };
+    let vm = VmInfo { state: VmState::Running, config: sample_config(), uptime_ms: 1, disks: vec![sample_disk()] };
     assert_eq!(schema_properties("VmInfo"), json_keys(&vm));
+    assert_eq!(schema_properties("DiskInfo"), json_keys(&vm.disks[0]));
+    assert_eq!(schema_properties("DiskCounters"), json_keys(&vm.disks[0].io));
     assert_eq!(schema_properties("VmConfig"), json_keys(&vm.config));
     assert_eq!(schema_properties("NetConfig"), json_keys(&vm.config.nets[0]));
     let migrate = MigrateRequest { to: "h:1".into(), ..migrate_defaults() };

@@ -31,6 +31,9 @@ pub enum Workload {
     Burn,
     /// Writes and verifies a pattern over `disk_mib` MiB of the first disk at `disk_rate` MiB/s.
     Disk,
+    /// Measures the first disk over `disk_mib` MiB (sequential and random, at queue depth 1
+    /// and 32) and reports it on the console, once (our guest only; the benchmark's workload).
+    DiskBench,
     /// Nothing; waits for a control request.
     Idle,
 }
@@ -43,14 +46,23 @@ impl Workload {
             Workload::Compute => "compute",
             Workload::Burn => "burn",
             Workload::Disk => "disk",
+            Workload::DiskBench => "diskbench",
             Workload::Idle => "idle",
         }
     }
 
     fn from_name(name: &str) -> Option<Self> {
-        [Workload::Echo, Workload::Dirty, Workload::Compute, Workload::Burn, Workload::Disk, Workload::Idle]
-            .into_iter()
-            .find(|w| w.name() == name)
+        [
+            Workload::Echo,
+            Workload::Dirty,
+            Workload::Compute,
+            Workload::Burn,
+            Workload::Disk,
+            Workload::DiskBench,
+            Workload::Idle,
+        ]
+        .into_iter()
+        .find(|w| w.name() == name)
     }
 }
 
@@ -253,7 +265,15 @@ mod tests {
 
     #[test]
     fn workloads_and_their_parameters() {
-        for w in [Workload::Echo, Workload::Dirty, Workload::Compute, Workload::Burn, Workload::Disk, Workload::Idle] {
+        for w in [
+            Workload::Echo,
+            Workload::Dirty,
+            Workload::Compute,
+            Workload::Burn,
+            Workload::Disk,
+            Workload::DiskBench,
+            Workload::Idle,
+        ] {
             assert_eq!(Params::parse(&std::format!("vmm.workload={}", w.name())).workload, w);
         }
         let p = Params::parse("vmm.workload=compute vmm.work=1234");

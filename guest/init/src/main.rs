@@ -15,10 +15,12 @@ mod console;
 mod burn;
 mod compute;
 mod control;
+mod cpucheck;
 mod cpus;
 mod dirty;
 mod echo;
 mod net;
+mod records;
 mod status;
 mod system;
 
@@ -52,7 +54,7 @@ fn main() {
     // Read the CPU set while this thread's affinity is still the whole set.
     cpus::all();
 
-    if let Err(e) = start(params, mode) {
+    if let Err(e) = start(params, mode).and_then(|()| cpucheck::start(&cmdline)) {
         fatal(mode, &e);
     }
     say!(
@@ -85,10 +87,8 @@ fn start(params: Params, mode: Mode) -> Result<(), String> {
         Workload::Dirty => dirty::start(params.dirty_mib, params.dirty_rate_mib_s),
         Workload::Compute => compute::start(params.work_units),
         Workload::Burn => burn::start(params.duty_pct),
-        // Not done for Linux yet: the data disk is mounted at /data, but no workload runs on it.
-        Workload::Disk => {
-            Err("the disk workload runs only in vmm-guest (the Linux init mounts /dev/vda at /data)".into())
-        }
+        Workload::Disk => records::start(mode, params.disk_rate_mib_s, params.disk_passes),
+        Workload::DiskBench => Err("the diskbench workload runs only in vmm-guest".into()),
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use guest_common::{Params, RateWindow, Status, Workload};
 
-use crate::{burn, compute, dirty, system};
+use crate::{burn, compute, dirty, records, system};
 
 struct Windows {
     start: Instant,
@@ -53,9 +53,9 @@ pub fn now(params: &Params) -> Status {
         uptime_ms: system::uptime_ms(),
         dirty_passes: dirty::passes(),
         dirty_mismatches: dirty::MISMATCHES.load(std::sync::atomic::Ordering::Relaxed),
-        // The disk workload runs in our own guest only.
-        disk_passes: 0,
-        disk_mismatches: 0,
+        // Linux's disk workload: records acknowledged, and bad ones found at start.
+        disk_passes: records::ACKED.load(std::sync::atomic::Ordering::Relaxed),
+        disk_mismatches: records::BAD.load(std::sync::atomic::Ordering::Relaxed),
         job: compute::progress(units_rate),
         duty_pct: if params.workload == Workload::Burn { params.duty_pct } else { 0 },
         busy_pct: ((busy_per_s + per_pct / 2) / per_pct).min(100) as u8,

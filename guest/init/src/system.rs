@@ -17,14 +17,30 @@ pub fn setup() {
     mount(c"sysfs", c"/sys", c"sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC);
     mount(c"devtmpfs", c"/dev", c"devtmpfs", libc::MS_NOSUID);
     reopen_console();
-    // A data disk (the first virtio-blk device, formatted ext4 by whoever made it) at /data.
-    if std::path::Path::new("/dev/vda").exists() {
+    // A data disk (the first virtio-blk device, formatted ext4 by whoever made it) at /data,
+    // only when init runs from its initramfs, as in a guest: run as PID 1 on a host (the init
+    // tests), /dev/vda is the host's own disk.
+    if std::path::Path::new("/dev/vda").exists() && root_is_initramfs() {
         mount(c"/dev/vda", c"/data", c"ext4", libc::MS_NOSUID | libc::MS_NODEV);
     }
     // eth0 needs nothing: the kernel's `ip=` (IP_PNP) configured it before running us.
     if let Err(e) = set_up(c"lo") {
         say!("init: cannot set lo up: {e}");
     }
+}
+
+/// Whether `/` is the kernel's initramfs (ramfs or tmpfs), as in our guest.
+fn root_is_initramfs() -> bool {
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs writes only into the struct it is given.
+    if unsafe { libc::statfs(c"/".as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    // statfs(2): RAMFS_MAGIC and TMPFS_MAGIC.
+    const RAMFS: i64 = 0x8584_58f6;
+    const TMPFS: i64 = 0x0102_1994;
+    matches!(st.f_type, RAMFS | TMPFS)
 }
 
 fn mount(source: &CStr, target: &CStr, fstype: &CStr, flags: libc::c_ulong) {
@@ -106,10 +122,22 @@ pub fn poweroff(mode: Mode) -> ! {
         crate::idle_forever();
     }
     say!("GUEST-POWEROFF");
+    // The disk workload's file closed, so that /data can be unmounted below.
+    crate::records::stop();
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
     if mode == Mode::Test {
         std::process::exit(0);
+    }
+    // Unmounted, the data disk's file system is clean (only this mount goes: the superblock
+    // stays if anything else mounts it, as on a test host).
+    // SAFETY: a NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(c"/data".as_ptr(), 0) } != 0 {
+        let e = io::Error::last_os_error();
+        // EINVAL: nothing mounted there (no data disk).
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            say!("init: cannot unmount /data: {e}");
+        }
     }
     // A restart, not RB_POWER_OFF: the guest has no ACPI, so Linux cannot power it off. With
     // `reboot=k` a restart resets the machine through the i8042 keyboard controller, and our

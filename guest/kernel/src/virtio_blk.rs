@@ -82,6 +82,11 @@ impl VirtioBlk {
         Ok(VirtioBlk { regs, queue, slots, capacity, flush: wanted & F_FLUSH != 0 })
     }
 
+    /// Requests that can be in flight at once (one slot each).
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Queues request `kind` in `slot` for `len` bytes at `addr` from `sector` (no data for a
     /// flush); visible to the device at the next [`Self::kick`].
     pub fn submit(&mut self, slot: usize, kind: u32, sector: u64, addr: u64, len: u32) {

@@ -33,6 +33,37 @@ pub fn vm_summary(info: &VmInfo) -> String {
         let label = if i == 0 { "NICs" } else { "" };
         rows.push((label, format!("{}  {}", net.tap, net.mac)));
     }
+    if info.disks.is_empty() {
+        rows.push(("disks", "none".to_string()));
+    }
+    for (i, d) in info.disks.iter().enumerate() {
+        let label = if i == 0 { "disks" } else { "" };
+        let mut flags = Vec::new();
+        if d.read_only {
+            flags.push("read-only");
+        }
+        if d.shared {
+            flags.push("shared");
+        }
+        let flags = if flags.is_empty() { String::new() } else { format!(" ({})", flags.join(", ")) };
+        rows.push((
+            label,
+            format!("{}  {}, {} allocated{flags}", d.path.display(), bytes(d.size_bytes), bytes(d.allocated_bytes)),
+        ));
+        let io = &d.io;
+        rows.push((
+            "",
+            format!(
+                "  read {} in {} requests, wrote {} in {}, {} flushes, {} errors",
+                bytes(io.read_bytes),
+                io.reads,
+                bytes(io.write_bytes),
+                io.writes,
+                io.flushes,
+                io.io_errors
+            ),
+        ));
+    }
     table(&rows, "")
 }
 
@@ -50,6 +81,7 @@ pub fn migration_summary(info: &MigrationInfo) -> String {
         ("bytes sent", bytes(info.bytes_sent)),
         ("pages sent", info.pages_sent.to_string()),
         ("pages skipped", info.pages_skipped.to_string()),
+        ("disk data sent", bytes(info.disk_bytes_sent)),
     ];
     out.push_str(&table(&rows, "  "));
     out

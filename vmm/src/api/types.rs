@@ -26,6 +26,27 @@ pub struct VmInfo {
     pub state: VmState,
     pub config: VmConfig,
     pub uptime_ms: u64,
+    /// The guest's disks, in the order the guest sees them (as `config.disks`).
+    #[serde(default)]
+    pub disks: Vec<DiskInfo>,
+}
+
+/// One disk of a running VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// The image on this host.
+    pub path: std::path::PathBuf,
+    pub size_bytes: u64,
+    /// Bytes the image takes on its file system (a sparse image takes less than its size).
+    pub allocated_bytes: u64,
+    pub read_only: bool,
+    pub shared: bool,
+    /// 4 KiB blocks the guest wrote that a migration copying this disk has yet to send (0 when
+    /// no migration copies it).
+    pub dirty_blocks: u64,
+    /// The guest's requests since the VMM started (on a migration destination: since the
+    /// guest arrived).
+    pub io: block::metrics::BlockCounters,
 }
 
 /// `PUT /vm/migrate` body.

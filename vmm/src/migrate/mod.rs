@@ -211,6 +211,9 @@ fn vmm_owned_bits(function: u32, reg: usize) -> u32 {
         (0x1, 2) => (1 << 31) | (1 << 24) | (1 << 27),
         // EDX: HTT (set with more than one vCPU).
         (0x1, 3) => 1 << 28,
+        // ECX: OSPKE (follows CR4.PKE, which a guest such as Linux sets on a CPU with PKU: the
+        // CPUID read back from its vCPU after a first migration has it).
+        (0x7, 2) => 1 << 4,
         _ => 0,
     }
 }

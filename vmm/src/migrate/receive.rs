@@ -464,6 +464,9 @@ pub fn start_incoming(
     if let Some(h) = hook.as_mut() {
         h.running(resumed_at_us, downtime.map(|d| d.as_micros() as u64));
     }
+    // What arrived for the copied disks went through the page cache: now that the guest's
+    // pause is over, make it durable, on the side.
+    crate::storage::sync_received(vmm.machine());
     // Announced once already when the guest paused; the timed rounds start now.
     if let Some(schedule) = announce {
         vmm.announce(schedule);

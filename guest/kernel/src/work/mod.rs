@@ -40,7 +40,7 @@ impl Job {
             Workload::Compute => Job::Compute(compute::Compute),
             Workload::Burn => Job::Burn(burn::Burn::new(params.duty_pct, cpu)),
             // The disk workload runs on the boot CPU beside its devices (see main).
-            Workload::Echo | Workload::Idle | Workload::Disk => Job::None,
+            Workload::Echo | Workload::Idle | Workload::Disk | Workload::DiskBench => Job::None,
         })
     }
 

@@ -1,18 +1,20 @@
 // SPDX-License-Identifier: Apache-2.0
 //! vmm-bench: our VMM and QEMU (`-M microvm -enable-kvm`) side by side on this machine, same
 //! guest kernel, memory and workload, runs alternating so drift hits both: boot, network,
-//! migration, TCP continuity. Prints a markdown table (ratio ours/QEMU in every row) and the
+//! migration, TCP continuity; and the same with Linux (`linux`), which runs inside the nested
+//! host (`resources/l1.sh`) where this machine's KVM emulates guest kernel code. Prints a markdown table (ratio ours/QEMU in every row) and the
 //! targets met or not, and writes `results.md`, `results.json` (every sample) and
 //! `migration.png` into the output directory.
 //!
 //! Usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] [--only SECTIONS]
 //! [--mem-sizes MIB,..] [--dirty-rates MIBS,..] [--smp-vcpus N] [--density-vms N]
 //! [--drain-vms N] [--drain-mib N] (as root; SECTIONS: a comma-separated subset of
-//! boot,linux,network,migration,cluster; a dirty rate of 0 is the idle guest; the SMP case
+//! boot,linux,network,migration,disk,cluster; a dirty rate of 0 is the idle guest; the SMP case
 //! migrates a 256 MiB guest whose N vCPUs all dirty memory, 0 leaves it out).
 
 mod boot;
 mod cluster;
+mod disk;
 mod jobs;
 mod migrate;
 mod monitor;
@@ -25,16 +27,19 @@ mod targets;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::time::Duration;
+
 use migrate::{Case, Sample};
-use monitor::{Monitor, QEMU};
+use monitor::{GuestImage, Monitor, QEMU};
 use results::Results;
 use serde_json::json;
+use vmm_tests::place::{L1Options, Place};
 
 const USAGE: &str = "usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] \
-                     [--only boot,linux,network,migration,cluster] [--mem-sizes 256,1024] [--dirty-rates 0,64,512] \
+                     [--only boot,linux,network,migration,disk,cluster] [--mem-sizes 256,1024] [--dirty-rates 0,64,512] \
                      [--smp-vcpus 4] [--density-vms 50] [--drain-vms 6] [--drain-mib 256] \
                      [--cluster-cases density,drain,jobs] [--job-units 6000]";
-const SECTIONS: [&str; 5] = ["boot", "linux", "network", "migration", "cluster"];
+const SECTIONS: [&str; 6] = ["boot", "linux", "network", "migration", "disk", "cluster"];
 
 struct Options {
     runs: usize,
@@ -157,6 +162,10 @@ fn main() {
     }
 }
 
+/// How long our guest may take to its ready line, and Linux (which may be emulated).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const LINUX_READY_TIMEOUT: Duration = Duration::from_secs(240);
+
 fn run(o: &Options) -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -165,11 +174,23 @@ fn run(o: &Options) -> Result<(), String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("/dev/kvm does not exist: both monitors need KVM".into());
     }
-    let section = |s: &str| o.sections.iter().any(|x| x == s);
-    if ["boot", "linux", "network", "migration"].iter().any(|s| section(s)) {
+    // Linux needs a KVM that runs its kernel code: where this one does not, the Linux section
+    // runs in the nested host, after the others, with its own results in <out>/linux.
+    let linux_nested =
+        o.sections.iter().any(|s| s == "linux") && matches!(vmm_tests::place::place(), Place::NestedHost(_));
+    if linux_nested && o.sections.len() == 1 {
+        return linux_in_nested_host(o, &o.out);
+    }
+    let section = |s: &str| o.sections.iter().any(|x| x == s) && !(s == "linux" && linux_nested);
+    if ["boot", "linux", "network", "migration", "disk"].iter().any(|s| section(s)) {
         ensure_qemu()?;
     }
-    let kernel = vmm_tests::vm::guest_kernel();
+    let ours = GuestImage {
+        kernel: vmm_tests::vm::guest_kernel(),
+        initrd: None,
+        cmdline: "console=ttyS0".into(),
+        section: "",
+    };
     let machine = machine();
     eprintln!("vmm-bench: {}", machine["summary"].as_str().unwrap_or(""));
     let mut results = Results::default();
@@ -178,24 +199,14 @@ fn run(o: &Options) -> Result<(), String> {
 
     if section("boot") {
         eprintln!("vmm-bench: boot, {} runs each", o.boot_runs);
-        boot::our_guest(&mut results, o.boot_runs, &kernel)?;
-    }
-    if section("linux") {
-        match vmm_tests::vm::linux_artifacts() {
-            Some((k, i)) => {
-                let runs = o.runs.min(3);
-                eprintln!("vmm-bench: Linux boot to the banner, {runs} runs each");
-                boot::linux(&mut results, runs, &k, &i, vmm_tests::vm::LINUX_CMDLINE)?;
-            }
-            None => eprintln!("vmm-bench: no Linux kernel built (resources/setup.sh): Linux boot skipped"),
-        }
+        boot::our_guest(&mut results, o.boot_runs, &ours.kernel)?;
     }
     if section("network") {
         eprintln!("vmm-bench: network, {} runs each", o.runs);
-        net::bench(&mut results, o.runs, &kernel)?;
+        net::bench(&mut results, o.runs, &ours, READY_TIMEOUT)?;
     }
     if section("migration") {
-        let mut bench = migrate::Bench::new(&kernel)?;
+        let mut bench = migrate::Bench::new(&ours, READY_TIMEOUT)?;
         bench.bandwidth(&mut results)?;
         for case in &cases {
             eprintln!("vmm-bench: migration, {}, {} runs each", case.label(), o.runs);
@@ -203,6 +214,34 @@ fn run(o: &Options) -> Result<(), String> {
         }
         bench.bandwidth(&mut results)?;
         samples = std::mem::take(&mut bench.samples);
+    }
+    if section("linux") {
+        let (kernel, initrd) = vmm_tests::vm::linux_artifacts()
+            .ok_or("no Linux kernel built: run resources/setup.sh (resources/build/vmlinux, initramfs.cpio)")?;
+        let linux = GuestImage {
+            kernel,
+            initrd: Some(initrd),
+            cmdline: vmm_tests::vm::LINUX_NATIVE_CMDLINE.into(),
+            section: "Linux ",
+        };
+        let runs = o.runs.min(3);
+        eprintln!("vmm-bench: Linux boot to the ready line, {runs} runs each");
+        boot::linux(&mut results, runs, &linux, LINUX_READY_TIMEOUT)?;
+        eprintln!("vmm-bench: Linux network, {} runs each", o.runs);
+        net::bench(&mut results, o.runs, &linux, LINUX_READY_TIMEOUT)?;
+        let mut bench = migrate::Bench::new(&linux, LINUX_READY_TIMEOUT)?;
+        for case in &cases {
+            eprintln!("vmm-bench: Linux migration, {}, {} runs each", case.label(), o.runs);
+            bench.case(&mut results, case, o.runs)?;
+        }
+        samples.append(&mut bench.samples);
+    }
+
+    if section("disk") {
+        eprintln!("vmm-bench: disk throughput and IOPS, {} runs each", o.runs);
+        disk::throughput(&mut results, o.runs, &ours.kernel)?;
+        eprintln!("vmm-bench: disk migration, {} runs each", o.runs);
+        disk::migration(&mut results, o.runs, &ours.kernel)?;
     }
 
     let settings = cluster::Settings {
@@ -241,8 +280,15 @@ fn run(o: &Options) -> Result<(), String> {
         jobs::targets(&results, &mut line);
     }
     std::fs::create_dir_all(&o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
+    let emulated = if vmm_tests::place::inside_nested_host() {
+        "All of it ran inside the nested host (resources/l1.sh: Linux 6.1 under QEMU's emulator, TCG, \
+         with its own KVM): absolute times are emulated, many times slower than on hardware; compare \
+         the ratios, both monitors ran there side by side.\n\n"
+    } else {
+        ""
+    };
     let mut md = format!(
-        "Measured {} on {}.\n\n{table}\nTargets:\n{}\n",
+        "Measured {} on {}.\n\n{emulated}{table}\nTargets:\n{}\n",
         machine["date"].as_str().unwrap_or("?"),
         machine["summary"].as_str().unwrap_or("?"),
         targets.join("\n")
@@ -255,7 +301,50 @@ fn run(o: &Options) -> Result<(), String> {
     write(&o.out.join("results.json"), &serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?)?;
     println!("{md}");
     eprintln!("vmm-bench: wrote {}/results.md, results.json and migration.png", o.out.display());
+    if linux_nested {
+        linux_in_nested_host(o, &o.out.join("linux"))?;
+    }
     Ok(())
+}
+
+/// Runs this benchmark's Linux section inside the nested host (`resources/l1.sh`), with its
+/// output directory `out` shared writable.
+fn linux_in_nested_host(o: &Options, out: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let out = out.canonicalize().map_err(|e| format!("{}: {e}", out.display()))?;
+    let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let mut args: Vec<String> = vec![
+        "--only".into(),
+        "linux".into(),
+        "--runs".into(),
+        o.runs.to_string(),
+        "--mem-sizes".into(),
+        list(&o.mem_sizes),
+        "--dirty-rates".into(),
+        list(&o.dirty_rates),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    if o.quick {
+        args.push("--quick".into());
+    }
+    eprintln!(
+        "vmm-bench: the Linux section runs inside the nested host (resources/l1.sh); results in {}",
+        out.display()
+    );
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // Two guests of the largest size at once (source and destination), and room for the rest.
+    let largest = o.mem_sizes.iter().copied().max().unwrap_or(256);
+    let opts = L1Options {
+        mem_mib: u32::try_from(4096 + 2 * largest).map_err(|_| "--mem-sizes: too large")?,
+        rw: vec![out],
+        // Every case with 5 runs takes hours when everything is emulated.
+        timeout: Duration::from_secs(6 * 3600),
+        ..L1Options::default()
+    };
+    let status =
+        vmm_tests::place::l1_command(&opts, &exe, &args).status().map_err(|e| format!("resources/l1.sh: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("the Linux section in the nested host failed ({status})")) }
 }
 
 /// The guests migrated: each size, idle (rate 0) or dirtying 64 MiB at each rate (by default a
@@ -322,7 +411,9 @@ fn machine() -> serde_json::Value {
     let kernel = read("/proc/sys/kernel/osrelease").trim().to_string();
     // Built-in or loaded, a KVM flavour shows up in /sys/module.
     let module = |m: &str| Path::new("/sys/module").join(m).exists();
-    let kvm = if module("kvm_pvm") {
+    let kvm = if vmm_tests::place::inside_nested_host() {
+        "KVM: kvm_amd in the nested host (Linux 6.1 under QEMU TCG; emulated)"
+    } else if module("kvm_pvm") {
         "KVM: kvm_pvm (nested, paravirtual)"
     } else if module("kvm_intel") {
         "KVM: kvm_intel"

@@ -7,7 +7,6 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream, UdpSocket};
-use std::path::Path;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use vmm_tests::udp_stream::UdpStream;
 use vmm_tests::{Netns, TestBed};
 
 use crate::boot::ms;
-use crate::monitor::{GuestSpec, MigrationResult, Monitor, Running, Wire};
+use crate::monitor::{GuestImage, GuestSpec, MigrationResult, Monitor, Running, Wire};
 use crate::results::{Better, Results};
 
 const MAC: &str = "52:54:00:be:4c:02";
@@ -95,11 +94,11 @@ impl Case {
         }
     }
 
-    fn cmdline(&self, ip: &str) -> String {
+    fn cmdline(&self, start: &str, ip: &str) -> String {
         match self.dirty {
-            None => format!("console=ttyS0 {ip} vmm.workload=idle"),
+            None => format!("{start} {ip} vmm.workload=idle"),
             Some((mib, rate)) => {
-                format!("console=ttyS0 {ip} vmm.workload=dirty vmm.dirty_mib={mib} vmm.dirty_rate={rate}")
+                format!("{start} {ip} vmm.workload=dirty vmm.dirty_mib={mib} vmm.dirty_rate={rate}")
             }
         }
     }
@@ -126,15 +125,17 @@ pub struct Sample {
 
 pub struct Bench<'a> {
     bed: TestBed,
-    kernel: &'a Path,
+    guest: &'a GuestImage,
+    /// How long a guest may take to its ready line.
+    ready_timeout: Duration,
     pub samples: Vec<Sample>,
 }
 
 impl<'a> Bench<'a> {
-    pub fn new(kernel: &'a Path) -> Result<Self, String> {
+    pub fn new(guest: &'a GuestImage, ready_timeout: Duration) -> Result<Self, String> {
         let bed =
             TestBed::builder().host("a").host("b").client("client").host_ips().build().map_err(|e| e.to_string())?;
-        Ok(Bench { bed, kernel, samples: Vec::new() })
+        Ok(Bench { bed, guest, ready_timeout, samples: Vec::new() })
     }
 
     /// TCP bandwidth on loopback (inside host A) and from host A to host B, in MB/s.
@@ -152,7 +153,7 @@ impl<'a> Bench<'a> {
     /// `runs` migrations of `case` with each monitor, alternating, each over TLS and in
     /// plaintext; per run also a raw TCP transfer of the bytes our TLS migration sent.
     pub fn case(&mut self, results: &mut Results, case: &Case, runs: usize) -> Result<(), String> {
-        let section = format!("migration: {}", case.label());
+        let section = self.guest.section(&format!("migration: {}", case.label()));
         for run in 0..runs {
             let mut rates = Vec::new();
             let mut ours_bytes = None;
@@ -288,22 +289,23 @@ impl<'a> Bench<'a> {
         let (wire_a, wire_b) = (wire(a.ip())?, wire(b.ip())?);
         let guest_ip = self.bed.guest_ip(0);
         let spec_a = GuestSpec {
-            kernel: self.kernel,
-            initrd: None,
-            cmdline: case.cmdline(&self.bed.guest_ip_cmdline(0)),
+            kernel: &self.guest.kernel,
+            initrd: self.guest.initrd.as_deref(),
+            cmdline: case.cmdline(&self.guest.cmdline, &self.bed.guest_ip_cmdline(0)),
             mem_mib: case.mem_mib,
             vcpus: case.vcpus,
             net: Some((a.tap(), MAC)),
+            disk: None,
         };
         let src = Running::start_wire(m, Some(a), &spec_a, None, Some(&wire_a));
-        src.wait_ready(Duration::from_secs(30))?;
+        src.wait_ready(self.ready_timeout)?;
         client
-            .wait_for_tcp((guest_ip, ECHO_PORT).into(), Duration::from_secs(10))
+            .wait_for_tcp((guest_ip, ECHO_PORT).into(), Duration::from_secs(30))
             .map_err(|e| format!("{}: {e}\n{}", m.name(), src.vm.describe()))?;
         let port = PORT.fetch_add(1, Ordering::Relaxed);
         let spec_b = GuestSpec { net: Some((b.tap(), MAC)), ..spec_a };
         let dst = Running::start_wire(m, Some(b), &spec_b, Some(&format!("0.0.0.0:{port}")), Some(&wire_b));
-        dst.wait_incoming(Duration::from_secs(10))?;
+        dst.wait_incoming(Duration::from_secs(30))?;
 
         let stream = client
             .run_in(move || TcpStream::connect_timeout(&(guest_ip, ECHO_PORT).into(), Duration::from_secs(5)))
@@ -321,7 +323,7 @@ impl<'a> Bench<'a> {
         udp.reset_gap();
         let b_ip = b.ip().ok_or("host B has no address")?;
         let result = src.migrate(&format!("{b_ip}:{port}"), &dst)?;
-        if !src.wait_exit(Duration::from_secs(10)) {
+        if !src.wait_exit(Duration::from_secs(30)) {
             return Err(format!("{}: the source did not exit after the migration", m.name()));
         }
         std::thread::sleep(Duration::from_millis(1000));

@@ -46,6 +46,23 @@ impl Monitor {
     }
 }
 
+/// A guest kernel to run and how: our guest, or Linux with its initramfs.
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The start of every command line (console, power off).
+    pub cmdline: String,
+    /// Prefix of the result sections (empty for our guest).
+    pub section: &'static str,
+}
+
+impl GuestImage {
+    /// A section name for this guest.
+    pub fn section(&self, name: &str) -> String {
+        format!("{}{name}", self.section)
+    }
+}
+
 /// A guest to boot.
 pub struct GuestSpec<'a> {
     pub kernel: &'a Path,
@@ -55,6 +72,9 @@ pub struct GuestSpec<'a> {
     pub vcpus: u8,
     /// TAP device and MAC address.
     pub net: Option<(&'a str, &'a str)>,
+    /// A raw disk image (virtio-blk). A destination's: ours creates it (it must not exist),
+    /// QEMU's must exist with the source's size.
+    pub disk: Option<&'a Path>,
 }
 
 /// How a migration connection is made.
@@ -84,6 +104,8 @@ pub struct Running {
     wire: Option<Wire>,
     /// A QEMU destination's address (`-incoming defer`, started once TLS is set).
     incoming: Option<String>,
+    /// The guest has a disk that a migration copies (QEMU: block migration).
+    copy_disks: bool,
 }
 
 /// QEMU's `tls-creds-x509` directory made from a TLS directory of ours: the same CA, and this
@@ -131,6 +153,8 @@ pub struct MigrationResult {
     /// until its last byte was sent.
     pub reported_downtime_ms: f64,
     pub bytes_sent: u64,
+    /// Disk data sent (copied disks; part of `bytes_sent`), if the monitor says.
+    pub disk_bytes_sent: Option<u64>,
     pub rounds: u32,
     pub timeline: Vec<RoundPoint>,
 }
@@ -165,6 +189,7 @@ impl Running {
         wire: Option<&Wire>,
     ) -> Running {
         let wire = wire.cloned();
+        let copy_disks = spec.disk.is_some();
         match monitor {
             Monitor::Ours => {
                 let sock = api_sock_path("bench");
@@ -181,6 +206,9 @@ impl Running {
                         args.extend(["--vcpus".into(), spec.vcpus.to_string()]);
                     }
                 }
+                if let Some(disk) = spec.disk {
+                    args.extend(["--disk".into(), format!("path={}", disk.display())]);
+                }
                 if let Some((tap, mac)) = spec.net {
                     // A destination takes the MAC from the migrated state.
                     let net = if incoming.is_some() { format!("tap={tap}") } else { format!("tap={tap},mac={mac}") };
@@ -193,7 +221,7 @@ impl Running {
                     None => {}
                 }
                 let vm = Vm::start(netns, &args);
-                Running { vm, monitor, qmp: None, events: RefCell::new(None), wire, incoming: None }
+                Running { vm, monitor, qmp: None, events: RefCell::new(None), wire, incoming: None, copy_disks }
             }
             Monitor::Qemu => {
                 let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -218,7 +246,7 @@ impl Running {
                 }
                 let vm = Vm::start_program(netns, Path::new(QEMU), &args);
                 let incoming = incoming.map(str::to_string);
-                Running { vm, monitor, qmp: Some(qmp), events: RefCell::new(None), wire, incoming }
+                Running { vm, monitor, qmp: Some(qmp), events: RefCell::new(None), wire, incoming, copy_disks }
             }
         }
     }
@@ -306,6 +334,7 @@ impl Running {
                         },
                         reported_downtime_ms: info.downtime_us.unwrap_or(0) as f64 / 1e3,
                         bytes_sent: info.bytes_sent,
+                        disk_bytes_sent: Some(info.disk_bytes_sent),
                         rounds: info.round,
                         timeline,
                     });
@@ -330,12 +359,24 @@ impl Running {
             let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
             qmp.execute("migrate-set-parameters", json!({ "tls-creds": "tls0", "tls-hostname": host }))?;
         }
+        if self.copy_disks {
+            // QEMU's block migration: the disks' contents go in the migration stream.
+            qmp.execute(
+                "migrate-set-capabilities",
+                json!({ "capabilities": [{ "capability": "block", "state": true }] }),
+            )?;
+        }
         qmp.execute("migrate", json!({ "uri": format!("tcp:{to}") }))?;
         let start = Instant::now();
         let mut timeline: Vec<RoundPoint> = Vec::new();
+        // Block migration's progress shows only while it is active: the last figure seen.
+        let mut disk_sent: Option<u64> = None;
         let deadline = start + Duration::from_secs(120);
         while Instant::now() < deadline {
             let q = qmp.execute("query-migrate", json!({}))?;
+            if let Some(d) = q["disk"]["transferred"].as_u64() {
+                disk_sent = Some(disk_sent.unwrap_or(0).max(d));
+            }
             let t_ms = start.elapsed().as_secs_f64() * 1e3;
             let ram = &q["ram"];
             let page = ram["page-size"].as_u64().unwrap_or(4096).max(1);
@@ -364,7 +405,9 @@ impl Running {
                         total_ms: q["total-time"].as_f64().unwrap_or(t_ms),
                         downtime_ms: resumed.saturating_sub(stopped) as f64 / 1e3,
                         reported_downtime_ms: q["downtime"].as_f64().unwrap_or(0.0),
-                        bytes_sent: transferred,
+                        // With block migration, the disk's part of the stream comes on top.
+                        bytes_sent: transferred + disk_sent.unwrap_or(0),
+                        disk_bytes_sent: disk_sent,
                         rounds: syncs,
                         timeline,
                     });
@@ -432,6 +475,11 @@ fn qemu_args(spec: &GuestSpec) -> Vec<String> {
     if let Some((tap, mac)) = spec.net {
         a.extend(["-netdev".into(), format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off")]);
         a.extend(["-device".into(), format!("virtio-net-device,netdev=n0,mac={mac}")]);
+    }
+    if let Some(disk) = spec.disk {
+        // Buffered I/O with flushes honoured (QEMU's default cache mode), as ours does.
+        a.extend(["-drive".into(), format!("file={},if=none,format=raw,id=d0", disk.display())]);
+        a.extend(["-device".into(), "virtio-blk-device,drive=d0".into()]);
     }
     a
 }

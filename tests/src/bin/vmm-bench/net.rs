@@ -4,13 +4,12 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpStream, UdpSocket};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use guest_common::{DISCARD_PORT, ECHO_PORT, SOURCE_PATTERN, SOURCE_PORT};
 use vmm_tests::TestBed;
 
-use crate::monitor::{GuestSpec, Monitor, Running};
+use crate::monitor::{GuestImage, GuestSpec, Monitor, Running};
 use crate::results::{Better, Results};
 
 const MAC: &str = "52:54:00:be:4c:01";
@@ -22,51 +21,62 @@ const UDP_WINDOW: usize = 16;
 /// The UDP rate's row.
 pub const UDP_RATE: &str = "UDP echo, 64-byte datagrams, 16 in flight";
 
-pub fn bench(results: &mut Results, runs: usize, kernel: &Path) -> Result<(), String> {
+pub fn bench(results: &mut Results, runs: usize, guest: &GuestImage, ready_timeout: Duration) -> Result<(), String> {
     let bed = TestBed::builder().host("a").client("client").build().map_err(|e| e.to_string())?;
     let ip = bed.guest_ip(0);
+    let section = guest.section("network");
+    // Any one read, write or connect: 15 s for our guest, 2 minutes for Linux, which may be
+    // emulated (draining the socket buffers after an upload then takes tens of seconds).
+    let io_timeout = ready_timeout / 2;
     let spec = GuestSpec {
-        kernel,
-        initrd: None,
-        cmdline: format!("console=ttyS0 {} vmm.workload=echo", bed.guest_ip_cmdline(0)),
+        kernel: &guest.kernel,
+        initrd: guest.initrd.as_deref(),
+        cmdline: format!("{} {} vmm.workload=echo", guest.cmdline, bed.guest_ip_cmdline(0)),
         mem_mib: 256,
         vcpus: 1,
         net: Some((bed.host("a").tap(), MAC)),
+        disk: None,
     };
     for run in 0..runs {
         for m in Monitor::alternating(run) {
             let r = Running::start(m, Some(bed.host("a")), &spec, None);
-            r.wait_ready(Duration::from_secs(30))?;
+            r.wait_ready(ready_timeout)?;
             let client = bed.client();
             client.wait_for_tcp((ip, ECHO_PORT).into(), Duration::from_secs(10)).map_err(|e| e.to_string())?;
             let (up, down, rr, udp) = client
                 .run_in(move || -> Result<_, String> {
-                    Ok((upload(ip)?, download(ip)?, round_trips(ip)?, udp_rate(ip)?))
+                    Ok((
+                        upload(ip, io_timeout)?,
+                        download(ip, io_timeout)?,
+                        round_trips(ip, io_timeout)?,
+                        udp_rate(ip)?,
+                    ))
                 })
-                .map_err(|e| e.to_string())??;
-            results.add("network", "client → guest throughput", "MB/s", Better::Higher, m, up);
-            results.add("network", "guest → client throughput", "MB/s", Better::Higher, m, down);
-            results.add("network", "request/response latency, median", "µs", Better::Lower, m, rr.0);
-            results.add("network", "request/response latency, 99th percentile", "µs", Better::Lower, m, rr.1);
-            results.add("network", UDP_RATE, "datagrams/s", Better::Higher, m, udp);
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{}: {e}\n{}", m.name(), r.vm.describe()))?;
+            results.add(&section, "client → guest throughput", "MB/s", Better::Higher, m, up);
+            results.add(&section, "guest → client throughput", "MB/s", Better::Higher, m, down);
+            results.add(&section, "request/response latency, median", "µs", Better::Lower, m, rr.0);
+            results.add(&section, "request/response latency, 99th percentile", "µs", Better::Lower, m, rr.1);
+            results.add(&section, UDP_RATE, "datagrams/s", Better::Higher, m, udp);
             drop(r);
         }
     }
     Ok(())
 }
 
-fn connect(ip: Ipv4Addr, port: u16) -> Result<TcpStream, String> {
-    let s = TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(5))
+fn connect(ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<TcpStream, String> {
+    let s = TcpStream::connect_timeout(&(ip, port).into(), timeout)
         .map_err(|e| format!("connecting to {ip}:{port}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     Ok(s)
 }
 
 /// To the discard service: counts only what the guest took, by waiting for its close after
 /// ours (it closes once it has read everything).
-fn upload(ip: Ipv4Addr) -> Result<f64, String> {
-    let mut s = connect(ip, DISCARD_PORT)?;
+fn upload(ip: Ipv4Addr, timeout: Duration) -> Result<f64, String> {
+    let mut s = connect(ip, DISCARD_PORT, timeout)?;
     let buf = vec![0x5au8; 256 << 10];
     let start = Instant::now();
     let mut sent = 0u64;
@@ -81,8 +91,8 @@ fn upload(ip: Ipv4Addr) -> Result<f64, String> {
 }
 
 /// From the source service, checking that every byte is the pattern.
-fn download(ip: Ipv4Addr) -> Result<f64, String> {
-    let mut s = connect(ip, SOURCE_PORT)?;
+fn download(ip: Ipv4Addr, timeout: Duration) -> Result<f64, String> {
+    let mut s = connect(ip, SOURCE_PORT, timeout)?;
     let mut buf = vec![0u8; 256 << 10];
     let start = Instant::now();
     let mut got = 0u64;
@@ -141,8 +151,8 @@ fn udp_rate(ip: Ipv4Addr) -> Result<f64, String> {
 }
 
 /// Small messages to the echo service, one at a time: (median, 99th percentile) in µs.
-fn round_trips(ip: Ipv4Addr) -> Result<(f64, f64), String> {
-    let mut s = connect(ip, ECHO_PORT)?;
+fn round_trips(ip: Ipv4Addr, timeout: Duration) -> Result<(f64, f64), String> {
+    let mut s = connect(ip, ECHO_PORT, timeout)?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
     let msg = [b'r'; 64];
     let mut back = [0u8; 64];

@@ -39,6 +39,14 @@ pub fn check(r: &Results, cases: &[Case]) -> Vec<String> {
     if let (Some(a), Some(b)) = (med("network", UDP_RATE, Ours), med("network", UDP_RATE, Qemu)) {
         line(a >= b, format!("UDP echo rate ≥ 1.0 × QEMU: {:.2} × ({a:.0} vs {b:.0} datagrams/s)", a / b));
     }
+    for (_, row, unit) in crate::disk::PHASES {
+        if let (Some(a), Some(b)) = (med("disk", row, Ours), med("disk", row, Qemu)) {
+            line(a >= b, format!("disk, {row} ≥ 1.0 × QEMU: {:.2} × ({a:.0} vs {b:.0} {unit})", a / b));
+        }
+    }
+    if let Some(x) = med(crate::disk::MIGRATION, crate::disk::SENT_RATIO, Ours) {
+        line(x <= 1.1, format!("disk migration: disk data sent ≤ 1.1 × (allocated + rewritten): {x:.2} ×"));
+    }
     let loopback = med("reference", "TCP bandwidth, loopback", Ours);
     for case in cases {
         let s = format!("migration: {}", case.label());

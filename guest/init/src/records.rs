@@ -1,0 +1,148 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The Linux guest's `disk` workload: appends fixed-size, checksummed records to
+//! `/data/records` (the data disk's ext4), each made durable with `fdatasync` before it counts
+//! as acknowledged. At start it reads back what the file holds and checks every record, so a
+//! guest started on a disk that moved (or on its image after a stop) says whether every
+//! acknowledged record is there: `DISK-RECORDS found=N bad=M` on the console, then the status
+//! line's `disk_passes` counts records acknowledged (found ones included) and `disk_mismatches`
+//! the bad ones found.
+//!
+//! A record is 64 bytes: `VMMR`, 4 bytes of zero, its sequence number (u64, from 0), 40 bytes
+//! derived from it, and an FNV-1a hash of the 56 bytes before it, all little-endian.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+pub const RECORD_LEN: usize = 64;
+const MAGIC: &[u8; 4] = b"VMMR";
+
+/// Records acknowledged (durable), found ones included.
+pub static ACKED: AtomicU64 = AtomicU64::new(0);
+/// Records found bad at start.
+pub static BAD: AtomicU64 = AtomicU64::new(0);
+/// The open file while the workload runs; `None` once [`stop`] closed it.
+static FILE: Mutex<Option<File>> = Mutex::new(None);
+
+/// Record `seq`.
+pub fn record(seq: u64) -> [u8; RECORD_LEN] {
+    let mut r = [0u8; RECORD_LEN];
+    r[0..4].copy_from_slice(MAGIC);
+    r[8..16].copy_from_slice(&seq.to_le_bytes());
+    for (i, b) in r[16..56].iter_mut().enumerate() {
+        *b = (seq.wrapping_mul(31).wrapping_add(i as u64) & 0xff) as u8;
+    }
+    let h = fnv1a(&r[..56]);
+    r[56..64].copy_from_slice(&h.to_le_bytes());
+    r
+}
+
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Checks the records in `data` in order: returns (good records before the first bad one, bad
+/// records). A record is good if it is exactly [`record`] of its index; a partial record at
+/// the end counts as bad.
+pub fn check(data: &[u8]) -> (u64, u64) {
+    let mut good = 0;
+    let mut bad = 0;
+    for (i, chunk) in data.chunks(RECORD_LEN).enumerate() {
+        if chunk == record(i as u64) && bad == 0 {
+            good += 1;
+        } else {
+            bad += 1;
+        }
+    }
+    (good, bad)
+}
+
+/// Where the records go: `/data` in the guest; in test mode the directory in
+/// `VMM_INIT_DATA_DIR`.
+fn dir(mode: crate::Mode) -> Result<PathBuf, String> {
+    match mode {
+        crate::Mode::Init => Ok(PathBuf::from("/data")),
+        crate::Mode::Test => std::env::var_os("VMM_INIT_DATA_DIR")
+            .map(PathBuf::from)
+            .ok_or_else(|| "disk: test mode needs VMM_INIT_DATA_DIR".to_string()),
+    }
+}
+
+/// Checks what the file holds and starts appending: `per_s` records a second (0: as fast as
+/// fsync allows), at most `max` records in all (0: no end).
+pub fn start(mode: crate::Mode, per_s: u64, max: u64) -> Result<(), String> {
+    let path = dir(mode)?.join("records");
+    let (file, good, bad) = open(&path)?;
+    say!("DISK-RECORDS found={good} bad={bad}");
+    ACKED.store(good, Ordering::SeqCst);
+    BAD.store(bad, Ordering::SeqCst);
+    *FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+    // With bad records, appending would only add to the damage: report and stop.
+    if bad > 0 {
+        return Ok(());
+    }
+    let pause = (per_s > 0).then(|| Duration::from_secs_f64(1.0 / per_s as f64));
+    crate::spawn("records", move || {
+        let mut seq = good;
+        while max == 0 || seq < max {
+            if let Err(e) = append(seq) {
+                say!("disk: appending record {seq} to {}: {e}", path.display());
+                return;
+            }
+            seq += 1;
+            ACKED.store(seq, Ordering::SeqCst);
+            if let Some(p) = pause {
+                std::thread::sleep(p);
+            }
+        }
+    })
+}
+
+fn open(path: &Path) -> Result<(File, u64, u64), String> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| format!("disk: cannot open {}: {e}", path.display()))?;
+    let mut data = Vec::new();
+    file.read_to_end(&mut data).map_err(|e| format!("disk: cannot read {}: {e}", path.display()))?;
+    let (good, bad) = check(&data);
+    Ok((file, good, bad))
+}
+
+/// Appends record `seq` and makes it durable; an error if the workload was stopped.
+fn append(seq: u64) -> std::io::Result<()> {
+    let mut guard = FILE.lock().unwrap_or_else(|e| e.into_inner());
+    let file = guard.as_mut().ok_or_else(|| std::io::Error::other("stopped"))?;
+    file.write_all(&record(seq))?;
+    file.sync_data()
+}
+
+/// Stops appending (waiting for the record being written) and closes the file, so that the
+/// file system can be made read-only before the guest powers off.
+pub fn stop() {
+    *FILE.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_check_in_order() {
+        let mut data: Vec<u8> = (0..10).flat_map(record).collect();
+        assert_eq!(check(&data), (10, 0));
+        data.extend_from_slice(&record(10)[..20]);
+        assert_eq!(check(&data), (10, 1), "a torn last record is bad");
+        data.truncate(10 * RECORD_LEN);
+        data[3 * RECORD_LEN + 20] ^= 1;
+        assert_eq!(check(&data), (3, 7), "everything after a bad record is bad");
+        let swapped: Vec<u8> = [record(1), record(0)].concat();
+        assert_eq!(check(&swapped), (0, 2), "records out of order are bad");
+        assert_eq!(check(&[]), (0, 0));
+    }
+}

@@ -1,0 +1,310 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Where a test that needs a KVM with ordinary semantics runs: here, or inside the *nested
+//! host* (`resources/l1.sh`: Linux 6.1 under QEMU's emulator with AMD SVM, whose own KVM runs
+//! guest kernel code as hardware KVM does).
+//!
+//! - Inside the nested host (`VMM_L1` is set by `l1.sh`): here.
+//! - No `/dev/kvm`: nowhere; the tests say so loudly and are skipped.
+//! - `VMM_TESTS_PLACE=here` or `nested` forces the choice.
+//! - A KVM that emulates guest kernel code (module `kvm_pvm`, or an SSE instruction at CPL 0
+//!   that KVM cannot run in a probe VM): the nested host.
+//! - Otherwise (hardware KVM): here.
+//!
+//! A test binary whose tests need such a KVM uses [`main`] as its harness (`harness = false`,
+//! libtest-mimic): where the place is the nested host, the binary boots it once and runs itself
+//! there with the same arguments, so one nested host serves every test of the binary.
+//! [`rerun_inside`] runs the rest of a default-harness binary in the nested host once more, as a
+//! second KVM implementation.
+
+use std::io::{BufRead, BufReader, IsTerminal};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use libtest_mimic::{Arguments, Trial};
+
+/// Set (to 1) by `resources/l1.sh` in the environment of the command it runs.
+pub const L1_ENV: &str = "VMM_L1";
+/// Forces the place: `here` or `nested`.
+pub const PLACE_ENV: &str = "VMM_TESTS_PLACE";
+
+/// Where tests that need guest kernel code to run natively go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// On this machine's `/dev/kvm`; the reason says why.
+    Here(String),
+    /// Inside the nested host; the reason says why not here.
+    NestedHost(String),
+    /// There is no `/dev/kvm`: no test that needs KVM can run.
+    NoKvm,
+}
+
+/// Whether this process runs inside the nested host.
+pub fn inside_nested_host() -> bool {
+    std::env::var_os(L1_ENV).is_some()
+}
+
+/// The place for this process's tests, decided once.
+pub fn place() -> &'static Place {
+    static PLACE: OnceLock<Place> = OnceLock::new();
+    PLACE.get_or_init(decide)
+}
+
+fn decide() -> Place {
+    if inside_nested_host() {
+        return Place::Here("inside the nested host".into());
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return Place::NoKvm;
+    }
+    match std::env::var(PLACE_ENV).as_deref() {
+        Ok("here") => return Place::Here(format!("{PLACE_ENV}=here")),
+        Ok("nested") => return Place::NestedHost(format!("{PLACE_ENV}=nested")),
+        _ => {}
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Place::NestedHost("this host's KVM is kvm_pvm, which emulates guest kernel code".into());
+    }
+    match kernel_code_probe() {
+        Some(why) => Place::NestedHost(why),
+        None => Place::Here("this host's KVM runs guest kernel code natively".into()),
+    }
+}
+
+/// Runs an SSE loop at CPL 0 in a tiny VM: a KVM that emulates kernel code cannot. Returns why
+/// the nested host is needed, or `None` if the loop ran (or the probe could not say: then the
+/// tests run here and fail with KVM's own error).
+fn kernel_code_probe() -> Option<String> {
+    use vmm::probe::{Outcome, ProbeRun, Program, machine};
+    let kvm = kvm_ioctls::Kvm::new().ok()?;
+    let probe = ProbeRun {
+        program: Program::SseLoop,
+        cpl: 0,
+        arg0: 1000,
+        arg1: 0,
+        interrupts: false,
+        timeout: Duration::from_secs(30),
+    };
+    match machine::run(&kvm, probe) {
+        Outcome::EmulationFailure(e) => Some(format!("this host's KVM cannot run SSE at CPL 0 ({e})")),
+        _ => None,
+    }
+}
+
+/// The script that runs a command in the nested host.
+pub fn l1_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").join("resources/l1.sh")
+}
+
+/// Size of the nested host.
+#[derive(Clone, Debug)]
+pub struct L1Options {
+    pub smp: u32,
+    pub mem_mib: u32,
+    /// Directories shared writable (the rest of the file system is read-only there).
+    pub rw: Vec<PathBuf>,
+    /// The nested host is stopped (and the run fails) after this long.
+    pub timeout: Duration,
+}
+
+impl Default for L1Options {
+    /// 2 vCPUs (the machines this runs on have 2 cores) and 6 GiB: two 1 GiB guests at once
+    /// with room to spare; 40 minutes, several times what a test binary takes there.
+    fn default() -> Self {
+        L1Options { smp: 2, mem_mib: 6144, rw: Vec::new(), timeout: Duration::from_secs(2400) }
+    }
+}
+
+/// `resources/l1.sh [options] -- program args...`. The script gets SIGTERM if the thread that
+/// starts it ends, and then stops the nested host, so nothing outlives a killed test.
+pub fn l1_command(opts: &L1Options, program: &Path, args: &[String]) -> Command {
+    let mut cmd = Command::new(l1_script());
+    cmd.args(["--smp", &opts.smp.to_string(), "--mem", &opts.mem_mib.to_string()]);
+    cmd.args(["--timeout", &opts.timeout.as_secs().max(1).to_string()]);
+    for dir in &opts.rw {
+        cmd.arg("--rw").arg(dir);
+    }
+    cmd.arg("--").arg(program).args(args);
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// `l1.sh`'s status when the nested host's own kernel crashed (not the command).
+pub const L1_KERNEL_CRASHED: i32 = 123;
+
+/// How many times a run whose nested host crashed is started in all. The crash is in the nested
+/// host's kernel under QEMU's emulated SVM (seen rarely, and never in our VMM);
+/// a second crash fails the run.
+const L1_ATTEMPTS: u32 = 2;
+
+fn l1_crashed(status: &std::process::ExitStatus, attempt: u32) -> bool {
+    let crashed = status.code() == Some(L1_KERNEL_CRASHED);
+    if crashed && attempt < L1_ATTEMPTS {
+        eprintln!(
+            "\n*** vmm-tests: the nested host's kernel crashed (its console above); \
+             running the tests once more in a new one (attempt {} of {L1_ATTEMPTS}) ***\n",
+            attempt + 1
+        );
+    }
+    crashed && attempt < L1_ATTEMPTS
+}
+
+/// The harness of a test binary whose tests need a KVM that runs guest kernel code: runs
+/// `trials` here, or runs this very binary with the same arguments in the nested host.
+pub fn main(trials: Vec<Trial>) -> ExitCode {
+    let args = Arguments::from_args();
+    match place() {
+        Place::Here(why) => {
+            eprintln!("vmm-tests: these tests run here: {why}");
+            libtest_mimic::run(&args, trials).exit_code()
+        }
+        Place::NoKvm => {
+            eprintln!("\n*** SKIPPED: /dev/kvm does not exist on this host, so no guest can run ***\n");
+            let trials = trials.into_iter().map(|t| t.with_ignored_flag(true)).collect();
+            libtest_mimic::run(&args, trials).exit_code()
+        }
+        Place::NestedHost(why) => {
+            if args.list || !trials.iter().any(|t| selected(&args, t)) {
+                return libtest_mimic::run(&args, trials).exit_code();
+            }
+            eprintln!("vmm-tests: {why}: running these tests inside the nested host (resources/l1.sh)");
+            let exe = std::env::current_exe().expect("the test binary's path");
+            let mut argv: Vec<String> = std::env::args().skip(1).collect();
+            // Inside, stdout is the nested host's serial console, a terminal: say what ours is.
+            if args.color.is_none() {
+                let color = if std::io::stdout().is_terminal() { "always" } else { "never" };
+                argv.extend(["--color".into(), color.into()]);
+            }
+            let mut attempt = 1;
+            let status = loop {
+                match l1_command(&L1Options::default(), &exe, &argv).status() {
+                    Ok(s) if l1_crashed(&s, attempt) => attempt += 1,
+                    other => break other,
+                }
+            };
+            match status {
+                Ok(s) if s.success() => ExitCode::SUCCESS,
+                Ok(s) => {
+                    eprintln!("vmm-tests: the tests in the nested host failed ({s})");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("vmm-tests: cannot run {}: {e}", l1_script().display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Whether libtest would run `trial` with `args` (name filter, `--exact`, `--skip`, ignored).
+fn selected(args: &Arguments, trial: &Trial) -> bool {
+    let name = trial.name();
+    let matches = |pattern: &str| if args.exact { name == pattern } else { name.contains(pattern) };
+    if args.filter.as_deref().is_some_and(|f| !matches(f)) || args.skip.iter().any(|s| matches(s)) {
+        return false;
+    }
+    args.include_ignored || args.ignored == trial.has_ignored_flag()
+}
+
+/// Runs this test binary once more inside the nested host, all of its tests but `this_test`
+/// (the caller), and panics if any fails there. Used by test files whose tests run here on this
+/// machine's KVM, to run them on a second KVM implementation too (kvm_amd with nested paging,
+/// under QEMU's emulator). Inside the nested host it does nothing. The inner run's output is
+/// printed line by line (run with `--nocapture` to watch it).
+pub fn rerun_inside(this_test: &str) {
+    rerun_inside_skipping(this_test, &[]);
+}
+
+/// [`rerun_inside`], also skipping the tests `skip` (each with the reason it is not rerun there).
+pub fn rerun_inside_skipping(this_test: &str, skip: &[(&str, &str)]) {
+    if inside_nested_host() {
+        println!("{this_test}: already inside the nested host");
+        return;
+    }
+    if *place() == Place::NoKvm {
+        eprintln!("\n*** SKIPPED {this_test}: /dev/kvm does not exist on this host, so no guest can run ***\n");
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut args = ["--skip", this_test, "--test-threads", "2", "--color", "never"].map(String::from).to_vec();
+    for (name, why) in skip {
+        println!("{this_test}: {name} is not run in the nested host: {why}");
+        args.extend(["--skip".to_string(), name.to_string()]);
+    }
+    let mut attempt = 1;
+    loop {
+        let (status, summary, errors) = run_inside_once(&exe, &args);
+        if l1_crashed(&status, attempt) {
+            attempt += 1;
+            continue;
+        }
+        assert!(
+            status.success(),
+            "the tests failed inside the nested host ({status}):\n{}\n{}",
+            summary.join("\n"),
+            errors.join("\n")
+        );
+        return;
+    }
+}
+
+/// One run of `exe args` in the nested host: its status, libtest's summary lines, its stderr.
+fn run_inside_once(exe: &Path, args: &[String]) -> (std::process::ExitStatus, Vec<String>, Vec<String>) {
+    let mut cmd = l1_command(&L1Options::default(), exe, args);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {}: {e}", l1_script().display()));
+    // Both streams through println!, so that the harness shows them with the test's result.
+    let err = child.stderr.take().expect("piped stderr");
+    let errors = std::thread::spawn(move || {
+        BufReader::new(err).lines().map_while(Result::ok).inspect(|l| println!("{l}")).collect::<Vec<_>>()
+    });
+    let mut summary = Vec::new();
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines().map_while(Result::ok) {
+        if line.starts_with("test result:") || line.starts_with("failures:") || line.starts_with("    ") {
+            summary.push(line.clone());
+        }
+        println!("{line}");
+    }
+    let status = child.wait().expect("wait for resources/l1.sh");
+    (status, summary, errors.join().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trials() -> Vec<Trial> {
+        let t = |name: &str| Trial::test(name, || Ok(()));
+        vec![t("linux_boots_one"), t("linux_boots_two"), t("linux_migrates"), t("slow").with_ignored_flag(true)]
+    }
+
+    fn chosen(args: &[&str]) -> Vec<String> {
+        let args = Arguments::from_iter(std::iter::once("test").chain(args.iter().copied()));
+        trials().iter().filter(|t| selected(&args, t)).map(|t| t.name().to_string()).collect()
+    }
+
+    #[test]
+    fn selection_follows_libtest() {
+        assert_eq!(chosen(&[]), ["linux_boots_one", "linux_boots_two", "linux_migrates"]);
+        assert_eq!(chosen(&["boots"]), ["linux_boots_one", "linux_boots_two"]);
+        assert_eq!(chosen(&["--exact", "linux_boots"]), Vec::<String>::new());
+        assert_eq!(chosen(&["--skip", "boots"]), ["linux_migrates"]);
+        assert_eq!(chosen(&["--ignored"]), ["slow"]);
+        assert_eq!(
+            chosen(&["--include-ignored", "s"]),
+            ["linux_boots_one", "linux_boots_two", "linux_migrates", "slow"]
+        );
+        assert!(chosen(&["nothing"]).is_empty());
+    }
+}

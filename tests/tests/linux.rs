@@ -1,0 +1,162 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Linux guests end to end: Linux 6.12 with our init (`resources/build/vmlinux` and
+//! `initramfs.cpio`) gets the end-to-end tests our own guest has.
+//!
+//! - boots to its ready line with 1 and 2 vCPUs (keeping time with kvmclock) and powers off;
+//! - the network from the client namespace: echo on several connections, ICMP, the control
+//!   port, and 100 MB byte-exact through the echo service;
+//! - live migration A→B→A of a 2-vCPU guest running the dirty workload and the CPU check (the
+//!   init keeps known values in XMM/YMM, MXCSR and the x87 control word, and watches the TSC
+//!   and `CLOCK_MONOTONIC`): no page lost, every register held, its clock goes forward, kvmclock
+//!   stays its clock source;
+//! - the address takeover: a client streaming through the echo service across A→B→A→B loses
+//!   nothing, a new connection works after each move and after host A's TAP is deleted;
+//! - the destination killed during pre-copy: the guest stays on the source, a second
+//!   migration succeeds.
+//!
+//! These need a KVM that runs guest kernel code natively. This binary has its own harness
+//! (`harness = false`, [`vmm_tests::place::main`]), which runs them here on hardware KVM, and
+//! on a KVM that emulates kernel code (this project's kvm_pvm machines) boots the nested host
+//! (`resources/l1.sh`) once and runs itself there. Add tests to [`main`]'s list: a `#[test]`
+//! attribute does nothing in this file.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::thread;
+use std::time::Duration;
+
+use libtest_mimic::Trial;
+use vmm_tests::TestBed;
+use vmm_tests::checks::{
+    DIRTY_64, Via, assert_cpu_check, destination_killed_during_precopy, echo_exact, move_dirty_guest, two_hosts,
+};
+use vmm_tests::client::{assert_intact, assert_new_connection, start_client, stop_client};
+use vmm_tests::moves::{
+    CONTROL_PORT, ECHO_PORT, GUEST_TIMEOUT, LINUX_BOOT_TIMEOUT, MIGRATION_PORT, assert_dirty_console, dump, exchange,
+    hop, start_guest,
+};
+use vmm_tests::vm::{Guest, LINUX_NATIVE_CMDLINE, Vm, ping};
+
+fn main() -> ExitCode {
+    let test = |name: &str, f: fn()| {
+        Trial::test(name, move || {
+            f();
+            Ok(())
+        })
+    };
+    vmm_tests::place::main(vec![
+        test("linux_boots_to_the_ready_line_with_one_vcpu", || boots(1)),
+        test("linux_boots_to_the_ready_line_with_two_vcpus", || boots(2)),
+        test("linux_answers_echo_ping_and_control_from_the_client", answers_from_the_client),
+        test("linux_echoes_100_megabytes_byte_exact", hundred_megabytes),
+        test("linux_migrates_a_to_b_to_a_with_its_memory_registers_and_clock", migrates_back_and_forth),
+        test("linux_keeps_its_connections_across_moves_and_a_deleted_tap", takeover),
+        test("linux_stays_on_the_source_when_the_destination_dies_during_precopy", || {
+            destination_killed_during_precopy(Guest::Linux)
+        }),
+    ])
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// Linux with `vcpus` vCPUs to its ready line, then a clean poweroff; on the way it brought up
+/// every vCPU and chose kvmclock.
+fn boots(vcpus: u8) {
+    let mut args = s(&["run", "--mem-mib", "256", "--vcpus", &vcpus.to_string()]);
+    args.extend(Guest::Linux.boot_args());
+    args.extend(["--cmdline".into(), format!("{LINUX_NATIVE_CMDLINE} vmm.workload=idle vmm.poweroff_after_ms=200")]);
+    let vm = Vm::start(None, &args);
+    let ready = vm.console.wait_line(LINUX_BOOT_TIMEOUT, |l| l.starts_with("GUEST-READY"));
+    let ready = ready.unwrap_or_else(|| panic!("no ready line within {LINUX_BOOT_TIMEOUT:?}\n{}", vm.describe()));
+    println!("{vcpus} vCPU(s): {ready} ({} ms after start)", vm.started.elapsed().as_millis());
+    assert!(ready.contains("workload=idle") && ready.contains("kernel=linux"), "{ready}");
+    let status = vm.wait_timeout(GUEST_TIMEOUT).unwrap_or_else(|| panic!("did not power off\n{}", vm.describe()));
+    assert!(status.success(), "exit {status:?}\n{}", vm.describe());
+    let console = vm.console.text();
+    assert!(console.contains("GUEST-POWEROFF"), "{}", vm.describe());
+    let cpus = format!("Brought up 1 node, {vcpus} CPU");
+    assert!(console.contains(&cpus), "Linux did not bring up {vcpus} vCPU(s)\n{}", vm.describe());
+    assert!(console.contains("Switched to clocksource kvm-clock"), "Linux did not choose kvmclock\n{}", vm.describe());
+}
+
+/// A test bed with host `a` and the client, and Linux with the echo workload on host a.
+fn echo_guest() -> (TestBed, Vm) {
+    let bed = TestBed::builder().host("a").client("client").build().expect("build the test bed");
+    let vm = start_guest(&bed, "a", Guest::Linux, &["--mem-mib", "256"], "vmm.workload=echo");
+    let addr = SocketAddr::from((bed.guest_ip(0), ECHO_PORT));
+    if let Err(e) = bed.client().wait_for_tcp(addr, GUEST_TIMEOUT) {
+        panic!("the echo service is not reachable: {e}\n{}", vm.describe());
+    }
+    (bed, vm)
+}
+
+fn answers_from_the_client() {
+    let (bed, vm) = echo_guest();
+    for n in 0..3 {
+        let line = format!("line {n}\n");
+        let back = exchange(&bed, ECHO_PORT, &line).unwrap_or_else(|e| panic!("echo: {e}\n{}", vm.describe()));
+        assert_eq!(back, line, "{}", vm.describe());
+    }
+    let ip = bed.guest_ip(0);
+    for _ in 0..3 {
+        let rtt = bed.client().run_in(|| ping(ip, GUEST_TIMEOUT)).expect("enter the client namespace");
+        let rtt = rtt.unwrap_or_else(|e| panic!("ping {ip}: {e}\n{}", vm.describe()));
+        println!("ping {ip}: {rtt:?}");
+    }
+    let status = exchange(&bed, CONTROL_PORT, "status\n").unwrap_or_else(|e| panic!("status: {e}\n{}", vm.describe()));
+    assert!(status.starts_with("STATUS workload=echo "), "status answered {status:?}\n{}", vm.describe());
+}
+
+fn hundred_megabytes() {
+    const TOTAL: usize = 100_000_000;
+    let (bed, vm) = echo_guest();
+    let elapsed = echo_exact(&bed, 0, TOTAL, &vm);
+    println!("Linux echo: {TOTAL} bytes each way in {elapsed:.2?} (informational)");
+}
+
+/// A→B (API) and back B→A (`vmm migrate --json`), 2 vCPUs, dirty workload and CPU check.
+fn migrates_back_and_forth() {
+    let bed = two_hosts();
+    let workload = format!("{DIRTY_64} vmm.cpu_check=1");
+    let mut vm = start_guest(&bed, "a", Guest::Linux, &["--mem-mib", "256", "--vcpus", "2"], &workload);
+    assert_dirty_console(&vm, 0, &[("source", &vm)]);
+    let mut check = assert_cpu_check(&vm, 0, &[("source", &vm)]);
+    println!("before the moves: {check:?}");
+    for (i, (to, via)) in [("b", Via::Api), ("a", Via::CliJson)].into_iter().enumerate() {
+        let what = format!("Linux migration {} to host {to} ({via:?})", i + 1);
+        vm = move_dirty_guest(&bed, vm, to, MIGRATION_PORT + i as u16, via, &what).0;
+        // The check's counter goes on from where it was: its thread and registers moved.
+        check = assert_cpu_check(&vm, check.rounds, &[("guest", &vm)]);
+        println!("{what}: {check:?}");
+        let console = vm.console.text();
+        for bad in ["Call Trace", "Marking clocksource", "soft lockup"] {
+            assert!(!console.contains(bad), "{bad:?} on the console after the move{}", dump(&[("guest", &vm)]));
+        }
+    }
+}
+
+/// A client streams through the echo service while the guest moves A→B→A→B; a new connection
+/// works after each move; then host A's TAP goes and nothing changes for the client.
+fn takeover() {
+    let bed = TestBed::builder().host("a").host("b").client("client").host_ips().build().expect("test bed");
+    let on_a = start_guest(&bed, "a", Guest::Linux, &["--mem-mib", "256"], "vmm.workload=echo");
+    let client = start_client(&bed, &[("guest on a", &on_a)]);
+    thread::sleep(Duration::from_secs(1));
+    let mut vm = on_a;
+    for (i, to) in ["b", "a", "b"].into_iter().enumerate() {
+        let (next, info) = hop(&bed, vm, to, MIGRATION_PORT + i as u16, &[], &[("client", &client)]);
+        vm = next;
+        println!("move {} to host {to}: downtime {:?} µs (source's view)", i + 1, info.downtime_us);
+        assert_new_connection(&bed, &format!("the move to host {to}"), &[("guest", &vm), ("client", &client)]);
+        thread::sleep(Duration::from_secs(1));
+    }
+    bed.remove_tap("a").expect("delete host a's TAP");
+    let ctx = [("guest on b", &vm), ("client", &client)];
+    assert_new_connection(&bed, "host a's TAP was deleted", &ctx);
+    thread::sleep(Duration::from_secs(1));
+    let report = stop_client(&client, &ctx);
+    // 5 s of streaming at 10 ms a line, with room for a slow machine.
+    assert_intact(&report, 100, &ctx);
+}
