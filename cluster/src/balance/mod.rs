@@ -43,7 +43,8 @@ pub struct Policy {
     pub start_spread: f64,
     /// ... and stops once it is below this.
     pub stop_spread: f64,
-    /// The least a move must lower the spread beyond its cost.
+    /// The least a move must lower the spread beyond its cost: above the noise of measured
+    /// figures, so that a balanced cluster is not reshuffled after it.
     pub min_gain: f64,
     /// Spread a second of migration costs.
     pub cost_per_s: f64,
@@ -70,7 +71,7 @@ impl Default for Policy {
         Policy {
             start_spread: 0.15,
             stop_spread: 0.08,
-            min_gain: 0.01,
+            min_gain: 0.1,
             cost_per_s: 0.02,
             cost_per_pause_s: 1.0,
             bandwidth_mib_s: 400.0,

@@ -168,7 +168,7 @@ fn equal_vms_end_within_one_of_each_other_from_any_start() {
 
 #[test]
 fn hysteresis_starts_above_one_threshold_and_stops_below_another() {
-    let policy = Policy { start_spread: 0.3, stop_spread: 0.1, ..Policy::default() };
+    let policy = Policy { start_spread: 0.3, stop_spread: 0.1, min_gain: 0.01, ..Policy::default() };
     // Utilisations 0.6 and 0.2: σ = 0.2, between the thresholds.
     let mut input = cluster(&["a", "b"], 1000, &[("v0", "a", 300.0), ("v1", "a", 300.0), ("v2", "b", 200.0)]);
     for h in &mut input.hosts {
