@@ -9,6 +9,8 @@
 //! | `status/<vm>` | `VmStatus` | the owner agent's lease |
 //! | `load/<host>` | `HostLoad` | the agent's lease |
 //! | `moves/<vm>` | `MoveRecord` | from a move request until the next one replaces it |
+//! | `balancer/leader` | `LeaderRecord` | the leading balancer's lease |
+//! | `balancer/plan` | `PlanRecord` | the leading balancer's lease |
 
 /// The prefix of every key of the cluster.
 pub const ROOT: &str = "/vmm/v1/";
@@ -22,18 +24,21 @@ pub enum Key {
     Status(String),
     Load(String),
     Move(String),
+    /// The balancer's records: `leader` and `plan`.
+    Balancer(String),
 }
 
 /// A kind's prefix and the constructor of its keys.
 type Kind = (&'static str, fn(String) -> Key);
 
-const KINDS: [Kind; 6] = [
+const KINDS: [Kind; 7] = [
     ("hosts/", Key::Host),
     ("host-specs/", Key::HostSpec),
     ("vms/", Key::Vm),
     ("status/", Key::Status),
     ("load/", Key::Load),
     ("moves/", Key::Move),
+    ("balancer/", Key::Balancer),
 ];
 
 impl Key {
@@ -46,6 +51,7 @@ impl Key {
             Key::Status(n) => ("status/", n),
             Key::Load(n) => ("load/", n),
             Key::Move(n) => ("moves/", n),
+            Key::Balancer(n) => ("balancer/", n),
         };
         format!("{ROOT}{kind}{name}")
     }
@@ -84,6 +90,16 @@ pub fn moves(name: &str) -> String {
     Key::Move(name.into()).path()
 }
 
+/// The elected balancer's record.
+pub fn balancer_leader() -> String {
+    Key::Balancer("leader".into()).path()
+}
+
+/// The elected balancer's last plan.
+pub fn balancer_plan() -> String {
+    Key::Balancer("plan".into()).path()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +113,7 @@ mod tests {
             Key::Status("vm-1".into()),
             Key::Load("b".into()),
             Key::Move("vm-1".into()),
+            Key::Balancer("leader".into()),
         ] {
             assert_eq!(Key::parse(&k.path()), Some(k.clone()), "{}", k.path());
         }

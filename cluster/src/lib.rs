@@ -6,7 +6,10 @@
 //! commands, so this crate builds on `vmm` without `vmm` depending on it.
 
 pub mod agent;
+pub mod balance;
+pub mod balancer;
 pub mod cli;
+pub mod election;
 pub mod error;
 pub mod etcd_server;
 pub mod incoming;

@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Load information: every couple of seconds the agent measures each of its VMs (CPU of the VMM
-//! process and of its vCPU threads, resident memory) and itself, smooths the figures (moving
-//! averages over about 10 s and 60 s), and publishes them for the whole host in one record under
-//! its lease, so that figures of a dead agent vanish with it. One put per host per period keeps
-//! the store's load independent of the number of VMs. The balancer (issue 17) reads these.
+//! Load information: every second (`--load-every`) the agent measures each of its VMs (CPU of
+//! the VMM process and of its vCPU threads, what its vCPUs asked for — running plus waiting to
+//! run, so a VM starved by its host's quota shows its real demand —, resident memory) and
+//! itself, smooths the figures (moving averages over about 10 s and 60 s, seeded by the first
+//! period), and publishes them for the whole host in one record under its lease, so that
+//! figures of a dead agent vanish with it, stamped with the time they were taken, so that a
+//! reader can ignore stale ones. One put per host per period keeps the store's load independent
+//! of the number of VMs. The balancer (`balance/`) plans from these.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,14 +24,25 @@ struct Sample {
     at: Instant,
     ticks: u64,
     vcpu_ticks: u64,
+    /// vCPU threads' ns running plus ns waiting to run.
+    vcpu_demand_ns: u64,
+}
+
+/// One VMM's figures between periods.
+struct VmState {
+    sample: Sample,
+    load: VmLoad,
+    /// A full period has been measured (its first one seeds the averages).
+    measured: bool,
 }
 
 /// Smoothed figures carried from one period to the next.
 #[derive(Default)]
 struct State {
-    vms: BTreeMap<(String, u64), (Sample, VmLoad)>,
+    vms: BTreeMap<(String, u64), VmState>,
     agent: Option<(Sample, Ema)>,
     host: Ema,
+    demand: Ema,
     throttled: Ema,
     periods: Option<(u64, u64)>,
     first: bool,
@@ -61,24 +75,37 @@ fn measure<S: Store>(agent: &Agent<S>, state: &mut State, cgroup: Option<&std::p
     let mut vms = BTreeMap::new();
     let mut total = 0.0;
     let mut seen = Vec::new();
+    let mut demand = 0.0;
     for l in agent.locals() {
         if !agent.runner.alive(&l) {
             continue;
         }
-        let (Some(ticks), Some(vcpu)) = (procfs::cpu_ticks(l.pid), procfs::vcpu_ticks(l.pid)) else { continue };
-        let rss = procfs::rss_kib(l.pid).unwrap_or(0) as f64 / 1024.0;
+        let (Some(ticks), Some(vcpu), Some((run_ns, wait_ns))) =
+            (procfs::cpu_ticks(l.pid), procfs::vcpu_ticks(l.pid), procfs::vcpu_sched_ns(l.pid))
+        else {
+            continue;
+        };
+        let sample = Sample { at: now, ticks, vcpu_ticks: vcpu, vcpu_demand_ns: run_ns + wait_ns };
         let key = (l.vm.clone(), l.epoch);
-        let entry = state.vms.remove(&key);
-        let mut load = entry.as_ref().map(|(_, v)| v.clone()).unwrap_or_default();
-        if let Some((prev, _)) = &entry {
-            let dt = now.duration_since(prev.at).as_secs_f64();
-            load.cpu_millis.update(millis(ticks.saturating_sub(prev.ticks), dt), dt, false);
-            load.vcpu_millis.update(millis(vcpu.saturating_sub(prev.vcpu_ticks), dt), dt, false);
-        }
-        load.rss_mib = rss;
+        let Some(prev) = state.vms.remove(&key) else {
+            // A VMM seen for the first time: nothing to compare with yet, so nothing published
+            // (a figure of 0 would be wrong, not unknown).
+            seen.push((key, VmState { sample, load: VmLoad::default(), measured: false }));
+            continue;
+        };
+        let mut load = prev.load;
+        let dt = now.duration_since(prev.sample.at).as_secs_f64();
+        let first = !prev.measured;
+        load.cpu_millis.update(millis(ticks.saturating_sub(prev.sample.ticks), dt), dt, first);
+        load.vcpu_millis.update(millis(vcpu.saturating_sub(prev.sample.vcpu_ticks), dt), dt, first);
+        let asked_ns = sample.vcpu_demand_ns.saturating_sub(prev.sample.vcpu_demand_ns);
+        let asked = if dt <= 0.0 { 0.0 } else { asked_ns as f64 / 1e6 / dt };
+        load.demand_millis.update(asked, dt, first);
+        load.rss_mib = procfs::rss_kib(l.pid).unwrap_or(0) as f64 / 1024.0;
         total += load.cpu_millis.now;
+        demand += load.demand_millis.now;
         vms.insert(l.vm.clone(), load.clone());
-        seen.push((key, (Sample { at: now, ticks, vcpu_ticks: vcpu }, load)));
+        seen.push((key, VmState { sample, load, measured: true }));
     }
     // VMMs gone since the last period are dropped with it.
     state.vms = seen.into_iter().collect();
@@ -90,11 +117,13 @@ fn measure<S: Store>(agent: &Agent<S>, state: &mut State, cgroup: Option<&std::p
             let dt = now.duration_since(prev.at).as_secs_f64();
             agent_cpu.update(millis(ticks.saturating_sub(prev.ticks), dt), dt, false);
         }
-        state.agent = Some((Sample { at: now, ticks, vcpu_ticks: 0 }, agent_cpu));
+        state.agent = Some((Sample { at: now, ticks, vcpu_ticks: 0, vcpu_demand_ns: 0 }, agent_cpu));
     }
     total += agent_cpu.now;
     let dt = agent.cfg.load_every.as_secs_f64();
     state.host.update(total, dt, state.first);
+    // What the host is asked for: its VMs' demand and the agent's own use.
+    state.demand.update(demand + agent_cpu.now, dt, state.first);
     if let Some((periods, throttled)) = cgroup.and_then(procfs::throttling) {
         if let Some((p0, t0)) = state.periods {
             let dp = periods.saturating_sub(p0);
@@ -110,6 +139,8 @@ fn measure<S: Store>(agent: &Agent<S>, state: &mut State, cgroup: Option<&std::p
         capacity: agent.cfg.capacity,
         cpu_millis: state.host,
         throttled: state.throttled,
+        demand_millis: state.demand,
+        every_s: dt,
         agent_cpu_millis: agent_cpu,
         agent_rss_mib: procfs::rss_kib(me).unwrap_or(0) as f64 / 1024.0,
         vms,

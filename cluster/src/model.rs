@@ -169,6 +169,11 @@ pub struct VmLoad {
     pub cpu_millis: Ema,
     /// CPU used by its vCPU threads alone (the guest's demand as far as it got it).
     pub vcpu_millis: Ema,
+    /// What its vCPU threads asked for: time running plus time runnable but not running (the
+    /// scheduler's run delay, which includes the time its host's cgroup was throttled), in
+    /// thousandths of a CPU. A VM starved by its host's quota shows demand above its use.
+    #[serde(default)]
+    pub demand_millis: Ema,
     /// Resident memory of its VMM process, MiB.
     pub rss_mib: f64,
 }
@@ -183,6 +188,12 @@ pub struct HostLoad {
     pub cpu_millis: Ema,
     /// Share of CFS periods in which the cgroup was throttled (0 to 1): demand above capacity.
     pub throttled: Ema,
+    /// The sum of its VMs' demand (see [`VmLoad::demand_millis`]), thousandths of a CPU.
+    #[serde(default)]
+    pub demand_millis: Ema,
+    /// Seconds between samples (the figures are about this fresh when `at_ms` is recent).
+    #[serde(default)]
+    pub every_s: f64,
     /// The agent's own CPU and memory.
     pub agent_cpu_millis: Ema,
     pub agent_rss_mib: f64,
@@ -237,6 +248,10 @@ pub struct MoveTimes {
     pub downtime_us: Option<u64>,
     #[serde(default)]
     pub ended_ms: Option<u64>,
+    /// Pages the guest dirtied per second in the migration's last pre-copy round, as the source
+    /// VMM measured it: the VM's dirty rate, known once it has moved.
+    #[serde(default)]
+    pub dirty_pages_s: Option<u64>,
 }
 
 /// A move of one VM between two hosts: created by `vmm vm move` or a drain (only if none is in

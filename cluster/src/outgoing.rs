@@ -67,9 +67,16 @@ async fn run_inner<S: Store>(agent: &Arc<Agent<S>>, vm: &str, move_id: &str) -> 
     match outcome {
         Outcome::Completed(info) => {
             tracing::info!(vm, move_id, to = %m.to, total_ms = info.total_ms, downtime_us = ?info.downtime_us, "moved away");
-            if let Err(e) =
-                ownership::note_pause(&agent.store, vm, move_id, info.paused_at_us, info.resumed_at_us).await
-            {
+            // The rate the last pre-copy round measured (the stop-and-copy round does not set it).
+            let noted = ownership::note_pause(
+                &agent.store,
+                vm,
+                move_id,
+                info.paused_at_us,
+                info.resumed_at_us,
+                Some(info.dirty_rate_pages_s),
+            );
+            if let Err(e) = noted.await {
                 tracing::warn!(vm, error = %e, "cannot record the move's timing");
             }
             // The source VMM exits once its outcome was read; then its leftovers go.

@@ -33,7 +33,7 @@ pub enum OwnershipError {
     Stopping(String),
     #[error("the cluster changed while deciding ({0}); nothing was done, try again")]
     Conflict(String),
-    #[error("this agent's lease is gone: it may not act until it has registered again")]
+    #[error("the lease this was asked under is gone (an agent unregistered, or a balancer no longer leading): refused")]
     Fenced,
     #[error("host {from} migrates {} and host {to} {}: a move needs both ends alike", mode(*.from_plain), mode(*.to_plain))]
     SecurityMismatch { from: String, to: String, from_plain: bool, to_plain: bool },
@@ -94,6 +94,19 @@ pub async fn request_move<S: Store>(
     to: Option<&str>,
     requested_by: &str,
 ) -> Result<MoveRecord, OwnershipError> {
+    request_move_fenced(store, vm, to, requested_by, None).await
+}
+
+/// [`request_move`] on behalf of someone whose right to act is `fence` (the balancer's
+/// leadership): the request's transaction compares it too, and fails with
+/// [`OwnershipError::Fenced`] if it no longer holds.
+pub async fn request_move_fenced<S: Store>(
+    store: &S,
+    vm: &str,
+    to: Option<&str>,
+    requested_by: &str,
+    fence: Option<Compare>,
+) -> Result<MoveRecord, OwnershipError> {
     for _ in 0..PLACEMENT_ATTEMPTS {
         let view = ClusterView::load(store).await?;
         let record = view.vms.get(vm).ok_or_else(|| OwnershipError::UnknownVm(vm.to_string()))?;
@@ -149,11 +162,17 @@ pub async fn request_move<S: Store>(
                 Compare::ModRevision(placement_key(), view.placement_revision),
                 Compare::Lease(keys::host(&to), lease),
             ])
+            .when(fence.clone())
             .then([Op::put(keys::moves(vm), json(&record)), bump_placement()])
             .otherwise([Op::get(keys::moves(vm)), Op::get(keys::vm(vm))]);
         let result = store.txn(txn).await?;
         if result.succeeded {
             return Ok(record);
+        }
+        if let Some(f) = &fence
+            && !store.txn(Txn::new().when([f.clone()])).await?.succeeded
+        {
+            return Err(OwnershipError::Fenced);
         }
         // Say precisely why, if it was not just the placement guard.
         if let Some(Some(kv)) = result.gets.first()
@@ -346,18 +365,21 @@ pub async fn fail_requested<S: Store>(store: &S, vm: &str, id: &str, error: &str
     .await
 }
 
-/// Records when the guest paused on the source and ran on the destination (the source learns
-/// both from its VMM), whatever phase the move is in.
+/// Records when the guest paused on the source and ran on the destination, and the guest's
+/// dirty rate in the last pre-copy round (the source learns them from its VMM), whatever phase
+/// the move is in.
 pub async fn note_pause<S: Store>(
     store: &S,
     vm: &str,
     id: &str,
     paused_us: Option<u64>,
     resumed_us: Option<u64>,
+    dirty_pages_s: Option<u64>,
 ) -> Result<bool, StoreError> {
     update_move(store, vm, id, |m| {
         m.times.paused_us = paused_us.or(m.times.paused_us);
         m.times.resumed_us = resumed_us.or(m.times.resumed_us);
+        m.times.dirty_pages_s = dirty_pages_s.or(m.times.dirty_pages_s);
         true
     })
     .await
@@ -521,7 +543,7 @@ mod tests {
         let arrival = Arrival { commit_done_us: Some(5), resumed_us: Some(2), downtime_us: Some(1) };
         assert!(finish(&s, "v", &m.id, arrival).await.unwrap());
         assert!(!finish(&s, "v", &m.id, Arrival::default()).await.unwrap());
-        assert!(note_pause(&s, "v", &m.id, Some(1), Some(2)).await.unwrap());
+        assert!(note_pause(&s, "v", &m.id, Some(1), Some(2), Some(3)).await.unwrap());
         let done: Versioned<MoveRecord> = parse(&s.get(&keys::moves("v")).await.unwrap().unwrap()).unwrap();
         assert_eq!(done.value.phase, MovePhase::Done);
         assert_eq!((done.value.times.paused_us, done.value.times.commit_done_us), (Some(1), Some(5)));

@@ -61,6 +61,32 @@ pub fn vcpu_ticks(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+/// Scheduler figures of process `pid`'s vCPU threads (named `vcpuN`), summed: (ns running,
+/// ns runnable but waiting for a CPU) from each thread's `schedstat`. Waiting includes the
+/// time the thread's cgroup was throttled by its CFS quota, so running + waiting over a period
+/// is what the vCPUs asked for, whether or not they got it.
+pub fn vcpu_sched_ns(pid: u32) -> Option<(u64, u64)> {
+    let (mut run, mut wait) = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        if let Some((r, w)) = schedstat(&task.path().join("schedstat")) {
+            run += r;
+            wait += w;
+        }
+    }
+    Some((run, wait))
+}
+
+/// (ns on a CPU, ns waiting on a run queue) from a `schedstat` file.
+fn schedstat(path: &Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut f = text.split_whitespace().map(|v| v.parse::<u64>().ok());
+    Some((f.next()??, f.next()??))
+}
+
 /// Resident memory of process `pid`, KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -119,6 +145,8 @@ mod tests {
         assert!(cpu_ticks(me).is_some());
         assert!(rss_kib(me).unwrap() > 0);
         assert_eq!(vcpu_ticks(me), Some(0));
+        assert_eq!(vcpu_sched_ns(me), Some((0, 0)));
+        assert!(schedstat(Path::new("/proc/self/schedstat")).is_some_and(|(run, _)| run > 0));
         assert!(machine_cpu_millis() >= 1000);
         assert!(machine_mem_mib() > 0);
         assert_eq!(start_time(u32::MAX), None);

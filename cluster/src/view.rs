@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 
+use crate::balance::PlanRecord;
+use crate::election::LeaderRecord;
 use crate::keys::{self, Key};
 use crate::model::{HostLoad, HostRecord, HostSpec, MoveRecord, VmRecord, VmStatus};
 use crate::store::{KeyValue, Revision, Store, StoreError};
@@ -30,6 +32,9 @@ pub struct ClusterView {
     pub status: BTreeMap<String, Versioned<VmStatus>>,
     pub loads: BTreeMap<String, Versioned<HostLoad>>,
     pub moves: BTreeMap<String, Versioned<MoveRecord>>,
+    /// The elected balancer and its last plan, if a balancer leads.
+    pub balancer_leader: Option<Versioned<LeaderRecord>>,
+    pub balancer_plan: Option<Versioned<PlanRecord>>,
     /// The placement guard's mod revision (0 if never written): see `ownership.rs`.
     pub placement_revision: Revision,
     /// Keys whose values did not parse (reported, otherwise ignored).
@@ -65,7 +70,9 @@ impl ClusterView {
                 Some(Key::Status(n)) => insert(&mut view.status, n, kv),
                 Some(Key::Load(n)) => insert(&mut view.loads, n, kv),
                 Some(Key::Move(n)) => insert(&mut view.moves, n, kv),
-                None => false,
+                Some(Key::Balancer(n)) if n == "leader" => set(&mut view.balancer_leader, kv),
+                Some(Key::Balancer(n)) if n == "plan" => set(&mut view.balancer_plan, kv),
+                Some(Key::Balancer(_)) | None => false,
             };
             if !ok {
                 view.malformed.push(kv.key.clone());
@@ -119,6 +126,11 @@ fn insert<T: DeserializeOwned>(map: &mut BTreeMap<String, Versioned<T>>, name: S
         }
         Err(_) => false,
     }
+}
+
+fn set<T: DeserializeOwned>(slot: &mut Option<Versioned<T>>, kv: &KeyValue) -> bool {
+    *slot = parse(kv).ok();
+    slot.is_some()
 }
 
 /// Parses one value read from the store.

@@ -55,6 +55,7 @@ pub struct ClusterBed {
     etcd: Option<EtcdServer>,
     endpoints: String,
     agents: BTreeMap<String, Process>,
+    balancers: BTreeMap<String, Process>,
     state_root: PathBuf,
     options: ClusterOptions,
 }
@@ -81,8 +82,16 @@ impl ClusterBed {
         let endpoints = etcd.endpoints_arg();
         let state_root = std::env::temp_dir().join(format!("vmm-cl-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_root);
-        let mut cluster =
-            ClusterBed { bed, cgroups, etcd: Some(etcd), endpoints, agents: BTreeMap::new(), state_root, options };
+        let mut cluster = ClusterBed {
+            bed,
+            cgroups,
+            etcd: Some(etcd),
+            endpoints,
+            agents: BTreeMap::new(),
+            balancers: BTreeMap::new(),
+            state_root,
+            options,
+        };
         for h in hosts {
             cluster.start_agent(h);
         }
@@ -166,9 +175,65 @@ impl ClusterBed {
         std::fs::read_to_string(self.state_root.join(format!("{host}.log"))).unwrap_or_default()
     }
 
+    /// Starts a balancer (`vmm balancer --id ID ARGS`) in the client's namespace, where etcd
+    /// is, its log in `balancer-<id>.log`.
+    pub fn start_balancer(&mut self, id: &str, args: &[&str]) {
+        std::fs::create_dir_all(&self.state_root).expect("create the state root");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_root.join(format!("balancer-{id}.log")))
+            .expect("open the balancer's log");
+        let mut cmd = self.bed.client().command(vmm_bin());
+        cmd.args(["balancer", "--id", id])
+            .args(args)
+            .env("VMM_ETCD", &self.endpoints)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let p = self.bed.client().spawn(&mut cmd).expect("start the balancer");
+        self.balancers.insert(id.to_string(), p);
+    }
+
+    /// Kills balancer `id` (SIGKILL), as a crash would.
+    pub fn kill_balancer(&mut self, id: &str) {
+        if let Some(p) = self.balancers.remove(id) {
+            let _ = p.kill();
+        }
+    }
+
+    /// Balancer `id`'s log so far.
+    pub fn balancer_log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.state_root.join(format!("balancer-{id}.log"))).unwrap_or_default()
+    }
+
+    /// Every VMM process running VM `vm`, on any host: (host, pid). The agents' VMMs live in
+    /// their hosts' cgroups, with their API sockets in `<state dir>/vms/<vm>.<epoch>/`.
+    pub fn vmm_processes(&self, vm: &str) -> Vec<(String, u32)> {
+        let needle = format!("/vms/{vm}.");
+        let mut found = Vec::new();
+        for (host, group) in &self.cgroups {
+            for pid in group.pids() {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<String> =
+                    cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+                let is_vmm = args.iter().any(|a| a == "run") && args.iter().any(|a| a.contains(&needle));
+                let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let zombie = state.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
+                if is_vmm && !zombie {
+                    found.push((host.clone(), pid));
+                }
+            }
+        }
+        found
+    }
+
     /// Every agent's log and every VMM's log, for a failing assertion's message.
     pub fn describe(&self) -> String {
         let mut out = String::new();
+        for id in self.balancers.keys() {
+            out.push_str(&format!("\n===== balancer {id} =====\n{}", self.balancer_log(id)));
+        }
         for h in self.cgroups.keys() {
             out.push_str(&format!("\n===== agent {h} =====\n{}", self.agent_log(h)));
             let vms = self.state_dir(h).join("vms");
@@ -257,6 +322,7 @@ impl Drop for ClusterBed {
         // The cgroups hold the agents and all their VMMs: killing them first leaves nothing
         // inside the namespaces.
         self.agents.clear();
+        self.balancers.clear();
         self.cgroups.clear();
         self.etcd = None;
         let _ = std::fs::remove_dir_all(&self.state_root);

@@ -268,7 +268,8 @@ fn without_etcd_vms_run_on_and_commands_fail_clearly() {
     c.restart_etcd();
     // Their old registrations come back with etcd for a moment, until their leases expire.
     let deadline = Instant::now() + WAIT;
-    while !["a", "b"].iter().all(|h| c.agent_log(h).contains("registered again")) {
+    // ("info: registered again": the error that the lease was lost says "until registered again".)
+    while !["a", "b"].iter().all(|h| c.agent_log(h).contains("info: registered again")) {
         assert!(Instant::now() < deadline, "the agents did not register again{}", c.describe());
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -10,6 +10,7 @@
 //! `log` records (the library crates use the `log` macros) are forwarded to the same subscriber.
 
 use std::fmt;
+use std::io::IsTerminal;
 
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
@@ -27,7 +28,11 @@ pub fn init(program: &'static str, default: &str) {
         },
         _ => (EnvFilter::new(default), None),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: logs piped to files (agents, tests) stay plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let installed = if std::env::var("VMM_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().with_current_span(false).try_init()
     } else {

@@ -69,9 +69,13 @@ enum Command {
     /// VMs placed on a cluster's hosts: create, list, stop, move (`vmm vm --help`).
     #[command(disable_help_flag = true)]
     Vm(ClusterArgs),
+    /// The cluster's load balancer: one elected leader moves VMs to even load out
+    /// (`vmm balancer --help`).
+    #[command(disable_help_flag = true)]
+    Balancer(ClusterArgs),
 }
 
-/// Everything after `vmm host|cluster|vm`, passed on to `vmm-cluster` as it is.
+/// Everything after `vmm host|cluster|vm|balancer`, passed on to `vmm-cluster` as it is.
 #[derive(clap::Args)]
 struct ClusterArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
@@ -341,6 +345,7 @@ fn main() -> ExitCode {
         Command::Host(a) => cluster("host", a),
         Command::Cluster(a) => cluster("cluster", a),
         Command::Vm(a) => cluster("vm", a),
+        Command::Balancer(a) => cluster("balancer", a),
     };
     match result {
         Ok(code) => code,
@@ -470,7 +475,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
 }
 
-/// `vmm host|cluster|vm ...`: replaces this process with the binary that serves them, found next
+/// `vmm host|cluster|vm|balancer ...`: replaces this process with the binary that serves them, found next
 /// to this one.
 fn cluster(command: &str, args: ClusterArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;

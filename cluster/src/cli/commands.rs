@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::status::{render, status_report, vms_table};
-use super::{ClusterCmd, CreateArgs, DrainArgs, HostCmd, RunArgs, Top, VmCmd};
+use super::{BalancerArgs, ClusterCmd, CreateArgs, DrainArgs, HostCmd, RunArgs, Top, VmCmd};
 use crate::agent::{self, AgentConfig, MigrationSecurity};
+use crate::balance::Policy;
+use crate::balancer::{self, BalancerConfig};
 use crate::error::ClusterError;
 use crate::model::{Capacity, Desired, MovePhase, MoveRecord, VmPhase, VmRecord, VmSpec, check_name, now_ms, now_us};
 use crate::ownership;
@@ -61,6 +63,7 @@ pub async fn run_command(top: Top, etcd: &str) -> Result<(), ClusterError> {
             Ok(())
         }
         Top::Vm(VmCmd::Create(args)) => create(args, etcd).await,
+        Top::Balancer(args) => balancer(args, etcd).await,
         Top::Vm(VmCmd::Stop { name, no_wait }) => stop(&name, no_wait, etcd).await,
         Top::Vm(VmCmd::Move { name, to, no_wait, timeout }) => {
             let store = super::connect(etcd).await?;
@@ -133,6 +136,11 @@ async fn host_run(args: RunArgs, etcd: &str) -> Result<(), ClusterError> {
         load_every: Duration::from_secs_f64(args.load_every),
     };
     let store = super::connect(etcd).await?;
+    agent::run(cfg, store, cancel_on_signals("stopping (the VMs keep running)")).await
+}
+
+/// A cancel signal that turns true at SIGTERM or SIGINT (logging `why`).
+pub fn cancel_on_signals(why: &'static str) -> tokio::sync::watch::Receiver<bool> {
     let (cancel_tx, cancel) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -144,10 +152,49 @@ async fn host_run(args: RunArgs, etcd: &str) -> Result<(), ClusterError> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        tracing::info!("stopping (the VMs keep running)");
+        tracing::info!("{why}");
         let _ = cancel_tx.send(true);
     });
-    agent::run(cfg, store, cancel).await
+    cancel
+}
+
+async fn balancer(args: BalancerArgs, etcd: &str) -> Result<(), ClusterError> {
+    let id = args.id.unwrap_or_else(|| format!("balancer-{}", std::process::id()));
+    check_name("balancer", &id).map_err(ClusterError::Invalid)?;
+    if !(0.1..=3600.0).contains(&args.every) {
+        return Err(ClusterError::Invalid("--every must be between 0.1 and 3600 s".into()));
+    }
+    let mut policy = Policy::default();
+    if let Some(x) = args.start_spread {
+        policy.start_spread = x;
+    }
+    if let Some(x) = args.stop_spread {
+        policy.stop_spread = x;
+    }
+    if let Some(s) = args.cooldown {
+        if !(0.0..=86_400.0).contains(&s) {
+            return Err(ClusterError::Invalid("--cooldown must be between 0 and 86400 s".into()));
+        }
+        policy.cooldown_ms = (s * 1000.0) as u64;
+    }
+    if !(policy.stop_spread >= 0.0 && policy.stop_spread <= policy.start_spread) {
+        return Err(ClusterError::Invalid(format!(
+            "--stop-spread ({}) must be between 0 and --start-spread ({})",
+            policy.stop_spread, policy.start_spread
+        )));
+    }
+    let cfg = BalancerConfig {
+        id,
+        every: Duration::from_secs_f64(args.every),
+        lease_ttl_s: args.lease_ttl,
+        policy,
+        dry_run: args.dry_run,
+        once: args.once,
+        json: args.json,
+    };
+    let store = super::connect(etcd).await?;
+    let cancel = cancel_on_signals("stopping");
+    balancer::run(cfg, store, cancel).await
 }
 
 /// A MAC derived from the VM's name and the time: locally administered (0x52 first octet, as

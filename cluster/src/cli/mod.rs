@@ -15,8 +15,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::error::ClusterError;
 use crate::store::EtcdStore;
 
-pub use commands::{WaitError, run_command};
-pub use status::{HostRow, MoveRow, StatusReport, VmRow, render as render_status, status_report};
+pub use commands::{WaitError, cancel_on_signals, run_command};
+pub use status::{BalancerRow, HostRow, MoveRow, StatusReport, VmRow, render as render_status, status_report};
 
 #[derive(Parser)]
 #[command(name = "vmm", bin_name = "vmm", version, about = "vmm's cluster commands (run through `vmm`)")]
@@ -39,6 +39,40 @@ pub enum Top {
     /// VMs placed on the cluster's hosts.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// The load balancer: run any number; one is elected leader and moves VMs so that load
+    /// relative to capacity evens out (until SIGTERM or SIGINT).
+    Balancer(BalancerArgs),
+}
+
+#[derive(Args)]
+pub struct BalancerArgs {
+    /// This instance's name [default: balancer-<pid>].
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Seconds between plans.
+    #[arg(long, default_value_t = 2.0, value_name = "S")]
+    pub every: f64,
+    /// The leader's lease, seconds (1 to 3): a dead leader is replaced after about this.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(i64).range(1..=crate::lease::MAX_TTL_S))]
+    pub lease_ttl: i64,
+    /// Print each plan and act on nothing (takes no part in the election).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: print one plan and exit.
+    #[arg(long, requires = "dry_run")]
+    pub once: bool,
+    /// With --dry-run: print the planner's input and plan as JSON.
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
+    /// Start balancing when the spread of load ÷ capacity is above this.
+    #[arg(long, value_name = "X")]
+    pub start_spread: Option<f64>,
+    /// Stop once the spread is below this.
+    #[arg(long, value_name = "X")]
+    pub stop_spread: Option<f64>,
+    /// Seconds a VM stays where it is after it moved.
+    #[arg(long, value_name = "S")]
+    pub cooldown: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -92,7 +126,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub vmm: Option<PathBuf>,
     /// Seconds between load reports.
-    #[arg(long, default_value_t = 2.0, value_name = "S")]
+    #[arg(long, default_value_t = 1.0, value_name = "S")]
     pub load_every: f64,
 }
 

@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
+use crate::balance::{self, Plan, Policy};
 use crate::model::{MovePhase, now_ms};
 use crate::placement;
 use crate::view::ClusterView;
@@ -55,6 +56,22 @@ pub struct MoveRow {
     pub requested_by: String,
 }
 
+/// The balancer: who leads, and its plan with the imbalance and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BalancerRow {
+    /// The elected balancer, if one leads.
+    pub leader: Option<String>,
+    pub leader_since_ms: Option<u64>,
+    /// `leader`: the leader's last round; `computed here`: no balancer leads, this is what one
+    /// would plan now (with the default policy).
+    pub source: String,
+    pub plan_age_ms: Option<u64>,
+    pub plan: Plan,
+    /// Moves the leader asked for in that round, and those the cluster refused (VM, why).
+    pub requested: Vec<String>,
+    pub refused: Vec<(String, String)>,
+}
+
 /// What `vmm cluster status --json` prints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -62,6 +79,36 @@ pub struct StatusReport {
     pub hosts: Vec<HostRow>,
     pub vms: Vec<VmRow>,
     pub migrations: Vec<MoveRow>,
+    #[serde(default)]
+    pub balancer: Option<BalancerRow>,
+}
+
+/// The balancer's part of the status.
+fn balancer_row(view: &ClusterView, now: u64) -> BalancerRow {
+    let leader = view.balancer_leader.as_ref().map(|l| &l.value);
+    match view.balancer_plan.as_ref().map(|p| &p.value) {
+        Some(r) => BalancerRow {
+            leader: leader.map(|l| l.id.clone()),
+            leader_since_ms: leader.map(|l| l.since_ms),
+            source: "leader".into(),
+            plan_age_ms: Some(now.saturating_sub(r.at_ms)),
+            plan: r.plan.clone(),
+            requested: r.requested.clone(),
+            refused: r.refused.clone(),
+        },
+        None => {
+            let input = balance::input::from_view(view, now, false);
+            BalancerRow {
+                leader: leader.map(|l| l.id.clone()),
+                leader_since_ms: leader.map(|l| l.since_ms),
+                source: "computed here".into(),
+                plan_age_ms: None,
+                plan: balance::plan(&input, &Policy::default()),
+                requested: Vec::new(),
+                refused: Vec::new(),
+            }
+        }
+    }
 }
 
 /// The report for `view`.
@@ -134,7 +181,7 @@ pub fn status_report(view: &ClusterView) -> StatusReport {
             requested_by: m.value.requested_by.clone(),
         })
         .collect();
-    StatusReport { revision: view.revision, hosts, vms, migrations }
+    StatusReport { revision: view.revision, hosts, vms, migrations, balancer: Some(balancer_row(view, now)) }
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -245,6 +292,32 @@ pub fn render(report: &StatusReport) -> String {
             .collect();
         out.push_str(&table(&["VM", "FROM", "TO", "PHASE", "AGE", "ASKED BY"], &rows));
     }
+    if let Some(b) = &report.balancer {
+        out.push_str("\nBALANCER\n");
+        match (&b.leader, b.plan_age_ms) {
+            (Some(l), Some(age)) => {
+                let _ = writeln!(out, "leader {l}; its plan of {:.1} s ago:", age as f64 / 1000.0);
+            }
+            (Some(l), None) => {
+                let _ = writeln!(out, "leader {l} (no plan yet); what a balancer would plan now:");
+            }
+            (None, _) => out.push_str("no balancer leads (`vmm balancer`); what one would plan now:\n"),
+        }
+        if let Some(s) = b.plan.spread {
+            let _ = writeln!(
+                out,
+                "imbalance: spread {s:.3}{}",
+                b.plan.spread_after.map(|a| format!(", {a:.3} after the plan")).unwrap_or_default()
+            );
+        }
+        out.push_str(&balance::render(&b.plan));
+        for vm in &b.requested {
+            let _ = writeln!(out, "  asked to move {vm}");
+        }
+        for (vm, why) in &b.refused {
+            let _ = writeln!(out, "  refused {vm}: {why}");
+        }
+    }
     out
 }
 
@@ -256,7 +329,7 @@ mod tests {
     fn tables_line_up() {
         let t = table(&["A", "LONG"], &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]]);
         assert_eq!(t, "A    LONG\nxyz  1\nq    22\n");
-        let empty = StatusReport { revision: 1, hosts: vec![], vms: vec![], migrations: vec![] };
+        let empty = StatusReport { revision: 1, hosts: vec![], vms: vec![], migrations: vec![], balancer: None };
         let text = render(&empty);
         assert!(text.contains("no hosts") && text.contains("no VMs") && text.contains("none"), "{text}");
     }

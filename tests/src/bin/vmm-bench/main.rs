@@ -15,6 +15,7 @@
 mod boot;
 mod cluster;
 mod disk;
+mod jobs;
 mod migrate;
 mod monitor;
 mod net;
@@ -36,7 +37,8 @@ use vmm_tests::place::{L1Options, Place};
 
 const USAGE: &str = "usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] \
                      [--only boot,linux,network,migration,disk,cluster] [--mem-sizes 256,1024] [--dirty-rates 0,64,512] \
-                     [--smp-vcpus 4] [--density-vms 50] [--drain-vms 6] [--drain-mib 256]";
+                     [--smp-vcpus 4] [--density-vms 50] [--drain-vms 6] [--drain-mib 256] \
+                     [--cluster-cases density,drain,jobs] [--job-units 6000]";
 const SECTIONS: [&str; 6] = ["boot", "linux", "network", "migration", "disk", "cluster"];
 
 struct Options {
@@ -51,6 +53,8 @@ struct Options {
     density_vms: usize,
     drain_vms: u8,
     drain_mib: u64,
+    cluster_cases: Vec<String>,
+    job_units: u64,
 }
 
 fn numbers(name: &str, v: &str) -> Result<Vec<u64>, String> {
@@ -70,6 +74,8 @@ fn parse_args() -> Result<Options, String> {
         density_vms: 50,
         drain_vms: 6,
         drain_mib: 256,
+        cluster_cases: ["density", "drain", "jobs"].map(String::from).to_vec(),
+        job_units: 6000,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -79,6 +85,14 @@ fn parse_args() -> Result<Options, String> {
             "--boot-runs" => o.boot_runs = value("--boot-runs")?.parse().map_err(|_| "--boot-runs: not a number")?,
             "--out" => o.out = PathBuf::from(value("--out")?),
             "--quick" => o.quick = true,
+            "--cluster-cases" => {
+                o.cluster_cases = value("--cluster-cases")?.split(',').map(|c| c.trim().to_string()).collect();
+                if let Some(bad) = o.cluster_cases.iter().find(|c| !["density", "drain", "jobs"].contains(&c.as_str()))
+                {
+                    return Err(format!("--cluster-cases: unknown case {bad:?}\n{USAGE}"));
+                }
+            }
+            "--job-units" => o.job_units = value("--job-units")?.parse().map_err(|_| "--job-units: not a number")?,
             "--density-vms" => {
                 o.density_vms = value("--density-vms")?.parse().map_err(|_| "--density-vms: not a number")?
             }
@@ -237,20 +251,33 @@ fn run(o: &Options) -> Result<(), String> {
         runs: o.runs,
         idle_window: std::time::Duration::from_secs(if o.quick { 5 } else { 10 }),
     };
-    if section("cluster") {
+    let case = |c: &str| section("cluster") && o.cluster_cases.iter().any(|x| x == c);
+    if case("density") {
         eprintln!("vmm-bench: cluster: density, up to {} VMs", o.density_vms);
         cluster::density(&mut results, &settings)?;
+    }
+    if case("drain") {
         for dirty in [false, true] {
             cluster::drain(&mut results, &settings, dirty)?;
         }
+    }
+    if case("jobs") {
+        let j = jobs::Jobs {
+            jobs: 12,
+            units: if o.quick { o.job_units.min(600) } else { o.job_units },
+            cpu_millis: 300,
+            runs: o.runs,
+        };
+        jobs::bench(&mut results, &j)?;
     }
 
     let table = results.markdown();
     let mut targets = targets::check(&results, &cases);
     if section("cluster") {
-        cluster::targets(&results, &settings, &mut |ok, text| {
-            targets.push(format!("- {} {text}", if ok { "met:" } else { "NOT met:" }))
-        });
+        let mut line =
+            |ok: bool, text: String| targets.push(format!("- {} {text}", if ok { "met:" } else { "NOT met:" }));
+        cluster::targets(&results, &settings, &mut line);
+        jobs::targets(&results, &mut line);
     }
     std::fs::create_dir_all(&o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
     let emulated = if vmm_tests::place::inside_nested_host() {

@@ -1,0 +1,159 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The parallel-jobs case of the cluster section, as the process-migration theses proved load
+//! balancing: hosts a, b and c with equal CPU quotas, 12 `compute` jobs (one vCPU each, the same
+//! number of units, so the same result hash), and the makespan (from the first job's creation to
+//! the last `JOB-DONE` line) in three placements:
+//!
+//! - **ideal**: four jobs per host from the start;
+//! - **no balancing**: all twelve on host a;
+//! - **balancer**: all twelve on host a, with `vmm balancer` running.
+//!
+//! Every job's result hash is checked against the one computed here, and the moves counted
+//! (owner changes of the VMs).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use vmm_tests::cluster::{ClusterBed, ClusterOptions};
+
+use crate::monitor::Monitor::Ours;
+use crate::results::{Better, Results};
+
+pub const SECTION: &str = "cluster: parallel jobs";
+pub const IDEAL: &str = "makespan, ideal placement (4 jobs per host)";
+pub const NONE: &str = "makespan, no balancing (12 jobs on host a)";
+pub const BALANCED: &str = "makespan, with the balancer (12 jobs on host a)";
+pub const MOVES: &str = "migrations made by the balancer";
+pub const WRONG: &str = "jobs with a wrong or missing result hash";
+
+const HOSTS: [&str; 3] = ["a", "b", "c"];
+/// Longest a run may take.
+const TIMEOUT: Duration = Duration::from_secs(1200);
+
+/// How the case is sized.
+pub struct Jobs {
+    pub jobs: usize,
+    /// Units per job (about a millisecond of one CPU each).
+    pub units: u64,
+    /// Each host's CPU quota, thousandths of a CPU.
+    pub cpu_millis: u64,
+    pub runs: usize,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Ideal,
+    Unbalanced,
+    Balancer,
+}
+
+/// The `JOB-DONE` line of VM `vm`, if its console (on any host, any epoch) has one.
+fn job_done(c: &ClusterBed, vm: &str) -> Option<String> {
+    for h in HOSTS {
+        let dir = c.state_dir(h).join("vms");
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if !e.file_name().to_string_lossy().starts_with(&format!("{vm}.")) {
+                continue;
+            }
+            let text = std::fs::read_to_string(e.path().join("console.log")).unwrap_or_default();
+            // Only a whole line: the guest may be writing it while it is read.
+            let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+            if let Some(l) = whole.lines().find(|l| l.starts_with("JOB-DONE ")) {
+                return Some(l.to_string());
+            }
+        }
+    }
+    None
+}
+
+/// One run in `mode`: (makespan s, owner changes, wrong hashes).
+fn run(j: &Jobs, mode: Mode, want: &str) -> Result<(f64, u64, usize), String> {
+    let mut c = ClusterBed::start(
+        &HOSTS,
+        ClusterOptions { cpu_millis: Some(j.cpu_millis), mem_mib: 2048, ..Default::default() },
+    );
+    if mode == Mode::Balancer {
+        c.start_balancer("bench", &["--every", "1"]);
+    }
+    let kernel = vmm_tests::vm::guest_kernel();
+    let cmdline = format!("console=ttyS0 vmm.workload=compute vmm.work={}", j.units);
+    let started = Instant::now();
+    for i in 0..j.jobs {
+        let host = if mode == Mode::Ideal { HOSTS[i % 3] } else { "a" };
+        let name = format!("job{i:02}");
+        let args = ["vm", "create", "--name", &name, "--kernel", kernel.to_str().unwrap_or_default()];
+        let out = c.cli(&[&args[..], &["--cmdline", &cmdline, "--mem-mib", "64", "--no-net", "--host", host]].concat());
+        if !out.status.success() {
+            return Err(format!("creating {name}: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+    }
+    let mut done: BTreeMap<String, (f64, String)> = BTreeMap::new();
+    let mut moves = 0;
+    while done.len() < j.jobs {
+        if started.elapsed() > TIMEOUT {
+            return Err(format!("only {} of {} jobs done after {} s", done.len(), j.jobs, TIMEOUT.as_secs()));
+        }
+        for i in 0..j.jobs {
+            let name = format!("job{i:02}");
+            if !done.contains_key(&name)
+                && let Some(line) = job_done(&c, &name)
+            {
+                done.insert(name, (started.elapsed().as_secs_f64(), line));
+            }
+        }
+        // Read while the VMs exist (the epochs count the moves).
+        if let Some(s) = c.status() {
+            moves = moves.max(s.vms.iter().map(|v| v.epoch - 1).sum::<u64>());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let makespan = done.values().map(|(t, _)| *t).fold(0.0, f64::max);
+    let wrong: Vec<&String> =
+        done.values().map(|(_, l)| l).filter(|l| !l.split(' ').any(|f| f == format!("result={want}"))).collect();
+    for l in &wrong {
+        eprintln!("vmm-bench: wrong result (want {want}): {l}");
+    }
+    let wrong = wrong.len();
+    c.kill_balancer("bench");
+    Ok((makespan, moves, wrong))
+}
+
+/// The case, `j.runs` times each way.
+pub fn bench(results: &mut Results, j: &Jobs) -> Result<(), String> {
+    let want = format!("{:016x}", guest_common::compute::job_result(j.units));
+    for r in 0..j.runs {
+        for (mode, metric) in [(Mode::Ideal, IDEAL), (Mode::Unbalanced, NONE), (Mode::Balancer, BALANCED)] {
+            eprintln!("vmm-bench: {SECTION}: {metric}, run {}", r + 1);
+            let (makespan, moves, wrong) = run(j, mode, &want)?;
+            eprintln!("vmm-bench:   {makespan:.1} s, {moves} moves, {wrong} wrong hashes");
+            results.add(SECTION, metric, "s", Better::Lower, Ours, makespan);
+            if mode == Mode::Balancer {
+                results.add(SECTION, MOVES, "", Better::Lower, Ours, moves as f64);
+            }
+            results.add(SECTION, WRONG, "", Better::Lower, Ours, wrong as f64);
+        }
+    }
+    Ok(())
+}
+
+/// The targets: makespan with the balancer ≤ 1.25 × ideal, at most 12 migrations, every
+/// hash right.
+pub fn targets(r: &Results, line: &mut dyn FnMut(bool, String)) {
+    if let (Some(ideal), Some(bal)) = (r.median(SECTION, IDEAL, Ours), r.median(SECTION, BALANCED, Ours)) {
+        let none = r.median(SECTION, NONE, Ours).map_or(String::new(), |n| format!(", no balancing {n:.1} s"));
+        line(
+            bal <= 1.25 * ideal,
+            format!(
+                "{SECTION}: makespan with the balancer ≤ 1.25 × ideal: {bal:.1} s = {:.2} × ideal {ideal:.1} s{none}",
+                bal / ideal
+            ),
+        );
+    }
+    if let Some(m) = r.median(SECTION, MOVES, Ours) {
+        line(m <= 12.0, format!("{SECTION}: at most 12 migrations: {m:.0}"));
+    }
+    if let Some(row) = r.rows.iter().find(|row| row.section == SECTION && row.metric == WRONG) {
+        let max = row.vmm.iter().copied().fold(0.0, f64::max);
+        line(max == 0.0, format!("{SECTION}: every job's result hash right: {max:.0} wrong in the worst run"));
+    }
+}
