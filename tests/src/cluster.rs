@@ -148,7 +148,11 @@ impl ClusterBed {
         cmd.args(["host", "run", "--name", host, "--etcd", &self.endpoints, "--state-dir"])
             .arg(&dir)
             .args(["--listen", &self.migration_addr(host).to_string(), "--bridge", h.bridge()])
-            .args(["--mem-mib", &self.options.mem_mib.to_string(), "--insecure-plaintext"])
+            .args(["--mem-mib", &self.options.mem_mib.to_string()])
+            // Mutual TLS with this host's identity from the test CA (it names the host's address).
+            .args(crate::pki::tls_args(
+                &crate::pki::pki().host_dir(self.bed.host(host).ip().expect("hosts have addresses")),
+            ))
             .args(["--load-every", &self.options.load_every_s.to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
