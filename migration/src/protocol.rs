@@ -2,9 +2,12 @@
 //! The wire protocol between a migration source and destination (see `docs/migration-protocol.md`).
 //!
 //! Everything travels in frames: a fixed 24-byte header (magic, protocol version, command,
-//! payload length, CRC32 of the payload) and the payload. The CRC catches a corrupted or
+//! payload length, CRC32 of the payload, flags) and the payload. The CRC catches a corrupted or
 //! spliced stream, which TCP's own 16-bit checksum does not reliably do; the length is bounded,
-//! so random bytes can never make the destination allocate or wait for gigabytes.
+//! so random bytes can never make the destination allocate or wait for gigabytes. Over a
+//! transport that authenticates every byte (mutual TLS: an AEAD tag on every record), the bulk
+//! frames carry no CRC ([`Integrity::Transport`], flag [`FLAG_NO_CHECKSUM`]): it would only
+//! repeat, at a cost, what the transport already guarantees.
 //!
 //! Conversation (source → destination unless marked ←):
 //! 1. `Start` (JSON [`StartPayload`]: versions, VM config, memory layout, CPUID) ← `Response`.
@@ -47,6 +50,20 @@ pub const HEADER_LEN: usize = 24;
 pub const MAX_PAYLOAD: u64 = 16 << 20;
 /// Longest route a `Route` frame carries, in bytes.
 pub const MAX_ROUTE: usize = 256;
+/// Header flag: the checksum field is zero and not checked, because the transport
+/// authenticates the frame ([`Integrity::Transport`]). Refused on any other transport.
+pub const FLAG_NO_CHECKSUM: u32 = 1;
+
+/// What protects frames against corruption on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Integrity {
+    /// Each frame's CRC-32 (plain TCP). A frame flagged [`FLAG_NO_CHECKSUM`] is refused, so
+    /// that a flipped flag bit cannot turn the check off.
+    Checksum,
+    /// The transport authenticates every byte (mutual TLS): frames may go without a CRC, and
+    /// those with one are still checked.
+    Transport,
+}
 
 /// What a frame carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +135,10 @@ pub enum ProtocolError {
     TooLarge(u64),
     #[error("frame checksum mismatch: the stream is corrupted")]
     Checksum,
+    #[error("frame without a checksum on a connection that does not authenticate its bytes")]
+    NoChecksum,
+    #[error("unknown frame flags {0:#x}")]
+    Flags(u32),
     #[error("expected {expected:?}, got {got:?}")]
     Unexpected { expected: &'static str, got: Command },
     #[error("invalid {what}: {why}")]
@@ -131,22 +152,35 @@ pub struct Frame {
     pub payload: Vec<u8>,
 }
 
-fn header(command: Command, payload: &[u8]) -> [u8; HEADER_LEN] {
+fn header(command: Command, payload: &[u8], integrity: Integrity) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     h[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     h[6..8].copy_from_slice(&(command as u16).to_le_bytes());
     h[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    h[16..20].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    match integrity {
+        Integrity::Checksum => h[16..20].copy_from_slice(&crc32fast::hash(payload).to_le_bytes()),
+        Integrity::Transport => h[20..24].copy_from_slice(&FLAG_NO_CHECKSUM.to_le_bytes()),
+    }
     h
 }
 
-/// Writes one frame.
+/// Writes one frame, with its CRC.
 pub fn write_frame(w: &mut impl Write, command: Command, payload: &[u8]) -> Result<(), ProtocolError> {
+    write_frame_with(w, Integrity::Checksum, command, payload)
+}
+
+/// Writes one frame, with its CRC only if `integrity` says the transport needs it.
+pub fn write_frame_with(
+    w: &mut impl Write,
+    integrity: Integrity,
+    command: Command,
+    payload: &[u8],
+) -> Result<(), ProtocolError> {
     if payload.len() as u64 > MAX_PAYLOAD {
         return Err(ProtocolError::TooLarge(payload.len() as u64));
     }
-    w.write_all(&header(command, payload))?;
+    w.write_all(&header(command, payload, integrity))?;
     w.write_all(payload)?;
     Ok(())
 }
@@ -165,13 +199,29 @@ fn read_exact_or_truncated(r: &mut impl Read, buf: &mut [u8]) -> Result<(), Prot
     })
 }
 
-/// Reads one frame, into `buf` (reused between calls to avoid allocating per frame).
+/// Reads one frame, into `buf` (reused between calls to avoid allocating per frame); its CRC
+/// must be there and match.
 pub fn read_frame_into(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Command, ProtocolError> {
-    read_frame_limited(r, buf, MAX_PAYLOAD)
+    read_frame_limited(r, Integrity::Checksum, buf, MAX_PAYLOAD)
 }
 
-/// [`read_frame_into`] refusing payloads over `limit` bytes before reading them.
-fn read_frame_limited(r: &mut impl Read, buf: &mut Vec<u8>, limit: u64) -> Result<Command, ProtocolError> {
+/// Reads one frame, into `buf` (reused between calls), on a connection protected as
+/// `integrity` says.
+pub fn read_frame_into_with(
+    r: &mut impl Read,
+    integrity: Integrity,
+    buf: &mut Vec<u8>,
+) -> Result<Command, ProtocolError> {
+    read_frame_limited(r, integrity, buf, MAX_PAYLOAD)
+}
+
+/// [`read_frame_into_with`] refusing payloads over `limit` bytes before reading them.
+fn read_frame_limited(
+    r: &mut impl Read,
+    integrity: Integrity,
+    buf: &mut Vec<u8>,
+    limit: u64,
+) -> Result<Command, ProtocolError> {
     let mut h = [0u8; HEADER_LEN];
     read_exact_or_truncated(r, &mut h)?;
     let magic = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
@@ -191,19 +241,24 @@ fn read_frame_limited(r: &mut impl Read, buf: &mut Vec<u8>, limit: u64) -> Resul
         return Err(ProtocolError::TooLarge(len));
     }
     let crc = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
-    // Read into the buffer's spare room, which is not zeroed first (resizing would write every
-    // byte once more before the socket does).
-    buf.clear();
-    buf.reserve(len as usize);
-    // A TLS stream reports a peer that closed mid-frame as an error rather than an end.
-    let got = r.take(len).read_to_end(buf).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
-        _ => ProtocolError::Io(e),
-    })?;
-    if got as u64 != len {
-        return Err(ProtocolError::Truncated);
+    let flags = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
+    if flags & !FLAG_NO_CHECKSUM != 0 {
+        return Err(ProtocolError::Flags(flags));
     }
-    if crc32fast::hash(buf) != crc {
+    let checked = flags & FLAG_NO_CHECKSUM == 0;
+    if !checked && integrity == Integrity::Checksum {
+        return Err(ProtocolError::NoChecksum);
+    }
+    // One read of the whole payload into the buffer (so that a TLS stream can decrypt it in
+    // place there). The buffer is reused: only bytes it never held are zeroed first.
+    let len = len as usize;
+    if buf.len() < len {
+        buf.resize(len, 0);
+    } else {
+        buf.truncate(len);
+    }
+    read_exact_or_truncated(r, buf)?;
+    if checked && crc32fast::hash(buf) != crc {
         return Err(ProtocolError::Checksum);
     }
     Ok(command)
@@ -275,7 +330,7 @@ pub fn write_route(w: &mut impl Write, route: &str) -> Result<(), ProtocolError>
 /// Anything longer than a route is refused before it is read.
 pub fn read_route(r: &mut impl Read) -> Result<String, ProtocolError> {
     let mut payload = Vec::new();
-    let command = read_frame_limited(r, &mut payload, MAX_ROUTE as u64).map_err(|e| match e {
+    let command = read_frame_limited(r, Integrity::Checksum, &mut payload, MAX_ROUTE as u64).map_err(|e| match e {
         ProtocolError::TooLarge(n) => {
             ProtocolError::Invalid { what: "route", why: format!("{n} bytes, more than {MAX_ROUTE}") }
         }
@@ -410,6 +465,48 @@ mod tests {
         huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(read_frame(&mut Cursor::new(&huge)), Err(ProtocolError::TooLarge(_))));
         assert!(matches!(read_frame(&mut Cursor::new(&buf[..n - 1])), Err(ProtocolError::Truncated)));
+    }
+
+    #[test]
+    fn frames_go_without_checksum_only_where_the_transport_authenticates() {
+        let mut buf = Vec::new();
+        write_frame_with(&mut buf, Integrity::Transport, Command::Memory, b"pages").unwrap();
+        // No CRC, the flag set.
+        assert_eq!(&buf[16..20], &[0, 0, 0, 0]);
+        assert_eq!(&buf[20..24], &FLAG_NO_CHECKSUM.to_le_bytes());
+        let mut payload = Vec::new();
+        assert_eq!(
+            read_frame_into_with(&mut Cursor::new(&buf), Integrity::Transport, &mut payload).unwrap(),
+            Command::Memory
+        );
+        assert_eq!(payload, b"pages");
+        // A plaintext reader refuses it: a flipped flag bit must not turn its check off.
+        assert!(matches!(read_frame(&mut Cursor::new(&buf)), Err(ProtocolError::NoChecksum)));
+        // A frame with its CRC is still checked on an authenticating transport.
+        let mut crc = Vec::new();
+        write_frame(&mut crc, Command::Memory, b"pages").unwrap();
+        crc[HEADER_LEN] ^= 1;
+        let r = read_frame_into_with(&mut Cursor::new(&crc), Integrity::Transport, &mut payload);
+        assert!(matches!(r, Err(ProtocolError::Checksum)));
+        // Unknown flags are refused either way.
+        let mut flags = buf.clone();
+        flags[20] = 3;
+        let r = read_frame_into_with(&mut Cursor::new(&flags), Integrity::Transport, &mut payload);
+        assert!(matches!(r, Err(ProtocolError::Flags(3))));
+    }
+
+    #[test]
+    fn a_reused_buffer_holds_exactly_each_payload() {
+        let mut wire = Vec::new();
+        for p in [&b"a longer payload"[..], b"", b"short", b"a longer payload again"] {
+            write_frame(&mut wire, Command::Memory, p).unwrap();
+        }
+        let mut r = Cursor::new(wire);
+        let mut buf = Vec::new();
+        for p in [&b"a longer payload"[..], b"", b"short", b"a longer payload again"] {
+            read_frame_into(&mut r, &mut buf).unwrap();
+            assert_eq!(buf, p);
+        }
     }
 
     #[test]
