@@ -161,7 +161,7 @@ fn refused_peers_leave_the_guest_on_the_source_and_the_destination_waiting() {
             "another cluster's certificate",
             with_dir(&addr, &pki().foreign_dir(a_ip)),
             "not signed by our CA",
-            Some("refused our certificate"),
+            Some("does not trust our certificate"),
         ),
         ("an expired certificate", with_dir(&addr, &pki().expired_dir(a_ip)), "certificate expired", Some("expired")),
         (

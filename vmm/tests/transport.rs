@@ -322,8 +322,8 @@ fn incoming_fd_takes_a_listening_or_a_connected_socket() {
     assert!(e.contains("not a socket"), "{e}");
 }
 
-/// A source that refuses the destination's certificate hangs up (its alert goes out before it
-/// has keys, and the destination's record layer drops it): the destination says what that means.
+/// A source that refuses the destination's certificate says why in its alert, and the
+/// destination passes that on.
 #[test]
 fn the_destination_says_why_a_source_hung_up() {
     let c = Cluster::new("hear");
@@ -335,8 +335,91 @@ fn the_destination_says_why_a_source_hung_up() {
     let (conn, _) = agent.accept().unwrap();
     let e = accept_connection(conn, &tls(&b.0), &LinkConfig::default()).err().expect("accepted").to_string();
     println!("the destination says: {e}");
-    assert!(e.contains("refused our certificate"), "{e}");
+    assert!(e.contains("the source refused the TLS connection: it does not trust our certificate"), "{e}");
     expect_refused(source.join().unwrap().map(|()| unreachable!()), &["unknown issuer"]);
+
+    // A destination whose certificate names another address.
+    let wrong = c.issue("hear-wrong", &spec("host-c", &["10.9.9.9".parse().unwrap()]));
+    let to = format!("127.0.0.1:{}", agent.local_addr().unwrap().port());
+    let source = thread::spawn(move || connect(&to, &tls(&c.ca.0), &LinkConfig::default()).map(drop));
+    let (conn, _) = agent.accept().unwrap();
+    let e = accept_connection(conn, &tls(&wrong.0), &LinkConfig::default()).err().expect("accepted").to_string();
+    println!("the destination says: {e}");
+    assert!(e.contains("the source refused the TLS connection: it says our certificate is bad"), "{e}");
+    expect_refused(source.join().unwrap().map(|()| unreachable!()), &["we dialled 127.0.0.1"]);
+}
+
+/// A plain rustls client with host a's identity (the CA directory's), offering only `suite`.
+fn rustls_client(ca_dir: &Path, suite: rustls::SupportedCipherSuite) -> rustls::ClientConnection {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca_dir.join(pki::CA_CERT)).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(ca_dir.join(pki::CERT)).unwrap().map(Result::unwrap).collect();
+    let key = PrivateKeyDer::from_pem_file(ca_dir.join(pki::KEY)).unwrap();
+    #[allow(deprecated)]
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![suite];
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    rustls::ClientConnection::new(Arc::new(config), name).unwrap()
+}
+
+/// A plain rustls client (not our transport) and our destination exchange megabytes both ways
+/// with each cipher suite, across key updates the rustls end starts and asks us to answer (so
+/// both ends change keys mid-stream): nothing in our stream's reads and writes depends on our
+/// own source being the peer.
+#[test]
+fn a_standard_tls_peer_talks_to_our_destination_across_key_updates() {
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    let c = Cluster::new("interop");
+    let b = c.issue("interop-b", &spec("host-b", &[LOOPBACK]));
+    let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i * 13 + i / 4099) as u8).collect();
+    let data = Arc::new(data);
+    for suite in [TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256] {
+        let (l, to) = listen(tls(&b.0));
+        let dst = accept_in_background(l);
+        let conn = rustls_client(&c.ca.0, suite);
+        let sent = data.clone();
+        let client = thread::spawn(move || {
+            let mut s = rustls::StreamOwned::new(conn, TcpStream::connect(&to).unwrap());
+            let (first, rest) = sent.split_at(1 << 20);
+            s.write_all(first).unwrap();
+            // A KeyUpdate that asks the peer to update its keys too.
+            s.conn.refresh_traffic_keys().unwrap();
+            s.write_all(rest).unwrap();
+            s.flush().unwrap();
+            let mut back = vec![0u8; sent.len()];
+            s.read_exact(&mut back).unwrap();
+            assert!(back == *sent, "the rustls client read other bytes than it sent");
+            // Once more, after our end has updated its keys.
+            s.conn.refresh_traffic_keys().unwrap();
+            s.write_all(b"again").unwrap();
+            let mut last = [0u8; 4];
+            s.read_exact(&mut last).unwrap();
+            assert_eq!(&last, b"done");
+            s.conn.negotiated_cipher_suite().map(|s| s.suite())
+        });
+        let mut dst = dst.join().unwrap().unwrap();
+        let mut got = vec![0u8; data.len()];
+        dst.read_exact(&mut got).unwrap();
+        assert!(got == *data, "{suite:?}: our destination read other bytes than were sent");
+        dst.write_all(&got).unwrap();
+        let mut again = [0u8; 5];
+        dst.read_exact(&mut again).unwrap();
+        assert_eq!(&again, b"again");
+        dst.write_all(b"done").unwrap();
+        assert_eq!(client.join().unwrap(), Some(suite.suite()));
+    }
 }
 
 #[test]

@@ -250,7 +250,7 @@ fn receive_on(
     let mut state: Option<MachineState> = None;
     let mut switched: Option<Switched> = None;
     loop {
-        let r = protocol::read_frame_into(stream, buf)?;
+        let r = protocol::read_frame_into_with(stream, stream.integrity(), buf)?;
         log::trace!("incoming: frame {r:?} {} bytes", buf.len());
         match r {
             Command::Memory => {

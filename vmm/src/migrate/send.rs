@@ -637,7 +637,7 @@ impl Source<'_> {
     /// Sends one frame of copied data, counting it and keeping to the bandwidth limit.
     fn send_frame(&mut self, command: Command, payload: &[u8]) -> Result<(), MigrateError> {
         let stream = self.stream.as_mut().ok_or_else(|| MigrateError::Other("not connected".into()))?;
-        protocol::write_frame(stream, command, payload)?;
+        protocol::write_frame_with(stream, stream.integrity(), command, payload)?;
         self.bytes_sent += (payload.len() + protocol::HEADER_LEN) as u64;
         let bytes = self.bytes_sent;
         self.update(|p| p.bytes_sent = bytes);
@@ -690,7 +690,7 @@ impl Source<'_> {
         let (data, zero) = (self.batch.data_pages, self.batch.zero_pages);
         let len = self.batch.len() as u64;
         let stream = self.stream.as_mut().ok_or_else(|| MigrateError::Other("not connected".into()))?;
-        protocol::write_frame(stream, Command::Memory, self.batch.as_bytes())?;
+        protocol::write_frame_with(stream, stream.integrity(), Command::Memory, self.batch.as_bytes())?;
         log::trace!("sent Memory {} bytes", self.batch.len());
         self.batch.clear();
         self.bytes_sent += len + protocol::HEADER_LEN as u64;

@@ -147,6 +147,12 @@ impl MigrationStream {
         !matches!(self.inner, Inner::Plain(_))
     }
 
+    /// What protects the frames on this connection: their CRC-32 in plaintext, the TLS
+    /// records' authentication under TLS (see `migration::protocol::Integrity`).
+    pub fn integrity(&self) -> protocol::Integrity {
+        if self.is_tls() { protocol::Integrity::Transport } else { protocol::Integrity::Checksum }
+    }
+
     /// The TCP socket underneath (for socket options; reading or writing it directly would
     /// bypass TLS).
     pub fn tcp(&self) -> &TcpStream {
@@ -308,6 +314,9 @@ pub fn connect_routed(
             Ok((0, 0)) => return Err(TransportError::Refused("the TLS handshake with the destination stalled".into())),
             Ok(_) => {}
             Err(e) => {
+                // rustls has queued an alert for the destination (e.g. that it does not trust
+                // its certificate): send it, so the destination learns why.
+                let _ = conn.write_tls(&mut sniff);
                 // A host agent that refuses a routed connection says why in a plain frame.
                 let agent_refusal = route
                     .filter(|_| sniff.first.starts_with(&FRAME_MAGIC))
