@@ -2,14 +2,16 @@
 //! vmm-bench: our VMM and QEMU (`-M microvm -enable-kvm`) side by side on this machine, same
 //! guest kernel, memory and workload, runs alternating so drift hits both: boot, network,
 //! migration, TCP continuity; and the same with Linux (`linux`), which runs inside the nested
-//! host (`resources/l1.sh`) where this machine's KVM emulates guest kernel code. Prints a markdown table (ratio ours/QEMU in every row) and the
-//! targets met or not, and writes `results.md`, `results.json` (every sample) and
-//! `migration.png` into the output directory.
+//! host (`resources/l1.sh`) where this machine's KVM emulates guest kernel code; and our
+//! migration transport alone, TLS against plaintext (`transport`). Prints a markdown table
+//! (ratio ours/QEMU in every row) and the targets met or not, and writes `results.md`,
+//! `results.json` (every sample) and `migration.png` into the output directory.
 //!
 //! Usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] [--only SECTIONS]
 //! [--mem-sizes MIB,..] [--dirty-rates MIBS,..] [--smp-vcpus N] [--density-vms N]
-//! [--drain-vms N] [--drain-mib N] (as root; SECTIONS: a comma-separated subset of
-//! boot,linux,network,migration,disk,cluster; a dirty rate of 0 is the idle guest; the SMP case
+//! [--drain-vms N] [--drain-mib N] (as root, except for the transport section alone; SECTIONS:
+//! a comma-separated subset of boot,linux,network,migration,transport,disk,cluster; a dirty
+//! rate of 0 is the idle guest; the SMP case
 //! migrates a 256 MiB guest whose N vCPUs all dirty memory, 0 leaves it out).
 
 mod boot;
@@ -23,6 +25,7 @@ mod plot;
 mod qmp;
 mod results;
 mod targets;
+mod transport;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,10 +39,12 @@ use serde_json::json;
 use vmm_tests::place::{L1Options, Place};
 
 const USAGE: &str = "usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] \
-                     [--only boot,linux,network,migration,disk,cluster] [--mem-sizes 256,1024] [--dirty-rates 0,64,512] \
-                     [--smp-vcpus 4] [--density-vms 50] [--drain-vms 6] [--drain-mib 256] \
+                     [--only boot,linux,network,migration,transport,disk,cluster] [--mem-sizes 256,1024] \
+                     [--dirty-rates 0,64,512] [--smp-vcpus 4] [--density-vms 50] [--drain-vms 6] [--drain-mib 256] \
                      [--cluster-cases density,drain,jobs] [--job-units 6000]";
-const SECTIONS: [&str; 6] = ["boot", "linux", "network", "migration", "disk", "cluster"];
+
+/// Every section, in the order they run.
+const SECTIONS: [&str; 7] = ["boot", "linux", "network", "migration", "transport", "disk", "cluster"];
 
 struct Options {
     runs: usize,
@@ -167,12 +172,15 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const LINUX_READY_TIMEOUT: Duration = Duration::from_secs(240);
 
 fn run(o: &Options) -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("run as root: the bench creates network namespaces and TAP devices".into());
-    }
-    if !Path::new("/dev/kvm").exists() {
-        return Err("/dev/kvm does not exist: both monitors need KVM".into());
+    // The transport section alone needs neither root, KVM nor QEMU.
+    if o.sections.iter().any(|s| s != "transport") {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("run as root: the bench creates network namespaces and TAP devices".into());
+        }
+        if !Path::new("/dev/kvm").exists() {
+            return Err("/dev/kvm does not exist: both monitors need KVM".into());
+        }
     }
     // Linux needs a KVM that runs its kernel code: where this one does not, the Linux section
     // runs in the nested host, after the others, with its own results in <out>/linux.
@@ -235,6 +243,10 @@ fn run(o: &Options) -> Result<(), String> {
             bench.case(&mut results, case, o.runs)?;
         }
         samples.append(&mut bench.samples);
+    }
+    if section("transport") {
+        eprintln!("vmm-bench: transport, {} runs each", o.runs);
+        transport::bench(&mut results, o.runs)?;
     }
 
     if section("disk") {
