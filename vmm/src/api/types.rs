@@ -270,6 +270,11 @@ pub struct RoundInfo {
     pub pages: u64,
     /// Bytes sent before it started.
     pub bytes_before: u64,
+    /// CPU time the source's migration thread had used when it started, in µs: with
+    /// `bytes_before`, what sending a byte costs the source (TLS against plaintext, say), a
+    /// figure that, unlike a rate, holds when other work shares the CPUs.
+    #[serde(default)]
+    pub cpu_us: u64,
     /// The guest was paused for it.
     pub stop_and_copy: bool,
 }

@@ -9,10 +9,12 @@
 //!
 //! Usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] [--only SECTIONS]
 //! [--mem-sizes MIB,..] [--dirty-rates MIBS,..] [--smp-vcpus N] [--density-vms N]
-//! [--drain-vms N] [--drain-mib N] (as root, except for the transport section alone; SECTIONS:
-//! a comma-separated subset of boot,linux,network,migration,transport,disk,cluster; a dirty
-//! rate of 0 is the idle guest; the SMP case
-//! migrates a 256 MiB guest whose N vCPUs all dirty memory, 0 leaves it out).
+//! [--drain-vms N] [--drain-mib N] [--monitors ours,qemu] (as root, except for the transport
+//! section alone; SECTIONS: a comma-separated subset of
+//! boot,linux,network,migration,transport,disk,cluster; a dirty rate of 0 is the idle guest;
+//! the SMP case migrates a 256 MiB guest whose N vCPUs all dirty memory, 0 leaves it out;
+//! `--monitors ours` migrates only ours, e.g. to compare TLS with plaintext in less time). A
+//! migration case that fails is reported and the others still run; the bench then exits non-zero.
 
 mod boot;
 mod cluster;
@@ -41,7 +43,7 @@ use vmm_tests::place::{L1Options, Place};
 const USAGE: &str = "usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] \
                      [--only boot,linux,network,migration,transport,disk,cluster] [--mem-sizes 256,1024] \
                      [--dirty-rates 0,64,512] [--smp-vcpus 4] [--density-vms 50] [--drain-vms 6] [--drain-mib 256] \
-                     [--cluster-cases density,drain,jobs] [--job-units 6000]";
+                     [--cluster-cases density,drain,jobs] [--job-units 6000] [--monitors ours,qemu]";
 
 /// Every section, in the order they run.
 const SECTIONS: [&str; 7] = ["boot", "linux", "network", "migration", "transport", "disk", "cluster"];
@@ -60,6 +62,8 @@ struct Options {
     drain_mib: u64,
     cluster_cases: Vec<String>,
     job_units: u64,
+    /// The monitors whose migrations run.
+    monitors: Vec<Monitor>,
 }
 
 fn numbers(name: &str, v: &str) -> Result<Vec<u64>, String> {
@@ -81,6 +85,7 @@ fn parse_args() -> Result<Options, String> {
         drain_mib: 256,
         cluster_cases: ["density", "drain", "jobs"].map(String::from).to_vec(),
         job_units: 6000,
+        monitors: Monitor::BOTH.to_vec(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -105,6 +110,16 @@ fn parse_args() -> Result<Options, String> {
                 o.drain_vms = value("--drain-vms")?.parse().map_err(|_| "--drain-vms: not a number (1 to 90)")?
             }
             "--drain-mib" => o.drain_mib = value("--drain-mib")?.parse().map_err(|_| "--drain-mib: not a number")?,
+            "--monitors" => {
+                o.monitors = Vec::new();
+                for name in value("--monitors")?.split(',') {
+                    let m = Monitor::BOTH
+                        .into_iter()
+                        .find(|m| m.name().eq_ignore_ascii_case(name) || (name == "ours" && *m == Monitor::Ours))
+                        .ok_or(format!("--monitors: unknown monitor {name:?}\n{USAGE}"))?;
+                    o.monitors.push(m);
+                }
+            }
             "--mem-sizes" => o.mem_sizes = numbers("--mem-sizes", &value("--mem-sizes")?)?,
             "--dirty-rates" => o.dirty_rates = numbers("--dirty-rates", &value("--dirty-rates")?)?,
             "--smp-vcpus" => {
@@ -203,6 +218,7 @@ fn run(o: &Options) -> Result<(), String> {
     eprintln!("vmm-bench: {}", machine["summary"].as_str().unwrap_or(""));
     let mut results = Results::default();
     let mut samples: Vec<Sample> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
     let cases = cases(&o.mem_sizes, &o.dirty_rates, o.smp_vcpus);
 
     if section("boot") {
@@ -214,11 +230,14 @@ fn run(o: &Options) -> Result<(), String> {
         net::bench(&mut results, o.runs, &ours, READY_TIMEOUT)?;
     }
     if section("migration") {
-        let mut bench = migrate::Bench::new(&ours, READY_TIMEOUT)?;
+        let mut bench = migrate::Bench::new(&ours, READY_TIMEOUT, &o.monitors)?;
         bench.bandwidth(&mut results)?;
         for case in &cases {
             eprintln!("vmm-bench: migration, {}, {} runs each", case.label(), o.runs);
-            bench.case(&mut results, case, o.runs)?;
+            if let Err(e) = bench.case(&mut results, case, o.runs) {
+                eprintln!("vmm-bench: migration, {}: {e} (the other cases go on)", case.label());
+                failed.push(format!("migration, {}: {e}", case.label()));
+            }
         }
         bench.bandwidth(&mut results)?;
         samples = std::mem::take(&mut bench.samples);
@@ -237,7 +256,7 @@ fn run(o: &Options) -> Result<(), String> {
         boot::linux(&mut results, runs, &linux, LINUX_READY_TIMEOUT)?;
         eprintln!("vmm-bench: Linux network, {} runs each", o.runs);
         net::bench(&mut results, o.runs, &linux, LINUX_READY_TIMEOUT)?;
-        let mut bench = migrate::Bench::new(&linux, LINUX_READY_TIMEOUT)?;
+        let mut bench = migrate::Bench::new(&linux, LINUX_READY_TIMEOUT, &o.monitors)?;
         for case in &cases {
             eprintln!("vmm-bench: Linux migration, {}, {} runs each", case.label(), o.runs);
             bench.case(&mut results, case, o.runs)?;
@@ -315,6 +334,9 @@ fn run(o: &Options) -> Result<(), String> {
     eprintln!("vmm-bench: wrote {}/results.md, results.json and migration.png", o.out.display());
     if linux_nested {
         linux_in_nested_host(o, &o.out.join("linux"))?;
+    }
+    if !failed.is_empty() {
+        return Err(format!("{} case(s) failed: {}", failed.len(), failed.join("; ")));
     }
     Ok(())
 }

@@ -24,6 +24,8 @@ const MAC: &str = "52:54:00:be:4c:02";
 const ECHO_INTERVAL: Duration = Duration::from_millis(10);
 static PORT: AtomicU16 = AtomicU16::new(7300);
 /// The downtime row both monitors measure the same way.
+/// The source's migration thread's CPU time per GiB sent during pre-copy (ours only).
+pub const SENDER_CPU: &str = "source CPU per GiB copied";
 pub const DOWNTIME: &str = "downtime: pause → running on the destination";
 /// The UDP stream's losses across the migration.
 pub const UDP_LOST: &str = "UDP datagrams lost (one sent every 10 ms)";
@@ -128,14 +130,16 @@ pub struct Bench<'a> {
     guest: &'a GuestImage,
     /// How long a guest may take to its ready line.
     ready_timeout: Duration,
+    /// The monitors whose migrations run.
+    monitors: Vec<Monitor>,
     pub samples: Vec<Sample>,
 }
 
 impl<'a> Bench<'a> {
-    pub fn new(guest: &'a GuestImage, ready_timeout: Duration) -> Result<Self, String> {
+    pub fn new(guest: &'a GuestImage, ready_timeout: Duration, monitors: &[Monitor]) -> Result<Self, String> {
         let bed =
             TestBed::builder().host("a").host("b").client("client").host_ips().build().map_err(|e| e.to_string())?;
-        Ok(Bench { bed, guest, ready_timeout, samples: Vec::new() })
+        Ok(Bench { bed, guest, ready_timeout, monitors: monitors.to_vec(), samples: Vec::new() })
     }
 
     /// TCP bandwidth on loopback (inside host A) and from host A to host B, in MB/s.
@@ -151,15 +155,19 @@ impl<'a> Bench<'a> {
     }
 
     /// `runs` migrations of `case` with each monitor, alternating, each over TLS and in
-    /// plaintext; per run also a raw TCP transfer of the bytes our TLS migration sent.
+    /// plaintext (back to back, which goes first alternating too, so that drift hits both);
+    /// per run also a raw TCP transfer of the bytes our TLS migration sent.
     pub fn case(&mut self, results: &mut Results, case: &Case, runs: usize) -> Result<(), String> {
         let section = self.guest.section(&format!("migration: {}", case.label()));
         for run in 0..runs {
             let mut rates = Vec::new();
             let mut ours_bytes = None;
-            for m in Monitor::alternating(run) {
+            for m in Monitor::alternating(run).into_iter().filter(|m| self.monitors.contains(m)) {
                 let mut by_wire = [0.0; 2];
-                for (i, tls) in [true, false].into_iter().enumerate() {
+                let mut cpu_by_wire = [0.0; 2];
+                let wires = if run % 2 == 0 { [true, false] } else { [false, true] };
+                for tls in wires {
+                    let i = if tls { 0 } else { 1 };
                     let s = self.once(case, m, run, tls)?;
                     let prefix = if tls { "" } else { "plaintext: " };
                     let r = &s.result;
@@ -168,6 +176,10 @@ impl<'a> Bench<'a> {
                     results.add(&section, &format!("{prefix}total time"), "ms", Better::Lower, m, r.total_ms);
                     results.add(&section, &format!("{prefix}{DOWNTIME}"), "ms", Better::Lower, m, r.downtime_ms);
                     results.add(&section, &format!("{prefix}copy rate"), "MB/s", Better::Higher, m, rate);
+                    if let Some(cpu) = r.sender_cpu_ms_per_gib() {
+                        results.add(&section, &format!("{prefix}{SENDER_CPU}"), "ms", Better::Lower, m, cpu);
+                        cpu_by_wire[i] = cpu;
+                    }
                     if tls {
                         results.add(
                             &section,
@@ -217,6 +229,22 @@ impl<'a> Bench<'a> {
                 if by_wire[1] > 0.0 {
                     results.add(&section, "copy rate, TLS ÷ plaintext", "", Better::Higher, m, by_wire[0] / by_wire[1]);
                 }
+                if cpu_by_wire[0] > 0.0 && cpu_by_wire[1] > 0.0 {
+                    let ratio = cpu_by_wire[1] / cpu_by_wire[0];
+                    results.add(&section, "source CPU per byte, plaintext ÷ TLS", "", Better::Higher, m, ratio);
+                }
+                eprintln!(
+                    "vmm-bench: {} run {}, {}: copy rate TLS {:.0} MB/s, plaintext {:.0} MB/s, TLS ÷ plaintext {:.2}; \
+                     source CPU per GiB TLS {:.0} ms, plaintext {:.0} ms",
+                    case.label(),
+                    run + 1,
+                    m.name(),
+                    by_wire[0],
+                    by_wire[1],
+                    by_wire[0] / by_wire[1],
+                    cpu_by_wire[0],
+                    cpu_by_wire[1]
+                );
                 rates.push((m, by_wire[0]));
             }
             // The physical limit with the receiver's cost: the same bytes, raw TCP from host A

@@ -138,6 +138,8 @@ pub struct RoundPoint {
     pub dirty_pages: u64,
     /// Bytes sent since the migration started.
     pub bytes_sent: u64,
+    /// CPU time the source's migration thread had used, in ms (ours only).
+    pub sender_cpu_ms: Option<f64>,
 }
 
 /// What a finished migration cost, as the source monitor reports it.
@@ -171,6 +173,15 @@ impl MigrationResult {
             return (last.bytes_sent - first.bytes_sent) as f64 / (last.t_ms - first.t_ms) / 1e3;
         }
         if self.total_ms > 0.0 { self.bytes_sent as f64 / self.total_ms / 1e3 } else { 0.0 }
+    }
+
+    /// CPU time the source's migration thread spent per GiB sent, over the same span as
+    /// [`Self::copy_rate_mb_s`] (ours only, and only with more than one round).
+    pub fn sender_cpu_ms_per_gib(&self) -> Option<f64> {
+        let (first, last) = (self.timeline.first()?, self.timeline.last()?);
+        let cpu = last.sender_cpu_ms? - first.sender_cpu_ms?;
+        let bytes = last.bytes_sent.checked_sub(first.bytes_sent).filter(|b| *b > 0)?;
+        Some(cpu / (bytes as f64 / (1u64 << 30) as f64))
     }
 }
 
@@ -324,6 +335,7 @@ impl Running {
                             round: r.round,
                             dirty_pages: r.pages,
                             bytes_sent: r.bytes_before,
+                            sender_cpu_ms: Some(r.cpu_us as f64 / 1e3),
                         })
                         .collect();
                     return Ok(MigrationResult {
@@ -390,6 +402,7 @@ impl Running {
                     round: syncs,
                     dirty_pages: remaining / page,
                     bytes_sent: transferred,
+                    sender_cpu_ms: None,
                 });
             }
             match q["status"].as_str().unwrap_or("") {
