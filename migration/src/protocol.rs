@@ -45,8 +45,8 @@ pub const MAGIC: u32 = 0x474d_4d56;
 pub const PROTOCOL_VERSION: u16 = 5;
 /// Header bytes before every payload.
 pub const HEADER_LEN: usize = 24;
-/// Largest payload accepted: a memory batch is sent once it reaches 8 MiB, so it is at most
-/// 8 MiB plus one page and a record.
+/// Largest payload accepted: a memory batch is sent once it reaches 1 MiB, a disk batch once it
+/// reaches 8 MiB, so either is at most 8 MiB plus a page or block and a record.
 pub const MAX_PAYLOAD: u64 = 16 << 20;
 /// Longest route a `Route` frame carries, in bytes.
 pub const MAX_ROUTE: usize = 256;

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The migration transport alone, TLS against plaintext: the same stream of memory frames (8 MiB
+//! The migration transport alone, TLS against plaintext: the same stream of memory frames (1 MiB
 //! batches of non-zero pages, built from a "guest memory" the way a source builds them) over
 //! loopback between two threads of this process, through `vmm::transport` and the frame
 //! functions the VMM uses, each run once with mutual TLS and once in plaintext, alternating which
@@ -23,13 +23,13 @@ use crate::monitor::Monitor;
 use crate::results::{Better, Results};
 
 /// The section's name in the table.
-pub const SECTION: &str = "transport: 1 GiB of 8 MiB memory frames over loopback, two threads";
+pub const SECTION: &str = "transport: 1 GiB of 1 MiB memory frames over loopback, two threads";
 /// Bytes of pages sent per run.
 const BYTES: usize = 1 << 30;
 /// The memory the pages come from and go to.
 const MEMORY: usize = 64 << 20;
 /// A frame is sent once its batch is this large (as the VMM's source does).
-const BATCH: usize = 8 << 20;
+const BATCH: usize = 1 << 20;
 
 /// This thread's CPU time (user and system).
 fn thread_cpu() -> Duration {
@@ -42,6 +42,8 @@ fn thread_cpu() -> Duration {
 /// One run's figures.
 struct Run {
     mb_s: f64,
+    /// From the source's `connect` to a connection ready to carry frames.
+    setup: Duration,
     sender_cpu: Duration,
     receiver_cpu: Duration,
 }
@@ -79,6 +81,13 @@ pub fn bench(results: &mut Results, runs: usize) -> Result<(), String> {
                 results.add(SECTION, &format!("{label}: {metric}"), unit, better, Monitor::Ours, v);
             };
             add(results, "rate", "MB/s", Better::Higher, r.mb_s);
+            add(
+                results,
+                "connection set-up (TCP, and the TLS handshake)",
+                "ms",
+                Better::Lower,
+                r.setup.as_secs_f64() * 1e3,
+            );
             add(results, "CPU per GiB, both ends", "ms", Better::Lower, cpu(r));
             add(results, "CPU per GiB, sender", "ms", Better::Lower, r.sender_cpu.as_secs_f64() * 1e3 / gib);
             add(results, "CPU per GiB, receiver", "ms", Better::Lower, r.receiver_cpu.as_secs_f64() * 1e3 / gib);
@@ -86,12 +95,15 @@ pub fn bench(results: &mut Results, runs: usize) -> Result<(), String> {
         results.add(SECTION, "rate, TLS ÷ plaintext", "", Better::Higher, Monitor::Ours, t.mb_s / p.mb_s);
         results.add(SECTION, "CPU per byte, plaintext ÷ TLS", "", Better::Higher, Monitor::Ours, cpu(&p) / cpu(&t));
         eprintln!(
-            "vmm-bench: transport run {}: TLS {:.0} MB/s, {:.0} ms CPU/GiB; plaintext {:.0} MB/s, {:.0} ms CPU/GiB",
+            "vmm-bench: transport run {}: TLS {:.0} MB/s, {:.0} ms CPU/GiB, set-up {:.1} ms; plaintext {:.0} MB/s, {:.0} \
+             ms CPU/GiB, set-up {:.1} ms",
             run + 1,
             t.mb_s,
             cpu(&t),
+            t.setup.as_secs_f64() * 1e3,
             p.mb_s,
-            cpu(&p)
+            cpu(&p),
+            p.setup.as_secs_f64() * 1e3
         );
     }
     Ok(())
@@ -113,19 +125,21 @@ fn once(security: &Security, source: &[u8]) -> Result<Run, String> {
             Ok((thread_cpu() - cpu, memory))
         })
         .map_err(|e| e.to_string())?;
-    let sent = (|| -> Result<(Duration, Duration), String> {
+    let sent = (|| -> Result<(Duration, Duration, Duration), String> {
+        let setup = Instant::now();
         let mut stream = transport::connect(&to, security, &link).map_err(|e| e.to_string())?;
+        let setup = setup.elapsed();
         let (cpu, wall) = (thread_cpu(), Instant::now());
         send(&mut stream, source)?;
-        Ok((thread_cpu() - cpu, wall.elapsed()))
+        Ok((thread_cpu() - cpu, wall.elapsed(), setup))
     })();
     let received = receiver.join().map_err(|_| "the bench's receiver panicked".to_string())?;
-    let (sender_cpu, wall) = sent?;
+    let (sender_cpu, wall, setup) = sent?;
     let (receiver_cpu, memory) = received?;
     if memory != source {
         return Err(format!("transport bench ({}): the received memory differs from the source", security.describe()));
     }
-    Ok(Run { mb_s: BYTES as f64 / wall.as_secs_f64() / 1e6, sender_cpu, receiver_cpu })
+    Ok(Run { mb_s: BYTES as f64 / wall.as_secs_f64() / 1e6, setup, sender_cpu, receiver_cpu })
 }
 
 /// The source's side: batches of pages copied from `source`, round and round, then `Complete`,
