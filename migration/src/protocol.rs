@@ -266,8 +266,13 @@ fn read_frame_limited(
 
 /// Reads one frame into a new buffer.
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
+    read_frame_with(r, Integrity::Checksum)
+}
+
+/// Reads one frame on a connection protected as `integrity` says.
+pub fn read_frame_with(r: &mut impl Read, integrity: Integrity) -> Result<Frame, ProtocolError> {
     let mut payload = Vec::new();
-    let command = read_frame_into(r, &mut payload)?;
+    let command = read_frame_into_with(r, integrity, &mut payload)?;
     Ok(Frame { command, payload })
 }
 

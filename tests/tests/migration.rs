@@ -263,7 +263,9 @@ fn a_destination_that_refuses_at_complete() {
         // Everything up to Complete, then a refusal (as if restoring the machine failed).
         let mut commands = vec![Frame::Start];
         loop {
-            let frame = protocol::read_frame(&mut stream).map_err(|e| format!("after {commands:?}: {e}"))?;
+            let integrity = stream.integrity();
+            let frame =
+                protocol::read_frame_with(&mut stream, integrity).map_err(|e| format!("after {commands:?}: {e}"))?;
             if commands.last() != Some(&frame.command) {
                 commands.push(frame.command);
             }
@@ -321,7 +323,8 @@ fn a_destination_that_hangs_up_after_complete_leaves_the_guest_paused() {
     let (addr, server) = fake_destination(&bed, |mut stream, _start| -> Result<(), String> {
         protocol::write_json(&mut stream, Frame::Response, &Response::ok()).map_err(|e| e.to_string())?;
         loop {
-            match protocol::read_frame(&mut stream).map_err(|e| e.to_string())?.command {
+            let integrity = stream.integrity();
+            match protocol::read_frame_with(&mut stream, integrity).map_err(|e| e.to_string())?.command {
                 Frame::Prepare => {
                     protocol::write_json(&mut stream, Frame::Response, &Response::ok()).map_err(|e| e.to_string())?
                 }
