@@ -21,7 +21,7 @@ pub mod link;
 pub mod pki;
 pub mod tls;
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -99,8 +99,43 @@ pub enum TransportError {
 
 enum Inner {
     Plain(TcpStream),
-    Client(Box<ClientConnection>, TcpStream),
-    Server(Box<ServerConnection>, TcpStream),
+    Client(Box<ClientConnection>, TlsSocket),
+    Server(Box<ServerConnection>, TlsSocket),
+}
+
+/// How much of the socket a TLS connection reads at once.
+const TLS_READ_BUFFER: usize = 256 << 10;
+
+/// The socket under an established TLS connection, read through a buffer: rustls reads at most
+/// 4 KiB at a time (a full 16 KiB record takes four reads), so that one system call here serves
+/// many of its reads. Writes go straight to the socket (rustls already gathers its records into
+/// one vectored write).
+struct TlsSocket(BufReader<TcpStream>);
+
+impl TlsSocket {
+    /// Wraps the socket of a connection whose handshake is over (rustls keeps whatever it read
+    /// beyond the handshake; nothing is left in the socket that belongs to it).
+    fn new(tcp: TcpStream) -> Self {
+        TlsSocket(BufReader::with_capacity(TLS_READ_BUFFER, tcp))
+    }
+}
+
+impl Read for TlsSocket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for TlsSocket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.get_mut().write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.0.get_mut().write_vectored(bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.get_mut().flush()
+    }
 }
 
 /// Writes `buf` through a TLS connection and sends the records at once, passing on the
@@ -157,7 +192,8 @@ impl MigrationStream {
     /// bypass TLS).
     pub fn tcp(&self) -> &TcpStream {
         match &self.inner {
-            Inner::Plain(s) | Inner::Client(_, s) | Inner::Server(_, s) => s,
+            Inner::Plain(s) => s,
+            Inner::Client(_, s) | Inner::Server(_, s) => s.0.get_ref(),
         }
     }
 
@@ -345,7 +381,7 @@ pub fn connect_routed(
         conn.write_tls(&mut tcp).map_err(|e| TransportError::Refused(link::explain(e, to, link).to_string()))?;
     }
     Ok(MigrationStream {
-        inner: Inner::Client(Box::new(conn), tcp),
+        inner: Inner::Client(Box::new(conn), TlsSocket::new(tcp)),
         peer: to.into(),
         link: *link,
         tls_dir: Some(id.dir().to_path_buf()),
@@ -437,7 +473,7 @@ fn handshake(
     }
     done(&tcp)?;
     Ok(MigrationStream {
-        inner: Inner::Server(Box::new(conn), tcp),
+        inner: Inner::Server(Box::new(conn), TlsSocket::new(tcp)),
         peer,
         link: *link,
         tls_dir: Some(id.dir().to_path_buf()),
