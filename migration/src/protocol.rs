@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 /// "VMMG".
 pub const MAGIC: u32 = 0x474d_4d56;
 /// Protocol version this build speaks. Bump it on any change to framing or commands.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Header bytes before every payload.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted: a memory batch is sent once it reaches 1 MiB, a disk batch once it
