@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase, VmState};
 
 use crate::TestBed;
-use crate::guest::exchange;
+use crate::guest::{GuestStatus as ControlStatus, exchange, status};
 use crate::moves::{
     ECHO_PORT, GUEST_TIMEOUT, GuestStatus, MIGRATION_PORT, assert_completed, assert_dirty_console,
     assert_exits_cleanly, assert_state, dump, guest_status, migrate_api, migration_timeout, nested_stall_ms,
@@ -323,6 +323,30 @@ pub fn echo_exact(bed: &TestBed, i: u8, total: usize, vm: &Vm) -> Duration {
     let n = reader.read_to_end(&mut extra).unwrap_or_else(|e| panic!("reading to EOF: {e}\n{}", vm.describe()));
     assert_eq!(n, 0, "{n} bytes more than were sent\n{}", vm.describe());
     elapsed
+}
+
+/// Waits until the dirty workload has done more passes than `than` (asked on its control port),
+/// with no mismatch found.
+pub fn more_dirty_passes(bed: &TestBed, than: u64, ctx: &[(&str, &Vm)]) -> ControlStatus {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let st = status(bed, GUEST_TIMEOUT).unwrap_or_else(|e| panic!("{e}{}", dump(ctx)));
+        assert_eq!(st.num("dirty_mismatches"), 0, "the dirty workload found bad pages: {st:?}{}", dump(ctx));
+        if st.num("dirty_passes") > than {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "the dirty workload stopped at {than} passes{}", dump(ctx));
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// No `DIRTY-MISMATCH` line on `vm`'s console, and every pass reported 0 mismatches.
+pub fn assert_no_dirty_mismatch_on_console(vm: &Vm, ctx: &[(&str, &Vm)]) {
+    let text = vm.console.text();
+    assert!(!text.contains("DIRTY-MISMATCH"), "the dirty workload found bad pages{}", dump(ctx));
+    for l in text.lines().filter(|l| l.starts_with("DIRTY pass=")) {
+        assert!(l.ends_with("mismatches=0"), "{l}{}", dump(ctx));
+    }
 }
 
 #[cfg(test)]

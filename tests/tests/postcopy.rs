@@ -19,38 +19,13 @@ use std::time::{Duration, Instant};
 
 use vmm::api::{MigrateRequest, MigrationInfo, MigrationMode, MigrationPhase, VmState};
 use vmm_tests::TestBed;
+use vmm_tests::checks::{assert_no_dirty_mismatch_on_console, more_dirty_passes};
 use vmm_tests::echo_stream::EchoStream;
-use vmm_tests::guest::{GuestStatus, status};
 use vmm_tests::moves::{
     ECHO_PORT, GUEST_TIMEOUT, MIGRATION_PORT, MIGRATION_TIMEOUT, assert_completed, assert_exits_cleanly, bed_with,
     dump, print_info, request, start_destination, start_source, wait_migration,
 };
 use vmm_tests::vm::{Vm, kvm_or_skip};
-
-fn guest_status(bed: &TestBed, ctx: &[(&str, &Vm)]) -> GuestStatus {
-    status(bed, GUEST_TIMEOUT).unwrap_or_else(|e| panic!("{e}{}", dump(ctx)))
-}
-
-fn more_dirty_passes(bed: &TestBed, than: u64, ctx: &[(&str, &Vm)]) -> GuestStatus {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    loop {
-        let st = guest_status(bed, ctx);
-        assert_eq!(st.num("dirty_mismatches"), 0, "the dirty workload found bad pages: {st:?}{}", dump(ctx));
-        if st.num("dirty_passes") > than {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "the dirty workload stopped at {than} passes{}", dump(ctx));
-        thread::sleep(Duration::from_millis(300));
-    }
-}
-
-fn assert_clean_console(vm: &Vm, ctx: &[(&str, &Vm)]) {
-    let text = vm.console.text();
-    assert!(!text.contains("DIRTY-MISMATCH"), "the dirty workload found bad pages{}", dump(ctx));
-    for l in text.lines().filter(|l| l.starts_with("DIRTY pass=")) {
-        assert!(l.ends_with("mismatches=0"), "{l}{}", dump(ctx));
-    }
-}
 
 fn echo_stream(bed: &TestBed, ctx: &[(&str, &Vm)]) -> EchoStream {
     let guest = bed.guest_ip(0);
@@ -91,7 +66,7 @@ fn move_with(bed: &TestBed, src: Vm, req: MigrateRequest, what: &str) -> (Vm, Mi
     assert_eq!(dst.api().get_vm().expect("GET /vm").state, VmState::Running);
     let after = more_dirty_passes(bed, before.num("dirty_passes"), &ctx);
     println!("{what}: dirty passes {} before, {} after", before.num("dirty_passes"), after.num("dirty_passes"));
-    assert_clean_console(&dst, &ctx);
+    assert_no_dirty_mismatch_on_console(&dst, &ctx);
     let stats = stream.finish();
     println!("{what}: echo stream {stats:?}");
     assert!(stats.intact(), "the echo stream lost lines or broke: {stats:?}{}", dump(&ctx));
@@ -173,5 +148,5 @@ fn a_link_cut_during_postcopy_recovers() {
     assert_exits_cleanly(&src, &ctx);
     let after = more_dirty_passes(&bed, before.num("dirty_passes"), &ctx);
     println!("dirty passes {} before, {} after", before.num("dirty_passes"), after.num("dirty_passes"));
-    assert_clean_console(&dst, &ctx);
+    assert_no_dirty_mismatch_on_console(&dst, &ctx);
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use vmm::api::{SnapshotPhase, VmState};
 use vmm_tests::TestBed;
+use vmm_tests::checks::{assert_no_dirty_mismatch_on_console, more_dirty_passes};
 use vmm_tests::echo_stream::EchoStream;
 use vmm_tests::guest::{GuestStatus, status};
 use vmm_tests::moves::{ECHO_PORT, EXIT_TIMEOUT, GUEST_TIMEOUT, bed_with, dump, start_source};
@@ -33,28 +34,6 @@ const DIRTY_64: &str = "vmm.workload=dirty vmm.dirty_mib=64 vmm.dirty_rate=64";
 
 fn guest_status(bed: &TestBed, ctx: &[(&str, &Vm)]) -> GuestStatus {
     status(bed, GUEST_TIMEOUT).unwrap_or_else(|e| panic!("{e}{}", dump(ctx)))
-}
-
-/// Waits until the dirty workload has done more passes than `than`, with no mismatch.
-fn more_dirty_passes(bed: &TestBed, than: u64, ctx: &[(&str, &Vm)]) -> GuestStatus {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    loop {
-        let st = guest_status(bed, ctx);
-        assert_eq!(st.num("dirty_mismatches"), 0, "the dirty workload found bad pages: {st:?}{}", dump(ctx));
-        if st.num("dirty_passes") > than {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "the dirty workload stopped at {than} passes{}", dump(ctx));
-        thread::sleep(Duration::from_millis(300));
-    }
-}
-
-fn assert_no_mismatch_on_console(vm: &Vm, ctx: &[(&str, &Vm)]) {
-    let text = vm.console.text();
-    assert!(!text.contains("DIRTY-MISMATCH"), "the dirty workload found bad pages{}", dump(ctx));
-    for l in text.lines().filter(|l| l.starts_with("DIRTY pass=")) {
-        assert!(l.ends_with("mismatches=0"), "{l}{}", dump(ctx));
-    }
 }
 
 /// Snapshots the guest of `src` into `dir` (it stays paused), then kills its VMM so that its
@@ -113,7 +92,7 @@ fn a_restored_guest_keeps_its_memory_and_its_connection() {
         before.num("dirty_passes"),
         after.num("dirty_passes")
     );
-    assert_no_mismatch_on_console(&dst, &ctx);
+    assert_no_dirty_mismatch_on_console(&dst, &ctx);
     let stats = stream.finish();
     println!("echo stream: {stats:?}");
     assert!(stats.intact(), "lines were lost or the connection broke: {stats:?}{}", dump(&ctx));
@@ -139,7 +118,7 @@ fn one_snapshot_restores_twice() {
         let ctx = [("restored", &vm)];
         let st = more_dirty_passes(&bed, before.num("dirty_passes"), &ctx);
         println!("restore {round}: dirty passes {} -> {}", before.num("dirty_passes"), st.num("dirty_passes"));
-        assert_no_mismatch_on_console(&vm, &ctx);
+        assert_no_dirty_mismatch_on_console(&vm, &ctx);
         vm.kill();
         assert!(vm.wait_timeout(EXIT_TIMEOUT).is_some(), "the restored VMM did not end{}", dump(&ctx));
     }
