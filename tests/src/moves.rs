@@ -282,7 +282,8 @@ pub fn assert_exits_cleanly(src: &Vm, ctx: &[(&str, &Vm)]) {
     assert!(status.unwrap().success(), "the source VMM exited with {status:?}{}", dump(ctx));
 }
 
-/// One `status` answer of the guest's control port.
+/// The dirty workload's figures from one `status` answer of the guest's control port (the
+/// typed view of [`crate::guest::GuestStatus`] that the migration checks use).
 #[derive(Clone, Debug)]
 pub struct GuestStatus {
     pub workload: String,
@@ -294,27 +295,17 @@ pub struct GuestStatus {
     pub answered: Instant,
 }
 
+/// Reads a `STATUS ...` line (parsed as the guest module reads it) into the dirty workload's
+/// figures; `None` unless every one of them is there.
 pub fn parse_status(line: &str) -> Option<GuestStatus> {
-    let mut fields = line.trim().split(' ');
-    if fields.next()? != "STATUS" {
-        return None;
-    }
-    let (mut workload, mut uptime, mut passes, mut mismatches) = (None, None, None, None);
-    for field in fields {
-        match field.split_once('=')? {
-            ("workload", v) => workload = Some(v.to_string()),
-            ("uptime_ms", v) => uptime = v.parse().ok(),
-            ("dirty_passes", v) => passes = v.parse().ok(),
-            ("dirty_mismatches", v) => mismatches = v.parse().ok(),
-            _ => {}
-        }
-    }
     let now = Instant::now();
+    let s = crate::guest::GuestStatus::parse(line, now, now)?;
+    let num = |key: &str| s.fields.get(key).and_then(|v| v.parse().ok());
     Some(GuestStatus {
-        workload: workload?,
-        uptime_ms: uptime?,
-        dirty_passes: passes?,
-        dirty_mismatches: mismatches?,
+        workload: s.fields.get("workload")?.clone(),
+        uptime_ms: num("uptime_ms")?,
+        dirty_passes: num("dirty_passes")?,
+        dirty_mismatches: num("dirty_mismatches")?,
         asked: now,
         answered: now,
     })
@@ -388,5 +379,20 @@ pub fn assert_state(vm: &Vm, want: VmState, ctx: &[(&str, &Vm)]) {
     match vm.api().get_vm() {
         Ok(info) => assert_eq!(info.state, want, "{info:?}{}", dump(ctx)),
         Err(e) => panic!("GET /vm failed: {e}{}", dump(ctx)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_status;
+
+    #[test]
+    fn a_status_line_gives_the_dirty_figures_or_nothing() {
+        let s = parse_status("STATUS workload=dirty cpus=2 uptime_ms=1500 dirty_passes=7 dirty_mismatches=0\n")
+            .expect("a full status line");
+        assert_eq!((s.workload.as_str(), s.uptime_ms, s.dirty_passes, s.dirty_mismatches), ("dirty", 1500, 7, 0));
+        assert!(parse_status("STATUS workload=echo uptime_ms=3").is_none(), "figures missing");
+        assert!(parse_status("STATUS workload=dirty uptime_ms=x dirty_passes=1 dirty_mismatches=0").is_none());
+        assert!(parse_status("ERROR unknown command").is_none());
     }
 }
