@@ -16,9 +16,9 @@ use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase, VmState};
 use crate::TestBed;
 use crate::guest::{GuestStatus as ControlStatus, exchange, status};
 use crate::moves::{
-    ECHO_PORT, GUEST_TIMEOUT, GuestStatus, MIGRATION_PORT, assert_completed, assert_dirty_console,
-    assert_exits_cleanly, assert_state, dump, guest_status, migrate_api, migration_timeout, nested_stall_ms,
-    print_info, request, slowness, start_destination, start_guest, wait_migration, wait_more_passes,
+    ECHO_PORT, GuestStatus, MIGRATION_PORT, assert_completed, assert_dirty_console, assert_exits_cleanly, assert_state,
+    dump, guest_status, guest_timeout, migrate_api, migration_timeout, nested_stall_ms, print_info, request,
+    start_destination, start_guest, wait_migration, wait_more_passes,
 };
 use crate::vm::{Guest, Vm, vmm_bin};
 
@@ -63,7 +63,7 @@ fn nested_stall_args(extra: &[&str]) -> Vec<String> {
 
 /// The guest's echo server on port 7000 answers a line with the same line.
 pub fn assert_echo(bed: &TestBed, ctx: &[(&str, &Vm)]) {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
+    let deadline = Instant::now() + guest_timeout();
     loop {
         match exchange(bed, ECHO_PORT, "still here\n") {
             Ok(line) if line == "still here\n" => return,
@@ -232,8 +232,7 @@ pub fn parse_cpu_check(line: &str) -> Option<CpuCheck> {
 /// every register, the TSC and the clock held (no `CPU-CHECK-MISMATCH` line, all counts 0) and
 /// that the guest keeps time with kvmclock. Returns that line's figures.
 pub fn assert_cpu_check(vm: &Vm, after: u64, ctx: &[(&str, &Vm)]) -> CpuCheck {
-    let line =
-        vm.console.wait_line(GUEST_TIMEOUT * slowness(), |l| parse_cpu_check(l).is_some_and(|c| c.rounds > after));
+    let line = vm.console.wait_line(guest_timeout(), |l| parse_cpu_check(l).is_some_and(|c| c.rounds > after));
     let line = line.unwrap_or_else(|| panic!("no CPU-CHECK line after round {after} on the console{}", dump(ctx)));
     let mismatches = vm.console.lines(|l| l.starts_with("CPU-CHECK-MISMATCH"));
     assert!(mismatches.is_empty(), "the guest's registers or clocks did not hold: {mismatches:?}{}", dump(ctx));
@@ -328,9 +327,9 @@ pub fn echo_exact(bed: &TestBed, i: u8, total: usize, vm: &Vm) -> Duration {
 /// Waits until the dirty workload has done more passes than `than` (asked on its control port),
 /// with no mismatch found.
 pub fn more_dirty_passes(bed: &TestBed, than: u64, ctx: &[(&str, &Vm)]) -> ControlStatus {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
+    let deadline = Instant::now() + guest_timeout();
     loop {
-        let st = status(bed, GUEST_TIMEOUT).unwrap_or_else(|e| panic!("{e}{}", dump(ctx)));
+        let st = status(bed, guest_timeout()).unwrap_or_else(|e| panic!("{e}{}", dump(ctx)));
         assert_eq!(st.num("dirty_mismatches"), 0, "the dirty workload found bad pages: {st:?}{}", dump(ctx));
         if st.num("dirty_passes") > than {
             return st;

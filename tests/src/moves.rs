@@ -36,6 +36,13 @@ pub fn slowness() -> u32 {
     if crate::place::inside_nested_host() { NESTED_SLOWNESS } else { 1 }
 }
 
+/// How long to wait for the guest to answer or print something: [`GUEST_TIMEOUT`], longer
+/// inside the nested host (there an emulated Linux guest's vCPU may get a fraction of a core
+/// for minutes while the machine is busy).
+pub fn guest_timeout() -> Duration {
+    GUEST_TIMEOUT * slowness()
+}
+
 /// How long a migration may take: [`MIGRATION_TIMEOUT`], twice that inside the nested host (a
 /// Linux guest's move there has been seen to take four minutes while the machine was busy).
 pub fn migration_timeout() -> Duration {
@@ -316,7 +323,7 @@ pub use crate::guest::exchange;
 /// Asks the guest for `status` on its control port from the client, retrying until it answers
 /// (right after a move the network may need a moment to learn where the guest is).
 pub fn guest_status(bed: &TestBed, ctx: &[(&str, &Vm)]) -> GuestStatus {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
+    let deadline = Instant::now() + guest_timeout();
     loop {
         let asked = Instant::now();
         let answer = exchange(bed, CONTROL_PORT, "status\n");
@@ -336,7 +343,7 @@ pub fn guest_status(bed: &TestBed, ctx: &[(&str, &Vm)]) -> GuestStatus {
 
 /// Waits until the guest's dirty workload completed more passes than `than`.
 pub fn wait_more_passes(bed: &TestBed, than: u64, ctx: &[(&str, &Vm)]) -> GuestStatus {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
+    let deadline = Instant::now() + guest_timeout();
     loop {
         let st = guest_status(bed, ctx);
         assert_eq!(st.dirty_mismatches, 0, "the dirty workload found corrupted pages: {st:?}{}", dump(ctx));
@@ -361,7 +368,7 @@ pub fn dirty_line_pass(line: &str) -> Option<u64> {
 /// The VM's console shows the dirty workload's progress lines (a new one after `after_pass`),
 /// all with `mismatches=0`, and no `DIRTY-MISMATCH` line.
 pub fn assert_dirty_console(vm: &Vm, after_pass: u64, ctx: &[(&str, &Vm)]) -> u64 {
-    let line = vm.console.wait_line(GUEST_TIMEOUT, |l| {
+    let line = vm.console.wait_line(guest_timeout(), |l| {
         l.starts_with("DIRTY pass=") && dirty_line_pass(l).is_some_and(|p| p > after_pass)
     });
     assert!(line.is_some(), "no DIRTY line after pass {after_pass} on the console{}", dump(ctx));
