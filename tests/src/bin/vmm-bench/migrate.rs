@@ -392,7 +392,7 @@ impl<'a> Bench<'a> {
 
 /// Streams 2 s of data from a thread in `from` to a listener in `to` at `ip`; MB/s as the
 /// receiver saw it.
-fn stream_rate(from: &Netns, to: &Netns, ip: Ipv4Addr) -> Result<f64, String> {
+pub fn stream_rate(from: &Netns, to: &Netns, ip: Ipv4Addr) -> Result<f64, String> {
     // The socket lives in the namespace it was created in, whichever thread accepts on it.
     let listener =
         to.run_in(move || TcpListener::bind((ip, 0))).map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;

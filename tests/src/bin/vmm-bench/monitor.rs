@@ -4,15 +4,17 @@
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::json;
-use vmm::api::{MigrateRequest, MigrationPhase};
 use vmm_tests::Netns;
 use vmm_tests::vm::{Vm, api_sock_path};
 
 use crate::qmp::Qmp;
+
+mod moves;
+pub use moves::{MigrationResult, Outcome, Plan};
 
 /// The downtime limit both monitors get (QEMU's own default is 300 ms).
 pub const DOWNTIME_LIMIT_MS: u64 = 50;
@@ -128,63 +130,6 @@ fn qemu_creds(dir: &Path) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-/// One pre-copy round as the monitor reported it.
-#[derive(Clone, Debug, Serialize)]
-pub struct RoundPoint {
-    /// Since the migration started.
-    pub t_ms: f64,
-    pub round: u32,
-    /// Pages the round had to send (dirty since the last round; all touched pages in round 1).
-    pub dirty_pages: u64,
-    /// Bytes sent since the migration started.
-    pub bytes_sent: u64,
-    /// CPU time the source's migration thread had used, in ms (ours only).
-    pub sender_cpu_ms: Option<f64>,
-}
-
-/// What a finished migration cost, as the source monitor reports it.
-#[derive(Clone, Debug, Serialize)]
-pub struct MigrationResult {
-    pub total_ms: f64,
-    /// From the guest's vCPUs stopping on the source to them starting on the destination, on
-    /// the host clock, as each monitor stamps those moments: ours in its migration report
-    /// (`paused_at_us`, `resumed_at_us`), QEMU's in its STOP and RESUME events.
-    pub downtime_ms: f64,
-    /// The downtime the source reports: ours from asking the vCPUs to stop until the
-    /// destination's acknowledgement (sent once the guest runs there), QEMU's from stopping
-    /// until its last byte was sent.
-    pub reported_downtime_ms: f64,
-    pub bytes_sent: u64,
-    /// Disk data sent (copied disks; part of `bytes_sent`), if the monitor says.
-    pub disk_bytes_sent: Option<u64>,
-    pub rounds: u32,
-    pub timeline: Vec<RoundPoint>,
-}
-
-impl MigrationResult {
-    /// The pre-copy copy rate in MB/s: bytes sent from the first round's start to the last
-    /// round's (set-up and the pause left out), or over the whole migration if it had one
-    /// round only.
-    pub fn copy_rate_mb_s(&self) -> f64 {
-        if let (Some(first), Some(last)) = (self.timeline.first(), self.timeline.last())
-            && last.t_ms > first.t_ms
-            && last.bytes_sent > first.bytes_sent
-        {
-            return (last.bytes_sent - first.bytes_sent) as f64 / (last.t_ms - first.t_ms) / 1e3;
-        }
-        if self.total_ms > 0.0 { self.bytes_sent as f64 / self.total_ms / 1e3 } else { 0.0 }
-    }
-
-    /// CPU time the source's migration thread spent per GiB sent, over the same span as
-    /// [`Self::copy_rate_mb_s`] (ours only, and only with more than one round).
-    pub fn sender_cpu_ms_per_gib(&self) -> Option<f64> {
-        let (first, last) = (self.timeline.first()?, self.timeline.last()?);
-        let cpu = last.sender_cpu_ms? - first.sender_cpu_ms?;
-        let bytes = last.bytes_sent.checked_sub(first.bytes_sent).filter(|b| *b > 0)?;
-        Some(cpu / (bytes as f64 / (1u64 << 30) as f64))
-    }
-}
-
 impl Running {
     /// Boots `spec` (or, with `incoming`, waits for a migration on that address) in `netns`.
     pub fn start(monitor: Monitor, netns: Option<&Netns>, spec: &GuestSpec, incoming: Option<&str>) -> Running {
@@ -279,6 +224,12 @@ impl Running {
 
     /// Waits until a destination is ready to receive.
     pub fn wait_incoming(&self, timeout: Duration) -> Result<(), String> {
+        self.wait_incoming_for(timeout, false)
+    }
+
+    /// [`Running::wait_incoming`] for a migration that may switch to post-copy (QEMU's
+    /// destination needs the `postcopy-ram` capability before the migration starts).
+    pub fn wait_incoming_for(&self, timeout: Duration, postcopy: bool) -> Result<(), String> {
         match self.monitor {
             Monitor::Ours => self
                 .vm
@@ -290,6 +241,10 @@ impl Running {
             // (with TLS, once told to, after the credentials are set).
             Monitor::Qemu => {
                 let mut qmp = self.qmp(timeout)?;
+                if postcopy {
+                    let cap = json!([{ "capability": "postcopy-ram", "state": true }]);
+                    qmp.execute("migrate-set-capabilities", json!({ "capabilities": cap }))?;
+                }
                 if let (Some(Wire::Tls(_)), Some(addr)) = (&self.wire, &self.incoming) {
                     qmp.execute("migrate-set-parameters", json!({ "tls-creds": "tls0" }))?;
                     qmp.execute("migrate-incoming", json!({ "uri": format!("tcp:{addr}") }))?;
@@ -303,134 +258,6 @@ impl Running {
     fn qmp(&self, timeout: Duration) -> Result<Qmp, String> {
         let path = self.qmp.as_ref().ok_or("not QEMU")?;
         Qmp::connect(path, timeout).map_err(|e| format!("{e}\n{}", self.vm.describe()))
-    }
-
-    /// Migrates the guest to `dst`, listening at `to` (`host:port`), with a 50 ms downtime
-    /// limit and no bandwidth limit; waits for the end and returns what it cost.
-    pub fn migrate(&self, to: &str, dst: &Running) -> Result<MigrationResult, String> {
-        match self.monitor {
-            Monitor::Ours => self.migrate_ours(to),
-            Monitor::Qemu => self.migrate_qemu(to, dst),
-        }
-    }
-
-    fn migrate_ours(&self, to: &str) -> Result<MigrationResult, String> {
-        let api = self.vm.api();
-        let request = MigrateRequest { to: to.into(), downtime_ms: Some(DOWNTIME_LIMIT_MS), ..Default::default() };
-        let want_tls = self.wire.as_ref().is_some_and(Wire::is_tls);
-        api.migrate(&request).map_err(|e| format!("starting the migration: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            let info = api.migration().map_err(|e| format!("following the migration: {e}"))?;
-            match info.phase {
-                MigrationPhase::Completed => {
-                    if info.encrypted != want_tls {
-                        return Err(format!("the migration's encryption was {}, not as asked", info.encrypted));
-                    }
-                    let timeline = info
-                        .rounds
-                        .iter()
-                        .map(|r| RoundPoint {
-                            t_ms: r.started_us as f64 / 1e3,
-                            round: r.round,
-                            dirty_pages: r.pages,
-                            bytes_sent: r.bytes_before,
-                            sender_cpu_ms: Some(r.cpu_us as f64 / 1e3),
-                        })
-                        .collect();
-                    return Ok(MigrationResult {
-                        total_ms: info.total_us as f64 / 1e3,
-                        downtime_ms: match (info.paused_at_us, info.resumed_at_us) {
-                            (Some(p), Some(r)) => r.saturating_sub(p) as f64 / 1e3,
-                            _ => return Err("the migration report lacks the pause and resume times".into()),
-                        },
-                        reported_downtime_ms: info.downtime_us.unwrap_or(0) as f64 / 1e3,
-                        bytes_sent: info.bytes_sent,
-                        disk_bytes_sent: Some(info.disk_bytes_sent),
-                        rounds: info.round,
-                        timeline,
-                    });
-                }
-                MigrationPhase::Failed => {
-                    return Err(format!("migration failed: {}", info.error.unwrap_or_default()));
-                }
-                _ => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-        Err("the migration did not finish within 120 s".into())
-    }
-
-    fn migrate_qemu(&self, to: &str, dst: &Running) -> Result<MigrationResult, String> {
-        let mut qmp = self.qmp(Duration::from_secs(10))?;
-        qmp.execute(
-            "migrate-set-parameters",
-            json!({ "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": QEMU_MAX_BANDWIDTH }),
-        )?;
-        if self.wire.as_ref().is_some_and(Wire::is_tls) {
-            // The destination's certificate must name the address dialled, as ours checks.
-            let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
-            qmp.execute("migrate-set-parameters", json!({ "tls-creds": "tls0", "tls-hostname": host }))?;
-        }
-        if self.copy_disks {
-            // QEMU's block migration: the disks' contents go in the migration stream.
-            qmp.execute(
-                "migrate-set-capabilities",
-                json!({ "capabilities": [{ "capability": "block", "state": true }] }),
-            )?;
-        }
-        qmp.execute("migrate", json!({ "uri": format!("tcp:{to}") }))?;
-        let start = Instant::now();
-        let mut timeline: Vec<RoundPoint> = Vec::new();
-        // Block migration's progress shows only while it is active: the last figure seen.
-        let mut disk_sent: Option<u64> = None;
-        let deadline = start + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            let q = qmp.execute("query-migrate", json!({}))?;
-            if let Some(d) = q["disk"]["transferred"].as_u64() {
-                disk_sent = Some(disk_sent.unwrap_or(0).max(d));
-            }
-            let t_ms = start.elapsed().as_secs_f64() * 1e3;
-            let ram = &q["ram"];
-            let page = ram["page-size"].as_u64().unwrap_or(4096).max(1);
-            let syncs = ram["dirty-sync-count"].as_u64().unwrap_or(0) as u32;
-            let transferred = ram["transferred"].as_u64().unwrap_or(0);
-            // A new bitmap sync starts a new round: what remains then is that round's dirty set.
-            if syncs > 0 && timeline.last().is_none_or(|p| p.round < syncs) {
-                let remaining = ram["remaining"].as_u64().unwrap_or(0);
-                timeline.push(RoundPoint {
-                    t_ms,
-                    round: syncs,
-                    dirty_pages: remaining / page,
-                    bytes_sent: transferred,
-                    sender_cpu_ms: None,
-                });
-            }
-            match q["status"].as_str().unwrap_or("") {
-                "completed" => {
-                    let stopped = qmp.event_time("STOP", Duration::from_secs(5))?;
-                    let _ = qmp.execute("quit", json!({}));
-                    let mut events = dst.events.borrow_mut();
-                    let resumed = events
-                        .as_mut()
-                        .ok_or("the destination's QMP is not open")?
-                        .event_time("RESUME", Duration::from_secs(10))?;
-                    return Ok(MigrationResult {
-                        total_ms: q["total-time"].as_f64().unwrap_or(t_ms),
-                        downtime_ms: resumed.saturating_sub(stopped) as f64 / 1e3,
-                        reported_downtime_ms: q["downtime"].as_f64().unwrap_or(0.0),
-                        // With block migration, the disk's part of the stream comes on top.
-                        bytes_sent: transferred + disk_sent.unwrap_or(0),
-                        disk_bytes_sent: disk_sent,
-                        rounds: syncs,
-                        timeline,
-                    });
-                }
-                "failed" | "cancelled" => return Err(format!("QEMU migration failed: {q}")),
-                _ => std::thread::sleep(Duration::from_millis(2)),
-            }
-        }
-        let _ = qmp.execute("migrate_cancel", json!({}));
-        Err("the QEMU migration did not finish within 120 s".into())
     }
 
     /// The process id (for its memory use).

@@ -43,6 +43,9 @@ impl Row {
 #[derive(Debug, Default, Serialize)]
 pub struct Results {
     pub rows: Vec<Row>,
+    /// What a row cannot say: a case that never finished, a case skipped and why, a published
+    /// figure quoted beside ours (printed under the table).
+    pub notes: Vec<String>,
 }
 
 impl Results {
@@ -66,6 +69,12 @@ impl Results {
             Monitor::Ours => self.rows[pos].vmm.push(value),
             Monitor::Qemu => self.rows[pos].qemu.push(value),
         }
+    }
+
+    /// Adds a note (also printed at once, so a long run shows it as it happens).
+    pub fn note(&mut self, text: String) {
+        eprintln!("vmm-bench: note: {text}");
+        self.notes.push(text);
     }
 
     pub fn row(&self, section: &str, metric: &str) -> Option<&Row> {
