@@ -97,9 +97,14 @@ pub fn start_restore(bed: &TestBed, host: &str, dir: &Path, extra: &[&str]) -> (
 
 /// Starts `vmm run --restore` in host `host` without waiting.
 pub fn spawn_restore(bed: &TestBed, host: &str, dir: &Path, extra: &[&str]) -> Vm {
+    Vm::start(Some(bed.host(host)), &restore_args(bed, host, dir, extra))
+}
+
+/// `run --restore DIR --api-sock ... --net tap=TAP [extra]` for host `host` of `bed`.
+pub fn restore_args(bed: &TestBed, host: &str, dir: &Path, extra: &[&str]) -> Vec<String> {
     let sock = api_sock_path(&format!("restore-{host}"));
-    let mut args = s(&["run", "--restore", dir.to_str().unwrap(), "--api-sock", sock.to_str().unwrap()]);
+    let mut args = s(&["run", "--restore", &dir.display().to_string(), "--api-sock", &sock.display().to_string()]);
     args.extend(["--net".to_string(), format!("tap={}", bed.host(host).tap())]);
     args.extend(s(extra));
-    Vm::start(Some(bed.host(host)), &args)
+    args
 }

@@ -3,7 +3,9 @@
 //! guest kernel, memory and workload, runs alternating so drift hits both: boot, network,
 //! migration, TCP continuity; and the same with Linux (`linux`), which runs inside the nested
 //! host (`resources/l1.sh`) where this machine's KVM emulates guest kernel code; and our
-//! migration transport alone, TLS against plaintext (`transport`). Prints a markdown table
+//! migration transport alone, TLS against plaintext (`transport`); post-copy against QEMU's
+//! pre-copy and `postcopy-ram` (`postcopy`); restore from a snapshot at two sizes (`restore`,
+//! ours only, Firecracker's published figures quoted). Prints a markdown table
 //! (ratio ours/QEMU in every row) and the targets met or not, and writes `results.md`,
 //! `results.json` (every sample) and `migration.png` into the output directory.
 //!
@@ -11,7 +13,7 @@
 //! [--mem-sizes MIB,..] [--dirty-rates MIBS,..] [--smp-vcpus N] [--density-vms N]
 //! [--drain-vms N] [--drain-mib N] [--monitors ours,qemu] (as root, except for the transport
 //! section alone; SECTIONS: a comma-separated subset of
-//! boot,linux,network,migration,transport,disk,cluster; a dirty rate of 0 is the idle guest;
+//! boot,linux,network,migration,transport,disk,postcopy,restore,cluster; a dirty rate of 0 is the idle guest;
 //! the SMP case migrates a 256 MiB guest whose N vCPUs all dirty memory, 0 leaves it out;
 //! `--monitors ours` migrates only ours, e.g. to compare TLS with plaintext in less time). A
 //! migration case that fails is reported and the others still run; the bench then exits non-zero.
@@ -23,8 +25,11 @@ mod jobs;
 mod migrate;
 mod monitor;
 mod net;
+mod passes;
 mod plot;
+mod postcopy;
 mod qmp;
+mod restore;
 mod results;
 mod targets;
 mod transport;
@@ -41,12 +46,13 @@ use serde_json::json;
 use vmm_tests::place::{L1Options, Place};
 
 const USAGE: &str = "usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] \
-                     [--only boot,linux,network,migration,transport,disk,cluster] [--mem-sizes 256,1024] \
+                     [--only boot,linux,network,migration,transport,disk,postcopy,restore,cluster] [--mem-sizes 256,1024] \
                      [--dirty-rates 0,64,512] [--smp-vcpus 4] [--density-vms 50] [--drain-vms 6] [--drain-mib 256] \
                      [--cluster-cases density,drain,jobs] [--job-units 6000] [--monitors ours,qemu]";
 
 /// Every section, in the order they run.
-const SECTIONS: [&str; 7] = ["boot", "linux", "network", "migration", "transport", "disk", "cluster"];
+const SECTIONS: [&str; 9] =
+    ["boot", "linux", "network", "migration", "transport", "disk", "postcopy", "restore", "cluster"];
 
 struct Options {
     runs: usize,
@@ -205,7 +211,7 @@ fn run(o: &Options) -> Result<(), String> {
         return linux_in_nested_host(o, &o.out);
     }
     let section = |s: &str| o.sections.iter().any(|x| x == s) && !(s == "linux" && linux_nested);
-    if ["boot", "linux", "network", "migration", "disk"].iter().any(|s| section(s)) {
+    if ["boot", "linux", "network", "migration", "disk", "postcopy"].iter().any(|s| section(s)) {
         ensure_qemu()?;
     }
     let ours = GuestImage {
@@ -275,6 +281,15 @@ fn run(o: &Options) -> Result<(), String> {
         disk::migration(&mut results, o.runs, &ours.kernel)?;
     }
 
+    if section("postcopy") {
+        eprintln!("vmm-bench: post-copy, {} runs each", o.runs);
+        failed.extend(postcopy::bench(&mut results, o.runs, &ours.kernel)?);
+    }
+    if section("restore") {
+        eprintln!("vmm-bench: restore, {} runs each", o.runs);
+        restore::bench(&mut results, o.runs, &ours.kernel)?;
+    }
+
     let settings = cluster::Settings {
         density_vms: o.density_vms,
         drain_vms: o.drain_vms,
@@ -304,9 +319,14 @@ fn run(o: &Options) -> Result<(), String> {
 
     let table = results.markdown();
     let mut targets = targets::check(&results, &cases);
+    let mut line = |ok: bool, text: String| targets.push(format!("- {} {text}", if ok { "met:" } else { "NOT met:" }));
+    if section("postcopy") {
+        postcopy::targets(&results, &mut line);
+    }
+    if section("restore") {
+        restore::targets(&results, &mut line);
+    }
     if section("cluster") {
-        let mut line =
-            |ok: bool, text: String| targets.push(format!("- {} {text}", if ok { "met:" } else { "NOT met:" }));
         cluster::targets(&results, &settings, &mut line);
         jobs::targets(&results, &mut line);
     }
@@ -318,8 +338,13 @@ fn run(o: &Options) -> Result<(), String> {
     } else {
         ""
     };
+    let notes = if results.notes.is_empty() {
+        String::new()
+    } else {
+        format!("\nNotes:\n{}\n", results.notes.iter().map(|n| format!("- {n}\n")).collect::<String>())
+    };
     let mut md = format!(
-        "Measured {} on {}.\n\n{emulated}{table}\nTargets:\n{}\n",
+        "Measured {} on {}.\n\n{emulated}{table}{notes}\nTargets:\n{}\n",
         machine["date"].as_str().unwrap_or("?"),
         machine["summary"].as_str().unwrap_or("?"),
         targets.join("\n")
@@ -328,7 +353,8 @@ fn run(o: &Options) -> Result<(), String> {
         md.push_str(&format!("\n![{plotted}](migration.png)\n"));
     }
     write(&o.out.join("results.md"), &md)?;
-    let all = json!({ "machine": machine, "rows": results.rows, "migrations": samples, "targets": targets });
+    let all = json!({ "machine": machine, "rows": results.rows, "notes": results.notes, "migrations": samples,
+                      "targets": targets });
     write(&o.out.join("results.json"), &serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?)?;
     println!("{md}");
     eprintln!("vmm-bench: wrote {}/results.md, results.json and migration.png", o.out.display());
