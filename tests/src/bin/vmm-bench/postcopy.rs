@@ -54,12 +54,12 @@ struct Pairing {
 
 const PAIRINGS: [Pairing; 2] = [
     Pairing {
-        name: "vmm --postcopy | QEMU postcopy-ram",
+        name: "vmm --postcopy vs QEMU postcopy-ram",
         ours: MigrationMode::Postcopy,
         qemu: Plan { mode: MigrationMode::Postcopy, tuned: true, bound: Duration::from_secs(120) },
     },
     Pairing {
-        name: "vmm --postcopy-auto | QEMU pre-copy, its defaults",
+        name: "vmm --postcopy-auto vs QEMU pre-copy, its defaults",
         ours: MigrationMode::PostcopyAuto,
         qemu: Plan { mode: MigrationMode::Precopy, tuned: false, bound: PRECOPY_BOUND },
     },

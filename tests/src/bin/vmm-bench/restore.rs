@@ -34,7 +34,7 @@ const HEADROOM_MIB: u64 = 1024;
 const DISK_NEEDED_MIB: u64 = 1024;
 /// The rows the targets read.
 pub const TO_RUNNING: &str = "spawn → the guest runs (the VMM's line)";
-pub const OWN: &str = "the VMM's own figure in that line (building the VM from the checked snapshot)";
+pub const OWN: &str = "the VMM's own figure in that line (reading the snapshot → the vCPUs run)";
 pub const TO_ANSWER: &str = "spawn → the guest's first UDP echo answer";
 /// Firecracker's published figures (its perf tests on m5d.metal, 2023), quoted, not measured.
 pub const FIRECRACKER: &str = "Firecracker (published, not measured here: its snapshot-load test on m5d.metal, 2023): \
