@@ -325,15 +325,8 @@ impl<'a> Bench<'a> {
             net: Some((a.tap(), MAC)),
             disk: None,
         };
-        let src = Running::start_wire(m, Some(a), &spec_a, None, Some(&wire_a));
-        src.wait_ready(self.ready_timeout)?;
-        client
-            .wait_for_tcp((guest_ip, ECHO_PORT).into(), Duration::from_secs(30))
-            .map_err(|e| format!("{}: {e}\n{}", m.name(), src.vm.describe()))?;
-        let port = PORT.fetch_add(1, Ordering::Relaxed);
-        let spec_b = GuestSpec { net: Some((b.tap(), MAC)), ..spec_a };
-        let dst = Running::start_wire(m, Some(b), &spec_b, Some(&format!("0.0.0.0:{port}")), Some(&wire_b));
-        dst.wait_incoming(Duration::from_secs(30))?;
+        let (src, dst, to) =
+            source_and_destination(&self.bed, m, spec_a, [&wire_a, &wire_b], self.ready_timeout, false)?;
 
         let stream = client
             .run_in(move || TcpStream::connect_timeout(&(guest_ip, ECHO_PORT).into(), Duration::from_secs(5)))
@@ -349,8 +342,7 @@ impl<'a> Bench<'a> {
         std::thread::sleep(Duration::from_millis(1500));
         echo.reset_gap();
         udp.reset_gap();
-        let b_ip = b.ip().ok_or("host B has no address")?;
-        let result = src.migrate(&format!("{b_ip}:{port}"), &dst)?;
+        let result = src.migrate(&to, &dst)?;
         if !src.wait_exit(Duration::from_secs(30)) {
             return Err(format!("{}: the source did not exit after the migration", m.name()));
         }
@@ -388,6 +380,32 @@ impl<'a> Bench<'a> {
             new_connection_ok,
         })
     }
+}
+
+/// Boots `spec_a` on host A of `bed` (over `wires[0]`; its NIC on A's TAP) and waits until the
+/// guest answers on its echo port; starts a destination for it on host B (over `wires[1]`, the
+/// same NIC on B's TAP) listening on a new port, ready for a migration that may switch to
+/// post-copy if `postcopy`. Returns the source, the destination and the address to migrate to.
+pub fn source_and_destination(
+    bed: &TestBed,
+    m: Monitor,
+    spec_a: GuestSpec,
+    wires: [&Wire; 2],
+    ready_timeout: Duration,
+    postcopy: bool,
+) -> Result<(Running, Running, String), String> {
+    let (a, b) = (bed.host("a"), bed.host("b"));
+    let b_ip = b.ip().ok_or("host B has no address")?;
+    let src = Running::start_wire(m, Some(a), &spec_a, None, Some(wires[0]));
+    src.wait_ready(ready_timeout)?;
+    bed.client()
+        .wait_for_tcp((bed.guest_ip(0), ECHO_PORT).into(), Duration::from_secs(30))
+        .map_err(|e| format!("{}: {e}\n{}", m.name(), src.vm.describe()))?;
+    let port = PORT.fetch_add(1, Ordering::Relaxed);
+    let spec_b = GuestSpec { net: spec_a.net.map(|(_, mac)| (b.tap(), mac)), ..spec_a };
+    let dst = Running::start_wire(m, Some(b), &spec_b, Some(&format!("0.0.0.0:{port}")), Some(wires[1]));
+    dst.wait_incoming_for(Duration::from_secs(30), postcopy)?;
+    Ok((src, dst, format!("{b_ip}:{port}")))
 }
 
 /// Streams 2 s of data from a thread in `from` to a listener in `to` at `ip`; MB/s as the

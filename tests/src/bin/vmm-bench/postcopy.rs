@@ -15,15 +15,13 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use guest_common::ECHO_PORT;
 use vmm::api::MigrationMode;
 use vmm_tests::TestBed;
 
-use crate::migrate::DOWNTIME;
-use crate::monitor::{GuestSpec, MigrationResult, Monitor, Outcome, Plan, Running, Wire};
+use crate::migrate::{DOWNTIME, source_and_destination};
+use crate::monitor::{GuestSpec, MigrationResult, Monitor, Outcome, Plan, Wire};
 use crate::passes::PassLog;
 use crate::results::{Better, Results};
 
@@ -36,7 +34,6 @@ pub const PRECOPY_BOUND: Duration = Duration::from_secs(30);
 /// The span before the move over which the guest's work rate is taken.
 const BEFORE: Duration = Duration::from_secs(3);
 const MAC: &str = "52:54:00:be:4c:19";
-static PORT: AtomicU16 = AtomicU16::new(7700);
 
 /// The rows the targets read.
 pub const TOTAL: &str = "total time";
@@ -122,12 +119,10 @@ struct Measured {
 }
 
 fn once(bed: &TestBed, kernel: &Path, m: Monitor, rate: u64, plan: &Plan) -> Result<Measured, String> {
-    let (a, b, client) = (bed.host("a"), bed.host("b"), bed.client());
+    let (a, b) = (bed.host("a"), bed.host("b"));
     let ip = |h: Option<Ipv4Addr>| h.ok_or("hosts have no addresses".to_string());
-    let (a_ip, b_ip) = (ip(a.ip())?, ip(b.ip())?);
-    let (wire_a, wire_b) =
-        (Wire::Tls(vmm_tests::pki::pki().host_dir(a_ip)), Wire::Tls(vmm_tests::pki::pki().host_dir(b_ip)));
-    let guest_ip = bed.guest_ip(0);
+    let tls = |h: Option<Ipv4Addr>| ip(h).map(|ip| Wire::Tls(vmm_tests::pki::pki().host_dir(ip)));
+    let (wire_a, wire_b) = (tls(a.ip())?, tls(b.ip())?);
     let spec_a = GuestSpec {
         kernel,
         initrd: None,
@@ -140,22 +135,14 @@ fn once(bed: &TestBed, kernel: &Path, m: Monitor, rate: u64, plan: &Plan) -> Res
         net: Some((a.tap(), MAC)),
         disk: None,
     };
-    let src = Running::start_wire(m, Some(a), &spec_a, None, Some(&wire_a));
-    src.wait_ready(Duration::from_secs(30))?;
-    client
-        .wait_for_tcp((guest_ip, ECHO_PORT).into(), Duration::from_secs(30))
-        .map_err(|e| format!("{}: {e}\n{}", m.name(), src.vm.describe()))?;
-    let port = PORT.fetch_add(1, Ordering::Relaxed);
-    let spec_b = GuestSpec { net: Some((b.tap(), MAC)), ..spec_a };
-    let dst = Running::start_wire(m, Some(b), &spec_b, Some(&format!("0.0.0.0:{port}")), Some(&wire_b));
     let postcopy = m == Monitor::Qemu && plan.mode == MigrationMode::Postcopy;
-    dst.wait_incoming_for(Duration::from_secs(30), postcopy)?;
+    let (src, dst, to) = source_and_destination(bed, m, spec_a, [&wire_a, &wire_b], Duration::from_secs(30), postcopy)?;
 
-    let log = PassLog::start(client, guest_ip)?;
+    let log = PassLog::start(bed.client(), bed.guest_ip(0))?;
     // The workload at its steady pace, and samples for the span before the move.
     std::thread::sleep(BEFORE + Duration::from_millis(1500));
     let start = Instant::now();
-    let outcome = src.migrate_plan(&format!("{b_ip}:{port}"), &dst, plan)?;
+    let outcome = src.migrate_plan(&to, &dst, plan)?;
     let end = start
         + Duration::from_secs_f64(
             match &outcome {
