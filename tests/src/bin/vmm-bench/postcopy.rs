@@ -157,7 +157,8 @@ fn once(bed: &TestBed, kernel: &Path, m: Monitor, rate: u64, plan: &Plan) -> Res
         let console = if matches!(outcome, Outcome::Done(_)) { &dst } else { &src };
         return Err(format!("{}: the dirty workload found bad pages: {line}\n{}", m.name(), console.vm.describe()));
     }
-    let before = log.rate(start - BEFORE, start).ok_or("too few status samples before the move")?;
+    let before = start.checked_sub(BEFORE).and_then(|from| log.rate(from, start));
+    let before = before.ok_or("too few status samples before the move")?;
     if before <= 0.0 {
         return Err(format!("{}: the dirty workload made no progress before the move", m.name()));
     }
