@@ -92,11 +92,15 @@ pub fn start(mode: crate::Mode, per_s: u64, max: u64) -> Result<(), String> {
     crate::spawn("records", move || {
         let mut seq = good;
         while max == 0 || seq < max {
-            if let Err(e) = append(seq) {
-                say!("disk: appending record {seq} to {}: {e}", path.display());
-                return;
+            match append(seq) {
+                Ok(true) => seq += 1,
+                // Stopped (the guest powers off): nothing to say.
+                Ok(false) => return,
+                Err(e) => {
+                    say!("disk: appending record {seq} to {}: {e}", path.display());
+                    return;
+                }
             }
-            seq += 1;
             if let Some(p) = pause {
                 std::thread::sleep(p);
             }
@@ -118,15 +122,17 @@ fn open(path: &Path) -> Result<(File, u64, u64), String> {
 }
 
 /// Appends record `seq`, makes it durable and counts it acknowledged, all under the lock, so
-/// that [`verify`] never sees a record written but not yet counted; an error if the workload
-/// was stopped.
-fn append(seq: u64) -> std::io::Result<()> {
+/// that [`verify`] never sees a record written but not yet counted. `Ok(false)` if the
+/// workload was stopped.
+fn append(seq: u64) -> std::io::Result<bool> {
     let mut guard = FILE.lock().unwrap_or_else(|e| e.into_inner());
-    let (file, _) = guard.as_mut().ok_or_else(|| std::io::Error::other("stopped"))?;
+    let Some((file, _)) = guard.as_mut() else {
+        return Ok(false);
+    };
     file.write_all(&record(seq))?;
     file.sync_data()?;
     ACKED.store(seq + 1, Ordering::SeqCst);
-    Ok(())
+    Ok(true)
 }
 
 /// What [`verify`] found: `RECORDS acked=N found=G bad=B`.
