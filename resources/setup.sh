@@ -35,6 +35,8 @@ compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || missing+=(libclang-d
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v etcdctl >/dev/null || missing+=(etcd-client)
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
+# mkfs.ext4 and e2fsck: the Linux ext4 disk test makes its image and checks it with them.
+command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
 [ -x "$HOME/.cargo/bin/cargo" ] || command -v cargo >/dev/null || missing+=(curl ca-certificates)
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"

@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod echo_stream;
 mod error;
 pub mod guest;
+pub mod images;
 pub mod l2;
 pub mod moves;
 pub mod netns;

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use vmm::api::{MigrationPhase, VmState};
 use vmm_tests::TestBed;
+use vmm_tests::images::Image;
 use vmm_tests::moves::{
     CONTROL_PORT, GUEST_MAC, GUEST_TIMEOUT, LISTEN_TIMEOUT, MIGRATION_PORT, assert_completed, assert_exits_cleanly,
     dump, host_tls_dir, migrate_api, print_info, request, s, wait_migration,
@@ -32,38 +33,6 @@ use vmm_tests::vm::{Vm, api_sock_path, guest_kernel, kvm_or_skip};
 
 fn two_hosts() -> TestBed {
     TestBed::builder().host("a").host("b").client("client").host_ips().build().expect("build the test bed")
-}
-
-/// A sparse image of `size` bytes, removed when dropped.
-struct Image(PathBuf);
-
-impl Image {
-    fn new(tag: &str, size: u64) -> Self {
-        let p = Self::path(tag);
-        std::fs::File::create(&p).expect("create image").set_len(size).expect("size image");
-        Image(p)
-    }
-
-    /// A path for an image a destination creates (removed when dropped too).
-    fn future(tag: &str) -> Self {
-        Image(Self::path(tag))
-    }
-
-    fn path(tag: &str) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("vmm-disks-test-{}-{tag}.img", std::process::id()));
-        let _ = std::fs::remove_file(&p);
-        p
-    }
-
-    fn arg(&self, flags: &str) -> String {
-        format!("path={}{flags}", self.0.display())
-    }
-}
-
-impl Drop for Image {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 fn start_source(bed: &TestBed, disk: &str, workload: &str) -> Vm {

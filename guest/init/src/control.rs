@@ -3,6 +3,8 @@
 //!
 //! - `status` answers the status line both guests share (`guest_common::Status`):
 //!   `STATUS workload=<w> cpus=<n> uptime_ms=<ms> dirty_passes=<n> dirty_mismatches=<m> ...`
+//! - `records` reads the disk workload's records back from the disk and answers
+//!   `RECORDS acked=N found=G bad=B` (`records::verify`), or `ERR ...`
 //! - `poweroff` answers `OK` (over TCP) and powers the guest off
 //!
 //! Anything else answers `ERR unknown command`; empty lines are ignored.
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use guest_common::{CONTROL_PORT, Params};
 
-use crate::{Mode, status, system};
+use crate::{Mode, records, status, system};
 
 /// Longest command line read at once; a longer one is answered in pieces, as unknown commands,
 /// instead of growing a buffer for a client that never sends a newline.
@@ -31,6 +33,7 @@ fn answer(line: &[u8], params: &Params) -> Answer {
     match line.trim_ascii() {
         b"" => Answer::None,
         b"status" => Answer::Line(status::now(params).to_string()),
+        b"records" => Answer::Line(records::verify().map_or_else(|e| format!("ERR {e}"), |v| v.to_string())),
         b"poweroff" => Answer::PowerOff,
         _ => Answer::Line("ERR unknown command".to_string()),
     }

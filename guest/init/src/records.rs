@@ -5,13 +5,16 @@
 //! guest started on a disk that moved (or on its image after a stop) says whether every
 //! acknowledged record is there: `DISK-RECORDS found=N bad=M` on the console, then the status
 //! line's `disk_passes` counts records acknowledged (found ones included) and `disk_mismatches`
-//! the bad ones found.
+//! the bad ones found. While it runs, the control command `records` reads the file back from the
+//! disk itself ([`verify`]): after a migration, that is what the destination's copy holds.
 //!
 //! A record is 64 bytes: `VMMR`, 4 bytes of zero, its sequence number (u64, from 0), 40 bytes
 //! derived from it, and an FNV-1a hash of the 56 bytes before it, all little-endian.
 
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,8 +27,9 @@ const MAGIC: &[u8; 4] = b"VMMR";
 pub static ACKED: AtomicU64 = AtomicU64::new(0);
 /// Records found bad at start.
 pub static BAD: AtomicU64 = AtomicU64::new(0);
-/// The open file while the workload runs; `None` once [`stop`] closed it.
-static FILE: Mutex<Option<File>> = Mutex::new(None);
+/// The open file (and its path) while the workload runs; `None` once [`stop`] closed it. Held
+/// while a record is appended and while [`verify`] reads the file back.
+static FILE: Mutex<Option<(File, PathBuf)>> = Mutex::new(None);
 
 /// Record `seq`.
 pub fn record(seq: u64) -> [u8; RECORD_LEN] {
@@ -79,7 +83,7 @@ pub fn start(mode: crate::Mode, per_s: u64, max: u64) -> Result<(), String> {
     say!("DISK-RECORDS found={good} bad={bad}");
     ACKED.store(good, Ordering::SeqCst);
     BAD.store(bad, Ordering::SeqCst);
-    *FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+    *FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some((file, path.clone()));
     // With bad records, appending would only add to the damage: report and stop.
     if bad > 0 {
         return Ok(());
@@ -88,12 +92,15 @@ pub fn start(mode: crate::Mode, per_s: u64, max: u64) -> Result<(), String> {
     crate::spawn("records", move || {
         let mut seq = good;
         while max == 0 || seq < max {
-            if let Err(e) = append(seq) {
-                say!("disk: appending record {seq} to {}: {e}", path.display());
-                return;
+            match append(seq) {
+                Ok(true) => seq += 1,
+                // Stopped (the guest powers off): nothing to say.
+                Ok(false) => return,
+                Err(e) => {
+                    say!("disk: appending record {seq} to {}: {e}", path.display());
+                    return;
+                }
             }
-            seq += 1;
-            ACKED.store(seq, Ordering::SeqCst);
             if let Some(p) = pause {
                 std::thread::sleep(p);
             }
@@ -114,12 +121,72 @@ fn open(path: &Path) -> Result<(File, u64, u64), String> {
     Ok((file, good, bad))
 }
 
-/// Appends record `seq` and makes it durable; an error if the workload was stopped.
-fn append(seq: u64) -> std::io::Result<()> {
+/// Appends record `seq`, makes it durable and counts it acknowledged, all under the lock, so
+/// that [`verify`] never sees a record written but not yet counted. `Ok(false)` if the
+/// workload was stopped.
+fn append(seq: u64) -> std::io::Result<bool> {
     let mut guard = FILE.lock().unwrap_or_else(|e| e.into_inner());
-    let file = guard.as_mut().ok_or_else(|| std::io::Error::other("stopped"))?;
+    let Some((file, _)) = guard.as_mut() else {
+        return Ok(false);
+    };
     file.write_all(&record(seq))?;
-    file.sync_data()
+    file.sync_data()?;
+    ACKED.store(seq + 1, Ordering::SeqCst);
+    Ok(true)
+}
+
+/// What [`verify`] found: `RECORDS acked=N found=G bad=B`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// Records acknowledged when the file was read.
+    pub acked: u64,
+    /// Good records read back, in order from the first.
+    pub found: u64,
+    /// Bad records read back (a torn or wrong one, and every one after it).
+    pub bad: u64,
+}
+
+impl fmt::Display for Verified {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RECORDS acked={} found={} bad={}", self.acked, self.found, self.bad)
+    }
+}
+
+/// Reads the records back from the disk, not from the page cache (`O_DIRECT`), while no record
+/// is being appended, and checks them. Every acknowledged record is there and correct when
+/// `found == acked` and `bad == 0`.
+pub fn verify() -> Result<Verified, String> {
+    let guard = FILE.lock().unwrap_or_else(|e| e.into_inner());
+    let (_, path) = guard.as_ref().ok_or_else(|| "the disk workload is not running".to_string())?;
+    let acked = ACKED.load(Ordering::SeqCst);
+    let data = read_direct(path).map_err(|e| format!("cannot read {} back: {e}", path.display()))?;
+    let (found, bad) = check(&data);
+    Ok(Verified { acked, found, bad })
+}
+
+/// The whole file at `path`, read with `O_DIRECT`: from the device, whatever the page cache
+/// holds. Direct I/O wants the buffer, offsets and lengths aligned to the device's block size,
+/// so the reads go in aligned chunks; the last one comes back short at the end of the file.
+fn read_direct(path: &Path) -> std::io::Result<Vec<u8>> {
+    const ALIGN: usize = 4096;
+    const CHUNK: usize = 256 << 10;
+    let file = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path)?;
+    let len = file.metadata()?.len();
+    let mut buf = vec![0u8; CHUNK + ALIGN];
+    let start = buf.as_ptr().align_offset(ALIGN);
+    let chunk = buf.get_mut(start..start + CHUNK).ok_or_else(|| std::io::Error::other("cannot align a buffer"))?;
+    let mut data = Vec::with_capacity(len as usize);
+    loop {
+        let n = file.read_at(chunk, data.len() as u64)?;
+        data.extend_from_slice(&chunk[..n]);
+        if n < CHUNK {
+            break;
+        }
+    }
+    if data.len() as u64 != len {
+        return Err(std::io::Error::other(format!("read {} bytes of {len}", data.len())));
+    }
+    Ok(data)
 }
 
 /// Stops appending (waiting for the record being written) and closes the file, so that the

@@ -324,6 +324,7 @@ fn status_answers() {
             "{status}"
         );
         assert_eq!(control("reboot"), "ERR unknown command\n");
+        assert_eq!(control("records"), "ERR the disk workload is not running\n");
         init.assert_running();
     });
 }
@@ -430,6 +431,8 @@ fn disk_records_are_durable_checked_at_start_and_damage_is_found() {
         init.expect_ready("disk");
         let status = wait_disk_passes(200);
         assert_eq!(field(&status, "disk_mismatches"), 0, "{status}");
+        // Read back from the file itself: every acknowledged record, and no more.
+        assert_eq!(control("records"), "RECORDS acked=200 found=200 bad=0\n");
         assert_eq!(control("poweroff"), "OK\n");
         assert_eq!(init.expect_exit().code(), Some(0));
     });
@@ -440,6 +443,10 @@ fn disk_records_are_durable_checked_at_start_and_damage_is_found() {
         let mut init = Init::start_with_data("vmm.workload=disk vmm.disk_passes=300", &data);
         assert_eq!(init.expect_line("DISK-RECORDS", Duration::from_secs(10)), "DISK-RECORDS found=200 bad=0");
         init.expect_ready("disk");
+        // While records are being appended: no record written but not yet acknowledged is seen.
+        let records = control("records");
+        assert_eq!(field(&records, "found"), field(&records, "acked"), "{records}");
+        assert_eq!(field(&records, "bad"), 0, "{records}");
         wait_disk_passes(300);
         assert_eq!(control("poweroff"), "OK\n");
         assert_eq!(init.expect_exit().code(), Some(0));
@@ -456,6 +463,7 @@ fn disk_records_are_durable_checked_at_start_and_damage_is_found() {
         init.expect_ready("disk");
         let status = control("status");
         assert_eq!((field(&status, "disk_passes"), field(&status, "disk_mismatches")), (50, 250), "{status}");
+        assert_eq!(control("records"), "RECORDS acked=50 found=50 bad=250\n");
         assert_eq!(control("poweroff"), "OK\n");
         assert_eq!(init.expect_exit().code(), Some(0));
     });
