@@ -7,7 +7,7 @@
 //! the state directories.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -17,11 +17,14 @@ use vmm_cluster::cli::StatusReport;
 use vmm_cluster::etcd_server::EtcdServer;
 
 use crate::cgroup::CpuCgroup;
-use crate::vm::{build_dir, vmm_bin};
+use crate::echo_stream::EchoStream;
+use crate::vm::{build_dir, guest_kernel, vmm_bin};
 use crate::{Process, TestBed};
 
 /// Every host's shared migration port.
 pub const MIGRATION_PORT: u16 = 7200;
+/// Our guest's echo service.
+pub const ECHO_PORT: u16 = 7000;
 
 /// How a cluster is made.
 #[derive(Clone, Debug)]
@@ -282,6 +285,47 @@ impl ClusterBed {
             String::from_utf8_lossy(&out.stdout)
         );
         String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// `vmm vm create --name NAME --kernel <our guest> --cmdline CMDLINE --mem-mib MEM EXTRA..`:
+    /// waits until the VM runs; what the command printed (where it was placed and runs), or why
+    /// it failed.
+    pub fn create_vm(&self, name: &str, cmdline: &str, mem_mib: u64, extra: &[&str]) -> Result<String, String> {
+        let kernel = guest_kernel();
+        let mem = mem_mib.to_string();
+        let mut args = vec!["vm", "create", "--name", name, "--kernel", kernel.to_str().unwrap_or_default()];
+        args.extend(["--cmdline", cmdline, "--mem-mib", &mem]);
+        args.extend(extra);
+        let out = self.cli(&args);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!("creating {name}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    }
+
+    /// A client in the client namespace streaming a numbered line every 10 ms to the echo
+    /// service of guest `i` of the bed (its address: [`TestBed::guest_ip`]), connected once the
+    /// guest listens (within `timeout`).
+    pub fn echo_stream(&self, i: u8, timeout: Duration) -> Result<EchoStream, String> {
+        let ip = self.bed.guest_ip(i);
+        // The VMM runs before the guest's services listen.
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            let s = self
+                .bed
+                .client()
+                .run_in(move || TcpStream::connect_timeout(&(ip, ECHO_PORT).into(), Duration::from_secs(2)))
+                .map_err(|e| e.to_string())?;
+            match s {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!("cannot connect to guest {i} at {ip}:{ECHO_PORT}: {e}"));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        EchoStream::start(stream, Duration::from_millis(10)).map_err(|e| format!("echo stream to {ip}: {e}"))
     }
 
     /// `vmm cluster status --json`.

@@ -7,13 +7,11 @@
 //!
 //! Usage: vmm-cluster-demo [--vms N] [--mem-mib N] (run as root; see the README).
 
-use std::net::TcpStream;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmm_tests::cluster::{ClusterBed, ClusterOptions};
 use vmm_tests::echo_stream::{EchoStream, StreamStats};
-use vmm_tests::vm::guest_kernel;
 
 const HOSTS: [&str; 3] = ["a", "b", "c"];
 
@@ -64,46 +62,17 @@ fn run(o: &Options) -> Result<bool, String> {
     println!("== a 3-member etcd and hosts a, b, c (network namespaces, 0.6 CPU each), one agent per host");
     let c = ClusterBed::start(&HOSTS, ClusterOptions { etcd_members: 3, ..Default::default() });
     println!("   etcd: {}", c.endpoints());
-    let kernel = guest_kernel();
     println!("== creating {} VMs of {} MiB with `vmm vm create` (each placed on the freest host)", o.vms, o.mem_mib);
     for i in 0..o.vms {
         let name = format!("vm{i}");
         let cmdline = format!("console=ttyS0 {} vmm.workload=echo", c.bed.guest_ip_cmdline(i));
-        let out = c.cli(&[
-            "vm",
-            "create",
-            "--name",
-            &name,
-            "--kernel",
-            &kernel.display().to_string(),
-            "--mem-mib",
-            &o.mem_mib.to_string(),
-            "--cmdline",
-            &cmdline,
-        ]);
-        if !out.status.success() {
-            return Err(format!("creating {name}: {}", String::from_utf8_lossy(&out.stderr).trim()));
-        }
-        print!("   {}", String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_owned() + "\n");
+        let out = c.create_vm(&name, &cmdline, o.mem_mib, &[])?;
+        println!("   {}", out.lines().last().unwrap_or_default());
     }
     println!("== a client per VM streams a numbered line every 10 ms to its echo port");
     let mut streams = Vec::new();
     for i in 0..o.vms {
-        let ip = c.bed.guest_ip(i);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let stream = loop {
-            let s = c
-                .bed
-                .client()
-                .run_in(move || TcpStream::connect_timeout(&(ip, 7000).into(), Duration::from_secs(2)))
-                .map_err(|e| e.to_string())?;
-            match s {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => return Err(format!("connecting to vm{i} at {ip}: {e}")),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
-        streams.push(EchoStream::start(stream, Duration::from_millis(10)).map_err(|e| e.to_string())?);
+        streams.push(c.echo_stream(i, Duration::from_secs(30))?);
     }
     std::thread::sleep(Duration::from_secs(2));
     let before = c.status().ok_or("cannot read the cluster's status")?;

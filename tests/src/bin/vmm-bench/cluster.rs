@@ -15,7 +15,6 @@
 //!   move, then commits it at `Prepare`), their duration, and how many fall inside the guest's
 //!   pause (by design none: the commit is made before the source pauses the guest).
 
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use vmm_cluster::model::MoveRecord;
@@ -59,17 +58,7 @@ fn rss_mib(pid: u32) -> Option<f64> {
 }
 
 fn create(c: &ClusterBed, name: &str, cmdline: &str, mem_mib: u64, extra: &[&str]) -> Result<(), String> {
-    let kernel = vmm_tests::vm::guest_kernel();
-    let mem = mem_mib.to_string();
-    let mut args = vec!["vm", "create", "--name", name, "--kernel", kernel.to_str().unwrap_or_default()];
-    args.extend(["--cmdline", cmdline, "--mem-mib", &mem]);
-    args.extend(extra);
-    let out = c.cli(&args);
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("creating {name}: {}", String::from_utf8_lossy(&out.stderr).trim()))
-    }
+    c.create_vm(name, cmdline, mem_mib, extra).map(drop)
 }
 
 /// Density and the agent's footprint; then how long a dead agent's host takes to show as down.
@@ -141,22 +130,7 @@ pub fn drain(results: &mut Results, s: &Settings, dirty: bool) -> Result<(), Str
         }
         let mut streams = Vec::new();
         for i in 0..s.drain_vms {
-            let ip = c.bed.guest_ip(i);
-            // The VMM runs before the guest's services listen.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let stream = loop {
-                let s = c
-                    .bed
-                    .client()
-                    .run_in(move || TcpStream::connect_timeout(&(ip, 7000).into(), Duration::from_secs(2)))
-                    .map_err(|e| e.to_string())?;
-                match s {
-                    Ok(s) => break s,
-                    Err(e) if Instant::now() >= deadline => return Err(format!("connecting to vm{i}: {e}")),
-                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
-                }
-            };
-            streams.push(EchoStream::start(stream, Duration::from_millis(10)).map_err(|e| e.to_string())?);
+            streams.push(c.echo_stream(i, Duration::from_secs(30))?);
         }
         std::thread::sleep(Duration::from_secs(1));
         for st in &streams {
@@ -190,7 +164,7 @@ pub fn drain(results: &mut Results, s: &Settings, dirty: bool) -> Result<(), Str
 }
 
 /// The moves' records, read from etcd.
-fn moves(c: &ClusterBed) -> Result<Vec<MoveRecord>, String> {
+pub fn moves(c: &ClusterBed) -> Result<Vec<MoveRecord>, String> {
     let endpoints: Vec<String> = c.endpoints().split(',').map(String::from).collect();
     let view = c
         .bed
