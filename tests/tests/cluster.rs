@@ -8,40 +8,27 @@
 //! asserted: the machines these tests run on are small and shared (`vmm-bench --only cluster`
 //! measures them).
 
-use std::net::TcpStream;
+use std::io::Read;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vmm_cluster::cli::watch::STAMP_PREFIX;
 use vmm_tests::cluster::{ClusterBed, ClusterOptions};
 use vmm_tests::echo_stream::EchoStream;
-use vmm_tests::vm::{guest_kernel, kvm_or_skip};
+use vmm_tests::vm::{guest_kernel, kvm_or_skip, vmm_bin};
 
-const ECHO_PORT: u16 = 7000;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Creates VM `name` as guest `i` of the bed (its address), serving echo; waits until it runs.
 fn create(c: &ClusterBed, name: &str, i: u8, extra: &[&str]) -> String {
-    let kernel = guest_kernel();
     let cmdline = format!("console=ttyS0 {} vmm.workload=echo", c.bed.guest_ip_cmdline(i));
-    let mut args = vec!["vm", "create", "--name", name, "--kernel", kernel.to_str().unwrap(), "--cmdline", &cmdline];
-    args.extend(["--mem-mib", "64"]);
-    args.extend(extra);
-    c.cli_ok(&args)
+    c.create_vm(name, &cmdline, 64, extra).unwrap_or_else(|e| panic!("{e}{}", c.describe()))
 }
 
 /// A client in the client namespace streaming a line every 10 ms to guest `i`'s echo port.
 fn stream_to(c: &ClusterBed, i: u8) -> EchoStream {
-    let ip = c.bed.guest_ip(i);
-    let deadline = Instant::now() + WAIT;
-    let stream = loop {
-        let s =
-            c.bed.client().run_in(move || TcpStream::connect_timeout(&(ip, ECHO_PORT).into(), Duration::from_secs(2)));
-        match s.expect("enter the client namespace") {
-            Ok(s) => break s,
-            Err(e) => assert!(Instant::now() < deadline, "cannot connect to guest {i} at {ip}: {e}{}", c.describe()),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    EchoStream::start(stream, Duration::from_millis(10)).expect("start the echo stream")
+    c.echo_stream(i, WAIT).unwrap_or_else(|e| panic!("{e}{}", c.describe()))
 }
 
 fn owner(c: &ClusterBed, vm: &str) -> (String, u64, String) {
@@ -390,4 +377,93 @@ fn a_move_survives_the_death_of_either_end() {
     let stats = echo.finish();
     println!("v0 through both failed ends: {} lines, largest gap {} ms", stats.sent, stats.largest_gap.as_millis());
     assert!(stats.intact(), "{stats:?}");
+}
+
+/// The complete frames of `vmm cluster status --watch` written into a pipe so far: each starts
+/// with its time line and ends where the next one starts (the last, maybe unfinished, is left
+/// out).
+fn watch_frames(out: &str) -> Vec<&str> {
+    let mut starts: Vec<usize> = out.match_indices(STAMP_PREFIX).map(|(i, _)| i).collect();
+    starts.push(out.len());
+    starts.windows(2).take(starts.len().saturating_sub(2)).map(|w| &out[w[0]..w[1]]).collect()
+}
+
+/// VM `vm`'s host and epoch in a frame's VMS table.
+fn watched_owner(frame: &str, vm: &str) -> Option<(String, String)> {
+    let row = frame.lines().find(|l| l.split_whitespace().next() == Some(vm))?;
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    Some((cells.get(1)?.to_string(), cells.get(2)?.to_string()))
+}
+
+/// `vmm cluster status --watch`, its output into a pipe (not a terminal), draws the status
+/// again and again, each frame after a line with its time; a move shows up in the frames as it
+/// happens; SIGINT ends it cleanly.
+#[test]
+fn status_watch_redraws_until_interrupted() {
+    if !kvm_or_skip("status_watch_redraws_until_interrupted") {
+        return;
+    }
+    let c = ClusterBed::start(&["a", "b"], ClusterOptions::default());
+    c.create_vm("w0", "console=ttyS0 vmm.workload=idle", 64, &["--no-net", "--host", "a"])
+        .unwrap_or_else(|e| panic!("{e}{}", c.describe()));
+    let mut cmd = c.bed.client().command(vmm_bin());
+    cmd.args(["cluster", "status", "--watch", "--every", "0.2"])
+        .env("VMM_ETCD", c.endpoints())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let watch = c.bed.client().spawn(&mut cmd).expect("start the watch");
+    let output = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let (mut stdout, output) = (watch.take_stdout().expect("piped"), output.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                output.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let wait_for_frame = |what: &str, pred: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if watch_frames(&output.lock().unwrap()).iter().any(|f| pred(f)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no frame of the watch shows {what}; its output:\n{}{}",
+                output.lock().unwrap(),
+                c.describe()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let on = |host: &'static str, epoch: &'static str| {
+        move |f: &str| watched_owner(f, "w0") == Some((host.to_string(), epoch.to_string()))
+    };
+    wait_for_frame("w0 on a", &on("a", "1"));
+    c.cli_ok(&["vm", "move", "w0", "--to", "b"]);
+    wait_for_frame("w0 on b after its move", &on("b", "2"));
+
+    watch.signal(libc::SIGINT).expect("signal the watch");
+    let status = watch.wait_timeout(WAIT).expect("wait for the watch").expect("the watch ends at SIGINT");
+    reader.join().expect("the reader thread");
+    let mut stderr = String::new();
+    if let Some(mut e) = watch.take_stderr() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    assert!(status.success(), "the watch ended with {status} at SIGINT: {stderr}");
+    let out = output.lock().unwrap().clone();
+    let frames = watch_frames(&out);
+    println!("{} frames; the last complete one:\n{}", frames.len(), frames.last().unwrap_or(&""));
+    assert!(!out.contains('\x1b'), "terminal escapes written into a pipe:\n{out}");
+    assert!(out.starts_with(STAMP_PREFIX), "{out}");
+    for f in &frames {
+        let first = f.lines().next().unwrap_or_default();
+        assert!(first.ends_with(" GMT ====="), "a frame's time line: {first:?}");
+        assert!(
+            f.contains("\nHOSTS\n") && f.contains("\nVMS\n") && f.contains("\nMIGRATIONS IN FLIGHT\n"),
+            "an incomplete frame:\n{f}"
+        );
+    }
 }

@@ -39,8 +39,14 @@ pub async fn run_command(top: Top, etcd: &str) -> Result<(), ClusterError> {
             println!("host {host} is schedulable again");
             Ok(())
         }
-        Top::Cluster(ClusterCmd::Status { json }) => {
+        Top::Cluster(ClusterCmd::Status { json, watch, every }) => {
+            if watch && !(0.2..=3600.0).contains(&every) {
+                return Err(ClusterError::Invalid("--every must be between 0.2 and 3600 s".into()));
+            }
             let store = super::connect(etcd).await?;
+            if watch {
+                return super::watch::run(&store, Duration::from_secs_f64(every)).await;
+            }
             let report = status_report(&ClusterView::load(&store).await?);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).map_err(|e| ClusterError::Failed(e.to_string()))?);

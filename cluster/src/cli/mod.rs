@@ -5,6 +5,7 @@
 
 mod commands;
 mod status;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -149,8 +150,16 @@ pub enum ClusterCmd {
     /// Hosts (up or down, drained, capacity, load), VMs (owner, state, CPU, memory) and
     /// migrations in flight.
     Status {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Draw the status again every --every seconds until Ctrl-C (SIGINT) or SIGTERM: in
+        /// place on a terminal, one frame after another, each after a line with its time,
+        /// elsewhere.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between two frames of --watch (0.2 to 3600).
+        #[arg(long, requires = "watch", default_value_t = 2.0, value_name = "SECS")]
+        every: f64,
     },
 }
 

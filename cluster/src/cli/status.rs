@@ -20,6 +20,10 @@ pub struct HostRow {
     pub cpu_capacity_millis: u64,
     /// Measured (10 s average), agent and VMMs.
     pub cpu_used_millis: Option<f64>,
+    /// What its VMs ask for (running plus waiting to run) and its agent uses (10 s average):
+    /// the load the balancer evens out.
+    #[serde(default)]
+    pub cpu_demand_millis: Option<f64>,
     /// Share of CFS periods throttled (10 s average).
     pub throttled: Option<f64>,
     pub mem_capacity_mib: u64,
@@ -126,6 +130,7 @@ pub fn status_report(view: &ClusterView) -> StatusReport {
                 migration_addr: rec.map(|r| r.migration_addr.clone()),
                 cpu_capacity_millis: h.cpu_millis,
                 cpu_used_millis: load.map(|l| l.cpu_millis.ema_10s),
+                cpu_demand_millis: load.map(|l| l.demand_millis.ema_10s),
                 throttled: load.map(|l| l.throttled.ema_10s),
                 mem_capacity_mib: h.mem_mib,
                 mem_placed_mib: h.used_mem_mib,
@@ -248,6 +253,7 @@ pub fn render(report: &StatusReport) -> String {
                     if h.drained { "yes".into() } else { "no".into() },
                     h.migration_addr.clone().unwrap_or_else(|| "-".into()),
                     format!("{}/{}", opt(h.cpu_used_millis, 0), h.cpu_capacity_millis),
+                    opt(h.cpu_demand_millis, 0),
                     opt(h.throttled.map(|t| t * 100.0), 0),
                     format!("{}/{}", h.mem_placed_mib, h.mem_capacity_mib),
                     h.vms.to_string(),
@@ -262,6 +268,7 @@ pub fn render(report: &StatusReport) -> String {
                 "DRAINED",
                 "MIGRATION PORT",
                 "CPU m used/cap",
+                "DEMAND m",
                 "THROTTLED %",
                 "MEM MiB placed/cap",
                 "VMS",
