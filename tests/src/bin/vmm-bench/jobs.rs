@@ -9,14 +9,22 @@
 //! - **balancer**: all twelve on host a, with `vmm balancer` running.
 //!
 //! Every job's result hash is checked against the one computed here, and the moves counted
-//! (owner changes of the VMs).
+//! (owner changes of the VMs). Every job has a NIC and a client streaming to its echo service
+//! (in all three placements, so that they carry the same load): with the balancer, the lines
+//! lost and the largest gap a moved job's client saw. The balancer's run is plotted: each host's
+//! load (CPU demand ÷ capacity, as the agents publish it) over time, every migration marked
+//! (`cluster-jobs.png`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use vmm_cluster::model::{MovePhase, now_ms};
 use vmm_tests::cluster::{ClusterBed, ClusterOptions};
+use vmm_tests::echo_stream::{EchoStream, StreamStats};
 
 use crate::monitor::Monitor::Ours;
+use crate::plot::{HostSeries, Mark};
 use crate::results::{Better, Results};
 
 pub const SECTION: &str = "cluster: parallel jobs";
@@ -66,8 +74,22 @@ fn job_done(c: &ClusterBed, vm: &str) -> Option<String> {
     None
 }
 
-/// One run in `mode`: (makespan s, owner changes, wrong hashes).
-fn run(j: &Jobs, mode: Mode, want: &str) -> Result<(f64, u64, usize), String> {
+/// What one run saw.
+struct Run {
+    makespan: f64,
+    /// Owner changes.
+    moves: u64,
+    wrong: usize,
+    /// Each job's client, in job order.
+    echo: Vec<StreamStats>,
+    /// The jobs that moved.
+    moved: BTreeSet<String>,
+    loads: Vec<HostSeries>,
+    marks: Vec<Mark>,
+}
+
+/// One run in `mode`.
+fn run(j: &Jobs, mode: Mode, want: &str) -> Result<Run, String> {
     let mut c = ClusterBed::start(
         &HOSTS,
         ClusterOptions { cpu_millis: Some(j.cpu_millis), mem_mib: 2048, ..Default::default() },
@@ -75,18 +97,20 @@ fn run(j: &Jobs, mode: Mode, want: &str) -> Result<(f64, u64, usize), String> {
     if mode == Mode::Balancer {
         c.start_balancer("bench", &["--every", "1"]);
     }
-    let kernel = vmm_tests::vm::guest_kernel();
-    let cmdline = format!("console=ttyS0 vmm.workload=compute vmm.work={}", j.units);
     let started = Instant::now();
+    let started_ms = now_ms();
     for i in 0..j.jobs {
         let host = if mode == Mode::Ideal { HOSTS[i % 3] } else { "a" };
-        let name = format!("job{i:02}");
-        let args = ["vm", "create", "--name", &name, "--kernel", kernel.to_str().unwrap_or_default()];
-        let out = c.cli(&[&args[..], &["--cmdline", &cmdline, "--mem-mib", "64", "--no-net", "--host", host]].concat());
-        if !out.status.success() {
-            return Err(format!("creating {name}: {}", String::from_utf8_lossy(&out.stderr).trim()));
-        }
+        let guest = u8::try_from(i).map_err(|_| "too many jobs")?;
+        let cmdline =
+            format!("console=ttyS0 {} vmm.workload=compute vmm.work={}", c.bed.guest_ip_cmdline(guest), j.units);
+        c.create_vm(&format!("job{i:02}"), &cmdline, 64, &["--host", host])?;
     }
+    let mut streams = Vec::new();
+    for i in 0..j.jobs {
+        streams.push(c.echo_stream(i as u8, Duration::from_secs(30))?);
+    }
+    let mut loads: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut done: BTreeMap<String, (f64, String)> = BTreeMap::new();
     let mut moves = 0;
     while done.len() < j.jobs {
@@ -103,7 +127,13 @@ fn run(j: &Jobs, mode: Mode, want: &str) -> Result<(f64, u64, usize), String> {
         }
         // Read while the VMs exist (the epochs count the moves).
         if let Some(s) = c.status() {
-            moves = moves.max(s.vms.iter().map(|v| v.epoch - 1).sum::<u64>());
+            moves = moves.max(crate::steady::owner_changes(&s));
+            let t = started.elapsed().as_secs_f64();
+            for h in &s.hosts {
+                if let Some(d) = h.cpu_demand_millis.filter(|_| h.cpu_capacity_millis > 0) {
+                    loads.entry(h.name.clone()).or_default().push((t, d / h.cpu_capacity_millis as f64));
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -115,26 +145,52 @@ fn run(j: &Jobs, mode: Mode, want: &str) -> Result<(f64, u64, usize), String> {
     }
     let wrong = wrong.len();
     c.kill_balancer("bench");
-    Ok((makespan, moves, wrong))
+    let echo: Vec<StreamStats> = streams.into_iter().map(EchoStream::finish).collect();
+    // Each migration where the guest started running on its destination.
+    let mut marks = Vec::new();
+    let mut moved = BTreeSet::new();
+    for m in crate::cluster::moves(&c)?.into_iter().filter(|m| m.phase == MovePhase::Done) {
+        let at_ms = m.times.resumed_us.map_or(m.times.ended_ms.unwrap_or(started_ms), |us| us / 1000);
+        let t = at_ms.saturating_sub(started_ms) as f64 / 1e3;
+        marks.push(Mark { t, label: format!("{} {}→{}", m.vm, m.from, m.to) });
+        moved.insert(m.vm);
+    }
+    marks.sort_by(|a, b| a.t.total_cmp(&b.t));
+    let loads = loads.into_iter().map(|(host, points)| HostSeries { host, points }).collect();
+    Ok(Run { makespan, moves, wrong, echo, moved, loads, marks })
 }
 
-/// The case, `j.runs` times each way.
-pub fn bench(results: &mut Results, j: &Jobs) -> Result<(), String> {
+/// The case, `j.runs` times each way; the first run with the balancer is plotted into
+/// `<out>/cluster-jobs.png`.
+pub fn bench(results: &mut Results, j: &Jobs, out: &Path) -> Result<(), String> {
     let want = format!("{:016x}", guest_common::compute::job_result(j.units));
+    let names: Vec<String> = (0..j.jobs).map(|i| format!("job{i:02}")).collect();
     for r in 0..j.runs {
         for (mode, metric) in [(Mode::Ideal, IDEAL), (Mode::Unbalanced, NONE), (Mode::Balancer, BALANCED)] {
             eprintln!("vmm-bench: {SECTION}: {metric}, run {}", r + 1);
-            let (makespan, moves, wrong) = run(j, mode, &want)?;
-            eprintln!("vmm-bench:   {makespan:.1} s, {moves} moves, {wrong} wrong hashes");
-            results.add(SECTION, metric, "s", Better::Lower, Ours, makespan);
+            let run = run(j, mode, &want)?;
+            eprintln!("vmm-bench:   {:.1} s, {} moves, {} wrong hashes", run.makespan, run.moves, run.wrong);
+            results.add(SECTION, metric, "s", Better::Lower, Ours, run.makespan);
             if mode == Mode::Balancer {
-                results.add(SECTION, MOVES, "", Better::Lower, Ours, moves as f64);
+                results.add(SECTION, MOVES, "", Better::Lower, Ours, run.moves as f64);
+                crate::steady::echo_rows(results, SECTION, &names, &run.echo, &run.moved);
+                if r == 0 {
+                    let title = format!(
+                        "{} jobs of {} units started on host a, hosts of {} m CPU each, with the balancer: \
+                         makespan {:.0} s, {} migrations",
+                        j.jobs, j.units, j.cpu_millis, run.makespan, run.moves
+                    );
+                    crate::plot::host_loads(&out.join(PLOT), &title, &run.loads, &run.marks)?;
+                }
             }
-            results.add(SECTION, WRONG, "", Better::Lower, Ours, wrong as f64);
+            results.add(SECTION, WRONG, "", Better::Lower, Ours, run.wrong as f64);
         }
     }
     Ok(())
 }
+
+/// The plot of the balancer's run, in the output directory.
+pub const PLOT: &str = "cluster-jobs.png";
 
 /// The issue's targets: makespan with the balancer ≤ 1.25 × ideal, at most 12 migrations, every
 /// hash right.

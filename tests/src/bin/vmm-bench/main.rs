@@ -11,12 +11,15 @@
 //!
 //! Usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] [--only SECTIONS]
 //! [--mem-sizes MIB,..] [--dirty-rates MIBS,..] [--smp-vcpus N] [--density-vms N]
-//! [--drain-vms N] [--drain-mib N] [--monitors ours,qemu] (as root, except for the transport
+//! [--drain-vms N] [--drain-mib N] [--cluster-cases density,drain,jobs,steady,skew] [--job-units N]
+//! [--steady-s S] [--monitors ours,qemu] (as root, except for the transport
 //! section alone; SECTIONS: a comma-separated subset of
 //! boot,linux,network,migration,transport,disk,postcopy,restore,cluster; a dirty rate of 0 is the idle guest;
 //! the SMP case migrates a 256 MiB guest whose N vCPUs all dirty memory, 0 leaves it out;
-//! `--monitors ours` migrates only ours, e.g. to compare TLS with plaintext in less time). A
+//! `--monitors ours` migrates only ours, e.g. to compare TLS with plaintext in less time;
+//! `--steady-s` is how long the balancer watches the balanced cluster of the `steady` case). A
 //! migration case that fails is reported and the others still run; the bench then exits non-zero.
+//! The cluster's parallel-jobs case plots its run with the balancer into `cluster-jobs.png`.
 
 mod boot;
 mod cluster;
@@ -31,6 +34,7 @@ mod postcopy;
 mod qmp;
 mod restore;
 mod results;
+mod steady;
 mod targets;
 mod transport;
 
@@ -48,7 +52,11 @@ use vmm_tests::place::{L1Options, Place};
 const USAGE: &str = "usage: vmm-bench [--runs N] [--boot-runs N] [--out DIR] [--quick] \
                      [--only boot,linux,network,migration,transport,disk,postcopy,restore,cluster] [--mem-sizes 256,1024] \
                      [--dirty-rates 0,64,512] [--smp-vcpus 4] [--density-vms 50] [--drain-vms 6] [--drain-mib 256] \
-                     [--cluster-cases density,drain,jobs] [--job-units 6000] [--monitors ours,qemu]";
+                     [--cluster-cases density,drain,jobs,steady,skew] [--job-units 6000] [--steady-s 300] \
+                     [--monitors ours,qemu]";
+
+/// The cases of the cluster section, in the order they run.
+const CLUSTER_CASES: [&str; 5] = ["density", "drain", "jobs", "steady", "skew"];
 
 /// Every section, in the order they run.
 const SECTIONS: [&str; 9] =
@@ -68,6 +76,8 @@ struct Options {
     drain_mib: u64,
     cluster_cases: Vec<String>,
     job_units: u64,
+    /// How long the balancer watches the balanced cluster (the `steady` case), seconds.
+    steady_s: u64,
     /// The monitors whose migrations run.
     monitors: Vec<Monitor>,
 }
@@ -89,8 +99,9 @@ fn parse_args() -> Result<Options, String> {
         density_vms: 50,
         drain_vms: 6,
         drain_mib: 256,
-        cluster_cases: ["density", "drain", "jobs"].map(String::from).to_vec(),
+        cluster_cases: CLUSTER_CASES.map(String::from).to_vec(),
         job_units: 6000,
+        steady_s: 300,
         monitors: Monitor::BOTH.to_vec(),
     };
     let mut args = std::env::args().skip(1);
@@ -103,12 +114,18 @@ fn parse_args() -> Result<Options, String> {
             "--quick" => o.quick = true,
             "--cluster-cases" => {
                 o.cluster_cases = value("--cluster-cases")?.split(',').map(|c| c.trim().to_string()).collect();
-                if let Some(bad) = o.cluster_cases.iter().find(|c| !["density", "drain", "jobs"].contains(&c.as_str()))
-                {
+                if let Some(bad) = o.cluster_cases.iter().find(|c| !CLUSTER_CASES.contains(&c.as_str())) {
                     return Err(format!("--cluster-cases: unknown case {bad:?}\n{USAGE}"));
                 }
             }
             "--job-units" => o.job_units = value("--job-units")?.parse().map_err(|_| "--job-units: not a number")?,
+            "--steady-s" => {
+                o.steady_s = value("--steady-s")?
+                    .parse()
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .ok_or(format!("--steady-s: a number of seconds, at least 1\n{USAGE}"))?
+            }
             "--density-vms" => {
                 o.density_vms = value("--density-vms")?.parse().map_err(|_| "--density-vms: not a number")?
             }
@@ -157,6 +174,7 @@ fn parse_args() -> Result<Options, String> {
         o.density_vms = o.density_vms.min(10);
         o.drain_vms = o.drain_vms.min(3);
         o.drain_mib = o.drain_mib.min(128);
+        o.steady_s = o.steady_s.min(30);
     }
     if o.drain_vms == 0 || o.drain_vms > 90 || o.drain_mib < 64 {
         return Err("--drain-vms must be 1 to 90 and --drain-mib at least 64".into());
@@ -314,7 +332,15 @@ fn run(o: &Options) -> Result<(), String> {
             cpu_millis: 300,
             runs: o.runs,
         };
-        jobs::bench(&mut results, &j)?;
+        std::fs::create_dir_all(&o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
+        jobs::bench(&mut results, &j, &o.out)?;
+    }
+    let steadiness = steady::Steadiness { steady: Duration::from_secs(o.steady_s), runs: o.runs };
+    if case("steady") {
+        steady::steady(&mut results, &steadiness)?;
+    }
+    if case("skew") {
+        steady::skew(&mut results, o.runs)?;
     }
 
     let table = results.markdown();
@@ -329,6 +355,7 @@ fn run(o: &Options) -> Result<(), String> {
     if section("cluster") {
         cluster::targets(&results, &settings, &mut line);
         jobs::targets(&results, &mut line);
+        steady::targets(&results, &steadiness, &mut line);
     }
     std::fs::create_dir_all(&o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
     let emulated = if vmm_tests::place::inside_nested_host() {
@@ -351,6 +378,9 @@ fn run(o: &Options) -> Result<(), String> {
     );
     if let Some(plotted) = plot_one(&o.out, &samples)? {
         md.push_str(&format!("\n![{plotted}](migration.png)\n"));
+    }
+    if case("jobs") {
+        md.push_str(&format!("\n![{}: each host's load, every migration marked]({})\n", jobs::SECTION, jobs::PLOT));
     }
     write(&o.out.join("results.md"), &md)?;
     let all = json!({ "machine": machine, "rows": results.rows, "notes": results.notes, "migrations": samples,

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The plot: one migration of each monitor side by side, pre-copy rounds over time (the pages
-//! each round had to send) and the bytes sent so far.
+//! The plots: one migration of each monitor side by side, pre-copy rounds over time (the pages
+//! each round had to send) and the bytes sent so far; and each host's load over time during the
+//! cluster's parallel-jobs run with the balancer, every migration marked.
 
 use std::path::Path;
 
@@ -11,20 +12,51 @@ use crate::migrate::Sample;
 /// Where the font comes from (Debian's `fonts-dejavu-core`, which the setup script installs).
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
+/// Reads the font and hands it to plotters, once per process.
+fn font() -> Result<(), String> {
+    static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            let font = std::fs::read(FONT).map_err(|e| format!("{FONT}: {e} (apt-get install fonts-dejavu-core)"))?;
+            // plotters keeps the font for the rest of the process.
+            let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+            plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+                .map_err(|_| format!("{FONT}: not a usable font"))
+        })
+        .clone()
+}
+
+type Drawn = Result<(), Box<dyn std::error::Error>>;
+
 pub fn migrations(path: &Path, title: &str, samples: &[&Sample]) -> Result<(), String> {
-    let font = std::fs::read(FONT).map_err(|e| format!("{FONT}: {e} (apt-get install fonts-dejavu-core)"))?;
-    // plotters keeps the font for the rest of the process.
-    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| format!("{FONT}: not a usable font"))?;
-    draw(path, title, samples).map_err(|e| format!("drawing {}: {e}", path.display()))
+    font()?;
+    png_file(path, |rgb| render(rgb, title, samples)).map_err(|e| format!("drawing {}: {e}", path.display()))
+}
+
+/// One host's load over time: (seconds since the start, demand ÷ capacity).
+pub struct HostSeries {
+    pub host: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A migration: when it was seen to have happened (seconds since the start), and its label.
+pub struct Mark {
+    pub t: f64,
+    pub label: String,
+}
+
+/// Each host's load over time, one line per host, a dashed vertical line at each migration.
+pub fn host_loads(path: &Path, title: &str, hosts: &[HostSeries], marks: &[Mark]) -> Result<(), String> {
+    font()?;
+    png_file(path, |rgb| render_loads(rgb, title, hosts, marks)).map_err(|e| format!("drawing {}: {e}", path.display()))
 }
 
 const SIZE: (u32, u32) = (1400, 560);
 
-fn draw(path: &Path, title: &str, samples: &[&Sample]) -> Result<(), Box<dyn std::error::Error>> {
+/// Renders a `SIZE` picture with `render` and writes it as a PNG.
+fn png_file(path: &Path, render: impl FnOnce(&mut [u8]) -> Drawn) -> Drawn {
     let mut rgb = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
-    render(&mut rgb, title, samples)?;
+    render(&mut rgb)?;
     let file = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut encoder = png::Encoder::new(file, SIZE.0, SIZE.1);
     encoder.set_color(png::ColorType::Rgb);
@@ -37,7 +69,7 @@ fn draw(path: &Path, title: &str, samples: &[&Sample]) -> Result<(), Box<dyn std
     Ok(())
 }
 
-fn render(rgb: &mut [u8], title: &str, samples: &[&Sample]) -> Result<(), Box<dyn std::error::Error>> {
+fn render(rgb: &mut [u8], title: &str, samples: &[&Sample]) -> Drawn {
     let root = BitMapBackend::with_buffer(rgb, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 24))?;
@@ -95,6 +127,67 @@ fn render(rgb: &mut [u8], title: &str, samples: &[&Sample]) -> Result<(), Box<dy
             .border_style(BLACK)
             .draw()?;
     }
+    root.present()?;
+    Ok(())
+}
+
+const HOST_COLOURS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+fn render_loads(rgb: &mut [u8], title: &str, hosts: &[HostSeries], marks: &[Mark]) -> Drawn {
+    let root = BitMapBackend::with_buffer(rgb, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let all = hosts.iter().flat_map(|h| h.points.iter());
+    let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max) * 1.02;
+    let y_max = all.map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(14)
+        .x_label_area_size(45)
+        .y_label_area_size(75)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the first job was created")
+        .y_desc("CPU demand ÷ capacity (10 s average)")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    let grey = RGBColor(90, 90, 90);
+    for m in marks {
+        // Dashes by hand: a short segment every 2 % of the height.
+        let step = y_max / 50.0;
+        let dashes = (0..50)
+            .step_by(2)
+            .map(|i| PathElement::new(vec![(m.t, i as f64 * step), (m.t, (i as f64 + 1.0) * step)], grey));
+        chart.draw_series(dashes)?;
+    }
+    // Labels of the marks, staggered so that moves close in time stay readable.
+    chart.draw_series(marks.iter().enumerate().map(|(i, m)| {
+        Text::new(
+            m.label.clone(),
+            (m.t, y_max * (0.97 - 0.045 * (i % 8) as f64)),
+            ("sans-serif", 12).into_font().color(&grey),
+        )
+    }))?;
+    for (h, colour) in hosts.iter().zip(HOST_COLOURS.iter().cycle()) {
+        chart
+            .draw_series(LineSeries::new(h.points.clone(), colour.stroke_width(2)))?
+            .label(format!("host {}", h.host))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::MiddleRight)
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
     root.present()?;
     Ok(())
 }
