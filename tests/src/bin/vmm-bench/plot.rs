@@ -69,6 +69,21 @@ fn png_file(path: &Path, render: impl FnOnce(&mut [u8]) -> Drawn) -> Drawn {
     Ok(())
 }
 
+/// The series' legend, boxed, at `at`.
+fn legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, CT>,
+    at: SeriesLabelPosition,
+) -> Drawn {
+    chart
+        .configure_series_labels()
+        .position(at)
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
 fn render(rgb: &mut [u8], title: &str, samples: &[&Sample]) -> Drawn {
     let root = BitMapBackend::with_buffer(rgb, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
@@ -119,13 +134,7 @@ fn render(rgb: &mut [u8], title: &str, samples: &[&Sample]) -> Drawn {
             .draw_secondary_series(LineSeries::new(sent, RED.stroke_width(2)))?
             .label("MiB sent so far")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(("sans-serif", 14))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     }
     root.present()?;
     Ok(())
@@ -181,13 +190,7 @@ fn render_loads(rgb: &mut [u8], title: &str, hosts: &[HostSeries], marks: &[Mark
             .label(format!("host {}", h.host))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::MiddleRight)
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
     root.present()?;
     Ok(())
 }
