@@ -12,11 +12,12 @@
 //! (owner changes of the VMs). Every job has a NIC and a client streaming to its echo service
 //! (in all three placements, so that they carry the same load): with the balancer, the lines
 //! lost and the largest gap a moved job's client saw. The balancer's run is plotted: each host's
-//! load (CPU demand ÷ capacity, as the agents publish it) over time, every migration marked
-//! (`cluster-jobs.png`).
+//! load (CPU demand ÷ capacity, as the agents publish it) over time, every migration marked, and
+//! below it the CPU each host used ÷ its capacity (`cluster-jobs.png`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use vmm_cluster::model::{MovePhase, now_ms};
@@ -88,17 +89,36 @@ struct Run {
     marks: Vec<Mark>,
 }
 
-/// One run in `mode`.
-fn run(j: &Jobs, mode: Mode, want: &str) -> Result<Run, String> {
-    let mut c = ClusterBed::start(
-        &HOSTS,
-        ClusterOptions { cpu_millis: Some(j.cpu_millis), mem_mib: 2048, ..Default::default() },
-    );
-    if mode == Mode::Balancer {
-        c.start_balancer("bench", &["--every", "1"]);
+/// Each host's load, from `vmm cluster status` every quarter second until `stop`: per host
+/// (seconds since `started`, demand ÷ capacity, used ÷ capacity); and the most owner changes
+/// seen (read while the VMs exist: their epochs count the moves).
+fn sample(c: &ClusterBed, started: Instant, stop: &AtomicBool) -> (BTreeMap<String, Vec<(f64, f64, f64)>>, u64) {
+    let mut loads: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
+    let mut moves = 0;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(s) = c.status() {
+            moves = moves.max(crate::steady::owner_changes(&s));
+            let t = started.elapsed().as_secs_f64();
+            for h in s.hosts.iter().filter(|h| h.cpu_capacity_millis > 0) {
+                if let (Some(d), Some(u)) = (h.cpu_demand_millis, h.cpu_used_millis) {
+                    let cap = h.cpu_capacity_millis as f64;
+                    loads.entry(h.name.clone()).or_default().push((t, d / cap, u / cap));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
     }
-    let started = Instant::now();
-    let started_ms = now_ms();
+    (loads, moves)
+}
+
+/// Creates the jobs, connects a client to each, and waits for every `JOB-DONE` line: (each
+/// job's time and line, the clients).
+fn jobs(
+    c: &ClusterBed,
+    j: &Jobs,
+    mode: Mode,
+    started: Instant,
+) -> Result<(Vec<(f64, String)>, Vec<EchoStream>), String> {
     for i in 0..j.jobs {
         let host = if mode == Mode::Ideal { HOSTS[i % 3] } else { "a" };
         let guest = u8::try_from(i).map_err(|_| "too many jobs")?;
@@ -110,9 +130,7 @@ fn run(j: &Jobs, mode: Mode, want: &str) -> Result<Run, String> {
     for i in 0..j.jobs {
         streams.push(c.echo_stream(i as u8, Duration::from_secs(30))?);
     }
-    let mut loads: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut done: BTreeMap<String, (f64, String)> = BTreeMap::new();
-    let mut moves = 0;
     while done.len() < j.jobs {
         if started.elapsed() > TIMEOUT {
             return Err(format!("only {} of {} jobs done after {} s", done.len(), j.jobs, TIMEOUT.as_secs()));
@@ -120,26 +138,38 @@ fn run(j: &Jobs, mode: Mode, want: &str) -> Result<Run, String> {
         for i in 0..j.jobs {
             let name = format!("job{i:02}");
             if !done.contains_key(&name)
-                && let Some(line) = job_done(&c, &name)
+                && let Some(line) = job_done(c, &name)
             {
                 done.insert(name, (started.elapsed().as_secs_f64(), line));
             }
         }
-        // Read while the VMs exist (the epochs count the moves).
-        if let Some(s) = c.status() {
-            moves = moves.max(crate::steady::owner_changes(&s));
-            let t = started.elapsed().as_secs_f64();
-            for h in &s.hosts {
-                if let Some(d) = h.cpu_demand_millis.filter(|_| h.cpu_capacity_millis > 0) {
-                    loads.entry(h.name.clone()).or_default().push((t, d / h.cpu_capacity_millis as f64));
-                }
-            }
-        }
         std::thread::sleep(Duration::from_millis(250));
     }
-    let makespan = done.values().map(|(t, _)| *t).fold(0.0, f64::max);
+    Ok((done.into_values().collect(), streams))
+}
+
+/// One run in `mode`.
+fn run(j: &Jobs, mode: Mode, want: &str) -> Result<Run, String> {
+    let mut c = ClusterBed::start(
+        &HOSTS,
+        ClusterOptions { cpu_millis: Some(j.cpu_millis), mem_mib: 2048, ..Default::default() },
+    );
+    if mode == Mode::Balancer {
+        c.start_balancer("bench", &["--every", "1"]);
+    }
+    let started = Instant::now();
+    let started_ms = now_ms();
+    let stop = AtomicBool::new(false);
+    let (done, (loads, moves)) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| sample(&c, started, &stop));
+        let done = jobs(&c, j, mode, started);
+        stop.store(true, Ordering::Relaxed);
+        (done, sampler.join().unwrap_or_default())
+    });
+    let (done, streams) = done?;
+    let makespan = done.iter().map(|(t, _)| *t).fold(0.0, f64::max);
     let wrong: Vec<&String> =
-        done.values().map(|(_, l)| l).filter(|l| !l.split(' ').any(|f| f == format!("result={want}"))).collect();
+        done.iter().map(|(_, l)| l).filter(|l| !l.split(' ').any(|f| f == format!("result={want}"))).collect();
     for l in &wrong {
         eprintln!("vmm-bench: wrong result (want {want}): {l}");
     }
@@ -156,7 +186,14 @@ fn run(j: &Jobs, mode: Mode, want: &str) -> Result<Run, String> {
         moved.insert(m.vm);
     }
     marks.sort_by(|a, b| a.t.total_cmp(&b.t));
-    let loads = loads.into_iter().map(|(host, points)| HostSeries { host, points }).collect();
+    let loads = loads
+        .into_iter()
+        .map(|(host, points)| HostSeries {
+            host,
+            demand: points.iter().map(|&(t, d, _)| (t, d)).collect(),
+            used: points.iter().map(|&(t, _, u)| (t, u)).collect(),
+        })
+        .collect();
     Ok(Run { makespan, moves, wrong, echo, moved, loads, marks })
 }
 

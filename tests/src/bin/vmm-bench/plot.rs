@@ -30,13 +30,15 @@ type Drawn = Result<(), Box<dyn std::error::Error>>;
 
 pub fn migrations(path: &Path, title: &str, samples: &[&Sample]) -> Result<(), String> {
     font()?;
-    png_file(path, |rgb| render(rgb, title, samples)).map_err(|e| format!("drawing {}: {e}", path.display()))
+    png_file(path, SIZE, |rgb| render(rgb, title, samples)).map_err(|e| format!("drawing {}: {e}", path.display()))
 }
 
-/// One host's load over time: (seconds since the start, demand ÷ capacity).
+/// One host's load over time: (seconds since the start, demand ÷ capacity), and what it used
+/// (seconds, used ÷ capacity).
 pub struct HostSeries {
     pub host: String,
-    pub points: Vec<(f64, f64)>,
+    pub demand: Vec<(f64, f64)>,
+    pub used: Vec<(f64, f64)>,
 }
 
 /// A migration: when it was seen to have happened (seconds since the start), and its label.
@@ -45,20 +47,23 @@ pub struct Mark {
     pub label: String,
 }
 
-/// Each host's load over time, one line per host, a dashed vertical line at each migration.
+/// Each host's load over time, one line per host, a dashed vertical line at each migration;
+/// below, what each host used.
 pub fn host_loads(path: &Path, title: &str, hosts: &[HostSeries], marks: &[Mark]) -> Result<(), String> {
     font()?;
-    png_file(path, |rgb| render_loads(rgb, title, hosts, marks)).map_err(|e| format!("drawing {}: {e}", path.display()))
+    png_file(path, LOADS_SIZE, |rgb| render_loads(rgb, title, hosts, marks))
+        .map_err(|e| format!("drawing {}: {e}", path.display()))
 }
 
 const SIZE: (u32, u32) = (1400, 560);
+const LOADS_SIZE: (u32, u32) = (1400, 900);
 
-/// Renders a `SIZE` picture with `render` and writes it as a PNG.
-fn png_file(path: &Path, render: impl FnOnce(&mut [u8]) -> Drawn) -> Drawn {
-    let mut rgb = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
+/// Renders a picture of `size` with `render` and writes it as a PNG.
+fn png_file(path: &Path, size: (u32, u32), render: impl FnOnce(&mut [u8]) -> Drawn) -> Drawn {
+    let mut rgb = vec![0u8; (size.0 * size.1 * 3) as usize];
     render(&mut rgb)?;
     let file = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut encoder = png::Encoder::new(file, SIZE.0, SIZE.1);
+    let mut encoder = png::Encoder::new(file, size.0, size.1);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     // A plot is mostly flat colour: the best compression and adaptive filters make the file
@@ -150,13 +155,32 @@ const HOST_COLOURS: [RGBColor; 6] = [
 ];
 
 fn render_loads(rgb: &mut [u8], title: &str, hosts: &[HostSeries], marks: &[Mark]) -> Drawn {
-    let root = BitMapBackend::with_buffer(rgb, SIZE).into_drawing_area();
+    let root = BitMapBackend::with_buffer(rgb, LOADS_SIZE).into_drawing_area();
     root.fill(&WHITE)?;
-    let all = hosts.iter().flat_map(|h| h.points.iter());
-    let x_max = all.clone().map(|p| p.0).fold(1.0, f64::max) * 1.02;
-    let y_max = all.map(|p| p.1).fold(1.0, f64::max) * 1.1;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
+    let root = root.titled(title, ("sans-serif", 22))?;
+    let x_max = hosts.iter().flat_map(|h| h.demand.iter().chain(&h.used)).map(|p| p.0).fold(1.0, f64::max) * 1.02;
+    let (top, bottom) = root.split_vertically(LOADS_SIZE.1 * 3 / 5);
+    let demand = |h: &HostSeries| h.demand.clone();
+    let used = |h: &HostSeries| h.used.clone();
+    load_panel(&top, x_max, "CPU demand ÷ capacity (10 s average)", hosts, &demand, marks, true)?;
+    load_panel(&bottom, x_max, "CPU used ÷ capacity (10 s average)", hosts, &used, marks, false)?;
+    root.present()?;
+    Ok(())
+}
+
+/// One panel of the hosts' load: a line per host (`series` picks which figure), a dashed line at
+/// each migration, labelled if `labels`.
+fn load_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    x_max: f64,
+    y_desc: &str,
+    hosts: &[HostSeries],
+    series: &dyn Fn(&HostSeries) -> Vec<(f64, f64)>,
+    marks: &[Mark],
+    labels: bool,
+) -> Drawn {
+    let y_max = hosts.iter().flat_map(|h| series(h)).map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(area)
         .margin(14)
         .x_label_area_size(45)
         .y_label_area_size(75)
@@ -164,33 +188,30 @@ fn render_loads(rgb: &mut [u8], title: &str, hosts: &[HostSeries], marks: &[Mark
     chart
         .configure_mesh()
         .x_desc("seconds since the first job was created")
-        .y_desc("CPU demand ÷ capacity (10 s average)")
+        .y_desc(y_desc)
         .label_style(("sans-serif", 14))
         .draw()?;
     let grey = RGBColor(90, 90, 90);
     for m in marks {
         // Dashes by hand: a short segment every 2 % of the height.
         let step = y_max / 50.0;
-        let dashes = (0..50)
-            .step_by(2)
-            .map(|i| PathElement::new(vec![(m.t, i as f64 * step), (m.t, (i as f64 + 1.0) * step)], grey));
-        chart.draw_series(dashes)?;
+        let dash = |i: usize| PathElement::new(vec![(m.t, i as f64 * step), (m.t, (i as f64 + 1.0) * step)], grey);
+        chart.draw_series((0..50).step_by(2).map(dash))?;
     }
-    // Labels of the marks, staggered so that moves close in time stay readable.
-    chart.draw_series(marks.iter().enumerate().map(|(i, m)| {
-        Text::new(
-            m.label.clone(),
-            (m.t, y_max * (0.97 - 0.045 * (i % 8) as f64)),
-            ("sans-serif", 12).into_font().color(&grey),
-        )
-    }))?;
+    if labels {
+        // Staggered, so that moves close in time stay readable.
+        let label = |(i, m): (usize, &Mark)| {
+            let y = y_max * (0.97 - 0.045 * (i % 8) as f64);
+            Text::new(m.label.clone(), (m.t, y), ("sans-serif", 12).into_font().color(&grey))
+        };
+        chart.draw_series(marks.iter().enumerate().map(label))?;
+    }
     for (h, colour) in hosts.iter().zip(HOST_COLOURS.iter().cycle()) {
         chart
-            .draw_series(LineSeries::new(h.points.clone(), colour.stroke_width(2)))?
+            .draw_series(LineSeries::new(series(h), colour.stroke_width(2)))?
             .label(format!("host {}", h.host))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
     }
-    legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
-    root.present()?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     Ok(())
 }
