@@ -89,11 +89,16 @@ struct Run {
     marks: Vec<Mark>,
 }
 
-/// Each host's load, from `vmm cluster status` every quarter second until `stop`: per host
-/// (seconds since `started`, demand ÷ capacity, used ÷ capacity); and the most owner changes
-/// seen (read while the VMs exist: their epochs count the moves).
-fn sample(c: &ClusterBed, started: Instant, stop: &AtomicBool) -> (BTreeMap<String, Vec<(f64, f64, f64)>>, u64) {
-    let mut loads: BTreeMap<String, Vec<(f64, f64, f64)>> = BTreeMap::new();
+/// Per host, its load over time: (seconds since the start, demand ÷ capacity, used ÷ capacity).
+type Loads = BTreeMap<String, Vec<(f64, f64, f64)>>;
+
+/// Each job's `JOB-DONE` time (seconds since the start) and line.
+type Done = Vec<(f64, String)>;
+
+/// Each host's load, from `vmm cluster status` every quarter second until `stop`; and the most
+/// owner changes seen (read while the VMs exist: their epochs count the moves).
+fn sample(c: &ClusterBed, started: Instant, stop: &AtomicBool) -> (Loads, u64) {
+    let mut loads = Loads::new();
     let mut moves = 0;
     while !stop.load(Ordering::Relaxed) {
         if let Some(s) = c.status() {
@@ -113,12 +118,7 @@ fn sample(c: &ClusterBed, started: Instant, stop: &AtomicBool) -> (BTreeMap<Stri
 
 /// Creates the jobs, connects a client to each, and waits for every `JOB-DONE` line: (each
 /// job's time and line, the clients).
-fn jobs(
-    c: &ClusterBed,
-    j: &Jobs,
-    mode: Mode,
-    started: Instant,
-) -> Result<(Vec<(f64, String)>, Vec<EchoStream>), String> {
+fn jobs(c: &ClusterBed, j: &Jobs, mode: Mode, started: Instant) -> Result<(Done, Vec<EchoStream>), String> {
     for i in 0..j.jobs {
         let host = if mode == Mode::Ideal { HOSTS[i % 3] } else { "a" };
         let guest = u8::try_from(i).map_err(|_| "too many jobs")?;

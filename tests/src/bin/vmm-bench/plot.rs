@@ -179,7 +179,7 @@ fn load_panel(
     marks: &[Mark],
     labels: bool,
 ) -> Drawn {
-    let y_max = hosts.iter().flat_map(|h| series(h)).map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let y_max = hosts.iter().flat_map(series).map(|p| p.1).fold(1.0, f64::max) * 1.1;
     let mut chart = ChartBuilder::on(area)
         .margin(14)
         .x_label_area_size(45)
