@@ -223,7 +223,11 @@ async fn three_member_etcd_survives_one_loss_and_fails_clearly_without_quorum() 
 
     server.kill_member(0);
     // The client fails over to the remaining members, once they have a leader (if member 0
-    // led, the others elect a new one first: a request may time out meanwhile).
+    // led, the others elect a new one first: a request may time out meanwhile). Its channel
+    // learns that member 0's connection is gone only when it uses it or its keep-alive (2 s,
+    // 2 s timeout) fails, so a request may still be sent there after one went through
+    // elsewhere ("transport error"): give it that long first.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while let Err(e) = store.put("/q/after-one-loss", b"1".to_vec(), 0).await {
         assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
