@@ -310,6 +310,26 @@ fn put_decimal(out: &mut [u8], mut at: usize, n: u64) -> usize {
     at
 }
 
+/// Writes `n` in hexadecimal (`0x...`) into `out` at `at`, as far as it fits; returns the end.
+fn put_hex(out: &mut [u8], at: usize, n: u64) -> usize {
+    let mut digits = [0u8; 16];
+    let mut len = 0;
+    let mut v = n;
+    loop {
+        digits[len] = b"0123456789abcdef"[(v & 0xf) as usize];
+        len += 1;
+        v >>= 4;
+        if v == 0 {
+            break;
+        }
+    }
+    let mut at = put(out, at, b"0x");
+    for i in (0..len).rev() {
+        at = put(out, at, &digits[i..=i]);
+    }
+    at
+}
+
 fn put(out: &mut [u8], mut at: usize, s: &[u8]) -> usize {
     for &b in s {
         if at < out.len() {
@@ -322,7 +342,7 @@ fn put(out: &mut [u8], mut at: usize, s: &[u8]) -> usize {
 
 /// The SIGSYS handler: says which call on which thread the filter refused, then has SIGSYS end
 /// the process. Only async-signal-safe calls, no allocation.
-extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
+extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // struct siginfo for SIGSYS (include/uapi/asm-generic/siginfo.h): after signo, errno and
     // code (and padding to 8), `void *_call_addr; int _syscall; unsigned int _arch;`.
     // SAFETY: the kernel passes a valid siginfo for a SIGSYS raised by seccomp.
@@ -336,6 +356,17 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _conte
     at = put(&mut msg, at, &name[..name_len]);
     at = put(&mut msg, at, b"' made system call ");
     at = put_decimal(&mut msg, at, syscall as u64);
+    // Its first two arguments (for an ioctl, the request; for a socket, the family), from the
+    // registers the call was made with.
+    if !context.is_null() {
+        // SAFETY: for an SA_SIGINFO handler the kernel passes the interrupted ucontext.
+        let regs = unsafe { &(*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+        at = put(&mut msg, at, b" (arguments ");
+        at = put_hex(&mut msg, at, regs[libc::REG_RDI as usize] as u64);
+        at = put(&mut msg, at, b", ");
+        at = put_hex(&mut msg, at, regs[libc::REG_RSI as usize] as u64);
+        at = put(&mut msg, at, b")");
+    }
     at = put(
         &mut msg,
         at,

@@ -186,6 +186,36 @@ fn the_handler_names_the_call_and_the_thread() {
 }
 
 #[test]
+fn the_handler_names_an_ioctls_request() {
+    let mut fds = [0; 2];
+    // SAFETY: a pipe into a two-element array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let program = compile(ThreadKind::Vcpu, SeccompMode::Enforce).unwrap();
+    let before = || {
+        // SAFETY: in the child: stderr into the pipe.
+        unsafe { libc::dup2(fds[1], libc::STDERR_FILENO) };
+        if install_sigsys_handler().is_err() {
+            // SAFETY: ending the child.
+            unsafe { libc::_exit(101) };
+        }
+    };
+    // SAFETY: an ioctl no filter allows, on fd 0; the filter stops it before the kernel looks.
+    let odd_ioctl = || unsafe {
+        libc::ioctl(0, 0xdead_beef_u64 as _);
+    };
+    assert_eq!(in_child(&program, before, odd_ioctl), End::Signal(libc::SIGSYS));
+    // SAFETY: closing our write end, so the read below ends.
+    unsafe { libc::close(fds[1]) };
+    let mut out = [0u8; 512];
+    // SAFETY: reading into a local buffer.
+    let n = unsafe { libc::read(fds[0], out.as_mut_ptr().cast(), out.len()) };
+    // SAFETY: closing our read end.
+    unsafe { libc::close(fds[0]) };
+    let text = String::from_utf8_lossy(&out[..n.max(0) as usize]).into_owned();
+    assert!(text.contains(&format!("made system call {} (arguments 0x0, 0xdeadbeef)", libc::SYS_ioctl)), "{text}");
+}
+
+#[test]
 fn parents_allow_what_their_children_need_before_their_own_filter() {
     for kind in ThreadKind::ALL {
         let parent = rule_map(kind).unwrap();
