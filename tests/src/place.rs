@@ -180,6 +180,11 @@ pub fn main(trials: Vec<Trial>) -> ExitCode {
             eprintln!("vmm-tests: {why}: running these tests inside the nested host (resources/l1.sh)");
             let exe = std::env::current_exe().expect("the test binary's path");
             let mut argv: Vec<String> = std::env::args().skip(1).collect();
+            // One test at a time there: two Linux guests migrating at once under emulation
+            // starve each other (a guest's echo stalled for a minute while another moved).
+            if args.test_threads.is_none() {
+                argv.extend(["--test-threads".into(), "1".into()]);
+            }
             // Inside, stdout is the nested host's serial console, a terminal: say what ours is.
             if args.color.is_none() {
                 let color = if std::io::stdout().is_terminal() { "always" } else { "never" };
