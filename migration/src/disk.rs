@@ -159,14 +159,7 @@ mod tests {
         assert!(DiskBatchReader::new(&huge).any(|r| r.is_err()), "length beyond the batch");
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for len in 0..500usize {
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let bytes: Vec<u8> = crate::random_bytes(&mut x, len);
             for r in DiskBatchReader::new(&bytes) {
                 let _ = r;
             }

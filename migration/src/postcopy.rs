@@ -195,14 +195,7 @@ mod tests {
         let layout = [(0u64, 1u64 << 20)];
         let mut x: u64 = 0x1234_5678_9abc_def1;
         for len in 0..300usize {
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let bytes: Vec<u8> = crate::random_bytes(&mut x, len);
             let _ = PageBitmap::decode(&bytes, &layout);
         }
     }

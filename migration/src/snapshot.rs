@@ -349,14 +349,7 @@ mod tests {
     fn random_state_files_never_panic() {
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for len in 0..600usize {
-            let mut bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let mut bytes: Vec<u8> = crate::random_bytes(&mut x, len);
             if len >= STATE_HEADER_LEN && x % 2 == 0 {
                 bytes[..8].copy_from_slice(&MAGIC);
                 bytes[8..12].copy_from_slice(&[1, 0, 0, 0]);
