@@ -424,9 +424,9 @@ impl Source<'_> {
         }
     }
 
-    fn stop_and_copy(&mut self, carried: Vec<Bitmap>) -> Result<Option<u64>, MigrateError> {
-        let vm = &self.m.vm;
-        // The destination finishes setting up before the guest pauses, not after.
+    /// `Prepare`: the destination finishes setting up (and, under a host agent, commits the
+    /// move) before the guest pauses here. From a committed answer on, the guest is not ours.
+    fn prepare(&mut self) -> Result<(), MigrateError> {
         protocol::write_frame(self.stream()?, Command::Prepare, &[])?;
         let answer = protocol::read_response(self.stream()?)?;
         if !answer.ok {
@@ -436,6 +436,13 @@ impl Source<'_> {
             log::info!("migration: the destination's cluster committed the move; the guest is no longer ours");
             self.committed = true;
         }
+        Ok(())
+    }
+
+    fn stop_and_copy(&mut self, carried: Vec<Bitmap>) -> Result<Option<u64>, MigrateError> {
+        let vm = &self.m.vm;
+        // The destination finishes setting up before the guest pauses, not after.
+        self.prepare()?;
         let paused_at = Instant::now();
         log::debug!("stop-and-copy: pausing");
         let step =
@@ -507,15 +514,7 @@ impl Source<'_> {
             return Err(MigrateError::Other("post-copy in a migration that did not offer it".into()));
         };
         let peer = self.peer();
-        protocol::write_frame(self.stream()?, Command::Prepare, &[])?;
-        let answer = protocol::read_response(self.stream()?)?;
-        if !answer.ok {
-            return Err(MigrateError::Refused(answer.error.unwrap_or_else(|| "no reason given".into())));
-        }
-        if answer.committed {
-            log::info!("migration: the destination's cluster committed the move; the guest is no longer ours");
-            self.committed = true;
-        }
+        self.prepare()?;
         let paused_at = Instant::now();
         self.vcpus.lock().expect("Poisoned lock").pause_and_save().map_err(MigrateError::Vcpus)?;
         self.paused = true;
