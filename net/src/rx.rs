@@ -11,6 +11,7 @@ use std::io::ErrorKind;
 use std::sync::atomic::Ordering;
 
 use virtio::GuestMemoryMmap;
+use virtio::queue::notify_after;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -38,6 +39,8 @@ impl Net {
             return self.broken(&format!("rx: {e:?}"));
         }
         let mut delivered = false;
+        // The available index after which we asked the driver to notify us (see NoBuffers).
+        let mut asked_after = None;
         loop {
             let len = match self.rx_frame_len {
                 Some(len) => len,
@@ -72,17 +75,30 @@ impl Net {
                     delivered = true;
                 }
                 Deliver::NoBuffers => {
-                    // Keep the frame; the driver's next RX notification brings us back.
+                    // Keep the frame; the driver's next RX notification brings us back. The
+                    // buffers on offer may be none or too few (a 64 KiB frame spans many
+                    // mergeable buffers): ask to hear of any buffer beyond those, then look
+                    // once more, and stop once a look after asking found nothing new. (Asking
+                    // virtio-queue instead answered "buffers available" forever while they
+                    // were too few: this loop spun with the device lock held, the guest never
+                    // got the interrupt for what was delivered and so never added buffers.)
                     self.rx_frame_len = Some(len);
                     self.metrics.rx_no_buffers.fetch_add(1, Ordering::Relaxed);
-                    match self.queues[RX_INDEX].enable_notification(&mem) {
-                        Ok(true) => continue, // buffers arrived meanwhile
-                        Ok(false) => break,
+                    let seen = match self.queues[RX_INDEX].avail_idx(&mem, Ordering::Acquire) {
+                        Ok(idx) => idx.0,
                         Err(e) => {
                             self.broken(&format!("rx: {e:?}"));
                             break;
                         }
+                    };
+                    if asked_after == Some(seen) {
+                        break;
                     }
+                    if let Err(e) = notify_after(&mut self.queues[RX_INDEX], &mem, seen) {
+                        self.broken(&format!("rx: {e:?}"));
+                        break;
+                    }
+                    asked_after = Some(seen);
                 }
                 Deliver::Broken(why) => {
                     self.broken(&why);
@@ -282,6 +298,34 @@ mod tests {
         }
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
         assert_eq!(&got[VNET_HDR_LEN..], &frame[..]);
+    }
+
+    #[test]
+    fn a_frame_bigger_than_the_buffers_on_offer_waits_for_more_without_spinning() {
+        let mut rig = Rig::new();
+        rig.init(features(&[VIRTIO_NET_F_MRG_RXBUF]), SIZE);
+        let mem = rig.mem.clone();
+        let rxq = queue(&mem, RX_INDEX, SIZE);
+        // One 64-byte buffer on offer, and a frame that needs three.
+        rxq.add_desc_chains(&[desc(BUFFERS, 64, WRITE, 0)], 0).unwrap();
+        rig.wire.send(&test_frame(&[7; 150]));
+        std::thread::sleep(Duration::from_millis(50));
+        // This spun forever, holding the device lock, before the fix.
+        let net = rig.net.clone();
+        let (done, returned) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            net.lock().unwrap().process_rx();
+            let _ = done.send(());
+        });
+        assert!(returned.recv_timeout(Duration::from_secs(5)).is_ok(), "process_rx did not return");
+        assert!(used(&rxq).is_empty(), "nothing delivered into too few buffers");
+        // The driver is asked to notify us of its next buffer: avail_event = its index now.
+        let avail_event = GuestAddress(rxq.used_addr().0 + 4 + 8 * u64::from(SIZE));
+        assert_eq!(rig.mem.read_obj::<u16>(avail_event).unwrap(), 1);
+        // Two more buffers: the frame goes in, over all three.
+        rxq.add_desc_chains(&[desc(BUFFERS + 0x1000, 64, WRITE, 0), desc(BUFFERS + 0x2000, 64, WRITE, 0)], 1).unwrap();
+        assert!(rx_until(&rig, &rxq, 3));
+        assert_eq!(used(&rxq).len(), 3);
     }
 
     #[test]

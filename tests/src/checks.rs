@@ -301,7 +301,7 @@ pub fn echo_exact(bed: &TestBed, i: u8, total: usize, vm: &Vm) -> Duration {
     for len in blocks(total, BLOCK) {
         rng.fill(&mut expected[..len]);
         if let Err(e) = reader.read_exact(&mut got[..len]) {
-            panic!("reading the echo at byte {offset} of {total}: {e}\n{}", vm.describe());
+            panic!("reading the echo at byte {offset} of {total}: {e}\n{}\n{}", guest_probe(bed, i), vm.describe());
         }
         if let Some(i) = expected[..len].iter().zip(&got[..len]).position(|(a, b)| a != b) {
             panic!(
@@ -322,6 +322,16 @@ pub fn echo_exact(bed: &TestBed, i: u8, total: usize, vm: &Vm) -> Duration {
     let n = reader.read_to_end(&mut extra).unwrap_or_else(|e| panic!("reading to EOF: {e}\n{}", vm.describe()));
     assert_eq!(n, 0, "{n} bytes more than were sent\n{}", vm.describe());
     elapsed
+}
+
+/// After a stream stalled: does guest `i` still answer a ping and a new echo connection? (Both
+/// go through the same NIC: if they work, the device and the guest are alive and the stall is
+/// the stream's own.)
+fn guest_probe(bed: &TestBed, i: u8) -> String {
+    let ip = bed.guest_ip(i);
+    let ping = bed.client().run_in(|| crate::vm::ping(ip, Duration::from_secs(3)));
+    let echo = if i == 0 { Some(exchange(bed, ECHO_PORT, "probe\n")) } else { None };
+    format!("--- probe after the stall ---\nping: {ping:?}\nnew echo connection: {echo:?}")
 }
 
 /// Waits until the dirty workload has done more passes than `than` (asked on its control port),

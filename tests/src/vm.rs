@@ -367,7 +367,53 @@ impl Vm {
 
     /// Console and log, for a failing assertion's message.
     pub fn describe(&self) -> String {
-        format!("--- console ---\n{}\n--- vmm log ---\n{}", self.console.text(), self.log.text())
+        format!("--- console ---\n{}\n--- vmm log ---\n{}{}", self.console.text(), self.log.text(), self.counters())
+    }
+
+    /// The device and exit counters of a VM that has an API and still answers it (what a
+    /// stalled stream needs: did frames stop, did the vCPU stop exiting); empty otherwise.
+    fn counters(&self) -> String {
+        let Some(sock) = &self.api_sock else { return String::new() };
+        match ApiClient::new(sock).with_timeout(Duration::from_secs(5)).metrics() {
+            Ok(text) => {
+                let wanted = |l: &&str| l.starts_with("vmm_net_") || l.starts_with("vmm_vcpu_exits");
+                let lines: Vec<&str> = text.lines().filter(wanted).collect();
+                format!("--- counters ---\n{}\n", lines.join("\n"))
+            }
+            Err(e) => format!("--- counters ---\n(not read: {e})\n{}", self.threads()),
+        }
+    }
+
+    /// What each thread of a VMM that does not answer its API is doing: state and kernel wait
+    /// from /proc, and the user stacks from gdb where it is installed.
+    fn threads(&self) -> String {
+        let pid = self.pid();
+        let mut out = String::from("--- threads ---\n");
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.flatten() {
+                let dir = task.path();
+                let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+                let stat = read("stat");
+                // The state follows the parenthesised name.
+                let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').next()).unwrap_or("?");
+                out += &format!(
+                    "{} {} state {state} wchan {}\n",
+                    read("comm").trim(),
+                    task.file_name().to_string_lossy(),
+                    read("wchan")
+                );
+            }
+        }
+        let gdb = Command::new("timeout")
+            .args(["60", "gdb", "-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt 30"])
+            .stdin(Stdio::null())
+            .output();
+        if let Ok(o) = gdb {
+            let text = String::from_utf8_lossy(&o.stdout);
+            out +=
+                &text.lines().filter(|l| l.starts_with('#') || l.starts_with("Thread")).collect::<Vec<_>>().join("\n");
+        }
+        out
     }
 }
 

@@ -38,6 +38,29 @@ pub fn driver_wants_interrupt(q: &mut Queue, mem: &GuestMemoryMmap) -> Result<bo
     Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
 }
 
+/// Asks the driver to notify us when it makes more buffers available than `seen` (the
+/// available index we last looked at), for a device that found the buffers there too few (a
+/// frame bigger than the mergeable RX buffers on offer).
+///
+/// virtio-queue's `enable_notification` cannot say this: with EVENT_IDX it sets `avail_event`
+/// to its own `next_avail`, which is behind the buffers it did not take, so the driver, which
+/// notifies only when its index crosses `avail_event`, never notifies again; and its answer
+/// ("buffers are available") stays true however often one asks. QEMU sets `avail_event` to the
+/// available index too (`virtio_queue_set_notification`). The fence orders the write before
+/// the caller's next look at the ring (the driver orders its index write before its read of
+/// `avail_event`), so a buffer added meanwhile is either seen there or notified.
+pub fn notify_after(q: &mut Queue, mem: &GuestMemoryMmap, seen: u16) -> Result<(), virtio_queue::Error> {
+    if q.event_idx_enabled() {
+        // avail_event follows the used ring's entries (virtio 1.2, 2.7.8).
+        let at = q.used_ring() + 4 + 8 * u64::from(q.size());
+        mem.store(u16::to_le(seen), GuestAddress(at), Ordering::Relaxed).map_err(virtio_queue::Error::GuestMemory)?;
+    } else {
+        q.enable_notification(mem)?;
+    }
+    std::sync::atomic::fence(Ordering::SeqCst);
+    Ok(())
+}
+
 /// virtio-queue's `QueueState`, made serialisable (the `virtio-queue-ser` crate pins an older
 /// virtio-queue).
 #[derive(Serialize, Deserialize)]

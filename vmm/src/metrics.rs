@@ -31,10 +31,13 @@ pub fn render(m: &Machine, migration: &MigrationInfo, uptime: Duration) -> Strin
 
     let nets: Vec<_> =
         m.nets.iter().map(|d| (d.config.tap.clone(), d.net.lock().expect("Poisoned lock").metrics())).collect();
-    let counters: [(&str, &str, NetCounter); 7] = [
+    let counters: [(&str, &str, NetCounter); 8] = [
         ("vmm_net_rx_packets_total", "Frames delivered to the guest.", |n| n.rx_packets.load(Ordering::Relaxed)),
         ("vmm_net_rx_bytes_total", "Bytes delivered to the guest.", |n| n.rx_bytes.load(Ordering::Relaxed)),
         ("vmm_net_rx_dropped_total", "Frames lost on the way to the guest.", |n| n.rx_dropped.load(Ordering::Relaxed)),
+        ("vmm_net_rx_waits_total", "Times a frame waited for the driver's buffers.", |n| {
+            n.rx_no_buffers.load(Ordering::Relaxed)
+        }),
         ("vmm_net_tx_packets_total", "Frames sent by the guest.", |n| n.tx_packets.load(Ordering::Relaxed)),
         ("vmm_net_tx_bytes_total", "Bytes sent by the guest.", |n| n.tx_bytes.load(Ordering::Relaxed)),
         ("vmm_net_tx_dropped_total", "Guest frames dropped.", |n| n.tx_dropped.load(Ordering::Relaxed)),

@@ -15,7 +15,7 @@
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_ioeventfd, kvm_irq_level, kvm_irqchip,
     kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs, kvm_pit_config, kvm_pit_state2, kvm_regs,
-    kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_sregs, kvm_translation, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 
 use super::ThreadKind;
@@ -78,6 +78,7 @@ const KVM_GET_REGS: u64 = kvm_ior::<kvm_regs>(0x81);
 const KVM_SET_REGS: u64 = kvm_iow::<kvm_regs>(0x82);
 const KVM_GET_SREGS: u64 = kvm_ior::<kvm_sregs>(0x83);
 const KVM_SET_SREGS: u64 = kvm_iow::<kvm_sregs>(0x84);
+const KVM_TRANSLATE: u64 = kvm_iowr::<kvm_translation>(0x85);
 const KVM_GET_MSRS: u64 = kvm_iowr::<kvm_msrs>(0x88);
 const KVM_SET_MSRS: u64 = kvm_iow::<kvm_msrs>(0x89);
 const KVM_SET_FPU: u64 = kvm_iow::<kvm_fpu>(0x8d);
@@ -124,8 +125,9 @@ const KVM_MEMSLOTS: &[u64] = &[KVM_SET_USER_MEMORY_REGION];
 /// A VM's own state, saved and restored by migrations.
 const KVM_VM_STATE: &[u64] =
     &[KVM_GET_DIRTY_LOG, KVM_GET_IRQCHIP, KVM_SET_IRQCHIP, KVM_GET_CLOCK, KVM_SET_CLOCK, KVM_GET_PIT2, KVM_SET_PIT2];
-/// Running a vCPU.
-const KVM_VCPU_RUN: &[u64] = &[KVM_RUN, KVM_KVMCLOCK_CTRL];
+/// Running a vCPU. KVM_TRANSLATE serves the report of an internal error (the bytes of the
+/// instruction KVM could not emulate), which must not itself be stopped by the filter.
+const KVM_VCPU_RUN: &[u64] = &[KVM_RUN, KVM_KVMCLOCK_CTRL, KVM_TRANSLATE];
 /// A vCPU's state: set up for boot, saved on its own thread for a migration, restored on the
 /// destination before it runs.
 const KVM_VCPU_STATE: &[u64] = &[
