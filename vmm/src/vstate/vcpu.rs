@@ -193,6 +193,27 @@ pub struct Vcpu {
     msrs: Vec<u32>,
     has_xsave: bool,
     has_xcrs: bool,
+    /// A summary of the state this vCPU was given by a migration or snapshot, for the report
+    /// of an internal error (was the state already wrong when it came, or did it go wrong here?).
+    restored: std::sync::OnceLock<String>,
+}
+
+/// Where a saved vCPU state says the vCPU is: MP state, RIP, CS, EFER, APIC base and the
+/// pending INIT/SIPI KVM carries in its events.
+fn state_summary(s: &VcpuState) -> String {
+    let e = &s.vcpu_events;
+    format!(
+        "mp_state {}, rip {:#x}, cs {:#x} base {:#x}, efer {:#x}, apic_base {:#x}, latched_init {}, sipi_vector {}, events flags {:#x}",
+        s.mp_state.mp_state,
+        s.regs.rip,
+        s.sregs.cs.selector,
+        s.sregs.cs.base,
+        s.sregs.efer,
+        s.sregs.apic_base,
+        e.smi.latched_init,
+        e.sipi_vector,
+        e.flags
+    )
 }
 
 impl Vcpu {
@@ -208,6 +229,7 @@ impl Vcpu {
             msrs: Vec::new(),
             has_xsave: kvm.check_extension(Cap::Xsave),
             has_xcrs: kvm.check_extension(Cap::Xcrs),
+            restored: std::sync::OnceLock::new(),
         };
         vcpu.msrs = vcpu.saveable_msrs(kvm)?;
         Ok(vcpu)
@@ -337,6 +359,7 @@ impl Vcpu {
             return Err(VcpuError::Msrs(index, format!("KVM refused MSR {bad:#x} ({n} of {want} restored)")));
         }
         fd.set_vcpu_events(&state.vcpu_events).map_err(set("events"))?;
+        let _ = self.restored.set(state_summary(state));
         Ok(())
     }
 
@@ -551,6 +574,15 @@ impl Vcpu {
         if let Ok(regs) = self.fd.get_regs() {
             let cpl = self.fd.get_sregs().map(|s| s.cs.dpl).unwrap_or(0);
             msg += &format!(" at rip {:#x} (CPL {cpl})", regs.rip);
+            if let (Ok(sregs), Ok(mp)) = (self.fd.get_sregs(), self.fd.get_mp_state()) {
+                msg += &format!(
+                    ", cs {:#x} base {:#x}, efer {:#x}, mp_state {}",
+                    sregs.cs.selector, sregs.cs.base, sregs.efer, mp.mp_state
+                );
+            }
+            if let Some(restored) = self.restored.get() {
+                msg += &format!("; its state as restored here: {restored}");
+            }
             if let Ok(t) = self.fd.translate_gva(regs.rip)
                 && t.valid != 0
             {
