@@ -18,6 +18,9 @@
 //! - after `Complete`: the source stops itself after writing `Complete`
 //!   (`source:complete`), or the destination after reading it (`destination:complete`).
 //!
+//! A guest that powers off during pre-copy is not handed over: the migration fails and the
+//! destination never runs it (`a_guest_that_powers_off_during_precopy_is_not_handed_over`).
+//!
 //! The link is cut with a stall bound of 2 s on both ends (`--stall-timeout-ms`): the error
 //! must name the silent link, not the 30 s I/O timeout that backs it up. Times are printed,
 //! never asserted. The README's reliability table is this file's outcome.
@@ -27,8 +30,9 @@ use std::time::{Duration, Instant};
 use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase, VmState};
 use vmm_tests::TestBed;
 use vmm_tests::moves::{
-    EXIT_TIMEOUT, GUEST_TIMEOUT, MIGRATION_PORT, MIGRATION_TIMEOUT, assert_dirty_console, assert_state, dump,
-    guest_status, print_info, request, start_destination_env, start_source_env, wait_migration, wait_more_passes,
+    CONTROL_PORT, EXIT_TIMEOUT, GUEST_TIMEOUT, MIGRATION_PORT, MIGRATION_TIMEOUT, assert_dirty_console, assert_state,
+    dump, exchange, guest_status, print_info, request, start_destination_env, start_source_env, wait_migration,
+    wait_more_passes,
 };
 use vmm_tests::vm::{Vm, kvm_or_skip};
 
@@ -269,4 +273,38 @@ matrix! {
     link_cut_during_precopy: CutLink, Precopy;
     link_cut_during_stop_and_copy: CutLink, StopAndCopy;
     link_cut_after_complete: CutLink, AfterComplete;
+}
+
+/// The guest powers itself off while it is being moved (during pre-copy): its VMM ends as a
+/// powered-off guest's does, the migration fails saying why instead of handing the guest over,
+/// and the destination gives up without ever running it. (Before, the migration went on and
+/// the destination ran the guest on from where it asked to power off; a guest that
+/// triple-faulted during pre-copy in the nested host arrived with a vCPU in its reset state.)
+#[test]
+fn a_guest_that_powers_off_during_precopy_is_not_handed_over() {
+    if !kvm_or_skip("a_guest_that_powers_off_during_precopy_is_not_handed_over") {
+        return;
+    }
+    let bed = two_hosts();
+    let src = start_source_env(&bed, "a", &["--mem-mib", "256"], DIRTY_64, &[]);
+    let (dst, addr) = start_destination_env(&bed, "b", MIGRATION_PORT, &[], &[]);
+    let ctx = [("source", &src), ("destination", &dst)];
+    assert_dirty_console(&src, 0, &ctx);
+    let req = MigrateRequest { max_bandwidth_mib_s: Some(8), ..request(&addr) };
+    src.api().migrate(&req).unwrap_or_else(|e| panic!("PUT /vm/migrate: {e}{}", dump(&ctx)));
+    wait_for(&src, "pre-copy", &ctx, |i| i.phase == MigrationPhase::Precopy && i.bytes_sent > 0);
+
+    let answer = exchange(&bed, CONTROL_PORT, "poweroff\n").unwrap_or_else(|e| panic!("poweroff: {e}{}", dump(&ctx)));
+    assert_eq!(answer.trim(), "OK", "{}", dump(&ctx));
+    let status = src.wait_timeout(EXIT_TIMEOUT).unwrap_or_else(|| panic!("the source did not end{}", dump(&ctx)));
+    assert!(status.success(), "a powered-off guest's VMM exits 0: {status:?}{}", dump(&ctx));
+    assert!(src.console.text().contains("GUEST-POWEROFF"), "{}", dump(&ctx));
+    let error = src.log.lines(|l| l.contains("not sent")).pop();
+    let error = error.unwrap_or_else(|| panic!("the source did not say why it did not send the guest{}", dump(&ctx)));
+    assert!(error.contains("powered off"), "{error}{}", dump(&ctx));
+    println!("source: {error}");
+
+    let line = assert_destination_gives_up(&dst, &["abandoned", "closed", "truncated", "reset"], &ctx);
+    println!("destination: {line}");
+    assert!(dst.console.text().is_empty(), "the destination ran the guest{}", dump(&ctx));
 }

@@ -99,6 +99,9 @@ pub struct Machine {
     pub nets: Vec<NetDevice>,
     pub disks: Vec<BlockDevice>,
     pub vcpu_shared: Arc<VcpuShared>,
+    /// The i8042 reset and pvpanic signals (copies of [`BuiltVm`]'s), with what each means: a
+    /// migration looks at them, besides [`VcpuShared::stopped`], before handing the guest over.
+    pub end_signals: Vec<(EventFd, &'static str)>,
     /// The CPUID the guest runs with (vCPU 0's), which a migration destination must support.
     pub cpuid: Mutex<Vec<kvm_cpuid_entry2>>,
     /// Guest memory still being filled on demand (a restored snapshot, an incoming post-copy),
@@ -107,6 +110,17 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// Why the guest is done, if it is: a vCPU stopped for good (a triple fault, an internal
+    /// error), or the guest reset, powered off or panicked. The VMM thread marks the last
+    /// three in [`VcpuShared::stopped`] before it consumes their signal, so one of the two
+    /// looks below sees them however the threads interleave.
+    pub fn guest_stopped(&self) -> Option<String> {
+        if let Some(why) = self.vcpu_shared.stopped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() {
+            return Some(why);
+        }
+        self.end_signals.iter().find(|(evt, _)| readable(evt)).map(|(_, why)| why.to_string())
+    }
+
     /// Waits until guest memory is all there (see [`Machine::lazy_memory`]): whatever reads all
     /// of it (a migration, a snapshot) must not take a page that is still missing for a page
     /// that was never touched. Fails if the memory could not be filled.
@@ -176,6 +190,10 @@ fn build_machine(
     for index in 0..config.vcpus {
         vcpus.push(Vcpu::new(&kvm, &vm, index, io.clone(), vcpu_shared.clone())?);
     }
+    let end_signals = vec![
+        (reset_evt.try_clone().map_err(BuildError::EventFd)?, "the guest reset or powered off (i8042)"),
+        (panic_evt.try_clone().map_err(BuildError::EventFd)?, "the guest panicked"),
+    ];
     let machine = Machine {
         config: config.clone(),
         kvm,
@@ -185,6 +203,7 @@ fn build_machine(
         nets,
         disks,
         vcpu_shared,
+        end_signals,
         cpuid: Mutex::new(Vec::new()),
         lazy_memory: Mutex::new(None),
     };
@@ -396,4 +415,12 @@ fn attach_legacy_devices(vm: &Vm, console: Box<dyn Write + Send>) -> Result<Lega
     io.register_pio(PioRange::unit(PioAddress(PVPANIC_PORT)), pvpanic)
         .map_err(|e| BuildError::Device("pvpanic", format!("{e:?}")))?;
     Ok(LegacyDevices { io, serial, reset_evt, panic_evt })
+}
+
+/// Whether `evt` has been written and not read yet (without reading it).
+fn readable(evt: &EventFd) -> bool {
+    let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(evt), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, no timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & libc::POLLIN != 0
 }

@@ -23,7 +23,7 @@ use crate::metrics;
 use crate::migrate::send::{self, MigrateParams, MigrationDefaults, Outcome};
 use crate::snapshot;
 use crate::snapshot::save::{After, SnapshotParams};
-use crate::vstate::vcpu::{ExitChannel, ExitNotifier, ExitReason, VcpuSet};
+use crate::vstate::vcpu::{ExitChannel, ExitNotifier, ExitReason, VcpuSet, VcpuShared};
 
 /// Errors of a running VM.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +94,7 @@ impl Vmm {
             panic_evt: built.panic_evt,
             exit_rx,
             reason: None,
+            shared: built.machine.vcpu_shared.clone(),
         }));
         events.add_subscriber(exit.clone());
         let machine = Arc::new(built.machine);
@@ -407,14 +408,26 @@ struct ExitWatcher {
     panic_evt: EventFd,
     exit_rx: Receiver<(u8, ExitReason)>,
     reason: Option<ExitReason>,
+    /// Where a migration looks for a guest that is done (see [`Machine::guest_stopped`]).
+    shared: Arc<VcpuShared>,
+}
+
+impl ExitWatcher {
+    /// Marks the guest done for a migration in progress; before the signal is read, so that
+    /// the migration sees either the signal or the mark.
+    fn mark(&self, why: &str) {
+        self.shared.stopped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(why.to_string());
+    }
 }
 
 impl MutEventSubscriber for ExitWatcher {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.fd() == self.reset_evt.as_raw_fd() {
+            self.mark("the guest reset or powered off (i8042)");
             let _ = self.reset_evt.read();
             self.reason.get_or_insert(ExitReason::Reset("i8042 reset"));
         } else if events.fd() == self.panic_evt.as_raw_fd() {
+            self.mark("the guest panicked");
             let _ = self.panic_evt.read();
             self.reason.get_or_insert(ExitReason::Error("the guest panicked".into()));
         } else {
@@ -423,6 +436,9 @@ impl MutEventSubscriber for ExitWatcher {
             while let Ok((index, reason)) = self.exit_rx.try_recv() {
                 if let ExitReason::Error(e) = &reason {
                     log::error!("{e}");
+                } else if reason == ExitReason::Reset("triple fault") {
+                    // KVM has reset the vCPU already (on AMD); the guest cannot go on.
+                    log::warn!("vCPU {index}: the guest triple-faulted; stopping it");
                 } else {
                     log::debug!("exit from {index}: {reason:?}");
                 }

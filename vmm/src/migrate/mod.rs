@@ -41,6 +41,8 @@ pub enum MigrateError {
     Vm(#[from] crate::vstate::vm::VmError),
     #[error("vCPUs: {0}")]
     Vcpus(String),
+    #[error("the guest stopped on this host during the migration, so it is not sent: {0}")]
+    GuestStopped(String),
     #[error("device state: {0}")]
     Device(String),
     #[error("memory: {0}")]

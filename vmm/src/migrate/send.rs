@@ -413,6 +413,7 @@ impl Source<'_> {
                 log::info!("migration: round {round} left {n} dirty pages; throttling vCPUs to {pct}%");
                 self.set_throttle(pct);
             }
+            self.guest_still_runs()?;
             prev_dirty = n;
             round += 1;
             self.update(|p| p.round = round);
@@ -437,6 +438,17 @@ impl Source<'_> {
             self.committed = true;
         }
         Ok(())
+    }
+
+    /// Fails the migration if the guest is done meanwhile (it powered off or panicked, or a
+    /// vCPU stopped for good: a triple fault, which KVM on AMD answers by resetting the vCPU):
+    /// sent anyway, its state would run on the destination as if nothing happened, or start the
+    /// guest over, while this host ends it.
+    fn guest_still_runs(&self) -> Result<(), MigrateError> {
+        match self.m.guest_stopped() {
+            Some(why) => Err(MigrateError::GuestStopped(why)),
+            None => Ok(()),
+        }
     }
 
     fn stop_and_copy(&mut self, carried: Vec<Bitmap>) -> Result<Option<u64>, MigrateError> {
@@ -474,6 +486,8 @@ impl Source<'_> {
         step("last pages and blocks sent");
         self.states_pending = false;
         let vcpus = self.vcpus.lock().expect("Poisoned lock").saved_states().map_err(MigrateError::Vcpus)?;
+        // Paused now, so no vCPU can stop after this look.
+        self.guest_still_runs()?;
         step("vCPUs saved");
         let (serial, nets) = save_devices(self.m);
         let disks = save_disks(self.m);
@@ -559,6 +573,7 @@ impl Source<'_> {
         let done = transfer.run(|| {
             self.states_pending = false;
             let vcpus = self.vcpus.lock().expect("Poisoned lock").saved_states().map_err(MigrateError::Vcpus)?;
+            self.guest_still_runs()?;
             let (serial, nets) = save_devices(m);
             let disks = save_disks(m);
             let state = MachineState { version: STATE_VERSION, vm: save_vm_state(vm)?, vcpus, serial, nets, disks };
@@ -760,7 +775,11 @@ impl Source<'_> {
             });
             return Outcome::InDoubt(msg);
         }
-        log::warn!("migration failed, the guest keeps running here: {msg}");
+        if self.m.guest_stopped().is_some() {
+            log::warn!("migration failed: {msg}");
+        } else {
+            log::warn!("migration failed, the guest keeps running here: {msg}");
+        }
         if let Some(s) = self.stream.as_mut() {
             // Best effort: tell the destination to give up, then hang up.
             let _ = protocol::write_frame(s, Command::Abandon, &[]);

@@ -127,6 +127,9 @@ pub struct VcpuShared {
     pub exits: ExitCounters,
     /// Percentage of time vCPUs sleep instead of running (migration auto-converge).
     pub throttle_pct: AtomicU32,
+    /// Why the first vCPU that stopped for good stopped (a triple fault, an internal error):
+    /// an outgoing migration must not hand such a guest over as if it ran.
+    pub stopped: std::sync::Mutex<Option<String>>,
 }
 
 /// Why the guest stopped.
@@ -429,6 +432,17 @@ impl Vcpu {
                     }
                 }
                 RunResult::Exit(reason) => {
+                    if reason != ExitReason::Migrated {
+                        let why = match &reason {
+                            ExitReason::Reset(how) => format!("vCPU {}: the guest reset ({how})", self.index),
+                            other => format!("{other:?}"),
+                        };
+                        self.shared
+                            .stopped
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .get_or_insert(why);
+                    }
                     exits.notify(self.index, reason);
                     // Stay parked until the VMM lets us go, answering what it asks.
                     paused = true;
