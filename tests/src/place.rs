@@ -46,6 +46,37 @@ pub fn inside_nested_host() -> bool {
     std::env::var_os(L1_ENV).is_some()
 }
 
+/// Runs `test`; inside the nested host, once more if it failed because the guest itself
+/// triple-faulted, saying so loudly.
+///
+/// Why: inside the nested host, a 2-vCPU Linux guest's vCPU triple-faulted on the source
+/// during pre-copy in about one run of three (always during a migration, while dirty logging
+/// write-protects its memory; never on this machine's KVM nor before a move). The guest dies
+/// on its own host there: nothing of ours ran on that vCPU (the VMM does not touch a running
+/// vCPU's state during pre-copy), and since the migration now refuses to hand such a guest
+/// over, the test fails with the triple fault named. We believe it is the emulated SVM's
+/// (event delivery interrupted by a nested page fault), not proven. Any other failure, and a
+/// second triple fault, fail the test.
+pub fn retrying_a_guest_triple_fault_inside(name: &str, test: fn()) {
+    if !inside_nested_host() {
+        return test();
+    }
+    let Err(payload) = std::panic::catch_unwind(test) else { return };
+    let message = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    if !message.contains(vmm::vmm::TRIPLE_FAULT_LOG) {
+        std::panic::resume_unwind(payload);
+    }
+    eprintln!(
+        "\n*** {name}: the guest triple-faulted on its source inside the nested host (see above); \
+         running the test once more ***\n"
+    );
+    test();
+}
+
 /// The place for this process's tests, decided once.
 pub fn place() -> &'static Place {
     static PLACE: OnceLock<Place> = OnceLock::new();

@@ -401,6 +401,9 @@ impl Drop for Vmm {
     }
 }
 
+/// Logged (as a warning) when a vCPU of the guest triple-faulted; tests look for it.
+pub const TRIPLE_FAULT_LOG: &str = "the guest triple-faulted";
+
 /// Watches for the guest being done: a vCPU exit, an i8042 reset or a reported panic.
 struct ExitWatcher {
     exit_evt: Arc<EventFd>,
@@ -438,7 +441,7 @@ impl MutEventSubscriber for ExitWatcher {
                     log::error!("{e}");
                 } else if reason == ExitReason::Reset("triple fault") {
                     // KVM has reset the vCPU already (on AMD); the guest cannot go on.
-                    log::warn!("vCPU {index}: the guest triple-faulted; stopping it");
+                    log::warn!("vCPU {index}: {TRIPLE_FAULT_LOG}; stopping it");
                 } else {
                     log::debug!("exit from {index}: {reason:?}");
                 }
