@@ -49,14 +49,14 @@ pub fn inside_nested_host() -> bool {
 /// Runs `test`; inside the nested host, once more if it failed because the guest itself
 /// triple-faulted, saying so loudly.
 ///
-/// Why: inside the nested host, a 2-vCPU Linux guest's vCPU triple-faulted on the source
-/// during pre-copy in about one run of three (always during a migration, while dirty logging
-/// write-protects its memory; never on this machine's KVM nor before a move). The guest dies
-/// on its own host there: nothing of ours ran on that vCPU (the VMM does not touch a running
-/// vCPU's state during pre-copy), and since the migration now refuses to hand such a guest
-/// over, the test fails with the triple fault named. We believe it is the emulated SVM's
-/// (event delivery interrupted by a nested page fault), not proven. Any other failure, and a
-/// second triple fault, fail the test.
+/// Why: inside the nested host, Linux guests triple-fault now and then on their own: a 2-vCPU
+/// guest's vCPU on its source during pre-copy in about one run of three of the migration test,
+/// and once a 1-vCPU guest while booting ("Bringing up secondary CPUs"), with no migration.
+/// Never on this machine's KVM. Nothing of ours touches a running vCPU's state; the migration
+/// refuses to hand such a guest over, so the test fails with the triple fault named. We
+/// believe it is the emulated SVM's (the same Linux there also warns that CPUID's XSAVE size
+/// disagrees with the XCR0 it set, as if its XSETBV did not reach the nested host's KVM), not
+/// proven. Any other failure, and a second triple fault, fail the test.
 pub fn retrying_a_guest_triple_fault_inside(name: &str, test: fn()) {
     if !inside_nested_host() {
         return test();
