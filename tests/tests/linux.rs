@@ -44,12 +44,12 @@ use vmm_tests::moves::{
 use vmm_tests::vm::{Guest, LINUX_NATIVE_CMDLINE, Vm, ping};
 
 fn main() -> ExitCode {
-    // Inside the nested host, a Linux guest sometimes triple-faults on its own (see
-    // `retrying_a_guest_triple_fault_inside`): each test runs once more then, loudly.
+    // Inside the nested host, an emulated machine with faults of its own (see
+    // `retrying_once_inside`), a failed test runs once more, loudly.
     let test = |name: &str, f: fn()| {
         let owned = name.to_string();
         Trial::test(name, move || {
-            vmm_tests::place::retrying_a_guest_triple_fault_inside(&owned, f);
+            vmm_tests::place::retrying_once_inside(&owned, f);
             Ok(())
         })
     };
