@@ -138,6 +138,11 @@ impl Machine {
     }
 }
 
+/// What the i8042 reset signal means, for a migration that finds it (see [`Machine::end_signals`]).
+pub const GUEST_RESET: &str = "the guest reset or powered off (i8042)";
+/// What the pvpanic signal means.
+pub const GUEST_PANICKED: &str = "the guest panicked";
+
 /// A built VM whose vCPUs do not run yet.
 pub struct BuiltVm {
     pub machine: Machine,
@@ -191,8 +196,8 @@ fn build_machine(
         vcpus.push(Vcpu::new(&kvm, &vm, index, io.clone(), vcpu_shared.clone())?);
     }
     let end_signals = vec![
-        (reset_evt.try_clone().map_err(BuildError::EventFd)?, "the guest reset or powered off (i8042)"),
-        (panic_evt.try_clone().map_err(BuildError::EventFd)?, "the guest panicked"),
+        (reset_evt.try_clone().map_err(BuildError::EventFd)?, GUEST_RESET),
+        (panic_evt.try_clone().map_err(BuildError::EventFd)?, GUEST_PANICKED),
     ];
     let machine = Machine {
         config: config.clone(),

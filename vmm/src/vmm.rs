@@ -426,11 +426,11 @@ impl ExitWatcher {
 impl MutEventSubscriber for ExitWatcher {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.fd() == self.reset_evt.as_raw_fd() {
-            self.mark("the guest reset or powered off (i8042)");
+            self.mark(crate::builder::GUEST_RESET);
             let _ = self.reset_evt.read();
             self.reason.get_or_insert(ExitReason::Reset("i8042 reset"));
         } else if events.fd() == self.panic_evt.as_raw_fd() {
-            self.mark("the guest panicked");
+            self.mark(crate::builder::GUEST_PANICKED);
             let _ = self.panic_evt.read();
             self.reason.get_or_insert(ExitReason::Error("the guest panicked".into()));
         } else {
@@ -439,7 +439,7 @@ impl MutEventSubscriber for ExitWatcher {
             while let Ok((index, reason)) = self.exit_rx.try_recv() {
                 if let ExitReason::Error(e) = &reason {
                     log::error!("{e}");
-                } else if reason == ExitReason::Reset("triple fault") {
+                } else if reason == ExitReason::Reset(crate::vstate::vcpu::TRIPLE_FAULT) {
                     // KVM has reset the vCPU already (on AMD); the guest cannot go on.
                     log::warn!("vCPU {index}: {TRIPLE_FAULT_LOG}; stopping it");
                 } else {

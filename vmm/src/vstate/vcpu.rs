@@ -132,6 +132,9 @@ pub struct VcpuShared {
     pub stopped: std::sync::Mutex<Option<String>>,
 }
 
+/// The reset reason of a vCPU that triple-faulted (KVM_EXIT_SHUTDOWN).
+pub const TRIPLE_FAULT: &str = "triple fault";
+
 /// Why the guest stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
@@ -432,17 +435,12 @@ impl Vcpu {
                     }
                 }
                 RunResult::Exit(reason) => {
-                    if reason != ExitReason::Migrated {
-                        let why = match &reason {
-                            ExitReason::Reset(how) => format!("vCPU {}: the guest reset ({how})", self.index),
-                            other => format!("{other:?}"),
-                        };
-                        self.shared
-                            .stopped
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .get_or_insert(why);
-                    }
+                    let why = match &reason {
+                        ExitReason::Error(e) => e.clone(),
+                        ExitReason::Reset(how) => format!("vCPU {}: the guest reset ({how})", self.index),
+                        ExitReason::Migrated => format!("vCPU {}: migrated", self.index),
+                    };
+                    self.shared.stopped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(why);
                     exits.notify(self.index, reason);
                     // Stay parked until the VMM lets us go, answering what it asks.
                     paused = true;
@@ -538,7 +536,7 @@ impl Vcpu {
                 }
                 VcpuExit::Shutdown => {
                     count(&exits.shutdown);
-                    RunResult::Exit(ExitReason::Reset("triple fault"))
+                    RunResult::Exit(ExitReason::Reset(TRIPLE_FAULT))
                 }
                 VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET, _) => {
                     count(&exits.shutdown);
@@ -586,13 +584,15 @@ impl Vcpu {
         };
         let mut msg = format!("vCPU {}: KVM internal error (suberror {}: {what})", self.index, internal.suberror);
         if let Ok(regs) = self.fd.get_regs() {
-            let cpl = self.fd.get_sregs().map(|s| s.cs.dpl).unwrap_or(0);
-            msg += &format!(" at rip {:#x} (CPL {cpl})", regs.rip);
-            if let (Ok(sregs), Ok(mp)) = (self.fd.get_sregs(), self.fd.get_mp_state()) {
+            msg += &format!(" at rip {:#x}", regs.rip);
+            if let Ok(sregs) = self.fd.get_sregs() {
                 msg += &format!(
-                    ", cs {:#x} base {:#x}, efer {:#x}, mp_state {}",
-                    sregs.cs.selector, sregs.cs.base, sregs.efer, mp.mp_state
+                    " (CPL {}), cs {:#x} base {:#x}, efer {:#x}",
+                    sregs.cs.dpl, sregs.cs.selector, sregs.cs.base, sregs.efer
                 );
+            }
+            if let Ok(mp) = self.fd.get_mp_state() {
+                msg += &format!(", mp_state {}", mp.mp_state);
             }
             if let Some(restored) = self.restored.get() {
                 msg += &format!("; its state as restored here: {restored}");
