@@ -15,10 +15,8 @@
 //! - a destination fed corrupted, truncated, wrong-version, random, out-of-order or impossible
 //!   streams by a fake source ends with one clear error line and a non-zero exit, never a panic
 //!   or a hang;
-//! - all of these but the moves of guests dirtying 64 MiB/s again inside the nested host,
-//!   whose KVM is a second implementation (`every_test_again_on_the_nested_hosts_kvm`, see
-//!   `vmm_tests::place`; ignored for now: the nested host stopped making progress in it in its
-//!   last three runs; `--include-ignored` runs it).
+//! - all of these again inside the nested host, whose KVM is a second implementation
+//!   (`every_test_again_on_the_nested_hosts_kvm`, see `vmm_tests::place`).
 //!
 //! Migration figures (total time, downtime, rounds, bytes) are printed, never asserted: the
 //! machines these tests run on are small and shared. Run with `--nocapture` to see them.
@@ -126,29 +124,15 @@ fn killing_the_destination_during_precopy_keeps_the_guest_on_the_source() {
     }
 }
 
-/// The tests of this file that move a guest which does not dirty memory fast, once more inside
-/// the nested host (`resources/l1.sh`): its KVM (kvm_amd with nested paging, under QEMU's
-/// emulator) is a second implementation that our VMM's vCPU and VM state save and restore must
-/// work with, besides this machine's. The guests dirtying 64 MiB/s are left out (see below);
-/// `tests/tests/linux.rs` moves Linux guests on that KVM (dirtying, with 2 vCPUs, with a
-/// client streaming, with the destination killed, with a disk).
+/// Every other test of this file once more inside the nested host (`resources/l1.sh`): its KVM
+/// (kvm_amd with nested paging, under QEMU's emulator) is a second implementation that our
+/// VMM's vCPU and VM state save and restore must work with, besides this machine's. That host
+/// has one CPU here (see `vmm_tests::place::L1Options::one_cpu`: with two, an interrupt
+/// between its emulated CPUs went unanswered and its kernel panicked); the tests run one at a
+/// time, about 11 minutes in all. `tests/tests/linux.rs` moves Linux guests on that KVM.
 #[test]
-#[ignore = "the nested host stopped making progress in this rerun in its last three runs (no output for 5 to 15 minutes, \
-            then the 40-minute bound): run it with --include-ignored"]
 fn every_test_again_on_the_nested_hosts_kvm() {
-    const DIRTY_64_THERE: &str = "it moves a guest dirtying 64 MiB/s, and under the emulator a busy machine copies \
-        about 5 MB/s: such a move converges only when pre-copy gives up after its last round. Two full runs \
-        stopped making progress (no output for 15 minutes and more, then the 40-minute bound) inside this \
-        test; not understood yet, and the Linux tests move dirtying guests on the same KVM";
-    vmm_tests::place::rerun_inside_skipping(
-        "every_test_again_on_the_nested_hosts_kvm",
-        &[
-            ("one_gib_guest_migrates", DIRTY_64_THERE),
-            ("dirty_guest_migrates_back_and_forth", DIRTY_64_THERE),
-            ("two_vcpus_migrate", DIRTY_64_THERE),
-            ("killing_the_destination_during_precopy_keeps_the_guest_on_the_source", DIRTY_64_THERE),
-        ],
-    );
+    vmm_tests::place::rerun_inside("every_test_again_on_the_nested_hosts_kvm");
 }
 
 /// A fake destination on host b's address: accepts one migration connection (mutual TLS with
