@@ -268,8 +268,6 @@ pub fn build_vm_for_boot(
         })?;
         *m.cpuid.lock().expect("Poisoned lock") = cpuid.as_slice().to_vec();
     }
-    // Everything above overlapped KVM's registration of guest memory; the guest runs next.
-    m.vm.memslots_ready()?;
     Ok(built)
 }
 

@@ -103,8 +103,8 @@ impl Vmm {
         }
         events.add_subscriber(Arc::new(Mutex::new(ConsoleInput { serial: machine.serial.clone() })));
 
-        // No vCPU runs before guest memory is registered (the builders wait for it already).
-        machine.vm.memslots_ready()?;
+        // The guest runs next: no thread of this VMM is still without its filter by then.
+        crate::seccomp::wait_for_filters();
         let mut handles = Vec::with_capacity(built.vcpus.len());
         for vcpu in built.vcpus {
             handles.push(vcpu.start(notifier.clone(), false)?);

@@ -244,13 +244,10 @@ fn start_on(
         let dispatcher = Arc::clone(&dispatcher);
         // The thread keeps the eventfd open for as long as its epoll watches it.
         let stop = Arc::clone(&stop);
-        thread::Builder::new()
-            .name("api".to_string())
-            .spawn(move || {
-                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Api);
-                accept_loop(&listener, &epoll, &stop, &dispatcher)
-            })
-            .map_err(|e| remove_socket(ApiServerError::Thread(e)))?
+        crate::seccomp::spawn("api", crate::seccomp::ThreadKind::Api, move || {
+            accept_loop(&listener, &epoll, &stop, &dispatcher)
+        })
+        .map_err(|e| remove_socket(ApiServerError::Thread(e)))?
     };
     log::info!("API listening on {}", path.display());
     Ok(ApiServer { path: path.to_path_buf(), stop, thread: Some(thread), dispatcher })

@@ -130,6 +130,8 @@ fn accept(
 }
 
 fn accept_stream(cfg: IncomingConfig) -> Result<(MigrationStream, Option<MigrationListener>), MigrateError> {
+    // No peer's byte is read while a thread of this VMM runs without its filter.
+    crate::seccomp::wait_for_filters();
     let mode = cfg.security.describe();
     let listener = match cfg.from {
         IncomingFrom::Listener(l) => {
@@ -275,18 +277,16 @@ fn receive_on(
                 switched = Some(Switched { needed, fault, id });
             }
             Command::Prepare => {
-                // The guest is about to pause on the source: whatever is still being set up
-                // here must be done before that, not while the guest waits.
-                let ready = built.machine.vm.memslots_ready().map_err(MigrateError::from);
-                // The commit, if a hook must make it, comes last: a refusal from here on
-                // costs nothing, after the commit the guest is this host's.
-                let ready = ready.and_then(|()| match hook.as_deref_mut() {
+                // The guest is about to pause on the source. The commit, if a hook must make
+                // it, comes now: a refusal from here on costs nothing, after the commit the
+                // guest is this host's.
+                let ready = match hook.as_deref_mut() {
                     Some(h) => h
                         .commit()
                         .map(|()| true)
                         .map_err(|why| MigrateError::Other(format!("the commit hook refused the migration: {why}"))),
                     None => Ok(false),
-                });
+                };
                 let answer = match &ready {
                     Ok(committed) => Response { committed: *committed, ..Response::ok() },
                     Err(e) => Response::error(e.to_string()),
@@ -329,9 +329,8 @@ fn receive_on(
     }
     crate::fault::point("destination:complete");
     let state = state.ok_or_else(|| MigrateError::Other("Complete came before the machine's State".into()))?;
-    // Restoring kvmclock and other MSRs makes KVM touch guest memory: the slots must be there,
-    // and with post-copy the pages that are still on the source must come when touched.
-    built.machine.vm.memslots_ready()?;
+    // Restoring kvmclock and other MSRs makes KVM touch guest memory: with post-copy, the
+    // pages that are still on the source must come when touched.
     let postcopy = match switched {
         Some(s) => {
             let l = listener.take().ok_or_else(|| MigrateError::Other("no listener for post-copy".into()))?;
@@ -392,7 +391,7 @@ fn start_postcopy(
 fn check_start(start: &StartPayload, nets: &[NetConfig], res: &mut HostResources) -> Result<VmConfig, MigrateError> {
     let config = check_start_config(start, nets, res.sealed())?;
     let kvm = res.kvm().map_err(|e| MigrateError::Incompatible(e.to_string()))?;
-    check_cpuid(kvm, &start.cpuid)?;
+    check_cpuid(kvm, None, &start.cpuid)?;
     Ok(config)
 }
 

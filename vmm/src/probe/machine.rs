@@ -103,7 +103,6 @@ pub fn run(kvm: &Kvm, probe: ProbeRun) -> Outcome {
 fn run_inner(kvm: &Kvm, probe: ProbeRun) -> Result<Outcome, String> {
     let mem = create_guest_memory(MEM_SIZE).map_err(|e| e.to_string())?;
     let vm = Vm::new(kvm, mem.clone()).map_err(|e| e.to_string())?;
-    vm.memslots_ready().map_err(|e| e.to_string())?;
     let w = |r: Result<(), vm_memory::GuestMemoryError>| r.map_err(|e| e.to_string());
 
     // GDT: null, kernel code/data, user data/code (DPL 3), 16-byte TSS descriptor.

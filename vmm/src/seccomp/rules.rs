@@ -211,8 +211,7 @@ pub const REFUSED: &[i64] = &[libc::SYS_open, libc::SYS_openat, libc::SYS_openat
 const THREADS: &[i64] = &[libc::SYS_clone, libc::SYS_clone3, libc::SYS_set_robust_list, libc::SYS_rseq];
 
 /// The VMM thread: builds the VM (or receives one), then serves devices, console input and API
-/// requests on its event loop; it starts the vCPUs, the disks' I/O threads, the memory slot
-/// registration and migrations.
+/// requests on its event loop; it starts the vCPUs, the disks' I/O threads and migrations.
 const VMM: Profile = Profile {
     syscalls: &[
         libc::SYS_read,
@@ -270,9 +269,6 @@ const VCPU: Profile = Profile {
     ioctls: &[KVM_VCPU_RUN, KVM_VCPU_STATE, TAP],
     socket_domains: &[],
 };
-
-/// The thread that registers guest memory with KVM while the VM is built.
-const MEMSLOTS: Profile = Profile { syscalls: &[], ioctls: &[KVM_MEMSLOTS], socket_domains: &[] };
 
 /// A disk's I/O thread (block/src/worker.rs lists its calls).
 const BLOCK_IO: Profile = Profile {
@@ -460,7 +456,6 @@ impl ThreadKind {
         match self {
             ThreadKind::Vmm => &VMM,
             ThreadKind::Vcpu => &VCPU,
-            ThreadKind::Memslots => &MEMSLOTS,
             ThreadKind::BlockIo => &BLOCK_IO,
             ThreadKind::Migration => &MIGRATION,
             ThreadKind::MigrationTicker => &MIGRATION_TICKER,
@@ -480,7 +475,6 @@ impl ThreadKind {
         match self {
             ThreadKind::Vmm => &[
                 ThreadKind::Vcpu,
-                ThreadKind::Memslots,
                 ThreadKind::BlockIo,
                 ThreadKind::Migration,
                 ThreadKind::MemLoader,

@@ -260,17 +260,15 @@ pub fn start(
 ) -> Result<(crate::Vmm, Duration), SnapshotError> {
     let Prepared { checked, config, mut new_disks, uffd, started: t0 } = prepared;
     let step = |what: &str| log::debug!("restore: {what} at {} µs", t0.elapsed().as_micros());
-    if let Some(v0) = checked.state.machine.vcpus.first() {
-        let kvm = res.kvm().map_err(|e| SnapshotError::Other(e.to_string()))?;
-        check_cpuid(kvm, v0.cpuid.as_slice())?;
-    }
-    step("CPU checked");
     let built = build_vm_for_incoming(&config, res, console)?;
     step("machine built");
+    // On the new VM's first vCPU, which has not run: no probe VM needed.
+    if let (Some(v0), Some(vcpu)) = (checked.state.machine.vcpus.first(), built.vcpus.first()) {
+        check_cpuid(&built.machine.kvm, Some(vcpu.fd()), v0.cpuid.as_slice())?;
+    }
+    step("CPU checked");
     let handler = start_loader(&built, &checked, uffd)?;
     step("memory registered");
-    built.machine.vm.memslots_ready().map_err(crate::migrate::MigrateError::from)?;
-    step("memory slots ready");
     restore_machine(&built, &checked.state.machine)?;
     step("machine restored");
     *built.machine.lazy_memory.lock().expect("Poisoned lock") = Some(Arc::new(handler));

@@ -45,17 +45,13 @@ pub struct Writer {
 impl Writer {
     pub fn start() -> std::io::Result<Writer> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        let (filtered_tx, filtered) = std::sync::mpsc::sync_channel::<()>(1);
-        let thread = std::thread::Builder::new().name("snapshot".into()).spawn(move || {
-            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Snapshot);
-            let _ = filtered_tx.send(());
+        // Its filter goes on before it takes a job (see `seccomp::spawn` for when the VMM waits
+        // for it).
+        let thread = crate::seccomp::spawn("snapshot", crate::seccomp::ThreadKind::Snapshot, move || {
             for job in rx {
                 job();
             }
         })?;
-        // Its filter is on before the VMM goes on: no moment in which a thread of a sealed VMM
-        // runs unfiltered (the sandbox tests look at every thread).
-        let _ = filtered.recv();
         Ok(Writer { jobs: Some(tx), thread: Some(thread) })
     }
 
