@@ -32,7 +32,8 @@
 //! the destination commits the migration with its cluster at `Prepare` (answering with
 //! `committed: true`), the commit point moves from `Complete` to that answer.
 //! Post-copy (protocol 5) replaces the last `Memory` frames of step 5 with `PostcopyDirty` (the
-//! pages still to come) and a second connection; after `Complete` the pages follow while the
+//! pages still to come; since protocol 7 most of them announced by `PostcopyDrop` before
+//! `Prepare`) and a second connection; after `Complete` the pages follow while the
 //! guest runs on the destination (see [`crate::postcopy`]).
 
 use std::io::{self, Read, Write};
@@ -42,7 +43,7 @@ use serde::{Deserialize, Serialize};
 /// "VMMG".
 pub const MAGIC: u32 = 0x474d_4d56;
 /// Protocol version this build speaks. Bump it on any change to framing or commands.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Header bytes before every payload.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted: a memory batch is sent once it reaches 1 MiB, a disk batch once it
@@ -92,6 +93,8 @@ pub enum Command {
     PostcopyDone = 15,
     /// First frame of a new main connection after the link broke.
     PostcopyResume = 16,
+    /// Before the switch's `Prepare`: pages the destination will lack, to drop now (post-copy).
+    PostcopyDrop = 17,
 }
 
 impl Command {
@@ -113,6 +116,7 @@ impl Command {
             14 => Command::PostcopyEnd,
             15 => Command::PostcopyDone,
             16 => Command::PostcopyResume,
+            17 => Command::PostcopyDrop,
             _ => return None,
         })
     }

@@ -583,6 +583,44 @@ fn corrupted_truncated_wrong_version_and_random_streams_end_the_destination_clea
         });
     }
 
+    // (n) Post-copy's early drop in a migration that did not offer post-copy.
+    let all_pages = || migration::postcopy::PageBitmap { regions: vec![(0, 64 << 8, vec![0; 256])] };
+    bad_source("PostcopyDrop without post-copy", &["did not offer post-copy"], |s| {
+        s.write_all(&frame(Frame::Start, &start_json)).expect("send Start");
+        assert!(protocol::read_response(s).expect("the destination answers Start").ok);
+        s.write_all(&frame(Frame::PostcopyDrop, &all_pages().encode())).expect("send PostcopyDrop");
+    });
+
+    // (o) A source that offers post-copy, drops page 0 ahead of the switch, then sends pages
+    // (which could refill what was dropped), or leaves page 0 out of the final list (it would
+    // never be asked for).
+    let postcopy_start = |s: &mut MigrationStream| {
+        let mut start = valid_start(64);
+        start.postcopy_id = Some(0x5eed);
+        protocol::write_json(s, Frame::Start, &start).expect("send Start");
+        assert!(protocol::read_response(s).expect("the destination answers Start").ok);
+        let to = s.tcp().peer_addr().expect("the destination's address").to_string();
+        let security = transport::Security::tls(pki().ca_dir()).expect("the test PKI");
+        let mut fault = transport::connect(&to, &security, &LinkConfig::default()).expect("fault connection");
+        let hello = migration::postcopy::ChannelHello { id: 0x5eed };
+        protocol::write_json(&mut fault, Frame::PostcopyChannel, &hello).expect("send PostcopyChannel");
+        let mut first = all_pages();
+        first.regions[0].2[0] = 1;
+        s.write_all(&frame(Frame::PostcopyDrop, &first.encode())).expect("send PostcopyDrop");
+        fault
+    };
+    bad_source("Memory after PostcopyDrop", &["Memory after PostcopyDrop"], |s| {
+        let _fault = postcopy_start(s);
+        let mut batch = BatchWriter::with_capacity(2 * PAGE_SIZE);
+        batch.push_page(0, &[0xa5; PAGE_SIZE]);
+        s.write_all(&frame(Frame::Memory, batch.as_bytes())).expect("send Memory");
+    });
+    bad_source("PostcopyDirty without a dropped page", &["leaves out 1 pages"], |s| {
+        let _fault = postcopy_start(s);
+        s.write_all(&frame(Frame::Paused, &[])).expect("send Paused");
+        s.write_all(&frame(Frame::PostcopyDirty, &all_pages().encode())).expect("send PostcopyDirty");
+    });
+
     // (m) A Start the destination cannot host (its memory layout is not a 64 MiB VM's): refused
     // with the reason on the wire, and the process ends.
     bad_source("incompatible Start", &["memory layout"], |s| {

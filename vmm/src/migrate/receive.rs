@@ -251,24 +251,59 @@ fn receive_on(
     let mut paused_at = None;
     let mut state: Option<MachineState> = None;
     let mut switched: Option<Switched> = None;
+    // Pages `PostcopyDrop` dropped ahead of the switch.
+    let mut dropped: Option<PageBitmap> = None;
+    let layout: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect();
     loop {
         let r = protocol::read_frame_into_with(stream, stream.integrity(), buf)?;
         log::trace!("incoming: frame {r:?} {} bytes", buf.len());
         match r {
+            Command::Memory if dropped.is_some() => {
+                // It could fill a dropped page, which would then never be asked for.
+                return Err(MigrateError::Other("Memory after PostcopyDrop".into()));
+            }
             Command::Memory => {
                 apply_batch(&mem, buf, &mut written)?;
             }
             Command::Disk => sink.apply(buf)?,
+            Command::PostcopyDrop if switched.is_none() && paused_at.is_none() => {
+                if start.postcopy_id.is_none() {
+                    return Err(MigrateError::Other("PostcopyDrop in a migration that did not offer post-copy".into()));
+                }
+                let early = PageBitmap::decode(buf, &layout).map_err(|e| MigrateError::Other(e.to_string()))?;
+                // The guest still runs on the source: this is not downtime yet.
+                remote::zap(&mem, &early).map_err(|e| MigrateError::Memory(e.to_string()))?;
+                log::debug!("incoming: post-copy: {} pages dropped ahead of the switch", early.count());
+                match dropped.as_mut() {
+                    Some(d) => d.add(&early),
+                    None => dropped = Some(early),
+                }
+            }
             Command::PostcopyDirty if switched.is_none() => {
                 let (Some(id), Some(fault)) = (start.postcopy_id, fault.take()) else {
                     return Err(MigrateError::Other(
                         "PostcopyDirty in a migration that did not offer post-copy".into(),
                     ));
                 };
-                let layout: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().raw_value(), r.len())).collect();
+                log::debug!(
+                    "incoming: PostcopyDirty at {} µs",
+                    paused_at.map_or(0, |t: Instant| t.elapsed().as_micros())
+                );
                 let needed = PageBitmap::decode(buf, &layout).map_err(|e| MigrateError::Other(e.to_string()))?;
-                // The stale copies go now, while the source saves the machine.
-                remote::zap(&mem, &needed).map_err(|e| MigrateError::Memory(e.to_string()))?;
+                // The stale copies go now, while the source saves the machine: those not dropped
+                // ahead of the switch already. A page dropped then must be in the list, or the
+                // guest would find it empty here and the source would never send it.
+                let fresh = match &dropped {
+                    Some(d) if d.without(&needed).count() != 0 => {
+                        return Err(MigrateError::Other(format!(
+                            "PostcopyDirty leaves out {} pages PostcopyDrop dropped",
+                            d.without(&needed).count()
+                        )));
+                    }
+                    Some(d) => needed.without(d),
+                    None => needed.clone(),
+                };
+                remote::zap(&mem, &fresh).map_err(|e| MigrateError::Memory(e.to_string()))?;
                 log::debug!(
                     "incoming: post-copy: {} pages to come, dropped here at {} µs",
                     needed.count(),
