@@ -262,13 +262,15 @@ pub fn start(
     let step = |what: &str| log::debug!("restore: {what} at {} µs", t0.elapsed().as_micros());
     let built = build_vm_for_incoming(&config, res, console)?;
     step("machine built");
+    // The loader first, so that it has the pages KVM touches in `restore_machine` in place by
+    // then (see `pv_pages`), while this thread checks the CPU.
+    let handler = start_loader(&built, &checked, uffd)?;
+    step("memory registered");
     // On the new VM's first vCPU, which has not run: no probe VM needed.
     if let (Some(v0), Some(vcpu)) = (checked.state.machine.vcpus.first(), built.vcpus.first()) {
         check_cpuid(&built.machine.kvm, Some(vcpu.fd()), v0.cpuid.as_slice())?;
     }
     step("CPU checked");
-    let handler = start_loader(&built, &checked, uffd)?;
-    step("memory registered");
     restore_machine(&built, &checked.state.machine)?;
     step("machine restored");
     *built.machine.lazy_memory.lock().expect("Poisoned lock") = Some(Arc::new(handler));
@@ -280,6 +282,19 @@ pub fn start(
     Ok((vmm, took))
 }
 
+/// Guest pages that KVM itself writes as soon as the vCPUs' MSRs are restored (kvmclock) or
+/// they run (steal time, async page faults, PV EOI): the addresses in the paravirtual MSRs the
+/// guest enabled. Loaded first, the restore does not wait on a fault for them.
+fn pv_pages(vcpus: &[migration::VcpuState]) -> Vec<u64> {
+    const PV_MSRS: [u32; 5] = [0x4b56_4d01, 0x12, 0x4b56_4d03, 0x4b56_4d02, 0x4b56_4d04];
+    vcpus
+        .iter()
+        .flat_map(|v| v.msrs.as_slice().iter())
+        .filter(|m| PV_MSRS.contains(&m.index) && m.data & 1 != 0)
+        .map(|m| m.data & !0xfff)
+        .collect()
+}
+
 /// Registers the new machine's memory with `uffd` and starts the loader that fills it from the
 /// snapshot's memory file.
 fn start_loader(built: &BuiltVm, checked: &Checked, uffd: NewUffd) -> Result<Handler, SnapshotError> {
@@ -287,13 +302,14 @@ fn start_loader(built: &BuiltVm, checked: &Checked, uffd: NewUffd) -> Result<Han
     let regions: Vec<(u64, u64)> = checked.state.memory.regions.iter().map(|r| (r.start, r.size)).collect();
     let stats = Arc::new(UffdStats::default());
     let file = checked.memory.try_clone().map_err(SnapshotError::io("open", &checked.dir.join(MEMORY)))?;
-    let source = FileSource::new(
+    let mut source = FileSource::new(
         file,
         checked.dir.join(MEMORY),
         checked.state.memory.table.clone(),
         file_layout(&regions),
         stats.clone(),
     )?;
+    source.load_first(&pv_pages(&checked.state.machine.vcpus));
     let notifier = built.exits.notifier.clone();
     Ok(Handler::start(
         "mem-loader",

@@ -50,6 +50,8 @@ pub struct FileSource {
     loaded: Vec<u64>,
     /// Data chunks not placed yet.
     remaining: u64,
+    /// Chunks to load ahead before any other, last first.
+    first: Vec<u64>,
     /// Where loading ahead goes on.
     next: u64,
     buf: Vec<u8>,
@@ -89,9 +91,17 @@ impl FileSource {
             table,
             regions,
             loaded: vec![0; chunks.div_ceil(64) as usize],
+            first: Vec::new(),
             next: 0,
             stats,
         })
+    }
+
+    /// Loads the chunks holding `gpas` ahead of the others, in that order (addresses outside
+    /// memory are ignored): pages something is about to touch, such as those KVM writes when
+    /// a vCPU's paravirtual MSRs are restored.
+    pub fn load_first(&mut self, gpas: &[u64]) {
+        self.first = gpas.iter().rev().filter_map(|&g| self.chunk_of(g)).collect();
     }
 
     fn is_loaded(&self, chunk: u64) -> bool {
@@ -160,6 +170,12 @@ impl PageSource for FileSource {
 
     fn idle(&mut self, ctx: &Ctx) -> Result<bool, UffdError> {
         let uffd = ctx.uffd;
+        while let Some(chunk) = self.first.pop() {
+            if self.table.has_data(chunk) && !self.is_loaded(chunk) {
+                self.load(uffd, chunk)?;
+                return Ok(self.remaining > 0);
+            }
+        }
         let chunks = self.table.chunks();
         while self.next < chunks && (!self.table.has_data(self.next) || self.is_loaded(self.next)) {
             self.next += 1;
