@@ -146,8 +146,9 @@ impl Default for L1Options {
     /// One CPU (`VMM_L1_SMP` overrides it; see [`L1Options::one_cpu`] for why not two) and
     /// 6 GiB: two 1 GiB guests at once with room to spare; 40 minutes, several times what a
     /// test binary takes there. With two CPUs the 2-vCPU Linux guest triple-faulted on its
-    /// source in about every other run of `linux.rs` (its retry then passed); with one, three
-    /// runs on 2026-12-06 had no fault, and all of `linux.rs` took 356 s against 372–517 s.
+    /// source in about every other run of `linux.rs` (its retry then passed); with one, no run
+    /// on 2026-12-06 had a fault (all of `linux.rs` three times: 356, 415 and 707 s, against
+    /// 372–517 s with two).
     fn default() -> Self {
         let smp = std::env::var(L1_SMP_ENV).ok().and_then(|v| v.parse().ok()).filter(|n| *n > 0).unwrap_or(1);
         L1Options { smp, mem_mib: 6144, rw: Vec::new(), timeout: Duration::from_secs(2400) }
