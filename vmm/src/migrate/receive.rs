@@ -266,7 +266,7 @@ fn receive_on(
                 apply_batch(&mem, buf, &mut written)?;
             }
             Command::Disk => sink.apply(buf)?,
-            Command::PostcopyDrop if switched.is_none() && paused_at.is_none() => {
+            Command::PostcopyDrop if dropped.is_none() && switched.is_none() && paused_at.is_none() => {
                 if start.postcopy_id.is_none() {
                     return Err(MigrateError::Other("PostcopyDrop in a migration that did not offer post-copy".into()));
                 }
@@ -274,10 +274,7 @@ fn receive_on(
                 // The guest still runs on the source: this is not downtime yet.
                 remote::zap(&mem, &early).map_err(|e| MigrateError::Memory(e.to_string()))?;
                 log::debug!("incoming: post-copy: {} pages dropped ahead of the switch", early.count());
-                match dropped.as_mut() {
-                    Some(d) => d.add(&early),
-                    None => dropped = Some(early),
-                }
+                dropped = Some(early);
             }
             Command::PostcopyDirty if switched.is_none() => {
                 let (Some(id), Some(fault)) = (start.postcopy_id, fault.take()) else {
@@ -293,17 +290,18 @@ fn receive_on(
                 // The stale copies go now, while the source saves the machine: those not dropped
                 // ahead of the switch already. A page dropped then must be in the list, or the
                 // guest would find it empty here and the source would never send it.
-                let fresh = match &dropped {
-                    Some(d) if d.without(&needed).count() != 0 => {
-                        return Err(MigrateError::Other(format!(
-                            "PostcopyDirty leaves out {} pages PostcopyDrop dropped",
-                            d.without(&needed).count()
-                        )));
-                    }
-                    Some(d) => needed.without(d),
-                    None => needed.clone(),
+                let zapped = match &dropped {
+                    Some(d) => match d.without(&needed).count() {
+                        0 => remote::zap(&mem, &needed.without(d)),
+                        left_out => {
+                            return Err(MigrateError::Other(format!(
+                                "PostcopyDirty leaves out {left_out} pages PostcopyDrop dropped"
+                            )));
+                        }
+                    },
+                    None => remote::zap(&mem, &needed),
                 };
-                remote::zap(&mem, &fresh).map_err(|e| MigrateError::Memory(e.to_string()))?;
+                zapped.map_err(|e| MigrateError::Memory(e.to_string()))?;
                 log::debug!(
                     "incoming: post-copy: {} pages to come, dropped here at {} µs",
                     needed.count(),
