@@ -96,3 +96,49 @@ pub fn touched(vm: &Vm) -> Vec<Bitmap> {
         })
         .collect()
 }
+
+/// The dirty log read during a round, before the round ends (a "peek", as Xen's pre-copy
+/// does): a page the guest dirtied again before its turn in the round is skipped, because the
+/// next round (or post-copy) sends it anyway. What was peeked is carried into the next
+/// [`Peeked::collect`], so nothing is lost; all it costs the guest is its pages write-protected
+/// again sooner.
+#[derive(Default)]
+pub struct Peeked {
+    maps: Option<Vec<Bitmap>>,
+}
+
+impl Peeked {
+    /// Reads the log now and remembers what it held.
+    pub fn peek(&mut self, vm: &Vm) -> Result<(), MigrateError> {
+        let fresh = collect(vm)?;
+        match &mut self.maps {
+            None => self.maps = Some(fresh),
+            Some(maps) => {
+                for (a, b) in maps.iter_mut().zip(&fresh) {
+                    migration::memory::or_into(a, b);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether page `page` of region `region` was dirtied since the round began.
+    pub fn contains(&self, region: usize, page: usize) -> bool {
+        self.maps
+            .as_ref()
+            .and_then(|m| m.get(region))
+            .and_then(|bits| bits.get(page / 64))
+            .is_some_and(|w| w & (1u64 << (page % 64)) != 0)
+    }
+
+    /// [`collect`], with everything peeked since the last call.
+    pub fn collect(&mut self, vm: &Vm) -> Result<Vec<Bitmap>, MigrateError> {
+        let mut out = collect(vm)?;
+        if let Some(maps) = self.maps.take() {
+            for (a, b) in out.iter_mut().zip(&maps) {
+                migration::memory::or_into(a, b);
+            }
+        }
+        Ok(out)
+    }
+}

@@ -3,7 +3,8 @@
 //! serving devices and the API.
 //!
 //! Pre-copy: round 1 sends every page the guest ever touched; each later round sends the pages
-//! dirtied meanwhile (KVM's log ORed with the VMM's own writes) until what is left could be sent
+//! dirtied meanwhile (KVM's log ORed with the VMM's own writes; round 1 skips the pages dirtied
+//! again before their turn, see [`dirty::Peeked`]) until what is left could be sent
 //! within the downtime target at the bandwidth just measured, or the round limit is reached.
 //! When rounds stop shrinking, vCPUs are throttled (QEMU's auto-converge) so the guest dirties
 //! memory more slowly than it is copied. Then the guest and its devices are paused, the last
@@ -47,6 +48,10 @@ pub const DEFAULT_MAX_ROUNDS: u32 = 30;
 /// 1 MiB batches cost about a fifth less CPU per byte than 8 MiB ones, with TLS and without
 /// (`vmm-bench --only transport`).
 const BATCH_BYTES: usize = 1 << 20;
+/// How many pages a round visits between two reads of the dirty log (32 MiB): often enough
+/// that a guest rewriting its working set is caught before most of it is sent twice, rarely
+/// enough that the reads (and the write faults each costs the guest) stay few.
+const PEEK_PAGES: usize = 8192;
 /// Time the stop-and-copy phase needs besides pages (state, restore, acknowledgement).
 const FIXED_DOWNTIME: Duration = Duration::from_millis(5);
 /// Under the downtime limit, pre-copy goes on while each round still shrinks the dirty set by
@@ -190,6 +195,19 @@ struct Source<'a> {
     /// at set-up, so that its handshake is not part of the pause).
     postcopy_id: Option<u64>,
     fault: Option<MigrationStream>,
+    /// The dirty log read during the current round (see [`dirty::Peeked`]).
+    peeked: dirty::Peeked,
+}
+
+/// Whether a round reads the dirty log as it goes (see [`dirty::Peeked`]). Only round 1 does:
+/// it is by far the longest (every page ever touched), so a working set is rewritten during it
+/// many times over, while a later round is short. Each read write-protects the pages again, so
+/// a page rewritten throughout a round faults once per read instead of once per round; on a slow
+/// link (a nested, emulated host) that would multiply the guest's faults in every round.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Peek {
+    Yes,
+    No,
 }
 
 /// How pre-copy ended.
@@ -229,6 +247,7 @@ pub fn migrate(m: &Machine, vcpus: &Mutex<VcpuSet>, params: MigrateParams, progr
         disks: DiskCopier::new(m),
         postcopy_id: None,
         fault: None,
+        peeked: dirty::Peeked::default(),
     };
     let result = std::thread::scope(|scope| {
         // The auto-converge ticker: while throttling, kick the vCPUs every tick so each sleeps
@@ -371,7 +390,7 @@ impl Source<'_> {
         self.record_round(1, count_all(&touched), false);
         // The disks' allocated extents first, then memory.
         self.disk_round(true)?;
-        self.send_bitmaps(&touched)?;
+        self.send_bitmaps(&touched, Peek::Yes)?;
         let mut prev_dirty = count_all(&touched);
         let mut round = 1;
         loop {
@@ -380,7 +399,7 @@ impl Source<'_> {
             // At least 100 MB/s assumed: a round of nothing measures nothing.
             let bandwidth = (sent as f64 / elapsed.as_secs_f64()).max(100e6);
             log::debug!("migration: round {round} sent");
-            let dirty = dirty::collect(vm)?;
+            let dirty = self.peeked.collect(vm)?;
             // Dirty disk blocks converge together with pages (a block is a page's size).
             let n = count_all(&dirty) + self.disks.dirty_blocks();
             log::debug!("migration: round {round} left {n} dirty pages");
@@ -421,7 +440,7 @@ impl Source<'_> {
             round_bytes = self.bytes_sent;
             self.record_round(round, n, false);
             self.disk_round(false)?;
-            self.send_bitmaps(&dirty)?;
+            self.send_bitmaps(&dirty, Peek::No)?;
         }
     }
 
@@ -473,13 +492,13 @@ impl Source<'_> {
         self.set_throttle(0);
         // What the last round left, and what changed since (including the devices' last writes).
         let mut last = carried;
-        for (a, b) in last.iter_mut().zip(dirty::collect(vm)?) {
+        for (a, b) in last.iter_mut().zip(self.peeked.collect(vm)?) {
             or_into(a, &b);
         }
         step("dirty log collected");
         let round = self.progress.lock().expect("Poisoned lock").round + 1;
         self.record_round(round, count_all(&last), true);
-        self.send_bitmaps(&last)?;
+        self.send_bitmaps(&last, Peek::No)?;
         // The disks are drained (paused): their last blocks, and shared ones made durable.
         self.disk_round(false)?;
         disks::flush_shared(self.m)?;
@@ -541,7 +560,7 @@ impl Source<'_> {
         // pages) took it 6-10 ms for 30 000 pages, all of it downtime when it came after the
         // pause; only what the guest dirties from here to the pause is left for then.
         let mut needed = carried;
-        for (a, b) in needed.iter_mut().zip(dirty::collect(vm)?) {
+        for (a, b) in needed.iter_mut().zip(self.peeked.collect(vm)?) {
             or_into(a, &b);
         }
         protocol::write_frame(self.stream()?, Command::PostcopyDrop, &as_bitmap(&needed).encode())?;
@@ -560,7 +579,7 @@ impl Source<'_> {
         protocol::write_frame(self.stream()?, Command::Paused, &[])?;
         pause_devices(self.m);
         self.set_throttle(0);
-        for (a, b) in needed.iter_mut().zip(dirty::collect(vm)?) {
+        for (a, b) in needed.iter_mut().zip(self.peeked.collect(vm)?) {
             or_into(a, &b);
         }
         at("dirty log read");
@@ -690,12 +709,31 @@ impl Source<'_> {
         }
     }
 
-    /// Sends the pages set in `maps` (one bitmap per memory region).
-    fn send_bitmaps(&mut self, maps: &[Bitmap]) -> Result<(), MigrateError> {
+    /// Sends the pages set in `maps` (one bitmap per memory region). With [`Peek::Yes`], while
+    /// the guest runs, the dirty log is read every [`PEEK_PAGES`] pages and the pages dirtied
+    /// again meanwhile are left for the next round; once it is paused, every page goes.
+    fn send_bitmaps(&mut self, maps: &[Bitmap], peek: Peek) -> Result<(), MigrateError> {
         let mem = self.m.vm.memory().clone();
-        for (region, map) in mem.iter().zip(maps) {
+        let peeking = peek == Peek::Yes && !self.paused;
+        let (mut since_peek, mut skipped) = (0usize, 0u64);
+        for (index, (region, map)) in mem.iter().zip(maps).enumerate() {
             let base = region.start_addr().raw_value();
             for page in set_bits(map) {
+                if peeking {
+                    if self.peeked.contains(index, page) {
+                        skipped += 1;
+                        continue;
+                    }
+                    since_peek += 1;
+                    if since_peek >= PEEK_PAGES {
+                        self.peeked.peek(&self.m.vm)?;
+                        since_peek = 0;
+                        if self.peeked.contains(index, page) {
+                            skipped += 1;
+                            continue;
+                        }
+                    }
+                }
                 let offset = (page * PAGE_SIZE) as u64;
                 let gpa = base + offset;
                 let slice = region
@@ -715,6 +753,9 @@ impl Source<'_> {
                     self.flush()?;
                 }
             }
+        }
+        if skipped > 0 {
+            log::debug!("migration: {skipped} pages dirtied again before their turn, left for the next round");
         }
         self.flush()
     }
