@@ -104,41 +104,38 @@ pub fn touched(vm: &Vm) -> Vec<Bitmap> {
 /// again sooner.
 #[derive(Default)]
 pub struct Peeked {
-    maps: Option<Vec<Bitmap>>,
+    /// Everything read since the last [`Peeked::collect`], per region (empty: nothing yet).
+    maps: Vec<Bitmap>,
 }
 
 impl Peeked {
     /// Reads the log now and remembers what it held.
     pub fn peek(&mut self, vm: &Vm) -> Result<(), MigrateError> {
         let fresh = collect(vm)?;
-        match &mut self.maps {
-            None => self.maps = Some(fresh),
-            Some(maps) => {
-                for (a, b) in maps.iter_mut().zip(&fresh) {
-                    migration::memory::or_into(a, b);
-                }
-            }
+        if self.maps.is_empty() {
+            self.maps = fresh;
+        } else {
+            or_all(&mut self.maps, &fresh);
         }
         Ok(())
     }
 
     /// Whether page `page` of region `region` was dirtied since the round began.
     pub fn contains(&self, region: usize, page: usize) -> bool {
-        self.maps
-            .as_ref()
-            .and_then(|m| m.get(region))
-            .and_then(|bits| bits.get(page / 64))
-            .is_some_and(|w| w & (1u64 << (page % 64)) != 0)
+        self.maps.get(region).and_then(|bits| bits.get(page / 64)).is_some_and(|w| w & (1u64 << (page % 64)) != 0)
     }
 
     /// [`collect`], with everything peeked since the last call.
     pub fn collect(&mut self, vm: &Vm) -> Result<Vec<Bitmap>, MigrateError> {
         let mut out = collect(vm)?;
-        if let Some(maps) = self.maps.take() {
-            for (a, b) in out.iter_mut().zip(&maps) {
-                migration::memory::or_into(a, b);
-            }
-        }
+        or_all(&mut out, &std::mem::take(&mut self.maps));
         Ok(out)
+    }
+}
+
+/// ORs each region's bitmap of `from` into `into`'s.
+fn or_all(into: &mut [Bitmap], from: &[Bitmap]) {
+    for (a, b) in into.iter_mut().zip(from) {
+        migration::memory::or_into(a, b);
     }
 }

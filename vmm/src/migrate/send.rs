@@ -720,18 +720,14 @@ impl Source<'_> {
             let base = region.start_addr().raw_value();
             for page in set_bits(map) {
                 if peeking {
-                    if self.peeked.contains(index, page) {
-                        skipped += 1;
-                        continue;
-                    }
                     since_peek += 1;
                     if since_peek >= PEEK_PAGES {
                         self.peeked.peek(&self.m.vm)?;
                         since_peek = 0;
-                        if self.peeked.contains(index, page) {
-                            skipped += 1;
-                            continue;
-                        }
+                    }
+                    if self.peeked.contains(index, page) {
+                        skipped += 1;
+                        continue;
                     }
                 }
                 let offset = (page * PAGE_SIZE) as u64;
