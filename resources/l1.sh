@@ -14,19 +14,22 @@
 # stderr together) streams to stdout; l1.sh exits with COMMAND's status.
 #
 # Usage: resources/l1.sh [--smp N] [--mem MIB] [--rw DIR]... [--timeout S] [--boot-timeout S]
-#                        -- COMMAND [ARG...]
+#                        [--freeze-timeout S] -- COMMAND [ARG...]
 #        resources/l1.sh --prepare
 #   --smp N           vCPUs of the nested host (default 2)
 #   --mem MIB         its memory (default 4096)
 #   --rw DIR          also share DIR writable (created if missing), at the same path inside
 #   --timeout S       kill the nested host after S seconds in all (default 3600): status 124
 #   --boot-timeout S  fail if its KVM is not ready after S seconds (default 300)
+#   --freeze-timeout S  stop it when its heartbeat (every 10 s) is silent for S seconds
+#                     (default 180): status 123
 #   --prepare         only install what is missing and build the initramfs (setup.sh does this)
 #
 # Status: COMMAND's, or 124 on a timeout, or 125 when the nested host cannot be built, does not
 # come up or ends without COMMAND's status, or 123 when it ended because its own kernel crashed
 # (a panic or BUG on its console: under QEMU's emulated SVM this happens, rarely, in the nested
-# host's KVM; callers may run COMMAND once more). QEMU never outlives this script: it is killed on
+# host's KVM; callers may run COMMAND once more) or froze (its heartbeat went silent: seen once,
+# a whole nested host silent for 14 minutes in the middle of a test, QEMU at 100 %). QEMU never outlives this script: it is killed on
 # exit, on INT, TERM and HUP, and (through its parent-death signal) if this script is killed.
 set -euo pipefail
 # All of the script is one block, read before any of it runs: a checkout or an edit while it runs
@@ -38,7 +41,7 @@ log() { printf 'l1: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 125; }
 usage() { sed -n '/^# Usage:/,/^# Status:/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 125; }
 
-smp=2 mem=4096 timeout=3600 boot_timeout=300 prepare=
+smp=2 mem=4096 timeout=3600 boot_timeout=300 freeze_timeout=180 prepare=
 rw=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -47,6 +50,7 @@ while [ $# -gt 0 ]; do
         --rw) rw+=("$(realpath -m "${2:?--rw needs a directory}")"); shift 2 ;;
         --timeout) timeout=${2:?--timeout needs a value}; shift 2 ;;
         --boot-timeout) boot_timeout=${2:?--boot-timeout needs a value}; shift 2 ;;
+        --freeze-timeout) freeze_timeout=${2:?--freeze-timeout needs a value}; shift 2 ;;
         --prepare) prepare=1; shift ;;
         --) shift; break ;;
         -h|--help) usage ;;
@@ -131,6 +135,8 @@ while read -r dir; do
     n=$((n + 1))
 done < /host/run/l1/rw
 echo ready > /host/run/l1/ready
+# A heartbeat for l1.sh: a nested host whose kernel froze stops it.
+( while :; do echo > /host/run/l1/alive; sleep 10; done ) &
 chroot /host /bin/bash /run/l1/job.sh </dev/null
 echo $? > /host/run/l1/status.tmp
 mv /host/run/l1/status.tmp /host/run/l1/status
@@ -234,12 +240,20 @@ started=$SECONDS
 # of it lingers once it is killed.
 (
     start=$SECONDS
+    checked=$SECONDS
     while kill -0 "$qpid" 2>/dev/null; do
         sleep 0.2
         t=$((SECONDS - start))
+        silent=0
+        if [ -e "$job/alive" ] && [ $((SECONDS - checked)) -ge 5 ]; then
+            checked=$SECONDS
+            silent=$(( $(date +%s) - $(stat -c %Y "$job/alive" 2>/dev/null || date +%s) ))
+        fi
         if [ -e "$job/status" ]; then
             kill -KILL "$qpid" 2>/dev/null
             break
+        elif [ "$silent" -ge "$freeze_timeout" ]; then
+            echo frozen > "$job/timeout"
         elif [ ! -e "$job/ready" ] && [ "$t" -ge "$boot_timeout" ]; then
             echo boot > "$job/timeout"
         elif [ "$t" -ge "$timeout" ]; then
@@ -259,6 +273,10 @@ qemu_status=0
 qpid=
 elapsed=$((SECONDS - started))
 if [ -f "$job/timeout" ]; then
+    if [ "$(cat "$job/timeout")" = frozen ]; then
+        log "error: the nested host froze: no heartbeat from it for $freeze_timeout s after $elapsed s (its console above)"
+        exit 123
+    fi
     if [ "$(cat "$job/timeout")" = boot ]; then
         log "error: the nested host was not ready within $boot_timeout s (its kernel or KVM did not come up)"
         exit 125

@@ -13,7 +13,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-"$here/setup.sh"
+# With the tests' own dependencies, so that `cargo test` below compiles nothing twice.
+"$here/setup.sh" --all-targets
 # Rust as setup.sh may just have installed it.
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 cd "$root"

@@ -13,8 +13,8 @@
 //! A test binary whose tests need such a KVM uses [`main`] as its harness (`harness = false`,
 //! libtest-mimic): where the place is the nested host, the binary boots it once and runs itself
 //! there with the same arguments, so one nested host serves every test of the binary.
-//! [`rerun_inside`] runs the rest of a default-harness binary in the nested host once more, as a
-//! second KVM implementation.
+//! [`rerun_inside`] runs chosen tests of a default-harness binary in the nested host once more,
+//! on a second KVM implementation.
 
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::os::unix::process::CommandExt;
@@ -189,7 +189,7 @@ pub fn l1_command(opts: &L1Options, program: &Path, args: &[String]) -> Command 
     cmd
 }
 
-/// `l1.sh`'s status when the nested host's own kernel crashed (not the command).
+/// `l1.sh`'s status when the nested host's own kernel crashed or froze (not the command).
 pub const L1_KERNEL_CRASHED: i32 = 123;
 
 /// How many times a run whose nested host crashed is started in all. The crash is in the nested
@@ -201,7 +201,7 @@ fn l1_crashed(status: &std::process::ExitStatus, attempt: u32) -> bool {
     let crashed = status.code() == Some(L1_KERNEL_CRASHED);
     if crashed && attempt < L1_ATTEMPTS {
         eprintln!(
-            "\n*** vmm-tests: the nested host's kernel crashed (its console above); \
+            "\n*** vmm-tests: the nested host's kernel crashed or froze (its console above); \
              running the tests once more in a new one (attempt {} of {L1_ATTEMPTS}) ***\n",
             attempt + 1
         );
@@ -272,12 +272,12 @@ fn selected(args: &Arguments, trial: &Trial) -> bool {
     args.include_ignored || args.ignored == trial.has_ignored_flag()
 }
 
-/// Runs this test binary once more inside the nested host, all of its tests but `this_test`
-/// (the caller), and panics if any fails there. Used by test files whose tests run here on this
-/// machine's KVM, to run them on a second KVM implementation too (kvm_amd with nested paging,
-/// under QEMU's emulator). Inside the nested host it does nothing. The inner run's output is
-/// printed line by line (run with `--nocapture` to watch it).
-pub fn rerun_inside(this_test: &str) {
+/// Runs the tests `only` of this test binary once more inside the nested host, and panics if any
+/// fails there. Used by test files whose tests run here on this machine's KVM, to run those that
+/// depend on how KVM behaves (vCPU and VM state, the dirty log) on a second KVM implementation
+/// too (kvm_amd with nested paging, under QEMU's emulator). Inside the nested host it does
+/// nothing. The inner run's output is printed line by line (run with `--nocapture` to watch it).
+pub fn rerun_inside(this_test: &str, only: &[&str]) {
     if inside_nested_host() {
         println!("{this_test}: already inside the nested host");
         return;
@@ -287,8 +287,10 @@ pub fn rerun_inside(this_test: &str) {
         return;
     }
     let exe = std::env::current_exe().expect("the test binary's path");
-    // One test at a time, in a nested host of one CPU (see `L1Options::one_cpu`).
-    let args = ["--skip", this_test, "--test-threads", "1", "--color", "never"].map(String::from);
+    // One test at a time, in a nested host of one CPU (see `L1Options::one_cpu`). libtest runs
+    // the tests that match any of its filters; `--exact` makes each filter one test's name.
+    let mut args: Vec<String> = only.iter().map(|t| t.to_string()).collect();
+    args.extend(["--exact", "--test-threads", "1", "--color", "never"].map(String::from));
     let mut attempt = 1;
     loop {
         let (status, summary, errors) = run_inside_once(&L1Options::one_cpu(), &exe, &args);
@@ -302,8 +304,24 @@ pub fn rerun_inside(this_test: &str) {
             summary.join("\n"),
             errors.join("\n")
         );
+        // A name that matches no test would make an empty run pass.
+        let passed = passed_count(&summary);
+        assert_eq!(
+            passed,
+            Some(only.len()),
+            "the nested host ran other tests than the {} asked for ({only:?}):\n{}",
+            only.len(),
+            summary.join("\n")
+        );
         return;
     }
+}
+
+/// How many tests libtest's summary line ("test result: ok. 3 passed; 0 failed; ...") says passed.
+fn passed_count(summary: &[String]) -> Option<usize> {
+    let line = summary.iter().rev().find(|l| l.starts_with("test result:"))?;
+    let (_, rest) = line.split_once(". ")?;
+    rest.split_once(" passed")?.0.trim().parse().ok()
 }
 
 /// One run of `exe args` in the nested host: its status, libtest's summary lines, its stderr.
@@ -343,6 +361,16 @@ mod tests {
     fn chosen(args: &[&str]) -> Vec<String> {
         let args = Arguments::from_iter(std::iter::once("test").chain(args.iter().copied()));
         trials().iter().filter(|t| selected(&args, t)).map(|t| t.name().to_string()).collect()
+    }
+
+    #[test]
+    fn passed_count_reads_libtest_summary() {
+        let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ok = "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 7 filtered out; finished in 1.5s";
+        assert_eq!(passed_count(&lines(&["failures:", ok])), Some(3));
+        let none = "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 10 filtered out; finished in 0.0s";
+        assert_eq!(passed_count(&lines(&[none])), Some(0));
+        assert_eq!(passed_count(&lines(&["    some_test"])), None);
     }
 
     #[test]

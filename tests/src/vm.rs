@@ -137,6 +137,9 @@ pub fn api_sock_path(tag: &str) -> PathBuf {
     ))
 }
 
+/// Set: every line a process started by the tests prints is also written to stderr at once.
+pub const ECHO_ENV: &str = "VMM_TESTS_ECHO";
+
 /// Text a process printed, line by line with the time each line arrived, with a way to wait
 /// for more.
 #[derive(Clone, Default)]
@@ -148,9 +151,12 @@ pub struct Output {
 type Line = (Instant, String);
 
 impl Output {
-    fn follow(reader: impl Read + Send + 'static) -> Output {
+    /// Follows `reader`; with `VMM_TESTS_ECHO` set, each line also goes to stderr as it arrives,
+    /// prefixed with `tag` (to watch a run that hangs, e.g. on the nested host's console).
+    fn follow(reader: impl Read + Send + 'static, tag: String) -> Output {
         let out = Output::default();
         let o = out.clone();
+        let echo = std::env::var_os(ECHO_ENV).is_some();
         std::thread::spawn(move || {
             let mut r = BufReader::new(reader);
             let mut line = Vec::new();
@@ -162,6 +168,9 @@ impl Output {
                         let now = Instant::now();
                         let (lines, cv) = &*o.inner;
                         let text = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_string();
+                        if echo {
+                            eprintln!("[{tag}] {text}");
+                        }
                         lines.lock().expect("Poisoned lock").push((now, text));
                         cv.notify_all();
                     }
@@ -272,8 +281,12 @@ impl Vm {
                 (Proc::Here(Mutex::new(c)), o, e)
             }
         };
-        let console = Output::follow(stdout.expect("piped stdout"));
-        let log = Output::follow(stderr.expect("piped stderr"));
+        let name = program.file_name().map_or("?".into(), |n| n.to_string_lossy().into_owned());
+        let sock =
+            api_sock.as_ref().and_then(|p| p.file_name()).map_or(String::new(), |n| n.to_string_lossy().into_owned());
+        let tag = format!("{name} {} {sock}", args.first().map_or("", |a| a.as_str()));
+        let console = Output::follow(stdout.expect("piped stdout"), format!("{tag} out"));
+        let log = Output::follow(stderr.expect("piped stderr"), format!("{tag} err"));
         Vm { proc, console, log, api_sock, started }
     }
 
