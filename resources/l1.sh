@@ -22,7 +22,7 @@
 #   --timeout S       kill the nested host after S seconds in all (default 3600): status 124
 #   --boot-timeout S  fail if its KVM is not ready after S seconds (default 300)
 #   --freeze-timeout S  stop it when its heartbeat (every 10 s) is silent for S seconds
-#                     (default 180): status 123
+#                     (default 120): status 123
 #   --prepare         only install what is missing and build the initramfs (setup.sh does this)
 #
 # Status: COMMAND's, or 124 on a timeout, or 125 when the nested host cannot be built, does not
@@ -41,7 +41,7 @@ log() { printf 'l1: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 125; }
 usage() { sed -n '/^# Usage:/,/^# Status:/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 125; }
 
-smp=2 mem=4096 timeout=3600 boot_timeout=300 freeze_timeout=180 prepare=
+smp=2 mem=4096 timeout=3600 boot_timeout=300 freeze_timeout=120 prepare=
 rw=()
 while [ $# -gt 0 ]; do
     case "$1" in
