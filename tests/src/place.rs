@@ -229,8 +229,8 @@ pub const L1_KERNEL_CRASHED: i32 = 123;
 
 /// How many times a run whose nested host crashed or froze is started in all. The crash is in
 /// the nested host's kernel under QEMU's emulated SVM (seen rarely, and never in our VMM); the
-/// freeze (a whole nested host silent, QEMU at 100 %) was seen twice on 2026-12-07, once in
-/// each of two runs of `linux.rs`. A run in a new nested host skips the tests that passed.
+/// freeze (a whole nested host silent, QEMU at 100 %) was seen three times on 2026-12-07, twice
+/// in one run of `linux.rs`. A run in a new nested host skips the tests that passed.
 const L1_ATTEMPTS: u32 = 3;
 
 fn l1_crashed(status: &std::process::ExitStatus, attempt: u32) -> bool {
