@@ -20,7 +20,8 @@ use crate::api::{
 use crate::builder::{BuiltVm, Machine};
 use crate::devices::serial::SerialPort;
 use crate::metrics;
-use crate::migrate::send::{self, MigrateParams, MigrationDefaults, Outcome};
+use crate::migrate::params::{MigrateParams, MigrationDefaults};
+use crate::migrate::send::{self, Outcome};
 use crate::snapshot;
 use crate::snapshot::save::{After, SnapshotParams};
 use crate::vstate::vcpu::{ExitChannel, ExitNotifier, ExitReason, VcpuSet, VcpuShared};

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod display;
+mod http;
 pub mod routes;
 pub mod server;
 pub mod types;

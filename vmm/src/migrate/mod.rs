@@ -6,13 +6,14 @@
 pub mod dirty;
 pub mod disks;
 pub mod hook;
+pub mod params;
 pub mod postcopy_source;
 pub mod receive;
 pub mod send;
 
 use block::persist::BlockState;
 use kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2,
     kvm_irqchip,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
@@ -253,28 +254,41 @@ fn vmm_owned_bits(function: u32, reg: usize) -> u32 {
 /// supported set, i.e. that set as KVM itself adjusts it on a vCPU. An incoming guest's
 /// features are checked against this rather than the raw supported list. (Code at CPL 3 on
 /// paravirtual nested KVM sees the host's CPUID natively; this is what KVM answers at CPL 0.)
-/// `vcpu` is one that has not run yet (its CPUID is set again before it does); without one, a
-/// probe VM is made for the question, which costs about a millisecond here.
-fn effective_cpuid(kvm: &Kvm, vcpu: Option<&VcpuFd>) -> Result<Vec<kvm_cpuid_entry2>, String> {
-    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| format!("supported CPUID: {e}"))?;
+/// `vcpu` is one that has not run yet (its CPUID is set again before it does), with KVM's
+/// supported CPUID as the build asked it; without one, a probe VM is made for the question,
+/// which costs about a millisecond here.
+fn effective_cpuid(kvm: &Kvm, vcpu: Option<(&VcpuFd, &CpuId)>) -> Result<Vec<kvm_cpuid_entry2>, String> {
+    let asked;
+    let supported = match vcpu {
+        Some((_, supported)) => supported,
+        None => {
+            asked = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| format!("supported CPUID: {e}"))?;
+            &asked
+        }
+    };
     let probe;
     let vcpu = match vcpu {
-        Some(v) => v,
+        Some((v, _)) => v,
         None => {
             let vm = kvm.create_vm().map_err(|e| format!("probe VM: {e}"))?;
             probe = vm.create_vcpu(0).map_err(|e| format!("probe vCPU: {e}"))?;
             &probe
         }
     };
-    vcpu.set_cpuid2(&supported).map_err(|e| format!("CPUID: {e}"))?;
+    vcpu.set_cpuid2(supported).map_err(|e| format!("CPUID: {e}"))?;
     let got = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(|e| format!("CPUID: {e}"))?;
     Ok(got.as_slice().to_vec())
 }
 
 /// Checks that this host's KVM can give the guest every feature in `wanted` (the CPUID it ran
 /// with on the source), so it will not crash on an instruction this host lacks. `vcpu`: a vCPU
-/// of the VM being built that has not run yet, if there is one already (see [`effective_cpuid`]).
-pub fn check_cpuid(kvm: &Kvm, vcpu: Option<&VcpuFd>, wanted: &[kvm_cpuid_entry2]) -> Result<(), MigrateError> {
+/// of the VM being built that has not run yet, if there is one already, with KVM's supported
+/// CPUID as already asked (see [`effective_cpuid`]).
+pub fn check_cpuid(
+    kvm: &Kvm,
+    vcpu: Option<(&VcpuFd, &CpuId)>,
+    wanted: &[kvm_cpuid_entry2],
+) -> Result<(), MigrateError> {
     let have_all = effective_cpuid(kvm, vcpu)
         .map_err(|e| MigrateError::Incompatible(format!("cannot read this host's CPUID: {e}")))?;
     // (leaf, subleaf, registers holding feature bits: 0 = eax .. 3 = edx)

@@ -268,7 +268,8 @@ pub fn start(
     step("memory registered");
     // On the new VM's first vCPU, which has not run: no probe VM needed.
     if let (Some(v0), Some(vcpu)) = (checked.state.machine.vcpus.first(), built.vcpus.first()) {
-        check_cpuid(&built.machine.kvm, Some(vcpu.fd()), v0.cpuid.as_slice())?;
+        let m = &built.machine;
+        check_cpuid(&m.kvm, Some((vcpu.fd(), &m.supported_cpuid)), v0.cpuid.as_slice())?;
     }
     step("CPU checked");
     restore_machine(&built, &checked.state.machine)?;

@@ -17,8 +17,6 @@
 //! answer: from then on no failure resumes the guest here; the cluster hands it back (and the
 //! host agent resumes it through the API) if the destination never ran it.
 
-use std::io::Write;
-use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,19 +28,17 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddr
 
 use super::dirty::{self, Bitmap};
 use super::disks::{self, DiskCopier};
+use super::params::MigrateParams;
 use super::postcopy_source;
-use super::{
-    MachineState, MigrateError, announce_now, pause_devices, resume_devices, save_devices, save_disks, save_vm_state,
-};
-use crate::api::{MigrateRequest, MigrationInfo, MigrationMode, MigrationPhase, PostcopyInfo, RoundInfo};
+use super::{MachineState, MigrateError, pause_devices, save_devices, save_disks, save_vm_state};
+use crate::api::{MigrationInfo, MigrationMode, MigrationPhase, RoundInfo};
 use crate::builder::Machine;
-use crate::transport::{self, LinkConfig, MigrationStream, Security};
+use crate::transport::{self, MigrationStream, Security};
 use crate::vstate::vcpu::{THROTTLE_TICK, VcpuSet};
 
-/// Default guest pause target (QEMU and Cloud Hypervisor default to 300 ms).
-pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(50);
-/// Default limit on pre-copy rounds.
-pub const DEFAULT_MAX_ROUNDS: u32 = 30;
+mod fail;
+mod switch;
+
 /// A memory frame is sent once its batch is this large. Small enough that the batch is still in
 /// the CPU's cache when it is encrypted or sent (and, at the destination, when it is applied):
 /// 1 MiB batches cost about a fifth less CPU per byte than 8 MiB ones, with TLS and without
@@ -64,102 +60,6 @@ const WORTH_ANOTHER_ROUND: Duration = Duration::from_millis(1);
 const THROTTLE_INITIAL: u32 = 20;
 const THROTTLE_STEP: u32 = 10;
 const THROTTLE_MAX: u32 = 90;
-
-/// What the user asked for, checked.
-#[derive(Clone, Debug)]
-pub struct MigrateParams {
-    pub to: String,
-    /// Sent first in a `Route` frame, for a host agent's shared migration port.
-    pub route: Option<String>,
-    pub downtime: Duration,
-    /// Bytes per second, if capped.
-    pub max_bandwidth: Option<u64>,
-    pub max_rounds: u32,
-    pub mode: MigrationMode,
-    /// Mutual TLS (by default) or plaintext.
-    pub security: Security,
-    /// The stall bound and timeouts of the connection.
-    pub link: LinkConfig,
-}
-
-/// What a VMM uses for a migration its request does not say otherwise about (`vmm run
-/// --tls-dir`, `--insecure-plaintext`, `--stall-timeout-ms`).
-#[derive(Clone, Debug, Default)]
-pub struct MigrationDefaults {
-    /// `None`: no TLS identity, so a request must bring one (or ask for plaintext).
-    pub security: Option<Security>,
-    pub link: LinkConfig,
-}
-
-impl MigrateParams {
-    /// Checks a request; `defaults` fill in what it leaves out.
-    pub fn from_request(r: &MigrateRequest, defaults: &MigrationDefaults) -> Result<Self, String> {
-        // Resolving a name reads /etc (hosts, resolv.conf, nsswitch): a sandboxed VMM cannot.
-        if crate::seccomp::enabled() && r.to.parse::<std::net::SocketAddr>().is_err() {
-            return Err(format!(
-                "to: '{}': this VMM is sandboxed (seccomp) and resolves no host names: give an IP address and port",
-                r.to
-            ));
-        }
-        if r.to.to_socket_addrs().map(|mut a| a.next().is_none()).unwrap_or(true) {
-            return Err(format!("to: '{}' is not a reachable host:port", r.to));
-        }
-        let downtime = match r.downtime_ms {
-            Some(0) => return Err("downtime_ms: must be at least 1".into()),
-            Some(ms) => Duration::from_millis(ms),
-            None => DEFAULT_DOWNTIME,
-        };
-        let max_bandwidth = match r.max_bandwidth_mib_s {
-            Some(0) => return Err("max_bandwidth_mib_s: must be at least 1".into()),
-            other => other.map(|m| m << 20),
-        };
-        let max_rounds = match r.max_rounds {
-            Some(0) => return Err("max_rounds: must be at least 1".into()),
-            other => other.unwrap_or(DEFAULT_MAX_ROUNDS),
-        };
-        let link = match r.stall_timeout_ms {
-            Some(ms) => LinkConfig::with_stall_ms(ms).map_err(|e| format!("stall_timeout_ms: {e}"))?,
-            None => defaults.link,
-        };
-        let security = if r.insecure_plaintext {
-            if r.tls_dir.is_some() {
-                return Err("tls_dir and insecure_plaintext: choose one".into());
-            }
-            log::warn!("{}", transport::PLAINTEXT_WARNING);
-            Security::InsecurePlaintext
-        } else if let Some(dir) = &r.tls_dir {
-            match &defaults.security {
-                // The VMM's own directory (e.g. VMM_TLS_DIR set for every command): already read.
-                Some(s @ Security::Tls(id)) if id.dir() == std::path::Path::new(dir) => s.clone(),
-                _ if crate::seccomp::enabled() => {
-                    return Err(format!(
-                        "tls_dir '{dir}': this VMM is sandboxed (seccomp) and opens no files after it started: \
-                         give it --tls-dir when starting it, or start it with --no-seccomp"
-                    ));
-                }
-                _ => Security::tls(std::path::Path::new(dir)).map_err(|e| format!("tls_dir: {e}"))?,
-            }
-        } else {
-            defaults.security.clone().ok_or(
-                "this VMM has no TLS identity for migrations: start it with --tls-dir DIR (or VMM_TLS_DIR), \
-                 or give tls_dir in the request (vmm migrate --tls-dir); plaintext only with insecure_plaintext",
-            )?
-        };
-        if let Some(route) = &r.route {
-            protocol::check_route(route).map_err(|e| format!("route: {e}"))?;
-        }
-        Ok(MigrateParams {
-            to: r.to.clone(),
-            route: r.route.clone(),
-            downtime,
-            max_bandwidth,
-            max_rounds,
-            security,
-            link,
-            mode: r.mode.unwrap_or_default(),
-        })
-    }
-}
 
 /// How a migration ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -538,132 +438,6 @@ impl Source<'_> {
         Ok(answer.downtime_us)
     }
 
-    /// Moves the guest now and lets the pages it dirtied since the last round follow: the
-    /// destination gets the list of pages it lacks instead of the pages, runs the guest, and
-    /// fetches them on first touch while this host pushes them (see [`postcopy_source`]).
-    fn postcopy(&mut self, carried: Vec<Bitmap>) -> Result<Option<u64>, MigrateError> {
-        let vm = &self.m.vm;
-        let (Some(id), Some(fault)) = (self.postcopy_id, self.fault.take()) else {
-            return Err(MigrateError::Other("post-copy in a migration that did not offer it".into()));
-        };
-        let peer = self.peer();
-        let layout: Vec<(u64, u64)> = vm.memory().iter().map(|r| (r.start_addr().raw_value(), r.len())).collect();
-        let as_bitmap = |words: &[Bitmap]| migration::postcopy::PageBitmap {
-            regions: layout
-                .iter()
-                .zip(words)
-                .map(|(&(start, len), w)| (start, len / PAGE_SIZE as u64, w.clone()))
-                .collect(),
-        };
-        // The pages dirtied so far go now, while the guest still runs here: the destination
-        // drops its copies of them before it answers `Prepare`. Dropping (a madvise per run of
-        // pages) took it 6-10 ms for 30 000 pages, all of it downtime when it came after the
-        // pause; only what the guest dirties from here to the pause is left for then.
-        let mut needed = carried;
-        for (a, b) in needed.iter_mut().zip(self.peeked.collect(vm)?) {
-            or_into(a, &b);
-        }
-        protocol::write_frame(self.stream()?, Command::PostcopyDrop, &as_bitmap(&needed).encode())?;
-        self.prepare()?;
-        let paused_at = Instant::now();
-        self.vcpus.lock().expect("Poisoned lock").pause_and_save().map_err(MigrateError::Vcpus)?;
-        self.paused = true;
-        self.states_pending = true;
-        self.update(|p| {
-            p.paused_at_us = Some(protocol::unix_now_us());
-            p.phase = MigrationPhase::StopAndCopy;
-        });
-        let at =
-            |what: &str| log::debug!("migration: post-copy switch: {what} at {} µs", paused_at.elapsed().as_micros());
-        at("vCPUs paused");
-        protocol::write_frame(self.stream()?, Command::Paused, &[])?;
-        pause_devices(self.m);
-        self.set_throttle(0);
-        for (a, b) in needed.iter_mut().zip(self.peeked.collect(vm)?) {
-            or_into(a, &b);
-        }
-        at("dirty log read");
-        let bitmap = as_bitmap(&needed);
-        let needed_pages = bitmap.count();
-        let round = self.progress.lock().expect("Poisoned lock").round + 1;
-        self.record_round(round, needed_pages, true);
-        protocol::write_frame(self.stream()?, Command::PostcopyDirty, &bitmap.encode())?;
-        at("dirty list sent");
-        // Disks do not go by post-copy: their last blocks go now, as in stop-and-copy.
-        self.disk_round(false)?;
-        disks::flush_shared(self.m)?;
-        let m = self.m;
-        let progress = self.progress;
-        let transfer = postcopy_source::Transfer {
-            mem: m.vm.memory(),
-            layout,
-            needed: bitmap,
-            fault,
-            peer,
-            id,
-            progress,
-            max_bandwidth: self.params.max_bandwidth,
-        };
-        let mut downtime_us = None;
-        // The fault connection is served from here on: restoring the machine, the destination
-        // already touches pages it does not have.
-        let done = transfer.run(|| {
-            self.states_pending = false;
-            let vcpus = self.vcpus.lock().expect("Poisoned lock").saved_states().map_err(MigrateError::Vcpus)?;
-            self.guest_still_runs()?;
-            let (serial, nets) = save_devices(m);
-            let disks = save_disks(m);
-            let state = MachineState { version: STATE_VERSION, vm: save_vm_state(vm)?, vcpus, serial, nets, disks };
-            protocol::write_json(self.stream()?, Command::State, &state)?;
-            protocol::write_frame(self.stream()?, Command::Complete, &[])?;
-            self.complete_sent = true;
-            // From `Complete` on the destination owns the guest. Without an answer it may run it
-            // already, with pages missing that only this host has: the transfer goes on by
-            // reconnecting, as after any break.
-            let answer = match protocol::read_response(self.stream()?) {
-                Ok(a) if !a.ok => {
-                    return Err(MigrateError::Refused(a.error.unwrap_or_else(|| "no reason given".into())));
-                }
-                Ok(a) => Some(a),
-                Err(e) => {
-                    log::warn!("migration: no answer to Complete ({e}); the guest may run on the destination");
-                    None
-                }
-            };
-            // The guest runs on the destination now; its memory is on both hosts until every
-            // page is across, and this host never resumes it.
-            let downtime = paused_at.elapsed();
-            let switched_at_ms = self.started.elapsed().as_millis() as u64;
-            downtime_us = answer.as_ref().and_then(|a| a.downtime_us);
-            let resumed_at_us = answer.as_ref().and_then(|a| a.resumed_at_us);
-            self.update(|p| {
-                p.downtime_ms = Some(downtime.as_millis() as u64);
-                p.downtime_us = Some(downtime.as_micros() as u64);
-                p.resumed_at_us = resumed_at_us;
-                p.phase = MigrationPhase::Postcopy;
-                p.postcopy = Some(PostcopyInfo { switched_at_ms, pages_needed: needed_pages, ..Default::default() });
-            });
-            log::info!(
-                "migration: switched to post-copy after {switched_at_ms} ms ({needed_pages} pages to follow), \
-                 downtime {} µs",
-                downtime.as_micros()
-            );
-            let main = if answer.is_some() { self.stream.take() } else { None };
-            self.stream = None;
-            Ok(main)
-        })?;
-        self.update(|p| {
-            if let Some(pc) = p.postcopy.as_mut() {
-                pc.faults = Some(done.faults);
-                pc.fault_latency_median_us = done.fault_latency_median_us;
-                pc.fault_latency_p99_us = done.fault_latency_p99_us;
-                pc.duration_ms = Some(done.duration_ms);
-                pc.reconnects = done.reconnects;
-            }
-        });
-        Ok(downtime_us)
-    }
-
     /// Notes the start of a copy round in the progress report.
     fn record_round(&mut self, round: u32, pages: u64, stop_and_copy: bool) {
         let info = RoundInfo {
@@ -775,100 +549,6 @@ impl Source<'_> {
         });
         self.keep_to_bandwidth();
         Ok(())
-    }
-
-    /// Cleans up after an error and says how it ended.
-    fn fail(&mut self, e: MigrateError) -> Outcome {
-        let refused = matches!(e, MigrateError::Refused(_));
-        let msg = e.to_string();
-        if (self.complete_sent && !refused) || self.committed {
-            let msg = if self.committed {
-                format!(
-                    "{msg}; the destination's cluster had committed the move, so the guest stays paused here \
-                     until the cluster hands it back"
-                )
-            } else {
-                format!(
-                    "{msg}; the destination may be running the guest, so it stays paused here \
-                     (resume it only if the destination is known not to run it)"
-                )
-            };
-            log::error!("migration: {msg}");
-            if self.committed && !self.complete_sent {
-                // The destination never got everything: tell it to give up at once (it exits
-                // without running the guest, and its cluster hands the guest back).
-                if let Some(s) = self.stream.as_mut() {
-                    let _ = protocol::write_frame(s, Command::Abandon, &[]);
-                    let _ = s.flush();
-                }
-            }
-            self.stream = None;
-            let vcpus = self.vcpus.lock().expect("Poisoned lock");
-            if self.states_pending {
-                // Not needed any more, but must not be taken for a later resume's answers.
-                let _ = vcpus.saved_states();
-                self.states_pending = false;
-            }
-            if !self.paused {
-                // Committed but not yet paused: the guest is no longer ours to run.
-                match vcpus.pause() {
-                    Ok(()) => {
-                        self.paused = true;
-                        pause_devices(self.m);
-                    }
-                    Err(e) => log::error!("migration: pausing the vCPUs after the commit failed: {e}"),
-                }
-            }
-            drop(vcpus);
-            // Whatever happens next (a resume here, or nothing), dirty pages no longer matter.
-            if let Err(e) = dirty::stop(&self.m.vm) {
-                log::warn!("migration: stopping dirty logging: {e}");
-            }
-            self.update(|p| {
-                p.phase = MigrationPhase::Failed;
-                p.error = Some(msg.clone());
-            });
-            return Outcome::InDoubt(msg);
-        }
-        if self.m.guest_stopped().is_some() {
-            log::warn!("migration failed: {msg}");
-        } else {
-            log::warn!("migration failed, the guest keeps running here: {msg}");
-        }
-        if let Some(s) = self.stream.as_mut() {
-            // Best effort: tell the destination to give up, then hang up.
-            let _ = protocol::write_frame(s, Command::Abandon, &[]);
-            let _ = s.flush();
-        }
-        self.stream = None;
-        self.disks.stop_tracking();
-        let mut cleanup = Vec::new();
-        if let Err(e) = dirty::stop(&self.m.vm) {
-            cleanup.push(format!("stopping dirty logging: {e}"));
-        }
-        if self.states_pending {
-            // Their answers are of no use now, but must not be taken for the resume's.
-            let _ = self.vcpus.lock().expect("Poisoned lock").saved_states();
-            self.states_pending = false;
-        }
-        if self.paused {
-            resume_devices(self.m);
-            if let Err(e) = self.vcpus.lock().expect("Poisoned lock").resume() {
-                cleanup.push(format!("resuming vCPUs: {e}"));
-            }
-            self.paused = false;
-            // The destination announced the guest when it heard `Paused`: take it back.
-            for wait in [0, 50, 150] {
-                std::thread::sleep(Duration::from_millis(wait));
-                announce_now(self.m);
-            }
-        }
-        let msg = if cleanup.is_empty() { msg } else { format!("{msg} (and {})", cleanup.join("; ")) };
-        self.update(|p| {
-            p.phase = MigrationPhase::Failed;
-            p.error = Some(msg.clone());
-        });
-        Outcome::Failed(msg)
     }
 }
 

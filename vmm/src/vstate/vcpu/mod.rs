@@ -6,28 +6,32 @@
 //! sends a signal to its thread ("kick"): the handler sets `immediate_exit` in the vCPU's
 //! `kvm_run`, so `KVM_RUN` returns at once even if the signal arrived just before it was entered.
 
-use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs, kvm_msr_entry, kvm_run,
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs, kvm_msr_entry, kvm_run,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
 use migration::VcpuState;
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{Killable, register_signal_handler};
 
 use super::memory::GuestMemoryMmap;
 use super::vm::Vm;
 use crate::arch::cpuid::{CpuTemplate, normalize};
 use crate::arch::{msr, regs};
+
+mod exits;
+mod kick;
+mod set;
+
+pub use exits::{ExitChannel, ExitCounters, ExitNotifier, ExitReason, TRIPLE_FAULT, VcpuShared};
+pub(crate) use kick::{clear_kick_target, init_kick_signal, kick_signal, set_kick_target};
+pub use set::{VcpuHandle, VcpuSet};
 
 /// The migration throttle's time slice: a throttled vCPU is kicked this often.
 pub const THROTTLE_TICK: Duration = Duration::from_millis(10);
@@ -85,102 +89,6 @@ impl std::fmt::Debug for VcpuResponse {
             VcpuResponse::State(_) => write!(f, "State(..)"),
             VcpuResponse::Error(e) => write!(f, "Error({e})"),
         }
-    }
-}
-
-/// How often each kind of exit happened, for `/metrics`.
-#[derive(Debug, Default)]
-pub struct ExitCounters {
-    pub io_in: AtomicU64,
-    pub io_out: AtomicU64,
-    pub mmio_read: AtomicU64,
-    pub mmio_write: AtomicU64,
-    pub hlt: AtomicU64,
-    pub shutdown: AtomicU64,
-    pub internal_error: AtomicU64,
-    /// KVM_RUN interrupted by a kick (pause, state save, throttling).
-    pub interrupted: AtomicU64,
-    pub other: AtomicU64,
-}
-
-impl ExitCounters {
-    /// (reason, count) pairs.
-    pub fn snapshot(&self) -> [(&'static str, u64); 9] {
-        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        [
-            ("io_in", l(&self.io_in)),
-            ("io_out", l(&self.io_out)),
-            ("mmio_read", l(&self.mmio_read)),
-            ("mmio_write", l(&self.mmio_write)),
-            ("hlt", l(&self.hlt)),
-            ("shutdown", l(&self.shutdown)),
-            ("internal_error", l(&self.internal_error)),
-            ("interrupted", l(&self.interrupted)),
-            ("other", l(&self.other)),
-        ]
-    }
-}
-
-/// What all vCPUs of a VM share with the VMM.
-#[derive(Debug, Default)]
-pub struct VcpuShared {
-    pub exits: ExitCounters,
-    /// Percentage of time vCPUs sleep instead of running (migration auto-converge).
-    pub throttle_pct: AtomicU32,
-    /// Why the first vCPU that stopped for good stopped (a triple fault, an internal error):
-    /// an outgoing migration must not hand such a guest over as if it ran.
-    pub stopped: std::sync::Mutex<Option<String>>,
-}
-
-/// The reset reason of a vCPU that triple-faulted (KVM_EXIT_SHUTDOWN).
-pub const TRIPLE_FAULT: &str = "triple fault";
-
-/// Why the guest stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The guest reset the machine (i8042, triple fault, or a KVM system event): for a micro-VM
-    /// that means it is done, as after poweroff.
-    Reset(&'static str),
-    /// The guest now runs on a migration destination.
-    Migrated,
-    /// Something went wrong that the VM cannot go on from.
-    Error(String),
-}
-
-/// Where vCPU threads report guest exits: a channel plus an eventfd for the event loop.
-#[derive(Clone)]
-pub struct ExitNotifier {
-    sender: Sender<(u8, ExitReason)>,
-    evt: Arc<EventFd>,
-}
-
-impl ExitNotifier {
-    pub fn new(sender: Sender<(u8, ExitReason)>, evt: Arc<EventFd>) -> Self {
-        Self { sender, evt }
-    }
-
-    pub fn notify(&self, index: u8, reason: ExitReason) {
-        // The receiver only goes away when the VMM is shutting down anyway.
-        let _ = self.sender.send((index, reason));
-        if let Err(e) = self.evt.write(1) {
-            log::error!("vCPU {index}: failed to signal exit: {e}");
-        }
-    }
-}
-
-/// Where a VM's exits are reported and read: made with the VM, before its vCPUs run, so that
-/// anything started early (a page handler of on-demand memory) can end the VM too.
-pub struct ExitChannel {
-    pub notifier: ExitNotifier,
-    pub evt: Arc<EventFd>,
-    pub rx: Receiver<(u8, ExitReason)>,
-}
-
-impl ExitChannel {
-    pub fn new() -> std::io::Result<Self> {
-        let evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let (tx, rx) = channel();
-        Ok(ExitChannel { notifier: ExitNotifier::new(tx, evt.clone()), evt, rx })
     }
 }
 
@@ -273,12 +181,19 @@ impl Vcpu {
 
     /// Sets CPUID, MSRs, registers, FPU and local APIC for the 64-bit boot protocol. Only the
     /// boot vCPU starts at `entry`; the others wait in the LAPIC for INIT/SIPI as on hardware.
-    pub fn configure_for_boot(&self, kvm: &Kvm, entry: u64, count: u8, template: CpuTemplate) -> Result<(), VcpuError> {
+    /// `supported`: KVM's supported CPUID, which `template` trims for the guest.
+    pub fn configure_for_boot(
+        &self,
+        supported: &CpuId,
+        entry: u64,
+        count: u8,
+        template: CpuTemplate,
+    ) -> Result<(), VcpuError> {
         let index = self.index;
         let set = |what| move |source| VcpuError::Set { index, what, source };
         let get = |what| move |source| VcpuError::Get { index, what, source };
 
-        let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VcpuError::SupportedCpuid)?;
+        let mut cpuid = supported.clone();
         normalize(&mut cpuid, index, count, template);
         self.fd.set_cpuid2(&cpuid).map_err(set("CPUID"))?;
         self.fd.set_msrs(&msr::boot_msrs()).map_err(set("MSRs"))?;
@@ -620,194 +535,4 @@ enum RunResult {
     Continue,
     Interrupted,
     Exit(ExitReason),
-}
-
-/// The VMM's handle on a running vCPU thread.
-pub struct VcpuHandle {
-    index: u8,
-    thread: Option<JoinHandle<()>>,
-    events: Sender<VcpuEvent>,
-    responses: Receiver<VcpuResponse>,
-}
-
-impl VcpuHandle {
-    pub fn index(&self) -> u8 {
-        self.index
-    }
-
-    /// Sends `event` and makes the thread notice it.
-    pub fn send(&self, event: VcpuEvent) -> bool {
-        if self.events.send(event).is_err() {
-            return false;
-        }
-        self.kick();
-        true
-    }
-
-    /// Waits for the thread's answer.
-    pub fn recv(&self, timeout: Duration) -> Option<VcpuResponse> {
-        self.responses.recv_timeout(timeout).ok()
-    }
-
-    /// Interrupts `KVM_RUN` without asking anything (the throttle's tick).
-    pub fn kick(&self) {
-        if let Some(t) = &self.thread
-            && let Err(e) = t.kill(kick_signal())
-        {
-            log::debug!("vCPU {}: kick failed: {e}", self.index);
-        }
-    }
-
-    /// Stops the thread and waits for it.
-    pub fn finish(mut self) {
-        let _ = self.events.send(VcpuEvent::Finish);
-        self.kick();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// All vCPU threads of a VM, driven together.
-#[derive(Default)]
-pub struct VcpuSet {
-    handles: Vec<VcpuHandle>,
-}
-
-/// How long a vCPU may take to answer.
-const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
-
-impl VcpuSet {
-    pub fn new(handles: Vec<VcpuHandle>) -> Self {
-        Self { handles }
-    }
-
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
-    fn broadcast(&self, event: fn() -> VcpuEvent) -> Result<Vec<VcpuResponse>, String> {
-        for v in &self.handles {
-            if !v.send(event()) {
-                return Err(format!("vCPU {} is gone", v.index()));
-            }
-        }
-        self.handles
-            .iter()
-            .map(|v| v.recv(VCPU_ANSWER_TIMEOUT).ok_or_else(|| format!("vCPU {} did not answer", v.index())))
-            .collect()
-    }
-
-    /// Stops every vCPU and waits until none runs guest code.
-    pub fn pause(&self) -> Result<(), String> {
-        for r in self.broadcast(|| VcpuEvent::Pause)? {
-            if !matches!(r, VcpuResponse::Paused) {
-                return Err(format!("unexpected answer to pause: {r:?}"));
-            }
-        }
-        Ok(())
-    }
-
-    pub fn resume(&self) -> Result<(), String> {
-        for r in self.broadcast(|| VcpuEvent::Resume)? {
-            if !matches!(r, VcpuResponse::Resumed) {
-                return Err(format!("unexpected answer to resume: {r:?}"));
-            }
-        }
-        Ok(())
-    }
-
-    /// The state of every (paused) vCPU, in index order.
-    pub fn save(&self) -> Result<Vec<VcpuState>, String> {
-        self.broadcast(|| VcpuEvent::SaveState)?.into_iter().map(into_state).collect()
-    }
-
-    /// Stops every vCPU and waits until none runs guest code, like [`VcpuSet::pause`]; each
-    /// then reads its state, which [`VcpuSet::saved_states`] collects. Until it has, the
-    /// vCPUs must not be asked anything else.
-    pub fn pause_and_save(&self) -> Result<(), String> {
-        for r in self.broadcast(|| VcpuEvent::PauseAndSave)? {
-            if !matches!(r, VcpuResponse::Paused) {
-                return Err(format!("unexpected answer to pause: {r:?}"));
-            }
-        }
-        Ok(())
-    }
-
-    /// The states the vCPUs read after [`VcpuSet::pause_and_save`], in index order.
-    pub fn saved_states(&self) -> Result<Vec<VcpuState>, String> {
-        self.handles
-            .iter()
-            .map(|v| v.recv(VCPU_ANSWER_TIMEOUT).ok_or_else(|| format!("vCPU {} did not answer", v.index())))
-            .map(|r| r.and_then(into_state))
-            .collect()
-    }
-
-    /// Kicks every vCPU once (see [`VcpuHandle::kick`]).
-    pub fn kick_all(&self) {
-        for v in &self.handles {
-            v.kick();
-        }
-    }
-
-    /// Ends every vCPU thread.
-    pub fn finish(&mut self) {
-        for v in self.handles.drain(..) {
-            v.finish();
-        }
-    }
-}
-
-impl Drop for VcpuSet {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}
-
-fn into_state(r: VcpuResponse) -> Result<VcpuState, String> {
-    match r {
-        VcpuResponse::State(s) => Ok(*s),
-        VcpuResponse::Error(e) => Err(e),
-        other => Err(format!("unexpected answer to save: {other:?}")),
-    }
-}
-
-thread_local! {
-    /// This thread's vCPU `kvm_run`, for the kick signal handler. `const`-initialised, so that
-    /// reading it from a signal handler never allocates.
-    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-/// Makes the kick signal interrupt `KVM_RUN` of `fd` when it arrives on this thread.
-pub(crate) fn set_kick_target(fd: &mut VcpuFd) {
-    KVM_RUN_PTR.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
-}
-
-/// Must be called on the same thread before the `VcpuFd` given to [`set_kick_target`] is dropped.
-pub(crate) fn clear_kick_target() {
-    KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
-}
-
-pub(crate) fn kick_signal() -> i32 {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
-extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    KVM_RUN_PTR.with(|p| {
-        let run = p.get();
-        if !run.is_null() {
-            // SAFETY: the pointer is this thread's own mapped kvm_run, set by the vCPU thread
-            // before it first runs and cleared before the VcpuFd is dropped.
-            unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
-        }
-    });
-}
-
-pub(crate) fn init_kick_signal() -> Result<(), VcpuError> {
-    static INIT: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> = std::sync::OnceLock::new();
-    (*INIT.get_or_init(|| register_signal_handler(kick_signal(), handle_kick))).map_err(VcpuError::Signal)
 }
