@@ -5,6 +5,8 @@
 //!   with `--postcopy` while an echo connection streams a line every 10 ms: the migration
 //!   completes, the pages the guest dirtied arrive by fault and by push, its workload finds no
 //!   page lost or stale, and the echo stream loses nothing;
+//! - with no pre-copy round (`precopy_rounds` 0), the guest moves at once and every page it
+//!   touched follows it, and it is intact;
 //! - `postcopy_auto` switches once pre-copy stops converging, and the guest is intact;
 //! - the link is cut (host a's uplink set down) in the middle of post-copy, while the pages
 //!   still come (pushed at 24 MiB/s): the destination pauses the guest, the source keeps the
@@ -83,6 +85,23 @@ fn postcopy_moves_a_guest_that_never_converges() {
     let req = MigrateRequest { mode: Some(MigrationMode::Postcopy), ..request("") };
     let (_dst, info) = move_with(&bed, src, req, "post-copy of 1 GiB dirtying 256 MiB");
     assert_eq!(info.rounds.len(), 2, "post-copy switches after the first round: {info:?}");
+}
+
+#[test]
+fn postcopy_with_no_precopy_round_moves_the_guest_at_once() {
+    if !kvm_or_skip("postcopy_with_no_precopy_round_moves_the_guest_at_once") {
+        return;
+    }
+    let bed = bed_with(&["a", "b"]);
+    let src = start_source(&bed, "a", &["--mem-mib", "512"], "vmm.workload=dirty vmm.dirty_mib=128 vmm.dirty_rate=0");
+    let req = MigrateRequest { mode: Some(MigrationMode::Postcopy), precopy_rounds: Some(0), ..request("") };
+    let (_dst, info) = move_with(&bed, src, req, "post-copy with no pre-copy round");
+    // The switch is the only round, and every page the guest touched (its 128 MiB at least)
+    // was left for after it: none went before.
+    let [switch] = info.rounds.as_slice() else { panic!("more than the switch: {info:?}") };
+    assert!(switch.stop_and_copy && switch.round == 1 && switch.bytes_before < 1 << 20, "{switch:?}");
+    let needed = info.postcopy.as_ref().map_or(0, |p| p.pages_needed);
+    assert!(needed >= (128 << 20) / 4096, "only {needed} pages followed the guest: {info:?}");
 }
 
 #[test]

@@ -205,6 +205,11 @@ struct MigrateArgs {
     /// pages it dirtied meanwhile follow while it runs on the destination.
     #[arg(long, conflicts_with = "postcopy_auto")]
     postcopy: bool,
+    /// With --postcopy: pre-copy rounds before the switch [VMM default: 1]. 0 moves the guest
+    /// at once and every page it touched follows (none is sent twice, but its memory is on two
+    /// hosts for the whole transfer).
+    #[arg(long, value_name = "N", requires = "postcopy")]
+    precopy_rounds: Option<u32>,
     /// Switch to post-copy when pre-copy stops converging, instead of throttling the vCPUs.
     #[arg(long)]
     postcopy_auto: bool,
@@ -569,6 +574,7 @@ fn migrate(args: MigrateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         } else {
             None
         },
+        precopy_rounds: args.precopy_rounds,
         tls_dir,
         insecure_plaintext: args.insecure_plaintext,
         stall_timeout_ms: args.stall_timeout_ms,

@@ -2,7 +2,8 @@
 //! The API's routes: which (method, path) pairs exist, and how a request's method, path and body
 //! become an [`ApiRequest`]. No sockets here, so the whole request side is testable on its own.
 
-use super::types::{ApiError, ApiRequest, ApiResponse, MigrateRequest, SnapshotRequest};
+use super::types::{ApiError, ApiRequest, ApiResponse, MigrateRequest, MigrationMode, SnapshotRequest};
+use crate::migrate::params::DEFAULT_MAX_ROUNDS;
 
 /// One thing the API can be asked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +160,15 @@ fn validate_migrate(req: &MigrateRequest) -> Result<(), ApiError> {
     if req.insecure_plaintext && req.tls_dir.is_some() {
         return bad("insecure_plaintext", "conflicts with `tls_dir`".to_string());
     }
+    if let Some(n) = req.precopy_rounds {
+        if req.mode != Some(MigrationMode::Postcopy) {
+            return bad("precopy_rounds", "only with `mode` postcopy".to_string());
+        }
+        let max = req.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS);
+        if n > max {
+            return bad("precopy_rounds", format!("{n} is more than max_rounds ({max})"));
+        }
+    }
     Ok(())
 }
 
@@ -217,6 +227,8 @@ mod tests {
         assert_eq!(r.downtime_ms, None);
         let r = parse_migrate(br#"{"to":"[::1]:4000","downtime_ms":20,"max_rounds":3}"#).unwrap();
         assert_eq!((r.downtime_ms, r.max_rounds), (Some(20), Some(3)));
+        let r = parse_migrate(br#"{"to":"h:1","mode":"postcopy","precopy_rounds":0}"#).unwrap();
+        assert_eq!((r.mode, r.precopy_rounds), (Some(MigrationMode::Postcopy), Some(0)));
     }
 
     #[test]
@@ -237,6 +249,10 @@ mod tests {
             (br#"{"to":"h:1","speed":1}"#, "unknown field `speed`"),
             (br#"{"to":"h:1","stall_timeout_ms":10}"#, "`stall_timeout_ms`"),
             (br#"{"to":"h:1","tls_dir":"/x","insecure_plaintext":true}"#, "`insecure_plaintext`"),
+            (br#"{"to":"h:1","precopy_rounds":0}"#, "`precopy_rounds`: only with `mode` postcopy"),
+            (br#"{"to":"h:1","mode":"postcopy_auto","precopy_rounds":1}"#, "`precopy_rounds`"),
+            (br#"{"to":"h:1","mode":"postcopy","precopy_rounds":31}"#, "more than max_rounds (30)"),
+            (br#"{"to":"h:1","mode":"postcopy","max_rounds":2,"precopy_rounds":3}"#, "more than max_rounds (2)"),
         ];
         for (body, needle) in cases {
             let Err(ApiError::BadRequest(msg)) = parse_migrate(body) else {

@@ -87,6 +87,12 @@ pub struct MigrateRequest {
     /// stops converging.
     #[serde(default)]
     pub mode: Option<MigrationMode>,
+    /// With `mode` `postcopy`: the pre-copy rounds before the switch (default 1). 0 switches
+    /// at once: every page the guest touched follows it, none goes twice, and no round runs
+    /// with the guest's writes tracked; but the guest's memory is on two hosts for the whole
+    /// transfer instead of its last part.
+    #[serde(default)]
+    pub precopy_rounds: Option<u32>,
 }
 
 impl MigrateRequest {
@@ -104,8 +110,9 @@ pub enum MigrationMode {
     /// vCPUs if the rounds stop shrinking), then the rest with the guest paused.
     #[default]
     Precopy,
-    /// One full copy round, then the guest moves at once; the pages it dirtied meanwhile follow
-    /// while it runs on the destination (fetched on first touch, pushed in the background).
+    /// One full copy round (or `precopy_rounds`), then the guest moves at once; the pages it
+    /// dirtied meanwhile follow while it runs on the destination (fetched on first touch, pushed
+    /// in the background).
     Postcopy,
     /// Pre-copy, switching to post-copy when the rounds stop shrinking (instead of throttling).
     PostcopyAuto,
@@ -222,7 +229,8 @@ pub struct MigrationInfo {
     /// The connection is mutual TLS (false: `--insecure-plaintext`).
     #[serde(default)]
     pub encrypted: bool,
-    /// Pre-copy round (1 is the full copy).
+    /// Pre-copy round (1 is the full copy; 0 before it, and throughout a post-copy with no
+    /// pre-copy round).
     pub round: u32,
     pub bytes_sent: u64,
     pub pages_sent: u64,

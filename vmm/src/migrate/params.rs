@@ -25,6 +25,8 @@ pub struct MigrateParams {
     pub max_bandwidth: Option<u64>,
     pub max_rounds: u32,
     pub mode: MigrationMode,
+    /// With [`MigrationMode::Postcopy`]: pre-copy rounds before the switch (0: at once).
+    pub precopy_rounds: u32,
     /// Mutual TLS (by default) or plaintext.
     pub security: Security,
     /// The stall bound and timeouts of the connection.
@@ -94,6 +96,15 @@ impl MigrateParams {
                  or give tls_dir in the request (vmm migrate --tls-dir); plaintext only with insecure_plaintext",
             )?
         };
+        let mode = r.mode.unwrap_or_default();
+        let precopy_rounds = match (r.precopy_rounds, mode) {
+            (None, _) => 1,
+            (Some(n), MigrationMode::Postcopy) if n <= max_rounds => n,
+            (Some(n), MigrationMode::Postcopy) => {
+                return Err(format!("precopy_rounds: {n} is more than max_rounds ({max_rounds})"));
+            }
+            (Some(_), _) => return Err("precopy_rounds: only with mode postcopy".into()),
+        };
         if let Some(route) = &r.route {
             protocol::check_route(route).map_err(|e| format!("route: {e}"))?;
         }
@@ -105,7 +116,8 @@ impl MigrateParams {
             max_rounds,
             security,
             link,
-            mode: r.mode.unwrap_or_default(),
+            mode,
+            precopy_rounds,
         })
     }
 }

@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Post-copy: a 1 GiB guest dirtying 256 MiB (our guest's `dirty` workload), as fast as it goes
-//! and at 512 MiB/s, moved from host A to host B over mutual TLS, in two pairings:
+//! and at 512 MiB/s, moved from host A to host B over mutual TLS, in three pairings:
 //!
 //! - ours with `--postcopy` (the switch after the first round) against QEMU's `postcopy-ram`
 //!   (the capability on both ends, `migrate-start-postcopy` once the first round is done; no
 //!   bandwidth cap, as ours);
+//! - the same with no pre-copy round at all (ours: `--precopy-rounds 0`; QEMU:
+//!   `migrate-start-postcopy` as soon as the migration runs);
 //! - ours with `--postcopy-auto` (the switch once pre-copy stops converging) against QEMU's
 //!   pre-copy on its own defaults (300 ms downtime limit, 128 MiB/s), cancelled if it has not
 //!   finished after [`PRECOPY_BOUND`] ("did not converge").
@@ -46,19 +48,31 @@ pub const BANDWIDTH: (&str, &str) = ("reference", "TCP bandwidth, host A → hos
 struct Pairing {
     name: &'static str,
     ours: MigrationMode,
+    /// Ours and QEMU's, with post-copy.
+    precopy_rounds: u32,
     qemu: Plan,
 }
 
-const PAIRINGS: [Pairing; 2] = [
+const POSTCOPY_BOUND: Duration = Duration::from_secs(120);
+
+const PAIRINGS: [Pairing; 3] = [
     Pairing {
         name: "vmm --postcopy vs QEMU postcopy-ram",
         ours: MigrationMode::Postcopy,
-        qemu: Plan { mode: MigrationMode::Postcopy, tuned: true, bound: Duration::from_secs(120) },
+        precopy_rounds: 1,
+        qemu: Plan { mode: MigrationMode::Postcopy, tuned: true, bound: POSTCOPY_BOUND, precopy_rounds: 1 },
+    },
+    Pairing {
+        name: "vmm --postcopy --precopy-rounds 0 vs QEMU postcopy-ram started at once",
+        ours: MigrationMode::Postcopy,
+        precopy_rounds: 0,
+        qemu: Plan { mode: MigrationMode::Postcopy, tuned: true, bound: POSTCOPY_BOUND, precopy_rounds: 0 },
     },
     Pairing {
         name: "vmm --postcopy-auto vs QEMU pre-copy, its defaults",
         ours: MigrationMode::PostcopyAuto,
-        qemu: Plan { mode: MigrationMode::Precopy, tuned: false, bound: PRECOPY_BOUND },
+        precopy_rounds: 1,
+        qemu: Plan { mode: MigrationMode::Precopy, tuned: false, bound: PRECOPY_BOUND, precopy_rounds: 1 },
     },
 ];
 
@@ -90,7 +104,12 @@ pub fn bench(results: &mut Results, runs: usize, kernel: &Path) -> Result<Vec<St
                 let sec = section(rate, pairing);
                 for m in Monitor::alternating(run) {
                     let plan = match m {
-                        Monitor::Ours => Plan { mode: pairing.ours, tuned: false, bound: Duration::from_secs(120) },
+                        Monitor::Ours => Plan {
+                            mode: pairing.ours,
+                            tuned: false,
+                            bound: POSTCOPY_BOUND,
+                            precopy_rounds: pairing.precopy_rounds,
+                        },
                         Monitor::Qemu => pairing.qemu,
                     };
                     eprintln!("vmm-bench: {sec}: {} run {}", m.name(), run + 1);

@@ -287,6 +287,16 @@ impl Source<'_> {
         self.update(|p| p.pages_skipped += untouched);
         let mut round_start = Instant::now();
         let mut round_bytes = self.bytes_sent;
+        let postcopy = self.params.mode == MigrationMode::Postcopy;
+        if postcopy && self.params.precopy_rounds == 0 {
+            // Post-copy at once: every page ever touched is left for after the switch. Copied
+            // disks still send their allocated extents first, with the guest running here: only
+            // the blocks dirtied meanwhile go in the pause.
+            self.disk_round(true)?;
+            // The switch is the first round.
+            self.update(|p| p.round = 0);
+            return Ok(Switch::Postcopy(touched));
+        }
         self.record_round(1, count_all(&touched), false);
         // The disks' allocated extents first, then memory.
         self.disk_round(true)?;
@@ -312,8 +322,8 @@ impl Source<'_> {
                 p.eta_ms = estimate.as_millis() as u64;
             });
             let converging = n * 4 <= prev_dirty * 3 && pages_time > WORTH_ANOTHER_ROUND;
-            if self.params.mode == MigrationMode::Postcopy {
-                // Post-copy after the first round, whatever is left.
+            if postcopy && round >= self.params.precopy_rounds {
+                // Post-copy after the rounds asked for, whatever is left.
                 return Ok(Switch::Postcopy(dirty));
             }
             if (estimate <= self.params.downtime && !converging) || round >= self.params.max_rounds {
@@ -324,7 +334,8 @@ impl Source<'_> {
                 log::info!("migration: round {round} left {n} dirty pages; switching to post-copy");
                 return Ok(Switch::Postcopy(dirty));
             }
-            if round >= 2 && n * 10 >= prev_dirty * 9 {
+            // Post-copy's guest is not slowed down: it moves after the rounds asked for.
+            if round >= 2 && n * 10 >= prev_dirty * 9 && !postcopy {
                 let pct = match self.m.vcpu_shared.throttle_pct.load(Ordering::Relaxed) {
                     0 => THROTTLE_INITIAL,
                     p => (p + THROTTLE_STEP).min(THROTTLE_MAX),

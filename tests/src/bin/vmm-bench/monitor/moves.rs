@@ -17,7 +17,7 @@ use super::{DOWNTIME_LIMIT_MS, Monitor, QEMU_MAX_BANDWIDTH, Running, Wire};
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {
     /// Ours: the request's mode. QEMU: pre-copy, or `postcopy-ram` switched on after the first
-    /// round (it has no automatic switch).
+    /// round or `precopy_rounds` (it has no automatic switch).
     pub mode: MigrationMode,
     /// A 50 ms downtime limit and no bandwidth cap (QEMU: 100 GiB/s, never the limit here);
     /// else the monitor's own defaults (QEMU's: 300 ms and 128 MiB/s).
@@ -25,11 +25,15 @@ pub struct Plan {
     /// The longest wait for the end. Past it a QEMU migration is cancelled (the guest runs on
     /// at the source) and reported [`Outcome::Unfinished`]; for ours it is an error.
     pub bound: Duration,
+    /// With post-copy: the pre-copy rounds before the switch (ours: `precopy_rounds`; QEMU:
+    /// `migrate-start-postcopy` once that many full passes are done, 0 as soon as it runs).
+    pub precopy_rounds: u32,
 }
 
 impl Plan {
     /// What the migration section runs: pre-copy, tuned, within 120 s.
-    pub const TUNED_PRECOPY: Plan = Plan { mode: MigrationMode::Precopy, tuned: true, bound: Duration::from_secs(120) };
+    pub const TUNED_PRECOPY: Plan =
+        Plan { mode: MigrationMode::Precopy, tuned: true, bound: Duration::from_secs(120), precopy_rounds: 1 };
 }
 
 /// How a migration ended.
@@ -145,6 +149,8 @@ impl Running {
             to: to.into(),
             downtime_ms: plan.tuned.then_some(DOWNTIME_LIMIT_MS),
             mode: Some(plan.mode),
+            precopy_rounds: (plan.mode == MigrationMode::Postcopy && plan.precopy_rounds != 1)
+                .then_some(plan.precopy_rounds),
             ..Default::default()
         };
         let want_tls = self.wire.as_ref().is_some_and(Wire::is_tls);
@@ -258,8 +264,8 @@ impl Running {
                 });
             }
             let status = q["status"].as_str().unwrap_or("");
-            // The first full pass is done once the second bitmap sync came.
-            if postcopy && switched_at_ms.is_none() && syncs >= 2 && status == "active" {
+            // Each full pass ends with a bitmap sync; the first sync comes at the start.
+            if postcopy && switched_at_ms.is_none() && syncs > plan.precopy_rounds && status == "active" {
                 qmp.execute("migrate-start-postcopy", json!({}))?;
                 switched_at_ms = Some(start.elapsed().as_secs_f64() * 1e3);
             }
