@@ -6,7 +6,7 @@
 //!   completes, the pages the guest dirtied arrive by fault and by push, its workload finds no
 //!   page lost or stale, and the echo stream loses nothing;
 //! - with no pre-copy round (`precopy_rounds` 0), the guest moves at once and every page it
-//!   touched follows it, and it is intact;
+//!   touched follows it, and it is intact; with two, the switch comes after the second;
 //! - `postcopy_auto` switches once pre-copy stops converging, and the guest is intact;
 //! - the link is cut (host a's uplink set down) in the middle of post-copy, while the pages
 //!   still come (pushed at 24 MiB/s): the destination pauses the guest, the source keeps the
@@ -102,6 +102,26 @@ fn postcopy_with_no_precopy_round_moves_the_guest_at_once() {
     assert!(switch.stop_and_copy && switch.round == 1 && switch.bytes_before < 1 << 20, "{switch:?}");
     let needed = info.postcopy.as_ref().map_or(0, |p| p.pages_needed);
     assert!(needed >= (128 << 20) / 4096, "only {needed} pages followed the guest: {info:?}");
+}
+
+#[test]
+fn postcopy_after_two_precopy_rounds_switches_after_the_second() {
+    if !kvm_or_skip("postcopy_after_two_precopy_rounds_switches_after_the_second") {
+        return;
+    }
+    let bed = bed_with(&["a", "b"]);
+    let src = start_source(&bed, "a", &["--mem-mib", "512"], "vmm.workload=dirty vmm.dirty_mib=128 vmm.dirty_rate=0");
+    // Capped so that the second round cannot converge: the switch must come after it.
+    let req = MigrateRequest {
+        mode: Some(MigrationMode::Postcopy),
+        precopy_rounds: Some(2),
+        max_bandwidth_mib_s: Some(64),
+        ..request("")
+    };
+    let (_dst, info) = move_with(&bed, src, req, "post-copy after two rounds");
+    let kinds: Vec<(u32, bool)> = info.rounds.iter().map(|r| (r.round, r.stop_and_copy)).collect();
+    assert_eq!(kinds, [(1, false), (2, false), (3, true)], "two rounds, then the switch: {info:?}");
+    assert_eq!(info.round, 2, "{info:?}");
 }
 
 #[test]

@@ -229,7 +229,7 @@ fn record(results: &mut Results, sec: &str, m: Monitor, run: usize, plan: &Plan,
     let Some(p) = &r.postcopy else {
         if plan.mode != MigrationMode::Precopy {
             results.note(format!(
-                "{sec}, {} run {}: pre-copy converged in {} rounds, no switch to post-copy",
+                "{sec}, {} run {}: pre-copy converged in {} rounds (the pause's included), no switch to post-copy",
                 m.name(),
                 run + 1,
                 r.rounds

@@ -93,6 +93,7 @@ pub struct MigrationResult {
     pub bytes_sent: u64,
     /// Disk data sent (copied disks; part of `bytes_sent`), if the monitor says.
     pub disk_bytes_sent: Option<u64>,
+    /// Copy rounds, the last one (with the guest paused, or post-copy's switch) included.
     pub rounds: u32,
     pub timeline: Vec<RoundPoint>,
     /// Set when the migration switched to post-copy.
@@ -190,7 +191,9 @@ impl Running {
                         reported_downtime_ms: info.downtime_us.unwrap_or(0) as f64 / 1e3,
                         bytes_sent: info.bytes_sent,
                         disk_bytes_sent: Some(info.disk_bytes_sent),
-                        rounds: info.round,
+                        // Every copy round, the pause's (or post-copy's switch) included, as
+                        // QEMU's bitmap syncs count them.
+                        rounds: info.rounds.len() as u32,
                         timeline,
                         postcopy,
                     });
