@@ -3,7 +3,7 @@
 //! [`ApiRequest`] for the VMM thread and its answer into an HTTP response.
 //!
 //! This module runs the threads and decides when a connection ends; reading a request within
-//! its limits and encoding an answer are [`super::http`]'s. Every limit is checked before
+//! its limits and encoding an answer are `http.rs`'s. Every limit is checked before
 //! anything is read or allocated for it, so no client can make the server (and with it the
 //! guest) eat memory or stall the API for others:
 //!
