@@ -8,8 +8,9 @@
 //! within the downtime target at the bandwidth just measured, or the round limit is reached.
 //! When rounds stop shrinking, vCPUs are throttled (QEMU's auto-converge) so the guest dirties
 //! memory more slowly than it is copied; a migration that may switch to post-copy switches
-//! instead (`switch.rs`), after `precopy_rounds` or once the rounds stall. Then the guest and its devices are paused, the last
-//! pages and all state go over, and `Complete` hands the guest to the destination.
+//! instead (`switch.rs`), after `precopy_rounds` or once the rounds stall. Then the guest and
+//! its devices are paused, the last pages and all state go over, and `Complete` hands the guest
+//! to the destination.
 //!
 //! Failure is safe: any error before `Complete` resumes the guest here. After `Complete`, only
 //! an explicit refusal from the destination does; if the answer never comes the guest stays
