@@ -322,7 +322,7 @@ fn push_all(
         if batch.len() >= PUSH_BATCH || (scanned >= total_words && !batch.is_empty()) {
             let n = batch.data_pages + batch.zero_pages;
             let bytes = (batch.len() + protocol::HEADER_LEN) as u64;
-            protocol::write_frame(main, Command::Memory, batch.as_bytes())?;
+            protocol::write_frame_with(main, main.integrity(), Command::Memory, batch.as_bytes())?;
             batch.clear();
             sent_bytes += bytes;
             if let Some(limit) = max_bandwidth {
@@ -365,7 +365,7 @@ fn serve_faults(
         if pages.broken.load(Ordering::SeqCst) {
             return Err(MigrateError::Other("the main connection broke".into()));
         }
-        match protocol::read_frame_into(fault, &mut buf)? {
+        match protocol::read_frame_into_with(fault, fault.integrity(), &mut buf)? {
             Command::PageRequest => {
                 let gpa = decode_request(&buf).map_err(|e| MigrateError::Other(e.to_string()))?;
                 let Some((r, page)) = pages.index(gpa) else {
@@ -386,7 +386,7 @@ fn serve_faults(
                 }
                 let n = batch.data_pages + batch.zero_pages;
                 let bytes = (batch.len() + protocol::HEADER_LEN) as u64;
-                protocol::write_frame(fault, Command::Memory, batch.as_bytes())?;
+                protocol::write_frame_with(fault, fault.integrity(), Command::Memory, batch.as_bytes())?;
                 let requests = counts.requests.fetch_add(1, Ordering::Relaxed) + 1;
                 let requested = counts.requested.fetch_add(n, Ordering::Relaxed) + n;
                 update(progress, |p| {

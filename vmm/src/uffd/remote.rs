@@ -197,6 +197,8 @@ pub struct Remote {
     done_sent: bool,
     reconnects: u32,
     started: Instant,
+    /// Faults on pages that had arrived meanwhile, on pages never needed, and requests made.
+    tally: [u64; 3],
 }
 
 impl Remote {
@@ -235,6 +237,7 @@ impl Remote {
             done_sent: false,
             reconnects: 0,
             started: Instant::now(),
+            tally: [0; 3],
         })
     }
 
@@ -246,7 +249,7 @@ impl Remote {
     fn request(&mut self, gpa: u64) -> Result<(), UffdError> {
         let fault = self.fault.as_mut().ok_or_else(|| src_err("no fault connection"))?;
         protocol::write_frame(fault, Command::PageRequest, &encode_request(gpa)).map_err(src_err)?;
-        match protocol::read_frame_into(fault, &mut self.buf).map_err(src_err)? {
+        match protocol::read_frame_into_with(fault, fault.integrity(), &mut self.buf).map_err(src_err)? {
             Command::Memory => self.shared.place(&self.buf, &self.shared.requested),
             other => Err(src_err(format!("expected pages, got {other:?}"))),
         }
@@ -312,13 +315,16 @@ impl PageSource for Remote {
         if !needed {
             // Never had data on the source (never touched, or all zero, and not written since).
             ctx.uffd.zero(gpa, PAGE_SIZE as u64)?;
+            self.tally[1] += 1;
             return Ok(Served::Local);
         }
         loop {
             if self.shared.is_received(r, page) {
                 ctx.uffd.wake(gpa, PAGE_SIZE as u64);
+                self.tally[0] += 1;
                 return Ok(Served::Local);
             }
+            self.tally[2] += 1;
             match self.request(gpa) {
                 Ok(()) if self.shared.is_received(r, page) => return Ok(Served::Now),
                 Ok(()) => {}
@@ -339,7 +345,11 @@ impl PageSource for Remote {
                 match sent {
                     Ok(()) => {
                         // The receiver ends by itself on `PostcopyEnd`.
-                        log::info!("post-copy: every page is here ({report:?})");
+                        let [arrived, zero, requests] = self.tally;
+                        log::info!(
+                            "post-copy: every page is here ({report:?}); faults on pages arrived meanwhile {arrived}, \
+                             on zero pages {zero}, requests {requests}"
+                        );
                         self.done_sent = true;
                     }
                     Err(e) => self.recover(ctx, &e)?,
@@ -400,8 +410,9 @@ fn receive_pushed(mut main: MigrationStream, shared: &Shared) {
         return;
     }
     let mut buf = Vec::with_capacity(protocol::MAX_PAYLOAD as usize);
+    let integrity = main.integrity();
     loop {
-        let r = match protocol::read_frame_into(&mut main, &mut buf) {
+        let r = match protocol::read_frame_into_with(&mut main, integrity, &mut buf) {
             Ok(Command::Memory) => shared.place(&buf, &shared.pushed).map_err(|e| e.to_string()),
             Ok(Command::PostcopyEnd) => {
                 log::debug!("post-copy: the source pushed every page");
