@@ -16,7 +16,8 @@
 //! section alone; SECTIONS: a comma-separated subset of
 //! boot,linux,network,migration,transport,disk,postcopy,restore,cluster; a dirty rate of 0 is the idle guest;
 //! the SMP case migrates a 256 MiB guest whose N vCPUs all dirty memory, 0 leaves it out;
-//! `--monitors ours` migrates only ours, e.g. to compare TLS with plaintext in less time;
+//! `--monitors ours` migrates only ours (migration and post-copy sections), e.g. to compare TLS
+//! with plaintext in less time;
 //! `--steady-s` is how long the balancer watches the balanced cluster of the `steady` case). A
 //! migration case that fails is reported and the others still run; the bench then exits non-zero.
 //! The cluster's parallel-jobs case plots its run with the balancer into `cluster-jobs.png`.
@@ -301,7 +302,7 @@ fn run(o: &Options) -> Result<(), String> {
 
     if section("postcopy") {
         eprintln!("vmm-bench: post-copy, {} runs each", o.runs);
-        failed.extend(postcopy::bench(&mut results, o.runs, &ours.kernel)?);
+        failed.extend(postcopy::bench(&mut results, o.runs, &ours.kernel, &o.monitors)?);
     }
     if section("restore") {
         eprintln!("vmm-bench: restore, {} runs each", o.runs);

@@ -89,9 +89,9 @@ fn section(rate: u64, p: &Pairing) -> String {
     format!("post-copy: 1 GiB, dirtying {DIRTY_MIB} MiB {}: {}", rate_label(rate), p.name)
 }
 
-/// `runs` moves of each case with each monitor, alternating. A case that fails is reported
-/// and the others go on; returns the failures.
-pub fn bench(results: &mut Results, runs: usize, kernel: &Path) -> Result<Vec<String>, String> {
+/// `runs` moves of each case with each of `monitors`, alternating. A case that fails is
+/// reported and the others go on; returns the failures.
+pub fn bench(results: &mut Results, runs: usize, kernel: &Path, monitors: &[Monitor]) -> Result<Vec<String>, String> {
     let bed = TestBed::builder().host("a").host("b").client("client").host_ips().build().map_err(|e| e.to_string())?;
     let (a, b) = (bed.host("a"), bed.host("b"));
     let b_ip = b.ip().ok_or("host B has no address")?;
@@ -102,7 +102,7 @@ pub fn bench(results: &mut Results, runs: usize, kernel: &Path) -> Result<Vec<St
         for rate in RATES {
             for pairing in &PAIRINGS {
                 let sec = section(rate, pairing);
-                for m in Monitor::alternating(run) {
+                for m in Monitor::alternating(run).into_iter().filter(|m| monitors.contains(m)) {
                     let plan = match m {
                         Monitor::Ours => Plan {
                             mode: pairing.ours,
