@@ -221,8 +221,7 @@ fn no_client_certificate(ca_dir: &Path, to: &str) {
     for c in rustls::pki_types::CertificateDer::pem_file_iter(ca_dir.join(pki::CA_CERT)).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -359,8 +358,7 @@ fn rustls_client(ca_dir: &Path, suite: rustls::SupportedCipherSuite) -> rustls::
     }
     let chain: Vec<_> = CertificateDer::pem_file_iter(ca_dir.join(pki::CERT)).unwrap().map(Result::unwrap).collect();
     let key = PrivateKeyDer::from_pem_file(ca_dir.join(pki::KEY)).unwrap();
-    #[allow(deprecated)]
-    let mut provider = rustls::crypto::ring::default_provider();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites = vec![suite];
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -378,7 +376,7 @@ fn rustls_client(ca_dir: &Path, suite: rustls::SupportedCipherSuite) -> rustls::
 /// own source being the peer.
 #[test]
 fn a_standard_tls_peer_talks_to_our_destination_across_key_updates() {
-    use rustls::crypto::ring::cipher_suite::{
+    use rustls::crypto::aws_lc_rs::cipher_suite::{
         TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
     };
     let c = Cluster::new("interop");

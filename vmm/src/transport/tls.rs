@@ -6,7 +6,7 @@
 //! configurations: the client's (the source: presents this host's certificate, trusts only the
 //! cluster's CA, and checks that the destination's certificate names the host or address it
 //! dialled) and the server's (the destination: presents this host's certificate and requires
-//! a client certificate signed by the cluster's CA). TLS 1.3 only, with the ring provider and
+//! a client certificate signed by the cluster's CA). TLS 1.3 only, with the aws-lc-rs provider and
 //! AES-128-GCM preferred (the fastest suite with AES instructions; see the README).
 //!
 //! Refusals become one sentence that says which side refused what: [`describe`].
@@ -50,16 +50,15 @@ impl std::fmt::Debug for TlsIdentity {
     }
 }
 
-/// The crypto provider: ring, with the TLS 1.3 suites in the order that is fastest on CPUs with
-/// AES instructions (AES-128-GCM first; ring's own default puts AES-256-GCM first).
+/// The crypto provider: aws-lc-rs (its AES-GCM runs at about 1.6 times ring's speed here, and it
+/// has the post-quantum key exchange X25519MLKEM768, which it prefers), with the TLS 1.3 suites
+/// in the order that is fastest on CPUs with AES instructions (AES-128-GCM first; the provider's
+/// own default puts AES-256-GCM first).
 fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::ring::cipher_suite::{
+    use rustls::crypto::aws_lc_rs::cipher_suite::{
         TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
     };
-    // Deprecated in rustls 0.23.48 only because ring has no post-quantum key exchange; chosen
-    // anyway (see the README's crate table): it builds with a C compiler alone.
-    #[allow(deprecated)]
-    let mut p = rustls::crypto::ring::default_provider();
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
     p.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
     Arc::new(p)
 }
@@ -123,6 +122,13 @@ impl TlsIdentity {
         }
         let roots = Arc::new(roots);
         let provider = provider();
+        // The crypto library sets up its random generator once per process, and then looks
+        // whether /dev/sysgenid exists (a VM generation counter): do that now, while this VMM
+        // may still look at files, rather than on a migration thread whose sandbox forbids it.
+        provider
+            .secure_random
+            .fill(&mut [0u8; 16])
+            .map_err(|_| TlsError::Config(dir.to_path_buf(), "the system's random generator failed".into()))?;
         let config_err = |e: rustls::Error| TlsError::Config(dir.to_path_buf(), e.to_string());
         let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
