@@ -6,6 +6,10 @@
 //! The members are started from the calling thread, so they live in that thread's network
 //! namespace: call [`EtcdServer::start`] inside `Netns::run_in` to serve a test bed's
 //! namespaces.
+//!
+//! [`EtcdServer::start_tls`] starts it with mutual TLS on its client and peer URLs (the
+//! certificates of a `vmm tls` directory; clients must present one of the same CA), and a
+//! plain metrics URL that serves only `/health`, for the start-up check.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -13,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use vmm::transport::pki::{CA_CERT, CERT, KEY};
 
 /// How long a member may take to report healthy.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,6 +41,8 @@ struct Member {
     child: Option<Child>,
     client: SocketAddr,
     peer: SocketAddr,
+    /// Where `/health` answers in plain HTTP (the client URL, or with TLS the metrics URL).
+    health: SocketAddr,
     args: Vec<String>,
 }
 
@@ -42,23 +50,38 @@ struct Member {
 pub struct EtcdServer {
     members: Vec<Member>,
     dir: PathBuf,
+    /// `https` with mutual TLS, else `http`.
+    scheme: &'static str,
 }
 
 impl EtcdServer {
     /// Starts a cluster of `members` etcd processes listening on `ip`, and waits until every
     /// member is healthy.
     pub fn start(ip: IpAddr, members: usize) -> Result<EtcdServer, EtcdServerError> {
+        EtcdServer::start_with(ip, members, None)
+    }
+
+    /// [`EtcdServer::start`] with mutual TLS between clients and members and among members:
+    /// `tls_dir` holds the members' identity (`cert.pem`, `key.pem`, naming `ip`) and the CA
+    /// whose certificates clients must present (`ca.pem`), as `vmm tls issue` writes them.
+    pub fn start_tls(ip: IpAddr, members: usize, tls_dir: &Path) -> Result<EtcdServer, EtcdServerError> {
+        EtcdServer::start_with(ip, members, Some(tls_dir))
+    }
+
+    fn start_with(ip: IpAddr, members: usize, tls: Option<&Path>) -> Result<EtcdServer, EtcdServerError> {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir =
             std::env::temp_dir().join(format!("vmm-etcd-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| EtcdServerError::DataDir(dir.clone(), e))?;
         // From here on Drop removes the directory and whatever was started.
-        let mut server = EtcdServer { members: Vec::new(), dir };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut server = EtcdServer { members: Vec::new(), dir, scheme };
         let mut ports = Vec::new();
-        // Held until every port is chosen, so no two are the same.
+        // Held until every port is chosen, so no two are the same. Three per member: client,
+        // peer, metrics.
         let mut held = Vec::new();
-        for _ in 0..members.max(1) * 2 {
+        for _ in 0..members.max(1) * 3 {
             let l = TcpListener::bind((ip, 0)).map_err(|e| EtcdServerError::Port(ip, e))?;
             ports.push(l.local_addr().map_err(|e| EtcdServerError::Port(ip, e))?.port());
             held.push(l);
@@ -68,20 +91,21 @@ impl EtcdServer {
         let initial: Vec<String> = names
             .iter()
             .enumerate()
-            .map(|(i, n)| format!("{n}=http://{}", SocketAddr::new(ip, ports[2 * i + 1])))
+            .map(|(i, n)| format!("{n}={scheme}://{}", SocketAddr::new(ip, ports[3 * i + 1])))
             .collect();
         let token = server.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         for (i, name) in names.iter().enumerate() {
-            let client = SocketAddr::new(ip, ports[2 * i]);
-            let peer = SocketAddr::new(ip, ports[2 * i + 1]);
+            let client = SocketAddr::new(ip, ports[3 * i]);
+            let peer = SocketAddr::new(ip, ports[3 * i + 1]);
+            let metrics = SocketAddr::new(ip, ports[3 * i + 2]);
             let data = server.dir.join(name);
-            let args = vec![
+            let mut args = vec![
                 format!("--name={name}"),
                 format!("--data-dir={}", data.display()),
-                format!("--listen-client-urls=http://{client}"),
-                format!("--advertise-client-urls=http://{client}"),
-                format!("--listen-peer-urls=http://{peer}"),
-                format!("--initial-advertise-peer-urls=http://{peer}"),
+                format!("--listen-client-urls={scheme}://{client}"),
+                format!("--advertise-client-urls={scheme}://{client}"),
+                format!("--listen-peer-urls={scheme}://{peer}"),
+                format!("--initial-advertise-peer-urls={scheme}://{peer}"),
                 format!("--initial-cluster={}", initial.join(",")),
                 "--initial-cluster-state=new".to_string(),
                 format!("--initial-cluster-token={token}"),
@@ -89,7 +113,26 @@ impl EtcdServer {
                 "--log-outputs=stderr".to_string(),
                 "--log-level=warn".to_string(),
             ];
-            server.members.push(Member { name: name.clone(), child: None, client, peer, args });
+            let health = match tls {
+                None => client,
+                Some(dir) => {
+                    let file = |f: &str| dir.join(f).display().to_string();
+                    let (cert, key, ca) = (file(CERT), file(KEY), file(CA_CERT));
+                    args.extend([
+                        format!("--cert-file={cert}"),
+                        format!("--key-file={key}"),
+                        format!("--trusted-ca-file={ca}"),
+                        "--client-cert-auth".to_string(),
+                        format!("--peer-cert-file={cert}"),
+                        format!("--peer-key-file={key}"),
+                        format!("--peer-trusted-ca-file={ca}"),
+                        "--peer-client-cert-auth".to_string(),
+                        format!("--listen-metrics-urls=http://{metrics}"),
+                    ]);
+                    metrics
+                }
+            };
+            server.members.push(Member { name: name.clone(), child: None, client, peer, health, args });
             server.spawn(i)?;
         }
         for i in 0..server.members.len() {
@@ -123,9 +166,9 @@ impl EtcdServer {
 
     fn wait_healthy(&mut self, i: usize) -> Result<(), EtcdServerError> {
         let deadline = Instant::now() + START_TIMEOUT;
-        let client = self.members[i].client;
+        let at = self.members[i].health;
         loop {
-            if health(client) {
+            if health(at) {
                 return Ok(());
             }
             let exited = self.members[i].child.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some();
@@ -137,9 +180,9 @@ impl EtcdServer {
         }
     }
 
-    /// The client URLs, one per member.
+    /// The client URLs, one per member (`https://` with TLS).
     pub fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(|m| format!("http://{}", m.client)).collect()
+        self.members.iter().map(|m| format!("{}://{}", self.scheme, m.client)).collect()
     }
 
     /// The client URLs as one comma-separated argument.

@@ -19,7 +19,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run_command(cli.command, &cli.etcd)) {
+    let etcd = cli.etcd_access();
+    match runtime.block_on(run_command(cli.command, &etcd)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmm: error: {e}");

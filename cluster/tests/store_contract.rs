@@ -1,14 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The store contract: what the cluster relies on from its store, checked against both
 //! backends — the in-memory model and a real etcd (Debian's `etcd-server`, started by the test
-//! on loopback in a temporary directory) — and, for the parts that matter under failure,
-//! against a 3-member etcd that loses members.
+//! on loopback in a temporary directory), also over mutual TLS — and, for the parts that
+//! matter under failure, against a 3-member etcd that loses members.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vmm::transport::pki::{self, HostSpec};
 use vmm_cluster::etcd_server::EtcdServer;
-use vmm_cluster::store::{Compare, EtcdStore, MemoryStore, Op, Store, StoreError, Txn};
+use vmm_cluster::store::{Compare, EtcdStore, EtcdTls, MemoryStore, Op, Store, StoreError, Txn};
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -275,4 +277,132 @@ async fn an_unreachable_etcd_is_a_clear_error() {
     let e = store.get("/x").await.unwrap_err();
     assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
     assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
+}
+
+/// Certificates for etcd over mutual TLS, in a temporary directory removed on drop: the
+/// cluster's CA with etcd's identity (naming loopback), a host's identity from that CA, and a
+/// stranger (another CA's).
+struct Pki {
+    root: PathBuf,
+}
+
+impl Pki {
+    fn new(test: &str) -> Pki {
+        let root = std::env::temp_dir().join(format!("vmm-etcd-pki-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let pki = Pki { root };
+        pki::init(&pki.etcd(), &HostSpec::new("etcd", &[LOOPBACK], 1).unwrap()).unwrap();
+        pki::issue(&pki.etcd(), &pki.host(), &HostSpec::new("host-a", &[], 1).unwrap()).unwrap();
+        pki::init(&pki.stranger(), &HostSpec::new("stranger", &[LOOPBACK], 1).unwrap()).unwrap();
+        pki
+    }
+
+    /// The CA (and its key) and etcd's own identity.
+    fn etcd(&self) -> PathBuf {
+        self.root.join("etcd")
+    }
+
+    fn host(&self) -> PathBuf {
+        self.root.join("host")
+    }
+
+    fn stranger(&self) -> PathBuf {
+        self.root.join("stranger")
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+async fn etcd_tls(pki: &Pki) -> EtcdServer {
+    let dir = pki.etcd();
+    tokio::task::spawn_blocking(move || EtcdServer::start_tls(LOOPBACK, 1, &dir))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot start etcd with TLS: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_mutual_tls_keeps_the_contract() {
+    let pki = Pki::new("contract");
+    let server = etcd_tls(&pki).await;
+    assert!(server.endpoints()[0].starts_with("https://"), "{:?}", server.endpoints());
+    let tls = EtcdTls::load(&pki.host()).unwrap();
+    let store = EtcdStore::connect_with(&server.endpoints(), Some(&tls)).await.unwrap();
+    contract(&store).await;
+}
+
+/// What etcd over TLS refuses, and what the client refuses before sending anything; each a
+/// clear error, none a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_refuses_strangers_and_plaintext() {
+    let pki = Pki::new("refusals");
+    let server = etcd_tls(&pki).await;
+    let https = server.endpoints();
+    let host = EtcdTls::load(&pki.host()).unwrap();
+
+    // An https URL without a TLS directory, and a TLS directory with an http URL: refused here.
+    let e = EtcdStore::connect(&https).await.err().expect("https without a TLS directory was accepted");
+    assert!(matches!(e, StoreError::Config(_)) && e.to_string().contains("--etcd-tls-dir"), "{e}");
+    let http: Vec<String> = https.iter().map(|u| u.replacen("https://", "http://", 1)).collect();
+    let e = EtcdStore::connect_with(&http, Some(&host)).await.err().expect("http with a TLS directory was accepted");
+    assert!(matches!(e, StoreError::Config(_)) && e.to_string().contains("https://"), "{e}");
+
+    // Plaintext to etcd's TLS port: nothing gets through.
+    let plain = EtcdStore::connect(&http).await.unwrap();
+    let e = plain.get("/x").await.unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
+
+    // Another CA's host: it does not trust etcd's certificate, and etcd would not trust its own.
+    let stranger = EtcdTls::load(&pki.stranger()).unwrap();
+    let store = EtcdStore::connect_with(&https, Some(&stranger)).await.unwrap();
+    let e = store.get("/x").await.unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+
+    // Our CA, so it trusts etcd, but another CA's certificate: etcd refuses it.
+    let mixed = pki.root.join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(pki.host().join(pki::CA_CERT), mixed.join(pki::CA_CERT)).unwrap();
+    std::fs::copy(pki.stranger().join(pki::CERT), mixed.join(pki::CERT)).unwrap();
+    std::fs::copy(pki.stranger().join(pki::KEY), mixed.join(pki::KEY)).unwrap();
+    let store = EtcdStore::connect_with(&https, Some(&EtcdTls::load(&mixed).unwrap())).await.unwrap();
+    let e = store.put("/x", b"1".to_vec(), 0).await.unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+
+    // A missing TLS directory names the file.
+    let e = EtcdTls::load(&pki.root.join("nowhere")).unwrap_err();
+    assert!(matches!(e, StoreError::Config(_)) && e.to_string().contains("ca.pem"), "{e}");
+
+    // Nothing of all that reached etcd; the cluster's own host still gets through.
+    let ok = EtcdStore::connect_with(&https, Some(&host)).await.unwrap();
+    assert_eq!(ok.get("/x").await.unwrap(), None);
+}
+
+/// The command line: `--etcd-tls-dir` (or `VMM_ETCD_TLS_DIR`) with `https://` URLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_commands_reach_etcd_over_tls() {
+    let pki = Pki::new("cli");
+    let server = etcd_tls(&pki).await;
+    let cli = |args: &[&str], env_dir: Option<&Path>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_vmm-cluster"));
+        c.env_remove("VMM_ETCD_TLS_DIR").env_remove("VMM_ETCD").arg("--etcd").arg(server.endpoints_arg()).args(args);
+        if let Some(d) = env_dir {
+            c.env("VMM_ETCD_TLS_DIR", d);
+        }
+        c.output().unwrap()
+    };
+    let host = pki.host();
+    let out = cli(&["--etcd-tls-dir", host.to_str().unwrap(), "vm", "list"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["vm", "list"], Some(&host));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["vm", "list"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--etcd-tls-dir"), "{err}");
 }

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -57,6 +57,8 @@ pub struct ClusterBed {
     cgroups: BTreeMap<String, CpuCgroup>,
     etcd: Option<EtcdServer>,
     endpoints: String,
+    /// The client namespace's TLS identity for etcd (etcd's own too).
+    etcd_tls: PathBuf,
     agents: BTreeMap<String, Process>,
     balancers: BTreeMap<String, Process>,
     state_root: PathBuf,
@@ -80,7 +82,14 @@ impl ClusterBed {
         }
         let ip = IpAddr::V4(bed.client().ip());
         let members = options.etcd_members;
-        let etcd = bed.client().run_in(move || EtcdServer::start(ip, members)).expect("enter the client namespace");
+        // etcd over mutual TLS, with an identity of the test CA naming the client namespace's
+        // address; every agent, command and balancer presents its own.
+        let etcd_tls = crate::pki::pki().host_dir(bed.client().ip());
+        let server_tls = etcd_tls.clone();
+        let etcd = bed
+            .client()
+            .run_in(move || EtcdServer::start_tls(ip, members, &server_tls))
+            .expect("enter the client namespace");
         let etcd = etcd.unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
         let endpoints = etcd.endpoints_arg();
         let state_root = std::env::temp_dir().join(format!("vmm-cl-{}-{n}", std::process::id()));
@@ -90,6 +99,7 @@ impl ClusterBed {
             cgroups,
             etcd: Some(etcd),
             endpoints,
+            etcd_tls,
             agents: BTreeMap::new(),
             balancers: BTreeMap::new(),
             state_root,
@@ -104,9 +114,20 @@ impl ClusterBed {
         cluster
     }
 
-    /// etcd's client URLs, comma-separated.
+    /// etcd's client URLs, comma-separated (`https://`: see [`ClusterBed::etcd_tls`]).
     pub fn endpoints(&self) -> &str {
         &self.endpoints
+    }
+
+    /// The TLS directory the client namespace's commands reach etcd with.
+    pub fn etcd_tls(&self) -> &Path {
+        &self.etcd_tls
+    }
+
+    /// Points `cmd` (a `vmm` command in the client namespace) at etcd: `VMM_ETCD` and
+    /// `VMM_ETCD_TLS_DIR`.
+    pub fn etcd_env<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        cmd.env("VMM_ETCD", &self.endpoints).env("VMM_ETCD_TLS_DIR", &self.etcd_tls)
     }
 
     /// Kills every etcd member: "etcd is down".
@@ -148,7 +169,10 @@ impl ClusterBed {
             .expect("open the agent's log");
         let h = self.bed.host(host);
         let mut cmd = h.command_keeping_mounts(cluster_bin());
-        cmd.args(["host", "run", "--name", host, "--etcd", &self.endpoints, "--state-dir"])
+        let host_tls = crate::pki::pki().host_dir(self.bed.host(host).ip().expect("hosts have addresses"));
+        cmd.args(["host", "run", "--name", host, "--etcd", &self.endpoints, "--etcd-tls-dir"])
+            .arg(&host_tls)
+            .arg("--state-dir")
             .arg(&dir)
             .args(["--listen", &self.migration_addr(host).to_string(), "--bridge", h.bridge()])
             .args(["--mem-mib", &self.options.mem_mib.to_string()])
@@ -192,9 +216,7 @@ impl ClusterBed {
             .open(self.state_root.join(format!("balancer-{id}.log")))
             .expect("open the balancer's log");
         let mut cmd = self.bed.client().command(vmm_bin());
-        cmd.args(["balancer", "--id", id])
-            .args(args)
-            .env("VMM_ETCD", &self.endpoints)
+        self.etcd_env(cmd.args(["balancer", "--id", id]).args(args))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -253,10 +275,10 @@ impl ClusterBed {
     }
 
     /// Runs `vmm ARGS` (the cluster commands go through `vmm` to `vmm-cluster`) in the client
-    /// namespace, with `--etcd` set.
+    /// namespace, pointed at etcd ([`ClusterBed::etcd_env`]).
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd: Command = self.bed.client().command(vmm_bin());
-        cmd.args(args).env("VMM_ETCD", &self.endpoints).stdin(Stdio::null());
+        self.etcd_env(cmd.args(args)).stdin(Stdio::null());
         cmd.output().expect("run vmm")
     }
 

@@ -334,7 +334,7 @@ fn a_move_survives_the_death_of_either_end() {
 
     // The source's agent is killed during the move: the move completes without it.
     let mover = {
-        let endpoints = c.endpoints().to_string();
+        let (endpoints, etcd_tls) = (c.endpoints().to_string(), c.etcd_tls().to_path_buf());
         let client_ns = c.bed.client().netns().to_string();
         std::thread::spawn(move || {
             std::process::Command::new("ip")
@@ -342,6 +342,7 @@ fn a_move_survives_the_death_of_either_end() {
                 .arg(vmm_tests::vm::vmm_bin())
                 .args(["vm", "move", "v0", "--to", "b"])
                 .env("VMM_ETCD", endpoints)
+                .env("VMM_ETCD_TLS_DIR", etcd_tls)
                 .output()
                 .expect("run vmm")
         })
@@ -407,8 +408,7 @@ fn status_watch_redraws_until_interrupted() {
     c.create_vm("w0", "console=ttyS0 vmm.workload=idle", 64, &["--no-net", "--host", "a"])
         .unwrap_or_else(|e| panic!("{e}{}", c.describe()));
     let mut cmd = c.bed.client().command(vmm_bin());
-    cmd.args(["cluster", "status", "--watch", "--every", "0.2"])
-        .env("VMM_ETCD", c.endpoints())
+    c.etcd_env(cmd.args(["cluster", "status", "--watch", "--every", "0.2"]))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::status::{render, status_report, vms_table};
-use super::{BalancerArgs, ClusterCmd, CreateArgs, DrainArgs, HostCmd, RunArgs, Top, VmCmd};
+use super::{BalancerArgs, ClusterCmd, CreateArgs, DrainArgs, EtcdAccess, HostCmd, RunArgs, Top, VmCmd};
 use crate::agent::{self, AgentConfig, MigrationSecurity};
 use crate::balance::Policy;
 use crate::balancer::{self, BalancerConfig};
@@ -28,8 +28,8 @@ pub enum WaitError {
     Timeout { what: String, after: Duration },
 }
 
-/// Runs one command. `etcd` is `--etcd`.
-pub async fn run_command(top: Top, etcd: &str) -> Result<(), ClusterError> {
+/// Runs one command. `etcd` is `--etcd` and `--etcd-tls-dir`.
+pub async fn run_command(top: Top, etcd: &EtcdAccess) -> Result<(), ClusterError> {
     match top {
         Top::Host(HostCmd::Run(args)) => host_run(args, etcd).await,
         Top::Host(HostCmd::Drain(args)) => drain(args, etcd).await,
@@ -89,7 +89,7 @@ fn vmm_next_to_me() -> PathBuf {
     std::env::current_exe().map(|e| e.with_file_name("vmm")).unwrap_or_else(|_| PathBuf::from("vmm"))
 }
 
-async fn host_run(args: RunArgs, etcd: &str) -> Result<(), ClusterError> {
+async fn host_run(args: RunArgs, etcd: &EtcdAccess) -> Result<(), ClusterError> {
     check_name("host", &args.name).map_err(ClusterError::Invalid)?;
     let security = match (&args.tls_dir, args.insecure_plaintext) {
         (_, true) => {
@@ -130,7 +130,7 @@ async fn host_run(args: RunArgs, etcd: &str) -> Result<(), ClusterError> {
     }
     let cfg = AgentConfig {
         name: args.name,
-        etcd: etcd.split(',').map(str::to_string).collect(),
+        etcd: etcd.urls.split(',').map(str::to_string).collect(),
         state_dir: args.state_dir,
         listen: args.listen,
         advertise,
@@ -164,7 +164,7 @@ pub fn cancel_on_signals(why: &'static str) -> tokio::sync::watch::Receiver<bool
     cancel
 }
 
-async fn balancer(args: BalancerArgs, etcd: &str) -> Result<(), ClusterError> {
+async fn balancer(args: BalancerArgs, etcd: &EtcdAccess) -> Result<(), ClusterError> {
     let id = args.id.unwrap_or_else(|| format!("balancer-{}", std::process::id()));
     check_name("balancer", &id).map_err(ClusterError::Invalid)?;
     if !(0.1..=3600.0).contains(&args.every) {
@@ -213,7 +213,7 @@ fn mac_for(name: &str) -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
-async fn create(args: CreateArgs, etcd: &str) -> Result<(), ClusterError> {
+async fn create(args: CreateArgs, etcd: &EtcdAccess) -> Result<(), ClusterError> {
     let name = args.name.unwrap_or_else(|| format!("vm-{:06x}", now_us() & 0xff_ffff));
     check_name("VM", &name).map_err(ClusterError::Invalid)?;
     if let Some(h) = &args.host {
@@ -281,7 +281,7 @@ async fn create(args: CreateArgs, etcd: &str) -> Result<(), ClusterError> {
     }
 }
 
-async fn stop(name: &str, no_wait: bool, etcd: &str) -> Result<(), ClusterError> {
+async fn stop(name: &str, no_wait: bool, etcd: &EtcdAccess) -> Result<(), ClusterError> {
     let store = super::connect(etcd).await?;
     let r = ownership::stop_vm(&store, name).await?;
     println!("stopping VM {name} on host {}", r.owner);
@@ -350,7 +350,7 @@ fn move_summary(m: &MoveRecord) -> String {
     }
 }
 
-async fn drain(args: DrainArgs, etcd: &str) -> Result<(), ClusterError> {
+async fn drain(args: DrainArgs, etcd: &EtcdAccess) -> Result<(), ClusterError> {
     let store = super::connect(etcd).await?;
     let host = args.host.clone();
     ownership::set_drained(&store, &host, true).await?;

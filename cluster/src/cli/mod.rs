@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::ClusterError;
-use crate::store::EtcdStore;
+use crate::store::{EtcdStore, EtcdTls};
 
 pub use commands::{WaitError, cancel_on_signals, run_command};
 pub use status::{BalancerRow, HostRow, MoveRow, StatusReport, VmRow, render as render_status, status_report};
@@ -22,9 +22,13 @@ pub use status::{BalancerRow, HostRow, MoveRow, StatusReport, VmRow, render as r
 #[derive(Parser)]
 #[command(name = "vmm", bin_name = "vmm", version, about = "vmm's cluster commands (run through `vmm`)")]
 pub struct Cli {
-    /// etcd's client URLs, comma-separated.
+    /// etcd's client URLs, comma-separated (`https://` ones with --etcd-tls-dir).
     #[arg(long, global = true, env = "VMM_ETCD", default_value = "http://127.0.0.1:2379", value_name = "URLS")]
     pub etcd: String,
+    /// This host's TLS directory for etcd over mutual TLS (`ca.pem`, `cert.pem`, `key.pem`, as
+    /// `vmm tls init` and `vmm tls issue` write them).
+    #[arg(long, global = true, env = "VMM_ETCD_TLS_DIR", value_name = "DIR")]
+    pub etcd_tls_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Top,
 }
@@ -222,10 +226,25 @@ pub struct CreateArgs {
     pub no_wait: bool,
 }
 
-/// Connects to etcd as `--etcd` says.
-pub async fn connect(etcd: &str) -> Result<EtcdStore, ClusterError> {
-    let endpoints: Vec<String> = etcd.split(',').map(str::trim).filter(|e| !e.is_empty()).map(String::from).collect();
-    Ok(EtcdStore::connect(&endpoints).await?)
+/// Where etcd is and how to reach it: `--etcd` and `--etcd-tls-dir`.
+#[derive(Clone, Debug)]
+pub struct EtcdAccess {
+    pub urls: String,
+    pub tls_dir: Option<PathBuf>,
+}
+
+impl Cli {
+    pub fn etcd_access(&self) -> EtcdAccess {
+        EtcdAccess { urls: self.etcd.clone(), tls_dir: self.etcd_tls_dir.clone() }
+    }
+}
+
+/// Connects to etcd as `--etcd` and `--etcd-tls-dir` say.
+pub async fn connect(etcd: &EtcdAccess) -> Result<EtcdStore, ClusterError> {
+    let endpoints: Vec<String> =
+        etcd.urls.split(',').map(str::trim).filter(|e| !e.is_empty()).map(String::from).collect();
+    let tls = etcd.tls_dir.as_deref().map(EtcdTls::load).transpose()?;
+    Ok(EtcdStore::connect_with(&endpoints, tls.as_ref()).await?)
 }
 
 /// How long the commands wait for the cluster by default.

@@ -2,14 +2,22 @@
 //! The etcd v3 backend, on the `etcd-client` crate (gRPC over tonic). Every call has a
 //! deadline, so an unreachable etcd is a clear [`StoreError::Unavailable`] after a few seconds,
 //! never a hang.
+//!
+//! With `https://` URLs the connection is mutual TLS ([`EtcdTls`]): the client trusts only the
+//! cluster's CA and presents this host's certificate, which etcd started with
+//! `--client-cert-auth` and that CA as `--trusted-ca-file` requires. Then only the cluster's
+//! hosts can read or change the cluster's state.
 
+use std::error::Error as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Certificate, Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
+use vmm::transport::pki::{CA_CERT, CERT, KEY};
 
 use super::{Compare, Event, KeyValue, LeaseId, Op, Revision, Store, StoreError, Txn, TxnResult, Watch};
 
@@ -17,6 +25,38 @@ use super::{Compare, Event, KeyValue, LeaseId, Op, Revision, Store, StoreError, 
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest a connection attempt to one endpoint may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// This host's identity for etcd over mutual TLS: a directory as `vmm tls init` or `vmm tls
+/// issue` writes it. `ca.pem` is the CA that must have signed etcd's certificate (which must
+/// name the host or address in the URL); `cert.pem` and `key.pem` are what this host presents,
+/// for etcd to check against its `--trusted-ca-file`.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    dir: PathBuf,
+    options: TlsOptions,
+}
+
+impl EtcdTls {
+    /// Reads the TLS directory `dir`; a missing, unreadable or non-PEM file is an error naming it.
+    pub fn load(dir: &Path) -> Result<EtcdTls, StoreError> {
+        let read = |name: &str, tag: &str| {
+            let path = dir.join(name);
+            let pem = std::fs::read(&path).map_err(|e| StoreError::Config(format!("{}: {e}", path.display())))?;
+            if !String::from_utf8_lossy(&pem).contains(&format!("-----BEGIN {tag}")) {
+                return Err(StoreError::Config(format!("{}: not a PEM {}", path.display(), tag.to_lowercase())));
+            }
+            Ok(pem)
+        };
+        let (ca, cert, key) = (read(CA_CERT, "CERTIFICATE")?, read(CERT, "CERTIFICATE")?, read(KEY, "PRIVATE KEY")?);
+        let options =
+            TlsOptions::new().ca_certificate(Certificate::from_pem(ca)).identity(Identity::from_pem(cert, key));
+        Ok(EtcdTls { dir: dir.to_path_buf(), options })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
 
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -26,20 +66,32 @@ pub struct EtcdStore {
 }
 
 impl EtcdStore {
-    /// Connects to etcd at `endpoints` (`http://HOST:PORT`, or `HOST:PORT`). The connection is
-    /// made lazily: an unreachable etcd shows up as an error of the first request.
+    /// Connects to etcd at `endpoints` (`http://HOST:PORT`, or `HOST:PORT`) in plaintext.
     pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
+        EtcdStore::connect_with(endpoints, None).await
+    }
+
+    /// Connects to etcd at `endpoints`: `https://HOST:PORT` with `tls` (mutual TLS), or
+    /// `http://HOST:PORT` without (a bare `HOST:PORT` is either, as `tls` says). Mixing them is
+    /// an error, and so is an `https://` URL without `tls`. The connection is made lazily: an
+    /// unreachable etcd, or one that refuses this host's certificate, shows up as an error of
+    /// the first request.
+    pub async fn connect_with(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<EtcdStore, StoreError> {
         let joined = endpoints.join(",");
         if endpoints.is_empty() {
             return Err(StoreError::Unavailable { endpoints: joined, why: "no endpoint given".into() });
         }
-        let options = ConnectOptions::new()
+        check_schemes(endpoints, tls.is_some())?;
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some(tls) = tls {
+            options = options.with_tls(tls.options.clone());
+        }
         let client = Client::connect(endpoints, Some(options))
             .await
-            .map_err(|e| StoreError::Unavailable { endpoints: joined.clone(), why: e.to_string() })?;
+            .map_err(|e| StoreError::Unavailable { endpoints: joined.clone(), why: describe(&e) })?;
         Ok(EtcdStore { client, endpoints: joined, timeout: REQUEST_TIMEOUT })
     }
 
@@ -75,17 +127,53 @@ impl EtcdStore {
     fn map_error(&self, e: etcd_client::Error) -> StoreError {
         use etcd_client::Error as E;
         match e {
-            E::TransportError(t) => self.unavailable(t.to_string()),
-            E::IoError(io) => self.unavailable(io.to_string()),
+            E::TransportError(_) | E::IoError(_) => self.unavailable(describe(&e)),
             // gRPC's codes (tonic is not a direct dependency): cancelled, deadline exceeded and
             // unavailable mean the request did not get through.
-            E::GRpcStatus(s) => match s.code() as i32 {
+            E::GRpcStatus(ref s) => match s.code() as i32 {
                 1 | 4 | 14 => self.unavailable(s.message().to_string()),
+                // No answer from etcd at all: the connection failed under the request (a
+                // plaintext client at a TLS port, say); its causes say how.
+                2 if s.message() == "transport error" => self.unavailable(describe(&e)),
                 _ => StoreError::Failed(s.message().to_string()),
             },
             other => StoreError::Failed(other.to_string()),
         }
     }
+}
+
+/// An `https://` URL needs a TLS identity and an `http://` one must not have one: a plaintext
+/// client would be refused by a TLS etcd with nothing clearer than a broken connection, and a
+/// TLS identity given for a plaintext URL would silently protect nothing.
+fn check_schemes(endpoints: &[String], tls: bool) -> Result<(), StoreError> {
+    for e in endpoints {
+        if e.starts_with("https://") && !tls {
+            return Err(StoreError::Config(format!(
+                "{e} is etcd over TLS: give this host's TLS directory (--etcd-tls-dir or VMM_ETCD_TLS_DIR)"
+            )));
+        }
+        if e.starts_with("http://") && tls {
+            return Err(StoreError::Config(format!(
+                "{e} is plaintext, but a TLS directory for etcd was given: use https:// URLs"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An error with its causes: tonic's transport errors say only "transport error" on their own,
+/// and why (a refused certificate, a refused connection) is in their sources.
+fn describe(e: &etcd_client::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Pause before trying a request that could not connect again.

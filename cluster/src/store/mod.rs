@@ -14,7 +14,7 @@ pub mod memory;
 
 use std::future::Future;
 
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdStore, EtcdTls};
 pub use memory::MemoryStore;
 
 /// A cluster-wide revision (etcd's).
@@ -34,6 +34,10 @@ pub enum StoreError {
     /// A value in the store is not what this version writes.
     #[error("malformed value at {key}: {why}")]
     Malformed { key: String, why: String },
+    /// How to reach the store is wrong (an `https://` URL without a TLS directory, a TLS
+    /// directory that cannot be read): nothing was sent.
+    #[error("the cluster store: {0}")]
+    Config(String),
 }
 
 /// A key and its value, with etcd's revisions.

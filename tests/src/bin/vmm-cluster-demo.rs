@@ -61,7 +61,7 @@ fn run(o: &Options) -> Result<bool, String> {
     }
     println!("== a 3-member etcd and hosts a, b, c (network namespaces, 0.6 CPU each), one agent per host");
     let c = ClusterBed::start(&HOSTS, ClusterOptions { etcd_members: 3, ..Default::default() });
-    println!("   etcd: {}", c.endpoints());
+    println!("   etcd: {} (mutual TLS: the test CA signs etcd's certificate and every host's)", c.endpoints());
     println!("== creating {} VMs of {} MiB with `vmm vm create` (each placed on the freest host)", o.vms, o.mem_mib);
     for i in 0..o.vms {
         let name = format!("vm{i}");

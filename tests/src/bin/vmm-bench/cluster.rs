@@ -18,7 +18,7 @@
 use std::time::{Duration, Instant};
 
 use vmm_cluster::model::MoveRecord;
-use vmm_cluster::store::EtcdStore;
+use vmm_cluster::store::{EtcdStore, EtcdTls};
 use vmm_cluster::view::ClusterView;
 use vmm_tests::cluster::{ClusterBed, ClusterOptions};
 use vmm_tests::echo_stream::EchoStream;
@@ -166,13 +166,14 @@ pub fn drain(results: &mut Results, s: &Settings, dirty: bool) -> Result<(), Str
 /// The moves' records, read from etcd.
 pub fn moves(c: &ClusterBed) -> Result<Vec<MoveRecord>, String> {
     let endpoints: Vec<String> = c.endpoints().split(',').map(String::from).collect();
+    let tls = EtcdTls::load(c.etcd_tls()).map_err(|e| e.to_string())?;
     let view = c
         .bed
         .client()
         .run_in(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
             rt.block_on(async {
-                let store = EtcdStore::connect(&endpoints).await.map_err(|e| e.to_string())?;
+                let store = EtcdStore::connect_with(&endpoints, Some(&tls)).await.map_err(|e| e.to_string())?;
                 ClusterView::load(&store).await.map_err(|e| e.to_string())
             })
         })
