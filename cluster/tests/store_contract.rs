@@ -375,9 +375,12 @@ async fn etcd_over_tls_refuses_strangers_and_plaintext() {
     assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 
-    // A missing TLS directory names the file.
+    // A missing TLS directory names the file, and so does a file that is not PEM.
     let e = EtcdTls::load(&pki.root.join("nowhere")).unwrap_err();
     assert!(matches!(e, StoreError::Config(_)) && e.to_string().contains("ca.pem"), "{e}");
+    std::fs::write(mixed.join(pki::KEY), "not a key").unwrap();
+    let e = EtcdTls::load(&mixed).unwrap_err();
+    assert!(e.to_string().contains("key.pem: not a PEM private key"), "{e}");
 
     // Nothing of all that reached etcd; the cluster's own host still gets through.
     let ok = EtcdStore::connect_with(&https, Some(&host)).await.unwrap();

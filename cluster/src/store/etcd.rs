@@ -39,15 +39,20 @@ pub struct EtcdTls {
 impl EtcdTls {
     /// Reads the TLS directory `dir`; a missing, unreadable or non-PEM file is an error naming it.
     pub fn load(dir: &Path) -> Result<EtcdTls, StoreError> {
-        let read = |name: &str, tag: &str| {
+        // `what` ends a PEM block's BEGIN line: "CERTIFICATE-----", or "PRIVATE KEY-----" for
+        // any key type ("EC PRIVATE KEY", PKCS#8's "PRIVATE KEY").
+        let read = |name: &str, what: &str| {
             let path = dir.join(name);
             let pem = std::fs::read(&path).map_err(|e| StoreError::Config(format!("{}: {e}", path.display())))?;
-            if !String::from_utf8_lossy(&pem).contains(&format!("-----BEGIN {tag}")) {
-                return Err(StoreError::Config(format!("{}: not a PEM {}", path.display(), tag.to_lowercase())));
+            let text = String::from_utf8_lossy(&pem);
+            if !text.lines().any(|l| l.starts_with("-----BEGIN ") && l.ends_with(what)) {
+                let kind = what.trim_end_matches('-').to_lowercase();
+                return Err(StoreError::Config(format!("{}: not a PEM {kind}", path.display())));
             }
             Ok(pem)
         };
-        let (ca, cert, key) = (read(CA_CERT, "CERTIFICATE")?, read(CERT, "CERTIFICATE")?, read(KEY, "PRIVATE KEY")?);
+        let (cert_tag, key_tag) = ("CERTIFICATE-----", "PRIVATE KEY-----");
+        let (ca, cert, key) = (read(CA_CERT, cert_tag)?, read(CERT, cert_tag)?, read(KEY, key_tag)?);
         let options =
             TlsOptions::new().ca_certificate(Certificate::from_pem(ca)).identity(Identity::from_pem(cert, key));
         Ok(EtcdTls { dir: dir.to_path_buf(), options })
