@@ -9,7 +9,7 @@
 //! hosts can read or change the cluster's state.
 
 use std::error::Error as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use etcd_client::{
@@ -32,7 +32,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// for etcd to check against its `--trusted-ca-file`.
 #[derive(Clone, Debug)]
 pub struct EtcdTls {
-    dir: PathBuf,
     options: TlsOptions,
 }
 
@@ -55,11 +54,7 @@ impl EtcdTls {
         let (ca, cert, key) = (read(CA_CERT, cert_tag)?, read(CERT, cert_tag)?, read(KEY, key_tag)?);
         let options =
             TlsOptions::new().ca_certificate(Certificate::from_pem(ca)).identity(Identity::from_pem(cert, key));
-        Ok(EtcdTls { dir: dir.to_path_buf(), options })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
+        Ok(EtcdTls { options })
     }
 }
 
