@@ -63,6 +63,8 @@ pub struct EtcdStore {
     client: Client,
     endpoints: String,
     timeout: Duration,
+    /// Whether the connection is TLS (for a hint when a plaintext one is cut off).
+    tls: bool,
 }
 
 impl EtcdStore {
@@ -92,7 +94,7 @@ impl EtcdStore {
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|e| StoreError::Unavailable { endpoints: joined.clone(), why: describe(&e) })?;
-        Ok(EtcdStore { client, endpoints: joined, timeout: REQUEST_TIMEOUT })
+        Ok(EtcdStore { client, endpoints: joined, timeout: REQUEST_TIMEOUT, tls: tls.is_some() })
     }
 
     /// Runs one request under the deadline, mapping its errors. A request that could not even
@@ -120,7 +122,11 @@ impl EtcdStore {
         }
     }
 
-    fn unavailable(&self, why: String) -> StoreError {
+    fn unavailable(&self, mut why: String) -> StoreError {
+        // A TLS etcd cuts a plaintext client off mid-request, which is all the client sees.
+        if !self.tls && ["operation was canceled", "connection reset", "broken pipe"].iter().any(|c| why.contains(c)) {
+            why.push_str(" (if etcd serves TLS there, give https:// URLs and --etcd-tls-dir)");
+        }
         StoreError::Unavailable { endpoints: self.endpoints.clone(), why }
     }
 
