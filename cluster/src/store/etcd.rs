@@ -124,8 +124,11 @@ impl EtcdStore {
 
     fn unavailable(&self, mut why: String) -> StoreError {
         // A TLS etcd cuts a plaintext client off mid-request, which is all the client sees.
-        if !self.tls && ["operation was canceled", "connection reset", "broken pipe"].iter().any(|c| why.contains(c)) {
-            why.push_str(" (if etcd serves TLS there, give https:// URLs and --etcd-tls-dir)");
+        // Under TLS 1.3 etcd checks our certificate after the client has finished its side of
+        // the handshake; its refusal is a fatal alert, but when the connection is gone before
+        // the alert is read the client sees only a cut connection. Either way, name the cause.
+        if let Some(hint) = cut_connection_hint(self.tls, &why) {
+            why.push_str(hint);
         }
         StoreError::Unavailable { endpoints: self.endpoints.clone(), why }
     }
@@ -180,6 +183,25 @@ fn describe(e: &etcd_client::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// What most likely cut a connection under a request, for an error that says only that it was
+/// cut (see `EtcdStore::unavailable`).
+fn cut_connection_hint(tls: bool, why: &str) -> Option<&'static str> {
+    // hyper names an I/O error's kind in its Debug form (`Kind(ConnectionReset)`).
+    let text = why.to_lowercase();
+    let cut = ["operation was canceled", "connection reset", "connectionreset", "broken pipe", "brokenpipe"]
+        .iter()
+        .any(|c| text.contains(c));
+    if !cut {
+        None
+    } else if !tls {
+        Some(" (if etcd serves TLS there, give https:// URLs and --etcd-tls-dir)")
+    } else if !text.contains("certificate") {
+        Some(" (etcd may have refused this host's certificate: is it signed by the CA etcd trusts?)")
+    } else {
+        None
+    }
 }
 
 /// Pause before trying a request that could not connect again.
@@ -357,5 +379,26 @@ impl Store for EtcdStore {
 
     fn describe(&self) -> String {
         format!("etcd at {}", self.endpoints)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_connection_hint;
+
+    #[test]
+    fn a_cut_connection_names_its_likely_cause() {
+        // Plaintext to a TLS port.
+        let hint = cut_connection_hint(false, "transport error: operation was canceled").unwrap();
+        assert!(hint.contains("--etcd-tls-dir"), "{hint}");
+        // TLS, etcd refused our certificate but the alert was lost with the connection.
+        let hint = cut_connection_hint(true, "transport error: connection reset by peer").unwrap();
+        assert!(hint.contains("certificate"), "{hint}");
+        // The alert was read: the error already says so.
+        assert_eq!(cut_connection_hint(true, "operation was canceled: received fatal alert: BadCertificate"), None);
+        assert!(cut_connection_hint(false, "hyper::Error(Io, Kind(ConnectionReset))").is_some());
+        // Anything else is not a cut connection.
+        assert_eq!(cut_connection_hint(false, "no answer within 5 s"), None);
+        assert_eq!(cut_connection_hint(true, "tcp connect error: Connection refused"), None);
     }
 }
