@@ -51,7 +51,7 @@ pub enum Top {
 
 #[derive(Args)]
 pub struct BalancerArgs {
-    /// This instance's name [default: balancer-<pid>].
+    /// This instance's name [default: balancer-PID].
     #[arg(long)]
     pub id: Option<String>,
     /// Seconds between plans.
@@ -198,7 +198,7 @@ pub enum VmCmd {
 
 #[derive(Args)]
 pub struct CreateArgs {
-    /// The VM's name [default: vm-<random>].
+    /// The VM's name [default: vm-RANDOM].
     #[arg(long)]
     pub name: Option<String>,
     /// Guest kernel (the path must exist on every host).

@@ -26,7 +26,7 @@
 //!   and `hlt`: whatever arrived meanwhile is pending in the LAPIC and ends `hlt` at once.
 //! - Interrupt handlers mark their vector in this CPU's [`PerCpu`] (through GS) and send the
 //!   LAPIC EOI.
-//! - Exceptions `iretq` to [`crate::fatal::guest_fatal`] at CPL 3 on this CPU's fatal stack.
+//! - Exceptions `iretq` to `fatal::guest_fatal` at CPL 3 on this CPU's fatal stack.
 //!
 //! [`PerCpu`]: crate::percpu::PerCpu
 

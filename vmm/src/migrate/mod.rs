@@ -283,7 +283,7 @@ fn effective_cpuid(kvm: &Kvm, vcpu: Option<(&VcpuFd, &CpuId)>) -> Result<Vec<kvm
 /// Checks that this host's KVM can give the guest every feature in `wanted` (the CPUID it ran
 /// with on the source), so it will not crash on an instruction this host lacks. `vcpu`: a vCPU
 /// of the VM being built that has not run yet, if there is one already, with KVM's supported
-/// CPUID as already asked (see [`effective_cpuid`]).
+/// CPUID as already asked (see `effective_cpuid`).
 pub fn check_cpuid(
     kvm: &Kvm,
     vcpu: Option<(&VcpuFd, &CpuId)>,

@@ -9,7 +9,7 @@
 //! source's `Start` is checked (versions, memory, CPU features, NICs) before anything else
 //! happens, so an incompatible source hears "no" while its guest still runs undisturbed. Memory
 //! batches are applied as they come, each run of data pages mapped in with one call before it
-//! is copied (see [`populate`]). Pages the source sends as zero are not written (fresh memory
+//! is copied (see `populate`). Pages the source sends as zero are not written (fresh memory
 //! is zero), so they take no memory here until the guest touches them: populating them ahead
 //! cost more CPU than the page faults it saved. `Prepare` is answered once everything
 //! here is set up. On `Complete` the machine is restored, its vCPUs start, and the answer

@@ -6,7 +6,7 @@
 //! thread needs (memory, futexes, signals, its own end). A filter is inherited by the threads a
 //! thread starts, and stacked filters allow only what all of them allow, so a kind's filter also
 //! allows what the kinds it starts need before they install their own: [`ThreadKind::children`]
-//! says which, and [`super::filter`] takes the union.
+//! says which, and `super::rule_map` takes the union.
 //!
 //! To extend: add the system call or ioctl to the profile of the thread that makes it (run with
 //! `--seccomp log` and read the kernel log's `type=1326` lines to find what a filter misses:
@@ -171,7 +171,7 @@ const TAP: &[u64] = &[TUNSETOFFLOAD, TUNSETVNETHDRSZ];
 const TERMINAL: &[u64] = &[TCGETS, FIONBIO];
 
 /// Every thread: memory (never executable: `mmap` and `mprotect` get their own rule in
-/// [`super::filter`]), futexes, signals (the vCPU kick, the seccomp report), time, its own end.
+/// `super::rule_map`), futexes, signals (the vCPU kick, the seccomp report), time, its own end.
 pub const COMMON: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_munmap,
