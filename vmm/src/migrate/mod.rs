@@ -3,6 +3,7 @@
 //! the two ends of a migration ([`send`] on the source, [`receive`] on the destination). The
 //! wire protocol and the state types of KVM objects are the `migration` crate's.
 
+pub mod apply;
 pub mod dirty;
 pub mod disks;
 pub mod hook;

@@ -18,15 +18,14 @@
 //! by someone else ([`socket_from_fd`], [`accept_connection`]), e.g. a host agent that owns the port.
 
 pub mod link;
+mod listen;
 pub mod pki;
 pub mod tls;
 
 use std::io::{self, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use migration::protocol::{self, Command, Response};
@@ -34,6 +33,7 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, ServerConnection};
 
 pub use link::LinkConfig;
+pub use listen::{IncomingSocket, MigrationListener, accept_connection, socket_from_fd};
 use tls::Side;
 pub use tls::TlsIdentity;
 
@@ -478,187 +478,4 @@ fn handshake(
         link: *link,
         tls_dir: Some(id.dir().to_path_buf()),
     })
-}
-
-/// A destination's listening socket.
-pub struct MigrationListener {
-    listener: TcpListener,
-    security: Security,
-    link: LinkConfig,
-}
-
-impl MigrationListener {
-    /// Listens on `addr` (`ADDR:PORT`).
-    pub fn bind(addr: &str, security: Security, link: LinkConfig) -> Result<MigrationListener, TransportError> {
-        let sa: SocketAddr = addr.parse().map_err(|e| {
-            TransportError::Listen(
-                addr.into(),
-                io::Error::new(io::ErrorKind::InvalidInput, format!("not an ADDR:PORT ({e})")),
-            )
-        })?;
-        let listener = TcpListener::bind(sa).map_err(|e| TransportError::Listen(addr.into(), e))?;
-        Ok(MigrationListener { listener, security, link })
-    }
-
-    /// Listens on a socket someone else bound (and is listening on).
-    pub fn from_listener(listener: TcpListener, security: Security, link: LinkConfig) -> MigrationListener {
-        MigrationListener { listener, security, link }
-    }
-
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
-    /// Waits for a peer that completes the handshake, and stops listening. Every other
-    /// connection (refused, or arriving while one is being handshaken) is closed and logged.
-    pub fn accept(self) -> Result<MigrationStream, TransportError> {
-        self.accept_while(&|| true)
-    }
-
-    /// Like [`MigrationListener::accept`], but the listener stays open for later connections
-    /// (post-copy's fault connection and reconnections), and the wait ends with
-    /// [`TransportError::Stopped`] as soon as `go_on` (asked a few times a second) says so.
-    pub fn accept_while(&self, go_on: &dyn Fn() -> bool) -> Result<MigrationStream, TransportError> {
-        let stop = AtomicBool::new(false);
-        let (tx, rx) = mpsc::channel::<Result<MigrationStream, TransportError>>();
-        std::thread::scope(|scope| {
-            let acceptor = std::thread::Builder::new().name("migration-accept".into()).spawn_scoped(scope, {
-                let stop = &stop;
-                move || accept_loop(&self.listener, stop, &tx, &self.security, &self.link)
-            })?;
-            let got = loop {
-                match rx.recv_timeout(ACCEPT_TICK) {
-                    Ok(r) => break r,
-                    Err(mpsc::RecvTimeoutError::Timeout) if go_on() => {}
-                    Err(mpsc::RecvTimeoutError::Timeout) => break Err(TransportError::Stopped),
-                    Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        break Err(TransportError::Refused("the accept loop ended".into()));
-                    }
-                }
-            };
-            stop.store(true, Ordering::SeqCst);
-            let _ = acceptor.join();
-            got
-        })
-    }
-}
-
-/// How often a waiting accept looks whether it should stop.
-const ACCEPT_TICK: Duration = Duration::from_millis(100);
-/// The same while a handshake is under way: when it succeeds, the caller stops the accept loop
-/// and waits for it to end, and that wait is part of the migration's total time (a 100 ms tick
-/// made an idle guest's migration take 110 ms instead of 10). A tick, not a wake-up file
-/// descriptor, because post-copy's page handler accepts under a seccomp filter that has no
-/// way to make or write one.
-const HANDSHAKE_TICK: Duration = Duration::from_millis(1);
-
-/// Waits until `listener` has a connection to accept (true) or `tick` passed (false).
-fn readable(listener: &TcpListener, tick: Duration) -> bool {
-    let mut fd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd, for the duration of the call.
-    let n = unsafe { libc::poll(&mut fd, 1, tick.as_millis() as i32) };
-    n > 0
-}
-
-fn accept_loop(
-    listener: &TcpListener,
-    stop: &AtomicBool,
-    tx: &mpsc::Sender<Result<MigrationStream, TransportError>>,
-    security: &Security,
-    link: &LinkConfig,
-) {
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    while !stop.load(Ordering::SeqCst) {
-        // Polled, so that a stop ends the wait without closing the listener.
-        let tick = if in_flight.load(Ordering::SeqCst) > 0 { HANDSHAKE_TICK } else { ACCEPT_TICK };
-        if !readable(listener, tick) {
-            continue;
-        }
-        let (tcp, peer) = match listener.accept() {
-            Ok(c) => c,
-            Err(_) if stop.load(Ordering::SeqCst) => return,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
-                log::warn!("migration listener: {e}; retrying");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EAGAIN | libc::EINTR)) => continue,
-            Err(e) => {
-                let _ = tx.send(Err(TransportError::Io(e)));
-                return;
-            }
-        };
-        if in_flight.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
-            log::warn!("refused a migration connection from {peer}: {MAX_HANDSHAKES} handshakes already under way");
-            continue;
-        }
-        in_flight.fetch_add(1, Ordering::SeqCst);
-        let (tx, security, link, flight) = (tx.clone(), security.clone(), *link, in_flight.clone());
-        let spawned = std::thread::Builder::new().name("migration-handshake".into()).spawn(move || {
-            match handshake(tcp, peer.to_string(), &security, &link) {
-                // Only the first to get here is used; the others are dropped (closed). It stays
-                // counted as in flight, so that the loop, about to be stopped, keeps its short tick.
-                Ok(stream) => {
-                    let _ = tx.send(Ok(stream));
-                }
-                Err(why) => {
-                    log::warn!("refused a migration connection from {peer}: {why}");
-                    flight.fetch_sub(1, Ordering::SeqCst);
-                }
-            }
-        });
-        if let Err(e) = spawned {
-            in_flight.fetch_sub(1, Ordering::SeqCst);
-            log::warn!("refused a migration connection from {peer}: cannot start a thread for it: {e}");
-        }
-    }
-}
-
-/// What `--incoming-fd` gives a destination: a listening socket, or one connection accepted by
-/// someone else (a host agent that owns the port).
-pub enum IncomingSocket {
-    Listener(TcpListener),
-    Connection(TcpStream),
-}
-
-/// Takes ownership of the inherited file descriptor `fd`, which must be a TCP socket.
-pub fn socket_from_fd(fd: RawFd) -> Result<IncomingSocket, TransportError> {
-    let get = |name: i32| -> io::Result<i32> {
-        let mut v = 0i32;
-        let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-        // SAFETY: v and len are valid for writes of their sizes; a bad fd only gives an error.
-        let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&mut v as *mut i32).cast(), &mut len) };
-        if r == 0 { Ok(v) } else { Err(io::Error::last_os_error()) }
-    };
-    let bad =
-        |why: String| TransportError::Listen(format!("fd {fd}"), io::Error::new(io::ErrorKind::InvalidInput, why));
-    let kind = get(libc::SO_TYPE).map_err(|e| bad(format!("not a socket ({e})")))?;
-    let domain = get(libc::SO_DOMAIN).map_err(|e| bad(e.to_string()))?;
-    if kind != libc::SOCK_STREAM || !(domain == libc::AF_INET || domain == libc::AF_INET6) {
-        return Err(bad("not a TCP socket".into()));
-    }
-    let listening = get(libc::SO_ACCEPTCONN).map_err(|e| bad(e.to_string()))? != 0;
-    // Whatever the descriptor was, it must not leak into processes this VMM starts.
-    // SAFETY: fcntl on an fd we checked is an open socket.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    Ok(if listening {
-        // SAFETY: `fd` is an open TCP socket (checked above) that the caller hands over to us;
-        // no one else in this process owns it.
-        IncomingSocket::Listener(unsafe { TcpListener::from_raw_fd(fd) })
-    } else {
-        // SAFETY: as above.
-        IncomingSocket::Connection(unsafe { TcpStream::from_raw_fd(fd) })
-    })
-}
-
-/// The destination's handshake on a connection someone else accepted. A refused peer ends
-/// this (nobody else can come on this connection).
-pub fn accept_connection(
-    tcp: TcpStream,
-    security: &Security,
-    link: &LinkConfig,
-) -> Result<MigrationStream, TransportError> {
-    let peer = tcp.peer_addr().map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
-    handshake(tcp, peer.clone(), security, link)
-        .map_err(|why| TransportError::Refused(format!("refused {peer}: {why}")))
 }
