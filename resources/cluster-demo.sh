@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 #
-# The cluster demo: sets everything up (resources/setup.sh), then runs target/release/
+# The cluster demo: sets everything up (resources/setup.sh), then runs target/x86_64-unknown-linux-gnu/release/
 # vmm-cluster-demo: a 3-member etcd, hosts a, b and c (network namespaces on one segment, 0.6 CPU
 # each through a cgroup, a host agent each), six VMs of our guest placed by `vmm vm create`, a
 # client streaming to each VM's echo service, `vmm cluster status`, `vmm host drain a` while the
@@ -14,4 +14,4 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/setup.sh"
-exec "$(dirname "$here")/target/release/vmm-cluster-demo" "$@"
+exec "$(dirname "$here")/target/x86_64-unknown-linux-gnu/release/vmm-cluster-demo" "$@"

@@ -14,4 +14,4 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 "$here/setup.sh"
-exec "$(dirname "$here")/target/release/vmm-demo" "$@"
+exec "$(dirname "$here")/target/x86_64-unknown-linux-gnu/release/vmm-demo" "$@"

@@ -71,4 +71,4 @@ log "nested host (resources/l1.sh: QEMU, Linux 6.1, busybox; Linux tests run in 
 "$here/l1.sh" --prepare
 log "workspace (release${targets:+, with the tests})"
 (cd "$root" && cargo build --release --workspace "${targets[@]}")
-log "done: target/release/vmm, target/release/vmm-guest, resources/build/{vmlinux,initramfs.cpio}"
+log "done: target/x86_64-unknown-linux-gnu/release/vmm, target/x86_64-unknown-linux-gnu/release/vmm-guest, resources/build/{vmlinux,initramfs.cpio}"

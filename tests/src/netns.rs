@@ -228,6 +228,17 @@ impl Netns {
         Ok(process)
     }
 
+    /// Like [`Netns::spawn`] for a command made with `Command::new` (no `ip netns exec`, no
+    /// `pre_exec`): it is started from a thread inside this namespace, so the child is born in
+    /// it, and the standard library starts it with `posix_spawn` (a vfork) rather than a fork,
+    /// whose cost grows with this process's memory and threads. What a program's start time is
+    /// measured with (the benchmark's restore rows).
+    pub fn spawn_from_inside(&self, cmd: &mut Command) -> Result<Process, TestBedError> {
+        let (process, child) = self.run_in(|| process::spawn(cmd))??;
+        self.processes.lock().expect("Poisoned lock").push(child);
+        Ok(process)
+    }
+
     /// Runs `f` on a new thread that entered this namespace, and returns its result. Sockets
     /// created there stay in this namespace, so `f` can also just create a listener or a raw
     /// socket and hand it back. A panic in `f` is passed on to the caller.

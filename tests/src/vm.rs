@@ -220,6 +220,15 @@ enum Proc {
     Here(Mutex<Child>),
 }
 
+/// How a process enters its namespace.
+#[derive(Clone, Copy)]
+enum Spawn {
+    /// The command does it (`ip netns exec`).
+    Command,
+    /// It is started from a thread inside the namespace.
+    FromInside,
+}
+
 /// A running `vmm` process. It is killed when dropped (and, if started in a test bed
 /// namespace, also when the bed goes away).
 pub struct Vm {
@@ -248,12 +257,13 @@ impl Vm {
         Vm::start_program_env(netns, program, args, &[])
     }
 
-    /// Like [`Vm::start`], but the VMM joins `netns` itself between fork and exec
-    /// ([`Netns::command_keeping_mounts`]) instead of through `ip netns exec`: no other program
-    /// runs before it, so the time from the spawn is the VMM's own (the benchmark's restore
-    /// rows).
+    /// Like [`Vm::start`], but the VMM is born in `netns` ([`Netns::spawn_from_inside`]: a
+    /// `posix_spawn` from a thread in the namespace) instead of going through `ip netns exec`:
+    /// no other program runs before it and no fork of this process comes first, so the time
+    /// from the spawn is the VMM's own (the benchmark's restore rows).
     pub fn start_direct(netns: &Netns, args: &[String]) -> Vm {
-        Vm::start_cmd(Some(netns), netns.command_keeping_mounts(vmm_bin()), &vmm_bin(), args, &[])
+        let program = vmm_bin();
+        Vm::start_cmd(Some((netns, Spawn::FromInside)), Command::new(&program), &program, args, &[])
     }
 
     fn start_program_env(netns: Option<&Netns>, program: &Path, args: &[String], env: &[(&str, &str)]) -> Vm {
@@ -261,17 +271,27 @@ impl Vm {
             Some(ns) => ns.command(program),
             None => Command::new(program),
         };
-        Vm::start_cmd(netns, cmd, program, args, env)
+        Vm::start_cmd(netns.map(|ns| (ns, Spawn::Command)), cmd, program, args, env)
     }
 
-    fn start_cmd(netns: Option<&Netns>, mut cmd: Command, program: &Path, args: &[String], env: &[(&str, &str)]) -> Vm {
+    fn start_cmd(
+        netns: Option<(&Netns, Spawn)>,
+        mut cmd: Command,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Vm {
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd.envs(env.iter().copied());
         let api_sock = args.iter().position(|a| a == "--api-sock").and_then(|i| args.get(i + 1)).map(PathBuf::from);
         let started = Instant::now();
         let (proc, stdout, stderr) = match netns {
-            Some(ns) => {
-                let p = ns.spawn(&mut cmd).expect("start vmm in the namespace");
+            Some((ns, how)) => {
+                let p = match how {
+                    Spawn::Command => ns.spawn(&mut cmd),
+                    Spawn::FromInside => ns.spawn_from_inside(&mut cmd),
+                }
+                .expect("start vmm in the namespace");
                 let (o, e) = (p.take_stdout(), p.take_stderr());
                 (Proc::Ns(p), o, e)
             }
