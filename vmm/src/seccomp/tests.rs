@@ -62,6 +62,13 @@ fn ioctl(request: u64) {
 }
 
 #[test]
+fn kinds_index_their_place_in_all() {
+    for (i, kind) in ThreadKind::ALL.into_iter().enumerate() {
+        assert_eq!(kind.index(), i, "{kind:?}");
+    }
+}
+
+#[test]
 fn every_filter_compiles() {
     for kind in ThreadKind::ALL {
         for mode in [SeccompMode::Enforce, SeccompMode::Log] {
