@@ -41,6 +41,28 @@ fn our_guest_boots_and_powers_off_with_one_vcpu() {
     }
 }
 
+/// `vmm` is a static PIE (`.cargo/config.toml`): a running VMM maps no shared library, not even
+/// the C library, whose pages were about 1 MiB of its own memory; and nothing of the host's
+/// file system is needed after the jail empties its root.
+#[test]
+fn a_running_vmm_maps_no_shared_library() {
+    if !kvm_or_skip("a_running_vmm_maps_no_shared_library") {
+        return;
+    }
+    let vm = start_our_guest(1, "console=ttyS0 vmm.workload=idle");
+    let ready = vm.console.wait_line(Duration::from_secs(20), |l| l.starts_with("GUEST-READY"));
+    assert!(ready.is_some(), "no ready line\n{}", vm.describe());
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", vm.pid())).expect("the VMM's /proc/PID/maps");
+    let files: Vec<&str> =
+        maps.lines().filter_map(|l| l.split_whitespace().nth(5)).filter(|p| p.starts_with('/')).collect();
+    let libraries: Vec<&&str> = files.iter().filter(|p| p.contains(".so")).collect();
+    assert!(libraries.is_empty(), "shared libraries mapped: {libraries:?}\n{maps}");
+    // The one file it maps is its own binary (the guest's memory and KVM's are anonymous).
+    let own = vmm_bin().canonicalize().expect("the vmm binary");
+    assert!(files.iter().all(|p| std::path::Path::new(p) == own), "{files:?}\n{maps}");
+    assert!(!files.is_empty(), "the VMM's own binary is not mapped?\n{maps}");
+}
+
 /// The application processors start from their MP table entries, as under Linux: INIT and a
 /// startup IPI from the boot CPU, real mode, then long mode and CPL 3.
 #[test]
