@@ -3,11 +3,11 @@
 //! [`rules`].
 //!
 //! `vmm run` turns filters on at start ([`init`]); each thread installs its own as its first act
-//! once its set-up is done ([`apply`]), and a kind's filter is compiled when its first thread
-//! installs it (a VMM that never migrates never compiles the migration's): the VMM thread once everything the VM needs from the
-//! host is open, a vCPU thread before it first runs guest code, and so on. A thread a filtered
-//! thread starts inherits the parent's filter until it installs its own; filters stack, so a
-//! thread ends up with what both allow.
+//! once its set-up is done ([`apply`]): the VMM thread once everything the VM needs from the
+//! host is open, a vCPU thread before it first runs guest code, and so on. A kind's filter is
+//! compiled when its first thread installs it (a VMM that never migrates never compiles the
+//! migration's). A thread a filtered thread starts inherits the parent's filter until it
+//! installs its own; filters stack, so a thread ends up with what both allow.
 //!
 //! A system call outside a thread's filter stops the process with SIGSYS: the handler installed
 //! here first prints which call and which thread on stderr, then lets SIGSYS take its default
