@@ -30,7 +30,7 @@ use crate::disk_config::DiskConfig;
 use crate::host::HostResources;
 use crate::loader::{self, LoaderError};
 use crate::net_config::NetConfig;
-use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{ExitChannel, Vcpu, VcpuError, VcpuShared};
 use crate::vstate::vm::{Vm, VmError};
 use vm_memory::GuestAddress;
@@ -166,18 +166,36 @@ fn check_config(config: &VmConfig) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// KVM, memory, devices and (unconfigured) vCPUs: what booting and receiving a migration share.
+/// What a VM is built on before KVM knows of it: its guest memory, and the channel its end is
+/// reported on. A restore starts its memory loader on these before it builds the VM, so that
+/// the pages KVM writes first are in place by the time the machine is restored.
+pub struct Foundation {
+    pub memory: GuestMemoryMmap,
+    pub exits: ExitChannel,
+}
+
+impl Foundation {
+    /// Checks `config`'s shape and maps its guest memory.
+    pub fn new(config: &VmConfig) -> Result<Self, BuildError> {
+        check_config(config)?;
+        let memory = memory::create_guest_memory(config.mem_mib << 20)?;
+        Ok(Foundation { memory, exits: ExitChannel::new().map_err(BuildError::EventFd)? })
+    }
+}
+
+/// KVM, devices and (unconfigured) vCPUs on `foundation`: what booting, receiving a migration
+/// and restoring a snapshot share.
 fn build_machine(
+    foundation: Foundation,
     config: &VmConfig,
     res: &mut HostResources,
     console: Box<dyn Write + Send>,
 ) -> Result<BuiltVm, BuildError> {
+    let Foundation { memory: mem, exits } = foundation;
     let kvm = res.take_kvm()?;
-    let mem = memory::create_guest_memory(config.mem_mib << 20)?;
     let vm = Vm::new(&kvm, mem)?;
-    // Asked once for every vCPU and check: each CPUID instruction KVM runs for it exits to the
-    // hypervisor below under nested virtualisation (0.35 ms for the whole list here).
-    let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VcpuError::SupportedCpuid)?;
+    // Asked once for every vCPU and check (see `SupportedCpuid`).
+    let supported_cpuid = res.take_supported_cpuid(&kvm).map_err(VcpuError::SupportedCpuid)?;
     let LegacyDevices { mut io, serial, reset_evt, panic_evt } = attach_legacy_devices(&vm, console)?;
     let mut nets = Vec::with_capacity(config.nets.len());
     for (i, nc) in config.nets.iter().enumerate() {
@@ -218,7 +236,6 @@ fn build_machine(
         cpuid: Mutex::new(Vec::new()),
         lazy_memory: Mutex::new(None),
     };
-    let exits = ExitChannel::new().map_err(BuildError::EventFd)?;
     Ok(BuiltVm { machine, reset_evt, panic_evt, vcpus, exits })
 }
 
@@ -229,14 +246,14 @@ pub fn build_vm_for_boot(
     res: &mut HostResources,
     console: Box<dyn Write + Send>,
 ) -> Result<BuiltVm, BuildError> {
-    check_config(config)?;
+    let foundation = Foundation::new(config)?;
     // Check the files before touching KVM, so bad input gets the error about the input.
     let mut kernel_file = res.take_kernel(&config.kernel)?;
     let mut initrd_file = match &config.initrd {
         Some(path) => Some(res.take_initrd(path)?),
         None => None,
     };
-    let built = build_machine(config, res, console)?;
+    let built = build_machine(foundation, config, res, console)?;
     let m = &built.machine;
     let mem = m.vm.memory();
     let kernel = loader::load_kernel(mem, &mut kernel_file, &config.kernel)?;
@@ -284,8 +301,17 @@ pub fn build_vm_for_incoming(
     res: &mut HostResources,
     console: Box<dyn Write + Send>,
 ) -> Result<BuiltVm, BuildError> {
-    check_config(config)?;
-    build_machine(config, res, console)
+    build_machine(Foundation::new(config)?, config, res, console)
+}
+
+/// [`build_vm_for_incoming`] on a `foundation` made already (see [`Foundation`]).
+pub fn build_vm_on(
+    foundation: Foundation,
+    config: &VmConfig,
+    res: &mut HostResources,
+    console: Box<dyn Write + Send>,
+) -> Result<BuiltVm, BuildError> {
+    build_machine(foundation, config, res, console)
 }
 
 /// A virtio-net device and its virtio-mmio transport.

@@ -20,6 +20,7 @@ use crate::config::VmConfig;
 use crate::disk_config::DiskConfig;
 use crate::loader::{self, LoaderError};
 use crate::net_config::NetConfig;
+use crate::vstate::supported_cpuid::SupportedCpuid;
 
 /// Errors opening what a VM needs.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,8 @@ pub enum LocalDisk {
 #[derive(Default)]
 pub struct HostResources {
     kvm: Option<Kvm>,
+    /// KVM's supported CPUID, asked in the background when /dev/kvm was opened.
+    supported_cpuid: SupportedCpuid,
     taps: Vec<Tap>,
     /// The VM's disks for its devices, by index.
     disks: Vec<Option<Disk>>,
@@ -85,6 +88,7 @@ impl HostResources {
         let taps = config.nets.iter().map(|n| Tap::open(&n.tap)).collect::<Result<Vec<_>, _>>()?;
         let kvm = Some(open_kvm()?);
         Ok(HostResources {
+            supported_cpuid: SupportedCpuid::default(),
             kvm,
             taps,
             disks,
@@ -161,6 +165,19 @@ impl HostResources {
     pub fn take_kvm(&mut self) -> Result<Kvm, HostError> {
         self.kvm()?;
         self.kvm.take().ok_or_else(|| Self::not_opened("/dev/kvm", "open it before sealing"))
+    }
+
+    /// Starts asking KVM for its supported CPUID in the background (see [`SupportedCpuid`]), if
+    /// /dev/kvm is open. Not before `--jail`, which needs the process single-threaded.
+    pub fn ask_supported_cpuid(&mut self) {
+        if let Some(kvm) = &self.kvm {
+            self.supported_cpuid = SupportedCpuid::ask(kvm);
+        }
+    }
+
+    /// KVM's supported CPUID: the background question's answer, or asked of `kvm` now.
+    pub fn take_supported_cpuid(&mut self, kvm: &Kvm) -> Result<kvm_bindings::CpuId, kvm_ioctls::Error> {
+        std::mem::take(&mut self.supported_cpuid).answer(kvm)
     }
 
     /// The TAP named `name`.

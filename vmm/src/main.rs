@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -11,8 +12,8 @@ use clap::Parser;
 use net::announce::AnnounceSchedule;
 use vmm::api::client::{ApiClient, ClientError};
 use vmm::api::display;
-use vmm::api::server::{ApiServerOptions, bind_api_socket};
-use vmm::api::{MigrateRequest, MigrationMode, MigrationPhase, SnapshotPhase, SnapshotRequest};
+use vmm::api::server::{ApiServer, ApiServerOptions, BoundApiSocket, bind_api_socket};
+use vmm::api::{ApiMessage, MigrateRequest, MigrationMode, MigrationPhase, SnapshotPhase, SnapshotRequest};
 use vmm::host::HostResources;
 use vmm::migrate::params::MigrationDefaults;
 use vmm::migrate::receive::{IncomingConfig, IncomingFrom};
@@ -103,38 +104,28 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Some(user) = args.jail {
         vmm::jail::enter(user)?;
     }
+    res.ask_supported_cpuid();
     vmm::seccomp::init(seccomp)?;
     if args.jail.is_some() || seccomp != SeccompMode::Off {
         res.seal();
     }
-    let api = match api_socket {
-        Some(socket) => {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-            let server = socket.start(tx, wake.clone(), ApiServerOptions::default())?;
-            Some((server, rx, wake))
-        }
-        None => None,
-    };
-    // Snapshots are written by a thread that may create files: it starts before the VMM thread
-    // gives that up.
-    let snapshot_writer = vmm::snapshot::save::Writer::start()?;
-    vmm::seccomp::apply(ThreadKind::Vmm)?;
-
+    // Every start but a restore's seals the VMM thread before it builds or receives anything. A
+    // restore starts the guest first and seals the thread right after (before its event loop,
+    // and the devices' resume, read anything the guest wrote): the filter and the API server's
+    // and snapshot writer's threads are then not part of the time to running.
+    let mut api_socket = api_socket;
+    let early = if restore.is_none() { Some(seal_vmm_thread(api_socket.take())?) } else { None };
     let schedule = (!args.no_announce).then_some(AnnounceSchedule {
         rounds: args.announce_rounds,
         initial_ms: args.announce_initial_ms,
         step_ms: args.announce_step_ms,
         kick_tcp: !args.no_tcp_kick,
     });
+    let mut restored = None;
     let mut vmm = match (incoming, restore) {
         (_, Some((dir, prepared))) => {
-            let (mut vmm, took) = vmm::snapshot::restore::start(prepared, &mut res, Box::new(std::io::stdout()))?;
-            // On stderr whatever the log level: scripts and tests wait for it.
-            eprintln!("vmm: restored {}: the guest runs ({} µs)", dir.display(), took.as_micros());
-            if let Some(schedule) = schedule {
-                vmm.announce(schedule);
-            }
+            let (vmm, started) = vmm::snapshot::restore::start(prepared, &mut res, Box::new(std::io::stdout()))?;
+            restored = Some((dir, started));
             vmm
         }
         (Some(from), None) => {
@@ -156,6 +147,20 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Vmm::start(built)?
         }
     };
+    let Sealed { api, snapshot_writer } = match early {
+        Some(sealed) => sealed,
+        None => {
+            let sealed = seal_vmm_thread(api_socket.take())?;
+            if let Some((dir, started)) = restored {
+                report_restored(&vmm, &dir, started);
+            }
+            vmm::migrate::resume_devices(vmm.machine());
+            if let Some(schedule) = schedule {
+                vmm.announce(schedule);
+            }
+            sealed
+        }
+    };
     vmm.attach_snapshot_writer(snapshot_writer);
     vmm.set_migration_defaults(MigrationDefaults { security, link });
     let _server = api.map(|(server, rx, wake)| {
@@ -173,6 +178,52 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         ExitReason::Error(e) => Err(e.into()),
     }
+}
+
+/// The line scripts and tests wait for, on stderr whatever the log level: when the guest first
+/// ran (its first vCPU about to enter KVM_RUN), from the restore's start and on the monotonic
+/// clock, which `vmm-bench` compares with the time it spawned this process. Not printed if a
+/// vCPU thread failed before it ran (the VM ends with its error).
+fn report_restored(vmm: &Vmm, dir: &Path, started: Instant) {
+    // A vCPU thread either runs or gives up at once; the bound is only against a hang.
+    let Some(at) = vmm.machine().vcpu_shared.first_run.wait(Duration::from_secs(30)) else {
+        log::error!("restored {}: no vCPU ran", dir.display());
+        return;
+    };
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill. Rust's `Instant` is this clock on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let now_us = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000;
+    let at_us = now_us.saturating_sub(at.elapsed().as_micros() as u64);
+    eprintln!(
+        "vmm: restored {}: the guest runs ({} µs; monotonic {at_us} µs)",
+        dir.display(),
+        at.saturating_duration_since(started).as_micros()
+    );
+}
+
+/// What the VMM thread starts before it gives up creating threads that may open files.
+struct Sealed {
+    api: Option<(ApiServer, std::sync::mpsc::Receiver<ApiMessage>, Arc<EventFd>)>,
+    snapshot_writer: vmm::snapshot::save::Writer,
+}
+
+/// The VMM thread's last steps before its own filter: the API server's threads start on
+/// `api_socket`, and the snapshot writer (a thread that may create files) starts; then the
+/// filter goes on.
+fn seal_vmm_thread(api_socket: Option<BoundApiSocket>) -> Result<Sealed, Box<dyn std::error::Error>> {
+    let api = match api_socket {
+        Some(socket) => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+            let server = socket.start(tx, wake.clone(), ApiServerOptions::default())?;
+            Some((server, rx, wake))
+        }
+        None => None,
+    };
+    let snapshot_writer = vmm::snapshot::save::Writer::start()?;
+    vmm::seccomp::apply(ThreadKind::Vmm)?;
+    Ok(Sealed { api, snapshot_writer })
 }
 
 /// `vmm host|cluster|vm|balancer ...`: replaces this process with the binary that serves them, found next

@@ -104,7 +104,8 @@ impl Vmm {
         }
         events.add_subscriber(Arc::new(Mutex::new(ConsoleInput { serial: machine.serial.clone() })));
 
-        // The guest runs next: no thread of this VMM is still without its filter by then.
+        // The guest runs next: no thread started by `seccomp::spawn` is still without its filter
+        // by then (a restore's VMM thread installs its own right after: see `vmm run`).
         crate::seccomp::wait_for_filters();
         let mut handles = Vec::with_capacity(built.vcpus.len());
         for vcpu in built.vcpus {

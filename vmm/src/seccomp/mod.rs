@@ -16,6 +16,7 @@
 //! log), which is how a filter's gaps are found.
 
 pub mod rules;
+mod tree;
 
 use std::collections::BTreeMap;
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -256,10 +257,8 @@ pub fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, Seccom
         _ => SeccompAction::Trap,
     };
     let err = |e: &dyn std::fmt::Display| SeccompError::Build(kind.name(), e.to_string());
-    let filter =
-        SeccompFilter::new(rule_map(kind).map_err(|e| err(&e))?, mismatch, SeccompAction::Allow, TargetArch::x86_64)
-            .map_err(|e| err(&e))?;
-    filter.try_into().map_err(|e: seccompiler::BackendError| err(&e))
+    tree::compile(rule_map(kind).map_err(|e| err(&e))?, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|e| err(&e))
 }
 
 /// Every kind `kind` stands for: itself and, transitively, the kinds it starts.

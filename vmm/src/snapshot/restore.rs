@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use migration::snapshot::{
     MAX_MANIFEST_BYTES, MAX_STATE_BYTES, MEMORY_CHUNK, Manifest, STATE_HEADER_LEN, decode_state,
@@ -23,7 +23,7 @@ use migration::snapshot::{
 use super::sparse::copy_checked;
 use super::{MANIFEST, MEMORY, STATE, SnapshotError, SnapshotState, disk_file};
 use crate::arch::layout::ram_regions;
-use crate::builder::{BuiltVm, build_vm_for_incoming};
+use crate::builder::{Foundation, build_vm_on};
 use crate::config::VmConfig;
 use crate::disk_config::DiskConfig;
 use crate::host::HostResources;
@@ -251,21 +251,25 @@ pub fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, SnapshotEr
 }
 
 /// Builds, restores and starts the prepared snapshot's VM from `res` (see
-/// [`HostResources::open_for_restore`]). Returns the running VMM and the time it took from
-/// [`prepare`] to the guest running.
+/// [`HostResources::open_for_restore`]). Returns the VMM, whose vCPUs are starting, and when
+/// [`prepare`] began (the guest's first run is in [`crate::vstate::vcpu::FirstRun`]). Its
+/// devices stay paused: the caller resumes them ([`crate::migrate::resume_devices`]) once its
+/// thread has its filter on, since resuming reads the guest's queues.
 pub fn start(
     prepared: Prepared,
     res: &mut HostResources,
     console: Box<dyn std::io::Write + Send>,
-) -> Result<(crate::Vmm, Duration), SnapshotError> {
+) -> Result<(crate::Vmm, Instant), SnapshotError> {
     let Prepared { checked, config, mut new_disks, uffd, started: t0 } = prepared;
     let step = |what: &str| log::debug!("restore: {what} at {} µs", t0.elapsed().as_micros());
-    let built = build_vm_for_incoming(&config, res, console)?;
-    step("machine built");
-    // The loader first, so that it has the pages KVM touches in `restore_machine` in place by
-    // then (see `pv_pages`), while this thread checks the CPU.
-    let handler = start_loader(&built, &checked, uffd)?;
+    // The loader first, before the VM exists, so that it has started (its thread and filter
+    // take about half a millisecond here) and put in place the pages KVM touches in
+    // `restore_machine` (see `pv_pages`) by the time this thread gets there.
+    let foundation = Foundation::new(&config)?;
+    let handler = start_loader(&foundation, &checked, uffd)?;
     step("memory registered");
+    let built = build_vm_on(foundation, &config, res, console)?;
+    step("machine built");
     // On the new VM's first vCPU, which has not run: no probe VM needed.
     if let (Some(v0), Some(vcpu)) = (checked.state.machine.vcpus.first(), built.vcpus.first()) {
         let m = &built.machine;
@@ -277,10 +281,8 @@ pub fn start(
     *built.machine.lazy_memory.lock().expect("Poisoned lock") = Some(Arc::new(handler));
     let vmm = crate::Vmm::start(built)?;
     new_disks.committed = true;
-    crate::migrate::resume_devices(vmm.machine());
-    let took = t0.elapsed();
-    step("running");
-    Ok((vmm, took))
+    step("vCPUs started");
+    Ok((vmm, t0))
 }
 
 /// Guest pages that KVM itself writes as soon as the vCPUs' MSRs are restored (kvmclock) or
@@ -298,8 +300,8 @@ fn pv_pages(vcpus: &[migration::VcpuState]) -> Vec<u64> {
 
 /// Registers the new machine's memory with `uffd` and starts the loader that fills it from the
 /// snapshot's memory file.
-fn start_loader(built: &BuiltVm, checked: &Checked, uffd: NewUffd) -> Result<Handler, SnapshotError> {
-    let uffd = GuestUffd::register(uffd, built.machine.vm.memory())?;
+fn start_loader(foundation: &Foundation, checked: &Checked, uffd: NewUffd) -> Result<Handler, SnapshotError> {
+    let uffd = GuestUffd::register(uffd, &foundation.memory)?;
     let regions: Vec<(u64, u64)> = checked.state.memory.regions.iter().map(|r| (r.start, r.size)).collect();
     let stats = Arc::new(UffdStats::default());
     let file = checked.memory.try_clone().map_err(SnapshotError::io("open", &checked.dir.join(MEMORY)))?;
@@ -311,7 +313,7 @@ fn start_loader(built: &BuiltVm, checked: &Checked, uffd: NewUffd) -> Result<Han
         stats.clone(),
     )?;
     source.load_first(&pv_pages(&checked.state.machine.vcpus));
-    let notifier = built.exits.notifier.clone();
+    let notifier = foundation.exits.notifier.clone();
     Ok(Handler::start(
         "mem-loader",
         ThreadKind::MemLoader,

@@ -2,9 +2,10 @@
 //! What vCPUs report: how often each kind of exit happened (`/metrics`), what they share with
 //! the VMM, and the channel on which the end of the guest is reported.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -50,6 +51,49 @@ pub struct VcpuShared {
     /// Why the first vCPU that stopped for good stopped (a triple fault, an internal error):
     /// an outgoing migration must not hand such a guest over as if it ran.
     pub stopped: std::sync::Mutex<Option<String>>,
+    /// When the guest first ran: the first vCPU about to enter KVM_RUN.
+    pub first_run: FirstRun,
+}
+
+/// When the guest first ran (a restore reports it).
+#[derive(Debug, Default)]
+pub struct FirstRun {
+    state: Mutex<RunState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct RunState {
+    at: Option<Instant>,
+    /// A vCPU thread ended before it ran.
+    failed: bool,
+}
+
+impl FirstRun {
+    /// Called by each vCPU thread just before it first enters KVM_RUN; the first call counts.
+    pub fn mark(&self) {
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.at.get_or_insert_with(Instant::now);
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread that ends before it ran (its end is reported on the exit
+    /// channel): nobody waits for the guest to run any more.
+    pub fn give_up(&self) {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).failed = true;
+        self.changed.notify_all();
+    }
+
+    /// When the guest first ran, waiting up to `timeout` for it; `None` if it did not run by
+    /// then or a vCPU thread ended before it ran.
+    pub fn wait(&self, timeout: Duration) -> Option<Instant> {
+        let s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, timeout, |s| s.at.is_none() && !s.failed)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.at
+    }
 }
 
 /// The reset reason of a vCPU that triple-faulted (KVM_EXIT_SHUTDOWN).

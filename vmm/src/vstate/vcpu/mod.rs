@@ -29,7 +29,7 @@ mod exits;
 mod kick;
 mod set;
 
-pub use exits::{ExitChannel, ExitCounters, ExitNotifier, ExitReason, TRIPLE_FAULT, VcpuShared};
+pub use exits::{ExitChannel, ExitCounters, ExitNotifier, ExitReason, FirstRun, TRIPLE_FAULT, VcpuShared};
 pub(crate) use kick::{clear_kick_target, init_kick_signal, kick_signal, set_kick_target};
 pub use set::{VcpuHandle, VcpuSet};
 
@@ -306,9 +306,11 @@ impl Vcpu {
     ) {
         if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
             exits.notify(self.index, ExitReason::Error(e.to_string()));
+            self.shared.first_run.give_up();
             return;
         }
         set_kick_target(&mut self.fd);
+        let mut ran = false;
         loop {
             if paused {
                 match events.recv() {
@@ -320,6 +322,10 @@ impl Vcpu {
                     Err(_) => break,
                 }
                 continue;
+            }
+            if !ran {
+                ran = true;
+                self.shared.first_run.mark();
             }
             match self.run_once() {
                 RunResult::Continue => {}
