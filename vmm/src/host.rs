@@ -168,7 +168,8 @@ impl HostResources {
     }
 
     /// Starts asking KVM for its supported CPUID in the background (see [`SupportedCpuid`]), if
-    /// /dev/kvm is open. Not before `--jail`, which needs the process single-threaded.
+    /// /dev/kvm is open. Not before `--jail`, which needs the process single-threaded, nor
+    /// before seccomp is set up, since the thread installs a filter first.
     pub fn ask_supported_cpuid(&mut self) {
         if let Some(kvm) = &self.kvm {
             self.supported_cpuid = SupportedCpuid::ask(kvm);

@@ -104,8 +104,8 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Some(user) = args.jail {
         vmm::jail::enter(user)?;
     }
-    res.ask_supported_cpuid();
     vmm::seccomp::init(seccomp)?;
+    res.ask_supported_cpuid();
     if args.jail.is_some() || seccomp != SeccompMode::Off {
         res.seal();
     }
