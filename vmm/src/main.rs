@@ -150,10 +150,12 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let Sealed { api, snapshot_writer } = match early {
         Some(sealed) => sealed,
         None => {
-            let sealed = seal_vmm_thread(api_socket.take())?;
+            // Waiting for the first vCPU to run first leaves it the CPU while it starts, rather
+            // than to the threads and the filter the seal starts and installs.
             if let Some((dir, started)) = restored {
                 report_restored(&vmm, &dir, started);
             }
+            let sealed = seal_vmm_thread(api_socket.take())?;
             vmm::migrate::resume_devices(vmm.machine());
             if let Some(schedule) = schedule {
                 vmm.announce(schedule);
