@@ -49,7 +49,8 @@ pub enum LocalDisk {
 #[derive(Default)]
 pub struct HostResources {
     kvm: Option<Kvm>,
-    /// KVM's supported CPUID, asked in the background when /dev/kvm was opened.
+    /// KVM's supported CPUID, asked in the background once the VMM is set up
+    /// ([`HostResources::ask_supported_cpuid`]).
     supported_cpuid: SupportedCpuid,
     taps: Vec<Tap>,
     /// The VM's disks for its devices, by index.

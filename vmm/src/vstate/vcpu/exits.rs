@@ -51,7 +51,8 @@ pub struct VcpuShared {
     /// Why the first vCPU that stopped for good stopped (a triple fault, an internal error):
     /// an outgoing migration must not hand such a guest over as if it ran.
     pub stopped: std::sync::Mutex<Option<String>>,
-    /// When the guest first ran: the first vCPU about to enter KVM_RUN.
+    /// When the guest first ran: the first vCPU started running about to enter KVM_RUN (a
+    /// restore reports it; vCPUs started paused, as on a migration destination, do not mark it).
     pub first_run: FirstRun,
 }
 
@@ -70,7 +71,8 @@ struct RunState {
 }
 
 impl FirstRun {
-    /// Called by each vCPU thread just before it first enters KVM_RUN; the first call counts.
+    /// Called by each vCPU thread started running, just before it first enters KVM_RUN; the
+    /// first call counts.
     pub fn mark(&self) {
         let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         s.at.get_or_insert_with(Instant::now);

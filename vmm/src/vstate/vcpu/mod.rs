@@ -310,7 +310,9 @@ impl Vcpu {
             return;
         }
         set_kick_target(&mut self.fd);
-        let mut ran = false;
+        if !paused {
+            self.shared.first_run.mark();
+        }
         loop {
             if paused {
                 match events.recv() {
@@ -322,10 +324,6 @@ impl Vcpu {
                     Err(_) => break,
                 }
                 continue;
-            }
-            if !ran {
-                ran = true;
-                self.shared.first_run.mark();
             }
             match self.run_once() {
                 RunResult::Continue => {}
