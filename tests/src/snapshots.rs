@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use vmm::api::SnapshotInfo;
+use vmm::api::{RestoreInfo, SnapshotInfo};
 
 use crate::TestBed;
 use crate::moves::{dump, s};
@@ -20,6 +20,8 @@ pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 /// What `vmm run --restore` prints on stderr once the guest runs.
 pub const RESTORED: &str = "the guest runs";
+/// What `vmm run --await-restore` prints on stderr once it waits for a snapshot.
+pub const WAITING: &str = "waiting for a snapshot to run";
 
 /// A path for a snapshot directory (not created), removed with everything in it when dropped.
 pub struct SnapDir(pub PathBuf);
@@ -107,4 +109,46 @@ pub fn restore_args(bed: &TestBed, host: &str, dir: &Path, extra: &[&str]) -> Ve
     args.extend(["--net".to_string(), format!("tap={}", bed.host(host).tap())]);
     args.extend(s(extra));
     args
+}
+
+/// Starts `vmm run --await-restore --api-sock ... [extra]` in host `host` and waits until it
+/// says it waits for a snapshot.
+pub fn start_waiting(bed: &TestBed, host: &str, extra: &[&str]) -> Vm {
+    let vm = Vm::start(Some(bed.host(host)), &waiting_args(host, extra));
+    if let Err(e) = wait_until_waiting(&vm) {
+        panic!("{e}{}", dump(&[("waiting", &vm)]));
+    }
+    vm
+}
+
+/// `run --await-restore --api-sock ... [extra]` for host `host`.
+pub fn waiting_args(host: &str, extra: &[&str]) -> Vec<String> {
+    let sock = api_sock_path(&format!("waiting-{host}"));
+    let mut args = s(&["run", "--await-restore", "--api-sock", &sock.display().to_string()]);
+    args.extend(s(extra));
+    args
+}
+
+/// Waits until `vm` (`vmm run --await-restore`) says it waits for a snapshot.
+pub fn wait_until_waiting(vm: &Vm) -> Result<(), String> {
+    match vm.log.wait_line(RESTORE_TIMEOUT, |l| l.contains(WAITING) || l.contains("error")) {
+        Some(l) if l.contains(WAITING) => Ok(()),
+        other => Err(format!("the VMM does not wait for a snapshot: {other:?}")),
+    }
+}
+
+/// Runs `vmm restore --api-sock SOCK --from DIR --json` against `vm` (a waiting VMM) and
+/// returns its answer, or its output if it failed.
+pub fn restore_cli(vm: &Vm, dir: &Path) -> Result<RestoreInfo, String> {
+    let sock = vm.api_sock.clone().expect("the VM has an API socket");
+    let out = Command::new(vmm_bin())
+        .args(["restore", "--api-sock", &sock.display().to_string(), "--from", &dir.display().to_string(), "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("start vmm restore: {e}"))?;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        return Err(format!("`vmm restore` failed ({}):\n{stdout}\n{stderr}", out.status));
+    }
+    serde_json::from_str(&stdout).map_err(|e| format!("`vmm restore --json` printed {stdout:?}: {e}"))
 }

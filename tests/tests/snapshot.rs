@@ -5,7 +5,14 @@
 //!   10 ms, is snapshotted (`vmm snapshot`: it stays paused), its VMM killed, and restored on the
 //!   same TAP (`vmm run --restore`): its workload finds no page lost or stale, the open
 //!   connection goes on with nothing lost, and new connections work;
-//! - the same snapshot restores twice, each time with the guest's memory intact;
+//! - the same snapshot restores twice, each time with the guest's memory intact (the second
+//!   time into a waiting VMM that prepared memory of another size);
+//! - a VMM started ahead and waiting (`vmm run --await-restore`) answers nothing but a restore,
+//!   refuses a directory that is no snapshot, a damaged snapshot and one whose NIC it has no
+//!   TAP for (and waits on), then runs the snapshot it is given (`vmm restore`, into memory it
+//!   prepared for the guest's size with `--await-mem-mib`) with the echo
+//!   connection going on and memory intact, refuses a second one, and snapshots again (its
+//!   memory was all loaded); one asked to stop before any snapshot exits;
 //! - damaged snapshots are refused: a flipped byte in the state file, a memory file cut short,
 //!   no manifest, a newer format, all before any guest runs; a flipped byte in a memory chunk
 //!   the guest uses stops the VM with an error naming the chunk, the guest never having seen the
@@ -21,13 +28,16 @@ use std::os::unix::fs::FileExt;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmm::api::{SnapshotPhase, VmState};
+use vmm::api::client::ClientError;
+use vmm::api::{RestoreRequest, SnapshotPhase, VmState};
 use vmm_tests::TestBed;
 use vmm_tests::checks::{assert_no_dirty_mismatch_on_console, more_dirty_passes};
 use vmm_tests::echo_stream::EchoStream;
 use vmm_tests::guest::{GuestStatus, status};
 use vmm_tests::moves::{ECHO_PORT, EXIT_TIMEOUT, GUEST_TIMEOUT, bed_with, dump, start_source};
-use vmm_tests::snapshots::{RESTORE_TIMEOUT, SnapDir, snapshot_cli, spawn_restore, start_restore};
+use vmm_tests::snapshots::{
+    RESTORE_TIMEOUT, RESTORED, SnapDir, restore_cli, snapshot_cli, spawn_restore, start_restore, start_waiting,
+};
 use vmm_tests::vm::{Vm, kvm_or_skip};
 
 const DIRTY_64: &str = "vmm.workload=dirty vmm.dirty_mib=64 vmm.dirty_rate=64";
@@ -48,6 +58,35 @@ fn snapshot_and_kill(src: Vm, dir: &SnapDir, extra: &[&str]) {
     src.kill();
 }
 
+/// An echo connection from the bed's client to the guest of `vm`, streaming a line every 10 ms,
+/// once its first 20 lines came back.
+fn echo_stream(bed: &TestBed, vm: &Vm) -> EchoStream {
+    let guest = bed.guest_ip(0);
+    let conn = bed
+        .client()
+        .run_in(move || TcpStream::connect_timeout(&(guest, ECHO_PORT).into(), Duration::from_secs(5)))
+        .expect("enter the client")
+        .unwrap_or_else(|e| panic!("connect to the echo service: {e}{}", dump(&[("source", vm)])));
+    let stream = EchoStream::start(conn, Duration::from_millis(10)).expect("start the echo stream");
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while stream.stats().echoed < 20 {
+        assert!(Instant::now() < deadline, "no echoes: {:?}{}", stream.stats(), dump(&[("source", vm)]));
+        thread::sleep(Duration::from_millis(20));
+    }
+    stream
+}
+
+/// Waits until what the client sent before the move (`sent_before` lines) and 50 more came back.
+fn echoes_resume(stream: &EchoStream, sent_before: u64, ctx: &[(&str, &Vm)]) {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while stream.stats().echoed < sent_before + 50 {
+        let st = stream.stats();
+        assert!(st.errors.is_empty(), "the echo connection broke: {st:?}{}", dump(ctx));
+        assert!(Instant::now() < deadline, "the echo connection did not resume: {st:?}{}", dump(ctx));
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_restored_guest_keeps_its_memory_and_its_connection() {
     if !kvm_or_skip("a_restored_guest_keeps_its_memory_and_its_connection") {
@@ -56,18 +95,7 @@ fn a_restored_guest_keeps_its_memory_and_its_connection() {
     let bed = bed_with(&["a"]);
     let src = start_source(&bed, "a", &["--mem-mib", "256"], DIRTY_64);
     more_dirty_passes(&bed, 0, &[("source", &src)]);
-    let guest = bed.guest_ip(0);
-    let conn = bed
-        .client()
-        .run_in(move || TcpStream::connect_timeout(&(guest, ECHO_PORT).into(), Duration::from_secs(5)))
-        .expect("enter the client")
-        .unwrap_or_else(|e| panic!("connect to the echo service: {e}{}", dump(&[("source", &src)])));
-    let stream = EchoStream::start(conn, Duration::from_millis(10)).expect("start the echo stream");
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    while stream.stats().echoed < 20 {
-        assert!(Instant::now() < deadline, "no echoes: {:?}{}", stream.stats(), dump(&[("source", &src)]));
-        thread::sleep(Duration::from_millis(20));
-    }
+    let stream = echo_stream(&bed, &src);
 
     let dir = SnapDir::new("dirty");
     let before = guest_status(&bed, &[("source", &src)]);
@@ -78,14 +106,7 @@ fn a_restored_guest_keeps_its_memory_and_its_connection() {
     let (dst, running_at) = start_restore(&bed, "a", dir.path(), &[]);
     let ctx = [("restored", &dst)];
     println!("restore: the guest runs {} ms after the old VMM was killed", (running_at - killed_at).as_millis());
-    // The connection goes on: what the client sent meanwhile comes back, then new lines.
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    while stream.stats().echoed < sent_before + 50 {
-        let st = stream.stats();
-        assert!(st.errors.is_empty(), "the echo connection broke: {st:?}{}", dump(&ctx));
-        assert!(Instant::now() < deadline, "the echo connection did not resume: {st:?}{}", dump(&ctx));
-        thread::sleep(Duration::from_millis(20));
-    }
+    echoes_resume(&stream, sent_before, &ctx);
     let after = more_dirty_passes(&bed, before.num("dirty_passes"), &ctx);
     println!(
         "dirty passes: {} before the snapshot, {} after the restore",
@@ -114,7 +135,16 @@ fn one_snapshot_restores_twice() {
     snapshot_and_kill(src, &dir, &[]);
     let files_before = std::fs::read(dir.file("state")).expect("read the state file");
     for round in 1..=2 {
-        let (vm, _) = start_restore(&bed, "a", dir.path(), &[]);
+        // The second time into a waiting VMM ready for another size: its memory goes, the
+        // snapshot's comes.
+        let vm = if round == 1 {
+            start_restore(&bed, "a", dir.path(), &[]).0
+        } else {
+            let tap = format!("tap={}", bed.host("a").tap());
+            let vm = start_waiting(&bed, "a", &["--net", &tap, "--await-mem-mib", "512"]);
+            restore_cli(&vm, dir.path()).unwrap_or_else(|e| panic!("{e}{}", dump(&[("waiting", &vm)])));
+            vm
+        };
         let ctx = [("restored", &vm)];
         let st = more_dirty_passes(&bed, before.num("dirty_passes"), &ctx);
         println!("restore {round}: dirty passes {} -> {}", before.num("dirty_passes"), st.num("dirty_passes"));
@@ -127,6 +157,78 @@ fn one_snapshot_restores_twice() {
         files_before,
         "a restore changed the snapshot"
     );
+}
+
+/// `PUT /vm/restore` of `dir` to `vm`, which must refuse it with `status`: returns the message.
+fn refused_put(vm: &Vm, dir: &std::path::Path, status: u16) -> String {
+    match vm.api().restore(&RestoreRequest { from: dir.display().to_string() }) {
+        Err(ClientError::Api { status: got, message }) if got == status => message,
+        other => panic!("restore {} answered {other:?}, not {status}{}", dir.display(), dump(&[("waiting", vm)])),
+    }
+}
+
+#[test]
+fn a_waiting_vmm_runs_the_snapshot_it_is_given() {
+    if !kvm_or_skip("a_waiting_vmm_runs_the_snapshot_it_is_given") {
+        return;
+    }
+    let bed = bed_with(&["a"]);
+    let src = start_source(&bed, "a", &["--mem-mib", "256"], DIRTY_64);
+    more_dirty_passes(&bed, 0, &[("source", &src)]);
+    let stream = echo_stream(&bed, &src);
+    let dir = SnapDir::new("for-waiting");
+    let before = guest_status(&bed, &[("source", &src)]);
+    snapshot_and_kill(src, &dir, &[]);
+    let sent_before = stream.stats().sent;
+
+    // Without a TAP for the guest's NIC: refused; and asked to stop, it stops.
+    let bare = start_waiting(&bed, "a", &[]);
+    let message = refused_put(&bare, dir.path(), 400);
+    assert!(message.contains("NIC") && message.contains("--net"), "{message}");
+    bare.api().shutdown().unwrap_or_else(|e| panic!("stop a waiting VMM: {e}{}", dump(&[("waiting", &bare)])));
+    let status = bare.wait_timeout(EXIT_TIMEOUT);
+    assert!(status.is_some_and(|s| s.success()), "a waiting VMM asked to stop: {status:?}{}", dump(&[("bare", &bare)]));
+
+    // Ready for a guest of this size: its memory is mapped and registered with KVM ahead.
+    let tap = format!("tap={}", bed.host("a").tap());
+    let vm = start_waiting(&bed, "a", &["--net", &tap, "--await-mem-mib", "256"]);
+    let ctx = [("waiting", &vm)];
+    // Nothing runs yet, so nothing but a restore is answered.
+    match vm.api().get_vm() {
+        Err(ClientError::Api { status: 409, message }) => assert!(message.contains("no VM yet"), "{message}"),
+        other => panic!("GET /vm of a waiting VMM: {other:?}{}", dump(&ctx)),
+    }
+    // No snapshot there, and a damaged one: refused before anything is built; it waits on.
+    let message = refused_put(&vm, &dir.file("nothing-here"), 400);
+    assert!(message.contains("not a snapshot directory"), "{message}");
+    let bad = copy_snapshot(&dir, "for-waiting-bad");
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(bad.file("state")).expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 500).expect("read");
+    f.write_all_at(&[b[0] ^ 4], 500).expect("write");
+    let message = refused_put(&vm, bad.path(), 400);
+    assert!(message.contains("damaged") && message.contains("CRC-64"), "{message}");
+    assert!(vm.try_wait().is_none(), "the waiting VMM ended{}", dump(&ctx));
+    assert!(vm.console.text().trim().is_empty(), "a guest printed something{}", dump(&ctx));
+
+    let info = restore_cli(&vm, dir.path()).unwrap_or_else(|e| panic!("{e}{}", dump(&ctx)));
+    println!("restore into the waiting VMM: {info:?}");
+    assert!(info.to_running_us > 0 && info.from == dir.path().display().to_string(), "{info:?}");
+    assert!(vm.log.text().contains(RESTORED), "{}", dump(&ctx));
+    echoes_resume(&stream, sent_before, &ctx);
+    let after = more_dirty_passes(&bed, before.num("dirty_passes"), &ctx);
+    assert_no_dirty_mismatch_on_console(&vm, &ctx);
+    // One guest per VMM.
+    let message = refused_put(&vm, dir.path(), 409);
+    assert!(message.contains("runs a VM already"), "{message}");
+    // Snapshotting it reads all of its memory, so the loader must have filled it in.
+    let again = SnapDir::new("from-waiting");
+    let info = snapshot_cli(&vm, again.path(), &["--resume"]).unwrap_or_else(|e| panic!("{e}{}", dump(&ctx)));
+    assert_eq!(info.phase, SnapshotPhase::Completed, "{info:?}");
+    more_dirty_passes(&bed, after.num("dirty_passes"), &ctx);
+    assert_no_dirty_mismatch_on_console(&vm, &ctx);
+    let stats = stream.finish();
+    assert!(stats.intact(), "lines were lost or the connection broke: {stats:?}{}", dump(&ctx));
 }
 
 /// A restore of `dir` that must fail: returns its log.

@@ -40,6 +40,9 @@ pub(crate) enum Command {
     /// Pause a VM and write a snapshot of it into a directory (`vmm run --restore` runs it
     /// again); wait for the end.
     Snapshot(SnapshotArgs),
+    /// Run a snapshot in a VMM that waits for one (`vmm run --await-restore`); returns once the
+    /// guest runs.
+    Restore(RestoreArgs),
     /// Make the certificates of mutual TLS between hosts: a cluster CA and host identities.
     #[command(subcommand)]
     Tls(TlsCommand),
@@ -153,6 +156,18 @@ pub(crate) struct SnapshotArgs {
 }
 
 #[derive(clap::Args)]
+pub(crate) struct RestoreArgs {
+    #[command(flatten)]
+    pub(crate) api: ApiArgs,
+    /// The snapshot's directory (`vmm snapshot --to DIR`).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) from: PathBuf,
+    /// Print the answer as JSON (the API's `PUT /vm/restore` answer).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(clap::Args)]
 pub(crate) struct ApiArgs {
     /// The API socket of the VMM to talk to.
     #[arg(long, value_name = "PATH")]
@@ -222,7 +237,7 @@ fn parse_host_port(s: &str) -> Result<String, String> {
 #[derive(clap::Args)]
 pub(crate) struct RunArgs {
     /// Guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long, required_unless_present_any = ["incoming", "incoming_fd", "restore"])]
+    #[arg(long, required_unless_present_any = ["incoming", "incoming_fd", "restore", "await_restore"])]
     pub(crate) kernel: Option<PathBuf>,
     /// Instead of booting, wait on ADDR:PORT for a live migration and run the guest it brings
     /// (its memory, vCPUs and devices come from the source; only --net, --disk, --api-sock, the
@@ -241,6 +256,19 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "DIR", group = "received",
           conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template"])]
     pub(crate) restore: Option<PathBuf>,
+    /// Instead of booting, set up and sandbox now, then wait on the API socket for the snapshot
+    /// to run (`vmm restore --from DIR`, `PUT /vm/restore`): the fastest start. Only --net (the
+    /// TAPs the snapshot's NICs use), --disk, --api-sock, --seccomp and the announce options
+    /// apply; not --jail, whose empty root holds no snapshot to read.
+    #[arg(long, group = "received", requires = "api_sock",
+          conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template", "restore",
+                                "incoming", "incoming_fd", "jail"])]
+    pub(crate) await_restore: bool,
+    /// With --await-restore: map and register guest memory of this size ahead too, so that a
+    /// snapshot of a guest of this size starts without that work (it grows with the size); a
+    /// snapshot of another size gets memory of its own.
+    #[arg(long, value_name = "MIB", requires = "await_restore")]
+    pub(crate) await_mem_mib: Option<u64>,
     /// With --incoming or --incoming-fd: an inherited unix socket (file descriptor N) to the
     /// host agent, which must commit the migration in the cluster before `Prepare` is answered
     /// (see docs/migration-protocol.md).

@@ -175,10 +175,14 @@ pub struct Foundation {
 }
 
 impl Foundation {
-    /// Checks `config`'s shape and maps its guest memory.
-    pub fn new(config: &VmConfig) -> Result<Self, BuildError> {
+    /// Checks `config`'s shape and maps its guest memory, or takes the memory `res` prepared
+    /// for a guest of its size (a waiting VMM's, see [`HostResources::ready_memory`]).
+    pub fn new(config: &VmConfig, res: &HostResources) -> Result<Self, BuildError> {
         check_config(config)?;
-        let memory = memory::create_guest_memory(config.mem_mib << 20)?;
+        let memory = match res.ready_memory(config.mem_mib << 20) {
+            Some(memory) => memory,
+            None => memory::create_guest_memory(config.mem_mib << 20)?,
+        };
         Ok(Foundation { memory, exits: ExitChannel::new().map_err(BuildError::EventFd)? })
     }
 }
@@ -193,7 +197,10 @@ fn build_machine(
 ) -> Result<BuiltVm, BuildError> {
     let Foundation { memory: mem, exits } = foundation;
     let kvm = res.take_kvm()?;
-    let vm = Vm::new(&kvm, mem)?;
+    let vm = match res.take_vm_shell() {
+        Some(shell) => Vm::on_shell(shell, mem)?,
+        None => Vm::new(&kvm, mem)?,
+    };
     // Asked once for every vCPU and check (see `SupportedCpuid`).
     let supported_cpuid = res.take_supported_cpuid(&kvm).map_err(VcpuError::SupportedCpuid)?;
     let LegacyDevices { mut io, serial, reset_evt, panic_evt } = attach_legacy_devices(&vm, console)?;
@@ -246,7 +253,7 @@ pub fn build_vm_for_boot(
     res: &mut HostResources,
     console: Box<dyn Write + Send>,
 ) -> Result<BuiltVm, BuildError> {
-    let foundation = Foundation::new(config)?;
+    let foundation = Foundation::new(config, res)?;
     // Check the files before touching KVM, so bad input gets the error about the input.
     let mut kernel_file = res.take_kernel(&config.kernel)?;
     let mut initrd_file = match &config.initrd {
@@ -301,7 +308,7 @@ pub fn build_vm_for_incoming(
     res: &mut HostResources,
     console: Box<dyn Write + Send>,
 ) -> Result<BuiltVm, BuildError> {
-    build_machine(Foundation::new(config)?, config, res, console)
+    build_machine(Foundation::new(config, res)?, config, res, console)
 }
 
 /// [`build_vm_for_incoming`] on a `foundation` made already (see [`Foundation`]).

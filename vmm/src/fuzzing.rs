@@ -107,6 +107,7 @@ fn fake_vmm(requests: std::sync::mpsc::Receiver<crate::api::ApiMessage>) {
             ApiRequest::Migrate(_) | ApiRequest::Snapshot(_) => Ok(ApiResponse::Accepted),
             ApiRequest::GetSnapshot => Ok(ApiResponse::Snapshot(Default::default())),
             ApiRequest::GetVm => Err(ApiError::Internal("no VM in the fuzzer".into())),
+            ApiRequest::Restore(_) => Err(ApiError::Conflict("no restore in the fuzzer".into())),
             ApiRequest::Pause | ApiRequest::Resume | ApiRequest::Shutdown => Ok(ApiResponse::Done),
         };
         let _ = reply.send(answer);

@@ -35,6 +35,12 @@ pub enum HostError {
     Loader(#[from] LoaderError),
     #[error("{what} was not opened before the VMM was sandboxed (seccomp or --jail): {hint}")]
     NotOpened { what: String, hint: &'static str },
+    #[error("{0} (a restore loads the guest's memory through one: check /dev/userfaultfd)")]
+    Uffd(#[from] crate::uffd::UffdError),
+    #[error("{0}")]
+    Vm(#[from] crate::vstate::vm::VmError),
+    #[error("{0}")]
+    Memory(#[from] crate::vstate::memory::MemoryError),
 }
 
 /// A disk of a migration destination, as its `--disk` says.
@@ -59,8 +65,11 @@ pub struct HostResources {
     incoming_disks: Vec<Option<LocalDisk>>,
     kernel: Option<File>,
     initrd: Option<File>,
-    /// A destination's userfaultfd, for a migration that switches to post-copy.
+    /// A destination's userfaultfd, for a migration that switches to post-copy; a waiting
+    /// VMM's, for its restore.
     uffd: Option<crate::uffd::NewUffd>,
+    /// A waiting VMM's VM, created ahead of its guest.
+    vm_shell: Option<crate::vstate::vm::VmShell>,
     sealed: bool,
 }
 
@@ -89,6 +98,7 @@ impl HostResources {
         let taps = config.nets.iter().map(|n| Tap::open(&n.tap)).collect::<Result<Vec<_>, _>>()?;
         let kvm = Some(open_kvm()?);
         Ok(HostResources {
+            vm_shell: None,
             supported_cpuid: SupportedCpuid::default(),
             kvm,
             taps,
@@ -136,6 +146,40 @@ impl HostResources {
             Err(e) => log::warn!("no userfaultfd, so no incoming post-copy: {e}"),
         }
         Ok(res)
+    }
+
+    /// Opens what a VMM waiting for a snapshot (`vmm run --await-restore`) needs before it
+    /// knows which: /dev/kvm, its TAPs and a userfaultfd for the memory; and creates the VM,
+    /// which does not depend on the guest but for its memory, and with `mem_mib` that memory
+    /// too (a snapshot of another size gets its own). The snapshot's files and disks are opened
+    /// by its snapshot thread when the snapshot is named.
+    pub fn open_for_standby(nets: &[NetConfig], mem_mib: Option<u64>) -> Result<Self, HostError> {
+        if let Some(mib) = mem_mib {
+            crate::vstate::memory::check_mem_size(mib)?;
+        }
+        let mut res = HostResources::default();
+        res.taps = nets.iter().map(|n| Tap::open(&n.tap)).collect::<Result<Vec<_>, _>>()?;
+        let kvm = open_kvm()?;
+        res.vm_shell = Some(crate::vstate::vm::VmShell::create(&kvm, mem_mib.map(|m| m << 20))?);
+        res.kvm = Some(kvm);
+        res.uffd = Some(crate::uffd::NewUffd::create()?);
+        Ok(res)
+    }
+
+    /// Guest memory of `size` bytes mapped and registered with KVM ahead (a waiting VMM's with
+    /// `--await-mem-mib`), if there is.
+    pub fn ready_memory(&self, size: u64) -> Option<crate::vstate::memory::GuestMemoryMmap> {
+        self.vm_shell.as_ref()?.memory_of_size(size)
+    }
+
+    /// The VM created ahead, if this is a waiting VMM's.
+    pub fn take_vm_shell(&mut self) -> Option<crate::vstate::vm::VmShell> {
+        self.vm_shell.take()
+    }
+
+    /// How many TAPs were opened up front and not yet taken.
+    pub fn tap_count(&self) -> usize {
+        self.taps.len()
     }
 
     /// From now on nothing is opened.

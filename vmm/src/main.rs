@@ -13,17 +13,24 @@ use net::announce::AnnounceSchedule;
 use vmm::api::client::{ApiClient, ClientError};
 use vmm::api::display;
 use vmm::api::server::{ApiServer, ApiServerOptions, BoundApiSocket, bind_api_socket};
-use vmm::api::{ApiMessage, MigrateRequest, MigrationMode, MigrationPhase, SnapshotPhase, SnapshotRequest};
+use vmm::api::{
+    ApiError, ApiMessage, ApiResponse, MigrateRequest, MigrationMode, MigrationPhase, RestoreInfo, RestoreRequest,
+    SnapshotPhase, SnapshotRequest,
+};
 use vmm::host::HostResources;
 use vmm::migrate::params::MigrationDefaults;
 use vmm::migrate::receive::{IncomingConfig, IncomingFrom};
 use vmm::seccomp::{SeccompMode, ThreadKind};
+use vmm::snapshot::standby::{self, StandbyOptions, Waited};
 use vmm::transport::{self, pki};
 use vmm::{ExitReason, VmConfig, Vmm};
 
 mod args;
 
-use args::{ApiArgs, Cli, ClusterArgs, Command, HostArgs, MigrateArgs, RunArgs, SnapshotArgs, StatusArgs, TlsCommand};
+use args::{
+    ApiArgs, Cli, ClusterArgs, Command, HostArgs, MigrateArgs, RestoreArgs, RunArgs, SnapshotArgs, StatusArgs,
+    TlsCommand,
+};
 
 /// The binary next to `vmm` that serves `vmm host|cluster|vm ...`, git style: the cluster
 /// layer builds on this crate, so it cannot live in it.
@@ -42,6 +49,7 @@ fn main() -> ExitCode {
         Command::Stop(args) => api_call(args, ApiClient::shutdown),
         Command::Migrate(args) => migrate(args),
         Command::Snapshot(args) => snapshot(args),
+        Command::Restore(args) => restore(args),
         Command::Tls(cmd) => tls(cmd),
         Command::Host(a) => cluster("host", a),
         Command::Cluster(a) => cluster("cluster", a),
@@ -83,6 +91,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut hook = args.commit_hook_fd.map(vmm::migrate::hook::CommitHook::from_fd).transpose()?;
     let mut restore = None;
     let (mut res, incoming) = match (&args.incoming, args.incoming_fd, &args.restore) {
+        _ if args.await_restore => (HostResources::open_for_standby(&args.nets, args.await_mem_mib)?, None),
         (_, _, Some(dir)) => {
             let opts = vmm::snapshot::restore::RestoreOptions { nets: &args.nets, disks: &args.disks };
             let prepared = vmm::snapshot::restore::prepare(dir, &opts)?;
@@ -122,11 +131,13 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         kick_tcp: !args.no_tcp_kick,
     });
     let mut restored = None;
+    // A waiting VMM's `PUT /vm/restore`, answered once the guest runs.
+    let mut standby_reply = None;
     let mut vmm = match (incoming, restore) {
         (_, Some((dir, prepared))) => {
-            let (vmm, started) = vmm::snapshot::restore::start(prepared, &mut res, Box::new(std::io::stdout()))?;
-            restored = Some((dir, started));
-            vmm
+            let started = vmm::snapshot::restore::start(prepared, &mut res, Box::new(std::io::stdout()))?;
+            restored = Some((dir, started.at, started.load_ahead));
+            started.vmm
         }
         (Some(from), None) => {
             let security = security.clone().ok_or(NO_IDENTITY)?;
@@ -142,27 +153,54 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             log::info!("migration received; the guest was paused {:?}", downtime.unwrap_or_default());
             vmm
         }
+        (None, None) if args.await_restore => {
+            let (Some(Sealed { api: Some((_, rx, _)), snapshot_writer }), Some(path)) = (&early, &args.api_sock) else {
+                return Err("--await-restore needs --api-sock".into());
+            };
+            let opts = StandbyOptions { nets: args.nets.clone(), disks: args.disks.clone() };
+            // The line scripts wait for before they name the snapshot.
+            eprintln!("vmm: waiting for a snapshot to run: PUT /vm/restore on {}", path.display());
+            match standby::wait(rx, snapshot_writer, &opts, &mut res, Box::new(std::io::stdout()))? {
+                Waited::Stopped => return Ok(ExitCode::SUCCESS),
+                Waited::Restored { started, from, reply } => {
+                    restored = Some((from, started.at, started.load_ahead));
+                    standby_reply = Some(reply);
+                    started.vmm
+                }
+            }
+        }
         (None, None) => {
             let built = vmm::build_vm_for_boot(&config, &mut res, Box::new(std::io::stdout()))?;
             Vmm::start(built)?
         }
     };
+    // Waiting for the first vCPU to run before sealing leaves it the CPU while it starts, rather
+    // than to the threads and the filter the seal starts and installs.
+    let ran = restored.as_ref().map(|(dir, started, _)| report_restored(&vmm, dir, *started));
     let Sealed { api, snapshot_writer } = match early {
         Some(sealed) => sealed,
-        None => {
-            // Waiting for the first vCPU to run first leaves it the CPU while it starts, rather
-            // than to the threads and the filter the seal starts and installs.
-            if let Some((dir, started)) = restored {
-                report_restored(&vmm, &dir, started);
-            }
-            let sealed = seal_vmm_thread(api_socket.take())?;
-            vmm::migrate::resume_devices(vmm.machine());
-            if let Some(schedule) = schedule {
-                vmm.announce(schedule);
-            }
-            sealed
-        }
+        None => seal_vmm_thread(api_socket.take())?,
     };
+    if let (Some(reply), Some((dir, ..)), Some(ran)) = (standby_reply, &restored, ran) {
+        let answer = match ran {
+            Some((to_running_us, running_at_monotonic_us)) => Ok(ApiResponse::Restored(RestoreInfo {
+                from: dir.display().to_string(),
+                to_running_us,
+                running_at_monotonic_us,
+            })),
+            None => Err(ApiError::Internal("the restored VM stopped before its guest ran".to_string())),
+        };
+        // The client may have gone; the guest runs anyway.
+        let _ = reply.send(answer);
+    }
+    if let Some((_, _, load_ahead)) = restored {
+        // The guest runs: the loader may fill its memory ahead of its touches now.
+        load_ahead.release();
+        vmm::migrate::resume_devices(vmm.machine());
+        if let Some(schedule) = schedule {
+            vmm.announce(schedule);
+        }
+    }
     vmm.attach_snapshot_writer(snapshot_writer);
     vmm.set_migration_defaults(MigrationDefaults { security, link });
     let _server = api.map(|(server, rx, wake)| {
@@ -185,23 +223,21 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
 /// The line scripts and tests wait for, on stderr whatever the log level: when the guest first
 /// ran (its first vCPU about to enter KVM_RUN), from the restore's start and on the monotonic
 /// clock, which `vmm-bench` compares with the time it spawned this process. Not printed if a
-/// vCPU thread failed before it ran (the VM ends with its error).
-fn report_restored(vmm: &Vmm, dir: &Path, started: Instant) {
+/// vCPU thread failed before it ran (the VM ends with its error). Returns the two figures, µs.
+fn report_restored(vmm: &Vmm, dir: &Path, started: Instant) -> Option<(u64, u64)> {
     // A vCPU thread either runs or gives up at once; the bound is only against a hang.
     let Some(at) = vmm.machine().vcpu_shared.first_run.wait(Duration::from_secs(30)) else {
         log::error!("restored {}: no vCPU ran", dir.display());
-        return;
+        return None;
     };
     let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: a valid timespec to fill. Rust's `Instant` is this clock on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     let now_us = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000;
     let at_us = now_us.saturating_sub(at.elapsed().as_micros() as u64);
-    eprintln!(
-        "vmm: restored {}: the guest runs ({} µs; monotonic {at_us} µs)",
-        dir.display(),
-        at.saturating_duration_since(started).as_micros()
-    );
+    let to_running_us = at.saturating_duration_since(started).as_micros() as u64;
+    eprintln!("vmm: restored {}: the guest runs ({to_running_us} µs; monotonic {at_us} µs)", dir.display());
+    Some((to_running_us, at_us))
 }
 
 /// What the VMM thread starts before it gives up creating threads that may open files.
@@ -294,6 +330,19 @@ fn snapshot(args: SnapshotArgs) -> Result<ExitCode, Box<dyn std::error::Error>> 
     if info.phase == SnapshotPhase::Failed {
         let why = info.error.as_deref().unwrap_or("no reason given");
         return Err(format!("snapshot {} failed: {why}", dir.display()).into());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vmm restore`: runs a snapshot in a waiting VMM and prints when its guest ran.
+fn restore(args: RestoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    // The VMM reads the directory from its own working directory: send an absolute path.
+    let from = absolute(&args.from)?.display().to_string();
+    let info = ApiClient::new(&args.api.api_sock).restore(&RestoreRequest { from })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("restored {}: the guest runs ({} µs after the VMM took the request)", info.from, info.to_running_us);
     }
     Ok(ExitCode::SUCCESS)
 }

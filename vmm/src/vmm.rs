@@ -280,6 +280,11 @@ impl Vmm {
                 &self.status.migration.lock().expect("Poisoned lock"),
                 self.started.elapsed(),
             ))),
+            ApiRequest::Restore(_) => Err(ApiError::Conflict(
+                "this VMM runs a VM already: a snapshot is restored by a VMM started with `vmm run \
+                 --await-restore` (or by `vmm run --restore DIR`)"
+                    .to_string(),
+            )),
         }
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use super::types::{MigrateRequest, MigrationInfo, SnapshotInfo, SnapshotRequest, VmInfo};
+use super::types::{MigrateRequest, MigrationInfo, RestoreInfo, RestoreRequest, SnapshotInfo, SnapshotRequest, VmInfo};
 
 /// Longer than the server's own wait for the VMM thread, so a slow VMM shows up as the server's
 /// 503 with its message rather than as a bare client timeout.
@@ -121,6 +121,20 @@ impl ApiClient {
     /// `GET /vm/snapshot`.
     pub fn snapshot_info(&self) -> Result<SnapshotInfo, ClientError> {
         self.get_json("/vm/snapshot")
+    }
+
+    /// `PUT /vm/restore`: runs the snapshot in a VMM waiting for one (`vmm run
+    /// --await-restore`); answered once the guest runs.
+    pub fn restore(&self, request: &RestoreRequest) -> Result<RestoreInfo, ClientError> {
+        let body = serde_json::to_vec(request)
+            .map_err(|e| ClientError::Malformed(format!("cannot encode the request: {e}")))?;
+        // The VMM answers once the guest runs, after copying any copied disk into place.
+        let patient = ApiClient {
+            socket: self.socket.clone(),
+            timeout: self.timeout.max(super::server::RESTORE_REPLY_TIMEOUT + Duration::from_secs(5)),
+        };
+        let response = patient.expect("PUT", "/vm/restore", Some(&body), 200)?;
+        serde_json::from_slice(&response.body).map_err(|e| ClientError::Malformed(format!("PUT /vm/restore: {e}")))
     }
 
     /// `GET /metrics`: Prometheus text.

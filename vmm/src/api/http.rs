@@ -386,6 +386,7 @@ impl Reply {
             ApiResponse::Vm(info) => Reply::json(status, &info),
             ApiResponse::Migration(info) => Reply::json(status, &info),
             ApiResponse::Snapshot(info) => Reply::json(status, &info),
+            ApiResponse::Restored(info) => Reply::json(status, &info),
             ApiResponse::Accepted => Reply::json(status, &serde_json::json!({"status": "accepted"})),
             ApiResponse::Metrics(text) => {
                 Reply { status, content_type: Some(PROMETHEUS_TEXT), body: text.into_bytes(), allow: None }

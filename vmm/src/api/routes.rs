@@ -2,7 +2,7 @@
 //! The API's routes: which (method, path) pairs exist, and how a request's method, path and body
 //! become an [`ApiRequest`]. No sockets here, so the whole request side is testable on its own.
 
-use super::types::{ApiError, ApiRequest, ApiResponse, MigrateRequest, MigrationMode, SnapshotRequest};
+use super::types::{ApiError, ApiRequest, ApiResponse, MigrateRequest, MigrationMode, RestoreRequest, SnapshotRequest};
 use crate::migrate::params::DEFAULT_MAX_ROUNDS;
 
 /// One thing the API can be asked.
@@ -17,11 +17,12 @@ pub enum Endpoint {
     Snapshot,
     GetSnapshot,
     Metrics,
+    Restore,
 }
 
 /// Every endpoint with its method and path. The router reads this table and nothing else, and
 /// [`ROUTES`] is derived from it, so the OpenAPI document's sync test checks what is served.
-const TABLE: [(&str, &str, Endpoint); 9] = [
+const TABLE: [(&str, &str, Endpoint); 10] = [
     ("GET", "/vm", Endpoint::GetVm),
     ("PUT", "/vm/pause", Endpoint::Pause),
     ("PUT", "/vm/resume", Endpoint::Resume),
@@ -31,6 +32,7 @@ const TABLE: [(&str, &str, Endpoint); 9] = [
     ("PUT", "/vm/snapshot", Endpoint::Snapshot),
     ("GET", "/vm/snapshot", Endpoint::GetSnapshot),
     ("GET", "/metrics", Endpoint::Metrics),
+    ("PUT", "/vm/restore", Endpoint::Restore),
 ];
 
 /// The (method, path) pairs the server answers.
@@ -75,12 +77,12 @@ pub fn route(method: &str, path: &str) -> Result<Endpoint, RouteError> {
 impl Endpoint {
     /// Whether requests to this endpoint carry a body worth reading.
     pub fn takes_body(self) -> bool {
-        matches!(self, Endpoint::Migrate | Endpoint::Snapshot)
+        matches!(self, Endpoint::Migrate | Endpoint::Snapshot | Endpoint::Restore)
     }
 
-    /// The request for the VMM thread. Only `PUT /vm/migrate` and `PUT /vm/snapshot` look at
-    /// `body`; other endpoints
-    /// ignore theirs, as clients like `curl -X PUT -d ''` send one anyway.
+    /// The request for the VMM thread. Only `PUT /vm/migrate`, `PUT /vm/snapshot` and
+    /// `PUT /vm/restore` look at `body`; other endpoints ignore theirs, as clients like
+    /// `curl -X PUT -d ''` send one anyway.
     pub fn request(self, body: &[u8]) -> Result<ApiRequest, ApiError> {
         Ok(match self {
             Endpoint::GetVm => ApiRequest::GetVm,
@@ -92,13 +94,18 @@ impl Endpoint {
             Endpoint::Snapshot => ApiRequest::Snapshot(parse_snapshot(body)?),
             Endpoint::GetSnapshot => ApiRequest::GetSnapshot,
             Endpoint::Metrics => ApiRequest::Metrics,
+            Endpoint::Restore => ApiRequest::Restore(parse_restore(body)?),
         })
     }
 
     /// The status of a successful answer.
     pub fn success_status(self) -> u16 {
         match self {
-            Endpoint::GetVm | Endpoint::GetMigration | Endpoint::GetSnapshot | Endpoint::Metrics => 200,
+            Endpoint::GetVm
+            | Endpoint::GetMigration
+            | Endpoint::GetSnapshot
+            | Endpoint::Metrics
+            | Endpoint::Restore => 200,
             Endpoint::Pause | Endpoint::Resume | Endpoint::Shutdown => 204,
             Endpoint::Migrate | Endpoint::Snapshot => 202,
         }
@@ -115,6 +122,7 @@ impl Endpoint {
                 | (Endpoint::GetMigration, ApiResponse::Migration(_))
                 | (Endpoint::GetSnapshot, ApiResponse::Snapshot(_))
                 | (Endpoint::Metrics, ApiResponse::Metrics(_))
+                | (Endpoint::Restore, ApiResponse::Restored(_))
         )
     }
 }
@@ -183,6 +191,25 @@ pub fn parse_snapshot(body: &[u8]) -> Result<SnapshotRequest, ApiError> {
         serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
     if req.to.trim().is_empty() {
         return Err(ApiError::BadRequest("invalid field `to`: expected a directory path, got an empty string".into()));
+    }
+    Ok(req)
+}
+
+/// `PUT /vm/restore`'s body: `from` must be an absolute path, since the VMM's working directory
+/// is not the client's.
+pub fn parse_restore(body: &[u8]) -> Result<RestoreRequest, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest(
+            "invalid body: expected a JSON object with the field `from`, got an empty body".to_string(),
+        ));
+    }
+    let req: RestoreRequest =
+        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
+    if !req.from.starts_with('/') {
+        return Err(ApiError::BadRequest(format!(
+            "invalid field `from`: expected the snapshot directory's absolute path, got '{}'",
+            req.from
+        )));
     }
     Ok(req)
 }
@@ -260,6 +287,18 @@ mod tests {
             };
             assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
         }
+    }
+
+    #[test]
+    fn restore_body() {
+        let r = parse_restore(br#"{"from":"/var/snap"}"#).unwrap();
+        assert_eq!(r.from, "/var/snap");
+        for body in [&b""[..], b"  ", b"{}", br#"{"from":"snap"}"#, br#"{"from":""}"#, br#"{"from":"/s","x":1}"#] {
+            let Err(ApiError::BadRequest(msg)) = parse_restore(body) else { panic!("accepted {body:?}") };
+            assert!(msg.starts_with("invalid"), "{msg}");
+        }
+        assert_eq!(route("PUT", "/vm/restore"), Ok(Endpoint::Restore));
+        assert!(Endpoint::Restore.takes_body());
     }
 
     #[test]

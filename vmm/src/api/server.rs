@@ -43,6 +43,9 @@ use super::types::{ApiError, ApiMessage, ApiRequest, ApiResponse};
 
 /// How long a request waits for the VMM thread before the client gets a 503.
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `PUT /vm/restore` waits for the VMM thread: a snapshot's copied disks are copied
+/// before the answer.
+pub const RESTORE_REPLY_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest request body accepted (HTTP 413 above). A `MigrateRequest` is well under 1 KiB.
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 /// How long a client has to send a request, and then to take its answer.
@@ -458,6 +461,11 @@ impl Unavailable {
 impl Dispatcher {
     /// Sends `request` to the VMM thread, wakes it and waits for its answer.
     fn call(&self, request: ApiRequest) -> Result<Result<ApiResponse, ApiError>, Unavailable> {
+        // A restore is answered once the guest runs, after any copied disk is copied into place.
+        let timeout = match request {
+            ApiRequest::Restore(_) => self.options.reply_timeout.max(RESTORE_REPLY_TIMEOUT),
+            _ => self.options.reply_timeout,
+        };
         let (reply_tx, reply_rx) = channel();
         {
             // Sending never blocks (the channel is unbounded), so neither does this lock for long.
@@ -469,7 +477,7 @@ impl Dispatcher {
             // The request is queued; the VMM thread sees it at its next wake-up, or we time out.
             log::warn!("failed to wake the VMM thread for an API request: {e}");
         }
-        match reply_rx.recv_timeout(self.options.reply_timeout) {
+        match reply_rx.recv_timeout(timeout) {
             Ok(result) => Ok(result),
             Err(RecvTimeoutError::Timeout) => Err(Unavailable::Timeout),
             Err(RecvTimeoutError::Disconnected) => Err(Unavailable::Gone),

@@ -156,6 +156,26 @@ pub struct SnapshotRequest {
     pub with_disks: bool,
 }
 
+/// `PUT /vm/restore` body: the snapshot a VMM started with `vmm run --await-restore` runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The snapshot's directory, an absolute path (the VMM's working directory is not the
+    /// client's).
+    pub from: String,
+}
+
+/// The answer to `PUT /vm/restore`, sent once the guest runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreInfo {
+    /// The snapshot's directory.
+    pub from: String,
+    /// From the VMM taking the request to the guest's first vCPU entering KVM_RUN, in µs.
+    pub to_running_us: u64,
+    /// The same moment on the VMM host's monotonic clock (`CLOCK_MONOTONIC`), in µs.
+    pub running_at_monotonic_us: u64,
+}
+
 /// Where a snapshot is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -300,6 +320,8 @@ pub enum ApiRequest {
     GetSnapshot,
     /// Prometheus text exposition of the VMM's counters.
     Metrics,
+    /// Run a snapshot's VM (only a VMM waiting for one, `vmm run --await-restore`).
+    Restore(RestoreRequest),
 }
 
 /// The VMM thread's answer.
@@ -313,6 +335,7 @@ pub enum ApiResponse {
     Migration(MigrationInfo),
     Snapshot(SnapshotInfo),
     Metrics(String),
+    Restored(RestoreInfo),
 }
 
 /// Why a request failed, by HTTP class.

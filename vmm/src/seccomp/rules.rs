@@ -355,10 +355,13 @@ const MEM_LOADER: Profile = Profile {
 /// The snapshot writer (`crate::snapshot::save`): pauses the vCPUs and devices, saves their
 /// state (a NIC's TAP is drained), reads guest memory's residency and the disks, and creates the
 /// snapshot's directory and files. It is started before the VMM is sandboxed and is the one
-/// thread whose opens are not refused.
+/// thread whose opens are not refused. In a VMM waiting for a snapshot (`vmm run
+/// --await-restore`) it also reads and checks the snapshot to run, copies its copied disks into
+/// place and opens the disks (`flock`: each image is locked against a second user).
 const SNAPSHOT: Profile = Profile {
     syscalls: &[
         libc::SYS_openat,
+        libc::SYS_flock,
         libc::SYS_mkdir,
         libc::SYS_mkdirat,
         libc::SYS_getdents64,

@@ -18,6 +18,7 @@
 pub mod restore;
 pub mod save;
 pub mod sparse;
+pub mod standby;
 
 use block::DiskState;
 use migration::protocol::RegionLayout;

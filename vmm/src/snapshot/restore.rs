@@ -30,7 +30,7 @@ use crate::host::HostResources;
 use crate::migrate::{check_cpuid, restore_machine};
 use crate::net_config::NetConfig;
 use crate::seccomp::ThreadKind;
-use crate::uffd::file::{FileSource, file_layout};
+use crate::uffd::file::{FileSource, LoadAhead, file_layout};
 use crate::uffd::{GuestUffd, Handler, NewUffd, UffdStats};
 use crate::vstate::vcpu::ExitReason;
 
@@ -163,17 +163,35 @@ pub fn check(dir: &Path) -> Result<Checked, SnapshotError> {
     Ok(Checked { dir: dir.to_path_buf(), manifest, state, memory })
 }
 
+/// Removes a failed restore's new disk files, where files may be removed (a sandboxed VMM
+/// hands them to its snapshot thread).
+pub type Remover = Box<dyn FnOnce(Vec<PathBuf>) + Send>;
+
 /// New disk files a restore created: removed unless the guest runs.
 struct NewDisks {
     paths: Vec<PathBuf>,
     committed: bool,
+    remover: Option<Remover>,
+}
+
+impl NewDisks {
+    fn new(remover: Option<Remover>) -> NewDisks {
+        NewDisks { paths: Vec::new(), committed: false, remover }
+    }
 }
 
 impl Drop for NewDisks {
     fn drop(&mut self) {
-        if !self.committed {
-            for p in &self.paths {
-                let _ = std::fs::remove_file(p);
+        if self.committed || self.paths.is_empty() {
+            return;
+        }
+        let paths = std::mem::take(&mut self.paths);
+        match self.remover.take() {
+            Some(remove) => remove(paths),
+            None => {
+                for p in &paths {
+                    let _ = std::fs::remove_file(p);
+                }
             }
         }
     }
@@ -243,30 +261,79 @@ pub struct Prepared {
 pub fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, SnapshotError> {
     let started = Instant::now();
     let checked = check(dir)?;
-    let mut new_disks = NewDisks { paths: Vec::new(), committed: false };
+    let mut new_disks = NewDisks::new(None);
     let config = local_config(&checked, opts, &mut new_disks)?;
     let uffd = NewUffd::create()?;
     log::debug!("restore: snapshot checked, disks ready at {} µs", started.elapsed().as_micros());
     Ok(Prepared { checked, config, new_disks, uffd, started })
 }
 
+/// A snapshot's files read, checked and opened by a thread that may open files, for a
+/// sandboxed VMM to build from ([`Prepared::from_files`]).
+pub struct Opened {
+    checked: Checked,
+    /// The VM's configuration with this host's TAPs and disks.
+    pub config: VmConfig,
+    new_disks: NewDisks,
+    /// The guest's disk images, by index, opened as `config` says.
+    pub disks: Vec<block::Disk>,
+}
+
+/// Reads and checks the snapshot in `dir`, copies its copied disks into place and opens every
+/// disk: all of a restore's file work, for the one thread of a sandboxed VMM that may do it.
+/// Should the restore fail, `remover` removes the disk files it created.
+pub fn open_files(dir: &Path, opts: &RestoreOptions, remover: Remover) -> Result<Opened, SnapshotError> {
+    let checked = check(dir)?;
+    let mut new_disks = NewDisks::new(Some(remover));
+    let config = local_config(&checked, opts, &mut new_disks)?;
+    let disks = config
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            block::Disk::open(&d.path, d.read_only, d.shared)
+                .map_err(|e| SnapshotError::Other(format!("disk {i} ({}): {e}", d.path.display())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Opened { checked, config, new_disks, disks })
+}
+
+impl Prepared {
+    /// A restore from files opened elsewhere ([`open_files`]; take its `disks` first), with a
+    /// userfaultfd opened before the sandbox, started at `started`.
+    pub fn from_files(opened: Opened, uffd: NewUffd, started: Instant) -> Prepared {
+        let Opened { checked, config, new_disks, disks: _ } = opened;
+        Prepared { checked, config, new_disks, uffd, started }
+    }
+}
+
+/// A restored VM starting: see [`start`].
+pub struct Started {
+    pub vmm: crate::Vmm,
+    /// When [`prepare`] began.
+    pub at: Instant,
+    /// The memory loader loads on demand only until this is released (or dropped): once the
+    /// guest runs, so that filling memory ahead does not slow its start down.
+    pub load_ahead: LoadAhead,
+}
+
 /// Builds, restores and starts the prepared snapshot's VM from `res` (see
-/// [`HostResources::open_for_restore`]). Returns the VMM, whose vCPUs are starting, and when
-/// [`prepare`] began (the guest's first run is in [`crate::vstate::vcpu::FirstRun`]). Its
-/// devices stay paused: the caller resumes them ([`crate::migrate::resume_devices`]) once its
-/// thread has its filter on, since resuming reads the guest's queues.
+/// [`HostResources::open_for_restore`]). The vCPUs are starting (the guest's first run is in
+/// [`crate::vstate::vcpu::FirstRun`]). The devices stay paused: the caller resumes them
+/// ([`crate::migrate::resume_devices`]) once its thread has its filter on, since resuming reads
+/// the guest's queues.
 pub fn start(
     prepared: Prepared,
     res: &mut HostResources,
     console: Box<dyn std::io::Write + Send>,
-) -> Result<(crate::Vmm, Instant), SnapshotError> {
+) -> Result<Started, SnapshotError> {
     let Prepared { checked, config, mut new_disks, uffd, started: t0 } = prepared;
     let step = |what: &str| log::debug!("restore: {what} at {} µs", t0.elapsed().as_micros());
     // The loader first, before the VM exists, so that it has started (its thread and filter
     // take about half a millisecond here) and put in place the pages KVM touches in
     // `restore_machine` (see `pv_pages`) by the time this thread gets there.
-    let foundation = Foundation::new(&config)?;
-    let handler = start_loader(&foundation, &checked, uffd)?;
+    let foundation = Foundation::new(&config, res)?;
+    let (handler, load_ahead) = start_loader(&foundation, &checked, uffd)?;
     step("memory registered");
     let built = build_vm_on(foundation, &config, res, console)?;
     step("machine built");
@@ -282,7 +349,7 @@ pub fn start(
     let vmm = crate::Vmm::start(built)?;
     new_disks.committed = true;
     step("vCPUs started");
-    Ok((vmm, t0))
+    Ok(Started { vmm, at: t0, load_ahead })
 }
 
 /// Guest pages that KVM itself writes as soon as the vCPUs' MSRs are restored (kvmclock) or
@@ -299,8 +366,12 @@ fn pv_pages(vcpus: &[migration::VcpuState]) -> Vec<u64> {
 }
 
 /// Registers the new machine's memory with `uffd` and starts the loader that fills it from the
-/// snapshot's memory file.
-fn start_loader(foundation: &Foundation, checked: &Checked, uffd: NewUffd) -> Result<Handler, SnapshotError> {
+/// snapshot's memory file, on demand until the returned [`LoadAhead`] is released.
+fn start_loader(
+    foundation: &Foundation,
+    checked: &Checked,
+    uffd: NewUffd,
+) -> Result<(Handler, LoadAhead), SnapshotError> {
     let uffd = GuestUffd::register(uffd, &foundation.memory)?;
     let regions: Vec<(u64, u64)> = checked.state.memory.regions.iter().map(|r| (r.start, r.size)).collect();
     let stats = Arc::new(UffdStats::default());
@@ -313,13 +384,15 @@ fn start_loader(foundation: &Foundation, checked: &Checked, uffd: NewUffd) -> Re
         stats.clone(),
     )?;
     source.load_first(&pv_pages(&checked.state.machine.vcpus));
+    let load_ahead = source.hold_back()?;
     let notifier = foundation.exits.notifier.clone();
-    Ok(Handler::start(
+    let handler = Handler::start(
         "mem-loader",
         ThreadKind::MemLoader,
         Arc::new(uffd),
         Box::new(source),
         stats,
         Box::new(move |msg| notifier.notify(MEMORY_HANDLER, ExitReason::Error(msg))),
-    )?)
+    )?;
+    Ok((handler, load_ahead))
 }

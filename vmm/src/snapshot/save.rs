@@ -59,6 +59,21 @@ impl Writer {
     pub fn run(&self, job: Job) -> Result<(), String> {
         self.jobs.as_ref().and_then(|j| j.send(job).ok()).ok_or_else(|| "the snapshot thread is gone".to_string())
     }
+
+    /// Runs `job` on the writer thread and waits for its result (a sandboxed VMM thread's way
+    /// to open files).
+    pub fn call<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.run(Box::new(move || {
+            let _ = tx.send(job());
+        }))?;
+        rx.recv().map_err(|_| "the snapshot thread is gone".to_string())
+    }
+
+    /// A way to hand jobs to the writer thread from elsewhere (`None` once it stopped).
+    pub fn sender(&self) -> Option<std::sync::mpsc::Sender<Job>> {
+        self.jobs.clone()
+    }
 }
 
 impl Drop for Writer {

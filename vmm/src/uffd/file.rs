@@ -7,14 +7,21 @@
 //! reading anything. Between faults the source loads the data chunks in order, so the whole
 //! snapshot is in memory (and checked) soon after the guest started, whatever it touches. A
 //! chunk whose checksum does not match is never placed: the guest stops before it could see it.
+//!
+//! Loading ahead can be held back until the guest runs ([`FileSource::hold_back`]): while the
+//! VM is built, a loader filling memory on the other CPU makes KVM's registration of that memory
+//! wait (about 1 ms in every other restore here), and the vCPUs' start competes with it. Only
+//! the chunks asked for first ([`FileSource::load_first`]) and faults are served until then.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use migration::snapshot::{ChunkTable, crc64};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{Ctx, GuestUffd, PageSource, Served, UffdError, UffdStats};
 
@@ -54,6 +61,8 @@ pub struct FileSource {
     first: Vec<u64>,
     /// Where loading ahead goes on.
     next: u64,
+    /// Set by [`FileSource::hold_back`]: loading ahead waits until it is written.
+    hold: Option<EventFd>,
     buf: Vec<u8>,
     stats: Arc<UffdStats>,
 }
@@ -93,6 +102,7 @@ impl FileSource {
             loaded: vec![0; chunks.div_ceil(64) as usize],
             first: Vec::new(),
             next: 0,
+            hold: None,
             stats,
         })
     }
@@ -102,6 +112,28 @@ impl FileSource {
     /// a vCPU's paravirtual MSRs are restored.
     pub fn load_first(&mut self, gpas: &[u64]) {
         self.first = gpas.iter().rev().filter_map(|&g| self.chunk_of(g)).collect();
+    }
+
+    /// Holds loading ahead back, but for the chunks asked for first, until the returned
+    /// [`LoadAhead`] is released or dropped.
+    pub fn hold_back(&mut self) -> Result<LoadAhead, UffdError> {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| UffdError::Source(format!("eventfd: {e}")))?;
+        let release = evt.try_clone().map_err(|e| UffdError::Source(format!("eventfd: {e}")))?;
+        self.hold = Some(evt);
+        Ok(LoadAhead { evt: Some(release) })
+    }
+
+    /// Whether loading ahead is still held back (and the hold is not released yet).
+    fn held(&mut self) -> bool {
+        match &self.hold {
+            // Nothing to read yet: still held.
+            Some(evt) if evt.read().is_err() => true,
+            Some(_) => {
+                self.hold = None;
+                false
+            }
+            None => false,
+        }
     }
 
     fn is_loaded(&self, chunk: u64) -> bool {
@@ -176,6 +208,10 @@ impl PageSource for FileSource {
                 return Ok(self.remaining > 0);
             }
         }
+        if self.held() {
+            // The hold's descriptor (`wake_fd`) wakes the handler when it is released.
+            return Ok(false);
+        }
         let chunks = self.table.chunks();
         while self.next < chunks && (!self.table.has_data(self.next) || self.is_loaded(self.next)) {
             self.next += 1;
@@ -188,6 +224,35 @@ impl PageSource for FileSource {
 
     fn done(&self) -> bool {
         self.remaining == 0
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        self.hold.as_ref().map(|e| e.as_raw_fd())
+    }
+}
+
+/// Lets a [`FileSource`] held back load ahead: when released, or dropped.
+pub struct LoadAhead {
+    evt: Option<EventFd>,
+}
+
+impl LoadAhead {
+    pub fn release(mut self) {
+        self.wake();
+    }
+
+    fn wake(&mut self) {
+        if let Some(evt) = self.evt.take()
+            && let Err(e) = evt.write(1)
+        {
+            log::warn!("cannot release the memory loader's loading ahead: {e}");
+        }
+    }
+}
+
+impl Drop for LoadAhead {
+    fn drop(&mut self) {
+        self.wake();
     }
 }
 

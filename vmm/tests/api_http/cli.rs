@@ -133,3 +133,24 @@ fn cli_errors_are_one_line() {
     let (code, _, _) = vmm_cli(&["migrate", "--api-sock", "/x", "--to", "h:1", "--downtime-ms", "0"]);
     assert_eq!(code, 2);
 }
+
+#[test]
+fn cli_restore() {
+    // A VMM running a VM refuses, and the command says why in one line.
+    let h = Harness::new();
+    let sock = h.sock();
+    let (code, out, err) = vmm_cli(&["restore", "--api-sock", sock.to_str().unwrap(), "--from", "snap"]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(err.trim_end(), "vmm: error: this VMM runs a VM already");
+
+    // Waiting needs the API socket it waits on, and no jail, whose empty root holds no snapshot.
+    let (code, _, err) = vmm_cli(&["run", "--await-restore"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--api-sock"), "{err}");
+    let (code, _, err) = vmm_cli(&["run", "--await-restore", "--api-sock", "/x", "--jail", "1000:1000"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--jail"), "{err}");
+    let (code, _, err) = vmm_cli(&["run", "--await-restore", "--api-sock", "/x", "--kernel", "/k"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--kernel"), "{err}");
+}

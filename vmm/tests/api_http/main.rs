@@ -19,8 +19,8 @@ use vmm::api::client::{ApiClient, ClientError, HttpResponse};
 use vmm::api::routes::{self, ROUTES};
 use vmm::api::server::{ApiServer, ApiServerError, ApiServerOptions, start_api_server, start_api_server_with};
 use vmm::api::{
-    ApiError, ApiMessage, ApiRequest, ApiResponse, DiskInfo, MigrateRequest, MigrationInfo, MigrationPhase, RoundInfo,
-    SnapshotInfo, SnapshotPhase, SnapshotRequest, VmInfo, VmState,
+    ApiError, ApiMessage, ApiRequest, ApiResponse, DiskInfo, MigrateRequest, MigrationInfo, MigrationPhase,
+    RestoreInfo, RestoreRequest, RoundInfo, SnapshotInfo, SnapshotPhase, SnapshotRequest, VmInfo, VmState,
 };
 use vmm::arch::cpuid::CpuTemplate;
 use vmm::config::VmConfig;
@@ -138,6 +138,8 @@ impl FakeVmm {
                 Ok(ApiResponse::Accepted)
             }
             ApiRequest::Snapshot(_) => busy("take a snapshot", self.state),
+            // The fake runs a VM already, as a real VMM that was not started waiting would.
+            ApiRequest::Restore(_) => Err(ApiError::Conflict("this VMM runs a VM already".into())),
             ApiRequest::GetSnapshot => Ok(ApiResponse::Snapshot(self.snapshot.clone())),
             ApiRequest::Metrics => Ok(ApiResponse::Metrics(format!(
                 "# TYPE vmm_api_requests_total counter\nvmm_api_requests_total {}\n",

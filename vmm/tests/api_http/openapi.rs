@@ -105,6 +105,8 @@ fn openapi_schemas_match_serde() {
     let snap = SnapshotRequest { to: "/s".into(), resume: false, with_disks: false };
     assert_eq!(schema_properties("SnapshotRequest"), json_keys(&snap));
     assert_eq!(schema_properties("SnapshotInfo"), json_keys(SnapshotInfo::default()));
+    assert_eq!(schema_properties("RestoreRequest"), json_keys(&RestoreRequest { from: "/s".into() }));
+    assert_eq!(schema_properties("RestoreInfo"), json_keys(RestoreInfo::default()));
     assert_eq!(schema_properties("Error"), BTreeSet::from(["error".to_string()]));
 
     // The match has no wildcard arm so that a new variant fails to compile here until the

@@ -1,0 +1,136 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `vmm run --await-restore`: a VMM started, set up and sandboxed ahead of time, that waits on
+//! its API for the snapshot to run (`PUT /vm/restore`, `vmm restore`).
+//!
+//! This is Firecracker's way to a fast start: the process, /dev/kvm, the TAPs, the userfaultfd,
+//! the jail and the filters are all in place before anyone knows which snapshot will run, so
+//! what is left when it is named is reading the snapshot, building the VM and restoring it.
+//! The sandboxed VMM thread opens no file: the snapshot's files (and its disks, copied into
+//! place when the snapshot holds a copy) are opened by the snapshot thread, the one thread whose
+//! filter lets it open files, and handed over open.
+//!
+//! While it waits, every other request is refused (409) but `PUT /vm/shutdown`, which ends the
+//! VMM. A snapshot that does not check (missing, damaged, not fitting this VMM's `--net`) is
+//! refused (400) and the VMM waits on; a failure once the VM is being built ends the VMM with
+//! that error, as `vmm run --restore` would.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::Instant;
+
+use super::SnapshotError;
+use super::restore::{Prepared, RestoreOptions, Started, open_files, start};
+use super::save::Writer;
+use crate::api::{ApiError, ApiMessage, ApiRequest, ApiResponse};
+use crate::disk_config::DiskConfig;
+use crate::host::HostResources;
+use crate::net_config::NetConfig;
+
+/// Where the answer to the `PUT /vm/restore` that ran the guest goes.
+pub type Reply = Sender<Result<ApiResponse, ApiError>>;
+
+/// How the wait ended.
+pub enum Waited {
+    /// The snapshot in `from` runs: its vCPUs are starting, its devices are paused (see
+    /// [`start`]; `started.at` is when the request was taken). `reply` is for the request, to
+    /// be answered once the guest runs.
+    Restored { started: Box<Started>, from: PathBuf, reply: Reply },
+    /// `PUT /vm/shutdown`, or the API server went away: no guest ever ran.
+    Stopped,
+}
+
+/// What a waiting VMM was started with.
+pub struct StandbyOptions {
+    /// Its `--net`s, opened (in `HostResources`): the snapshot's NICs run on these TAPs.
+    pub nets: Vec<NetConfig>,
+    /// Its `--disk`s: where the snapshot's disks are (none: the snapshot's own paths).
+    pub disks: Vec<DiskConfig>,
+}
+
+/// Why nothing runs yet.
+const WAITING: &str = "no VM yet: this VMM waits for a snapshot to run (PUT /vm/restore, `vmm restore`)";
+
+/// Answers the API until a snapshot runs or the VMM is asked to stop.
+pub fn wait(
+    api: &Receiver<ApiMessage>,
+    writer: &Writer,
+    opts: &StandbyOptions,
+    res: &mut HostResources,
+    console: Box<dyn std::io::Write + Send>,
+) -> Result<Waited, SnapshotError> {
+    let mut console = Some(console);
+    for (request, reply) in api.iter() {
+        match request {
+            ApiRequest::Restore(req) => {
+                let started = Instant::now();
+                let from = PathBuf::from(&req.from);
+                let prepared = match open_on(writer, &from, opts, res, started) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        log::warn!("restore {} refused: {e}", from.display());
+                        let _ = reply.send(Err(ApiError::BadRequest(e.to_string())));
+                        continue;
+                    }
+                };
+                let Some(console) = console.take() else {
+                    // Only one restore ever gets this far: it either runs or ends the VMM.
+                    return Err(SnapshotError::Other("a second restore in one VMM".to_string()));
+                };
+                return match start(prepared, res, console) {
+                    Ok(started) => Ok(Waited::Restored { started: Box::new(started), from, reply }),
+                    Err(e) => {
+                        let _ = reply.send(Err(ApiError::Internal(format!("restore {} failed: {e}", from.display()))));
+                        Err(e)
+                    }
+                };
+            }
+            ApiRequest::Shutdown => {
+                let _ = reply.send(Ok(ApiResponse::Done));
+                return Ok(Waited::Stopped);
+            }
+            _ => {
+                let _ = reply.send(Err(ApiError::Conflict(WAITING.to_string())));
+            }
+        }
+    }
+    Ok(Waited::Stopped)
+}
+
+/// Has the snapshot thread read, check and open the snapshot in `from`, and hands its disks to
+/// `res`. Nothing of `res` is used up on failure, so the next request can try again.
+fn open_on(
+    writer: &Writer,
+    from: &std::path::Path,
+    opts: &StandbyOptions,
+    res: &mut HostResources,
+    started: Instant,
+) -> Result<Prepared, SnapshotError> {
+    let (dir, nets, disks) = (from.to_path_buf(), opts.nets.clone(), opts.disks.clone());
+    let jobs = writer.sender();
+    let remover: super::restore::Remover = Box::new(move |paths: Vec<PathBuf>| {
+        let remove = move || {
+            for p in &paths {
+                let _ = std::fs::remove_file(p);
+            }
+        };
+        // The snapshot thread removes them (this thread may not); if it is gone, they stay.
+        if let Some(jobs) = jobs {
+            let _ = jobs.send(Box::new(remove));
+        }
+    });
+    let mut opened = writer
+        .call(move || open_files(&dir, &RestoreOptions { nets: &nets, disks: &disks }, remover))
+        .map_err(SnapshotError::Other)??;
+    if opened.config.nets.len() != res.tap_count() {
+        return Err(SnapshotError::Mismatch(format!(
+            "the guest has {} NIC(s), this VMM was started with {} --net",
+            opened.config.nets.len(),
+            res.tap_count()
+        )));
+    }
+    let uffd = res.take_uffd().map_err(|e| SnapshotError::Other(e.to_string()))?;
+    for (i, disk) in std::mem::take(&mut opened.disks).into_iter().enumerate() {
+        res.put_disk(i, disk);
+    }
+    Ok(Prepared::from_files(opened, uffd, started))
+}
