@@ -3,19 +3,25 @@
 //! every thread of the source and of the destination runs as that user and group with no
 //! capability at all, no-new-privileges and a seccomp filter, in a mount namespace whose root
 //! is empty, while the guest runs, while it migrates and after it moved; the guest's network
-//! works before and after. Without `--jail` the filters are on by default too.
+//! works before and after. Without `--jail` the filters are on by default too. A jailed VMM
+//! writes a snapshot into a `--jail-dir DIR,rw`, and a jailed VMM waiting for a snapshot
+//! (`--await-restore`) restores it from a read-only `--jail-dir`, and cannot see one outside.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmm::api::MigrationPhase;
+use std::path::Path;
+
+use vmm::api::client::ClientError;
+use vmm::api::{MigrationPhase, RestoreRequest, SnapshotPhase};
 use vmm_tests::TestBed;
 use vmm_tests::moves::{
     ECHO_PORT, GUEST_TIMEOUT, MIGRATION_PORT, MIGRATION_TIMEOUT, assert_completed, assert_exits_cleanly, dump, request,
     start_destination_with, start_source,
 };
+use vmm_tests::snapshots::{SnapDir, restore_cli, snapshot_cli, start_waiting};
 use vmm_tests::vm::{Vm, kvm_or_skip};
 
 const JAIL: &str = "65534:65534";
@@ -68,6 +74,12 @@ fn threads(pid: u32) -> Vec<ThreadSandbox> {
 
 /// Checks every thread of `vm`; returns the names of the threads seen.
 fn assert_jailed(vm: &Vm, what: &str) -> Vec<String> {
+    assert_jailed_with(vm, what, &[])
+}
+
+/// [`assert_jailed`] for a jail that shows `dirs` (each with its mount option, `ro` or `rw`):
+/// its root holds only their first components, and each is mounted so.
+fn assert_jailed_with(vm: &Vm, what: &str, dirs: &[(&Path, &str)]) -> Vec<String> {
     let pid = vm.pid();
     let all = threads(pid);
     assert!(!all.is_empty(), "{what}: no threads of {pid}{}", dump(&[(what, vm)]));
@@ -84,8 +96,27 @@ fn assert_jailed(vm: &Vm, what: &str) -> Vec<String> {
     // Its own mount namespace, whose root holds nothing.
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).expect("mount namespace");
     assert_ne!(ns(&pid.to_string()), ns("self"), "{what}: in the host's mount namespace");
-    let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root")).expect("its root").flatten().collect();
-    assert!(root.is_empty(), "{what}: its root holds {root:?}");
+    let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .expect("its root")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    let mut want: Vec<String> = dirs
+        .iter()
+        .filter_map(|(d, _)| d.components().nth(1).map(|c| c.as_os_str().to_string_lossy().into_owned()))
+        .collect();
+    want.dedup();
+    assert_eq!(root, want, "{what}: its root holds {root:?}");
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).expect("its mounts");
+    for (dir, option) in dirs {
+        // Fields: id, parent, dev, root, mount point, options, ...
+        let shown = mounts.lines().map(|l| l.split(' ').collect::<Vec<_>>()).any(|f| {
+            f.get(4) == Some(&dir.to_str().unwrap_or(""))
+                && f.get(5).is_some_and(|o| o.split(',').any(|x| x == *option))
+        });
+        assert!(shown, "{what}: {} is not mounted {option} in its jail:\n{mounts}", dir.display());
+    }
     all.into_iter().map(|t| t.name).collect()
 }
 
@@ -170,4 +201,49 @@ fn filters_are_on_by_default_and_off_on_request() {
     for t in threads(off.pid()) {
         assert_eq!(t.seccomp, "0", "{t:?}{}", dump(&[("--no-seccomp", &off)]));
     }
+}
+
+#[test]
+fn a_jailed_vmm_writes_and_restores_snapshots_in_its_jail_dirs() {
+    if !kvm_or_skip("a_jailed_vmm_writes_and_restores_snapshots_in_its_jail_dirs") {
+        return;
+    }
+    let bed = TestBed::builder().host("a").client("client").host_ips().build().expect("build the test bed");
+    // A directory the jail's user owns, writable in the source's jail.
+    let dir = SnapDir::new("jail-dir");
+    std::fs::create_dir(dir.path()).expect("create the jail directory");
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).expect("chown the jail directory");
+    let rw = format!("{},rw", dir.path().display());
+    let src = start_source(&bed, "a", &["--jail", JAIL, "--jail-dir", &rw], "vmm.workload=echo");
+    assert_jailed_with(&src, "source", &[(dir.path(), "rw")]);
+    assert_echo(&bed, &[("source", &src)]);
+    let snap = dir.file("snap");
+    let info = snapshot_cli(&src, &snap, &[]).unwrap_or_else(|e| panic!("{e}{}", dump(&[("source", &src)])));
+    assert_eq!(info.phase, SnapshotPhase::Completed, "{info:?}");
+    assert!(snap.join("manifest.json").is_file(), "the jailed VMM's snapshot is not in {}", snap.display());
+    src.kill();
+    assert!(src.wait_timeout(Duration::from_secs(10)).is_some(), "the source did not end when killed");
+    // A copy outside the jail's directories.
+    let outside = SnapDir::new("outside-jail");
+    std::fs::create_dir(outside.path()).expect("create the copy");
+    for name in ["manifest.json", "state", "memory"] {
+        std::fs::copy(snap.join(name), outside.file(name)).expect("copy the snapshot");
+    }
+
+    // Waiting, jailed, with the directory read-only: the copy outside is not there for it, the
+    // snapshot inside is.
+    let tap = format!("tap={}", bed.host("a").tap());
+    let ro = dir.path().display().to_string();
+    let vm = start_waiting(&bed, "a", &["--net", &tap, "--jail", JAIL, "--jail-dir", &ro]);
+    let ctx = [("waiting", &vm)];
+    assert_jailed_with(&vm, "waiting", &[(dir.path(), "ro")]);
+    match vm.api().restore(&RestoreRequest { from: outside.path().display().to_string() }) {
+        Err(ClientError::Api { status: 400, message }) => assert!(message.contains("--jail-dir"), "{message}"),
+        other => panic!("a snapshot outside the jail: {other:?}{}", dump(&ctx)),
+    }
+    let info = restore_cli(&vm, &snap).unwrap_or_else(|e| panic!("{e}{}", dump(&ctx)));
+    println!("jailed restore: {info:?}");
+    let names = assert_jailed_with(&vm, "restored", &[(dir.path(), "ro")]);
+    assert!(names.iter().any(|n| n == "vcpu0"), "{names:?}");
+    assert_echo(&bed, &ctx);
 }

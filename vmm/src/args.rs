@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use vmm::arch::cpuid::CpuTemplate;
 use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB};
 use vmm::disk_config::DiskConfig;
-use vmm::jail::JailUser;
+use vmm::jail::{JailDir, JailUser};
 use vmm::net_config::NetConfig;
 use vmm::seccomp::SeccompMode;
 use vmm::transport::{self, LinkConfig, Security, pki};
@@ -259,10 +259,10 @@ pub(crate) struct RunArgs {
     /// Instead of booting, set up and sandbox now, then wait on the API socket for the snapshot
     /// to run (`vmm restore --from DIR`, `PUT /vm/restore`): the fastest start. Only --net (the
     /// TAPs the snapshot's NICs use), --disk, --api-sock, --seccomp and the announce options
-    /// apply; not --jail, whose empty root holds no snapshot to read.
+    /// apply (with --jail, the snapshots must be in a --jail-dir).
     #[arg(long, group = "received", requires = "api_sock",
           conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template", "restore",
-                                "incoming", "incoming_fd", "jail"])]
+                                "incoming", "incoming_fd"])]
     pub(crate) await_restore: bool,
     /// With --await-restore: map and register guest memory of this size ahead too, so that a
     /// snapshot of a guest of this size starts without that work (it grows with the size); a
@@ -331,9 +331,15 @@ pub(crate) struct RunArgs {
     #[arg(long, conflicts_with = "seccomp")]
     pub(crate) no_seccomp: bool,
     /// Once /dev/kvm, the TAPs, the disks and the sockets are open, run as UID:GID with no
-    /// capabilities, in a mount namespace of its own with an empty root (needs root).
+    /// capabilities, in a mount namespace of its own whose root is empty but for the
+    /// --jail-dir directories (needs root).
     #[arg(long, value_name = "UID:GID")]
     pub(crate) jail: Option<JailUser>,
+    /// With --jail: show this host directory inside the jail at the same path, read-only, or
+    /// writable with `,rw` (for the jail's user as the directory's permissions allow): where the
+    /// VMM reads snapshots to restore (--await-restore) or writes snapshots. Repeatable.
+    #[arg(long = "jail-dir", value_name = "DIR[,rw]", requires = "jail")]
+    pub(crate) jail_dirs: Vec<JailDir>,
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {

@@ -11,8 +11,16 @@
 //!
 //! It must run while the process has one thread: mount namespaces, capabilities and
 //! no-new-privileges belong to a thread, and a thread started before would keep the host's.
+//!
+//! `--jail-dir DIR[,rw]` shows a host directory inside the jail at the same path, read-only
+//! unless `rw`: where a jailed VMM's snapshots are read (`--await-restore`) or written. Each is
+//! cloned (`open_tree`) while the host's file system is still there, and attached
+//! (`move_mount`) into the new root once it is in place, with `nosuid`, `nodev` and `noexec`.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, PathBuf};
 use std::str::FromStr;
 
 /// Who the VMM becomes.
@@ -35,6 +43,34 @@ impl FromStr for JailUser {
             return Err(bad());
         }
         Ok(JailUser { uid, gid })
+    }
+}
+
+/// A host directory the jail shows at the same path (`--jail-dir DIR[,rw]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JailDir {
+    /// Absolute, without `.` or `..` (the path the jailed VMM uses for it too).
+    pub path: PathBuf,
+    /// Writable in the jail (by the jail's user, as the directory's permissions allow).
+    pub writable: bool,
+}
+
+impl FromStr for JailDir {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, writable) = match s.rsplit_once(',') {
+            Some((p, "rw")) => (p, true),
+            Some((p, "ro")) => (p, false),
+            Some((_, other)) => return Err(format!("expected DIR[,rw] or DIR,ro, got the option '{other}'")),
+            None => (s, false),
+        };
+        let path = PathBuf::from(path);
+        let plain = path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        if !path.is_absolute() || !plain || path.parent().is_none() {
+            return Err(format!("expected an absolute directory path other than / without . or .., got '{path:?}'"));
+        }
+        Ok(JailDir { path, writable })
     }
 }
 
@@ -75,6 +111,8 @@ pub enum JailError {
     NoNewPrivs(std::io::Error),
     #[error("jail: after dropping privileges the process still has {0}")]
     Check(String),
+    #[error("jail: cannot take {0} into the jail: {1}")]
+    Dir(PathBuf, std::io::Error),
 }
 
 fn check(rc: libc::c_int, e: impl FnOnce(std::io::Error) -> JailError) -> Result<(), JailError> {
@@ -91,8 +129,8 @@ fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
 }
 
-/// Enters the jail; see the module documentation.
-pub fn enter(user: JailUser) -> Result<(), JailError> {
+/// Enters the jail, with `dirs` shown in it; see the module documentation.
+pub fn enter(user: JailUser, dirs: &[JailDir]) -> Result<(), JailError> {
     let threads = thread_count();
     if threads != 1 {
         return Err(JailError::Threads(threads));
@@ -101,13 +139,64 @@ pub fn enter(user: JailUser) -> Result<(), JailError> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(JailError::NotRoot(std::io::ErrorKind::PermissionDenied.into()));
     }
-    enter_mount_namespace()?;
+    enter_mount_namespace(dirs)?;
     drop_privileges(user)?;
     verify(user)
 }
 
-/// A mount namespace whose root is an empty, read-only tmpfs.
-fn enter_mount_namespace() -> Result<(), JailError> {
+/// `open_tree(2)`'s flag for a detached copy of the mount.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+/// `move_mount(2)`'s flag: the source is the file descriptor itself.
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+
+/// A detached copy of the mount at `dir` (taken while the host's file system is there).
+fn clone_dir(dir: &JailDir) -> Result<OwnedFd, JailError> {
+    let err = |e| JailError::Dir(dir.path.clone(), e);
+    let path =
+        CString::new(dir.path.as_os_str().as_bytes()).map_err(|_| err(std::io::ErrorKind::InvalidInput.into()))?;
+    if !dir.path.is_dir() {
+        return Err(err(std::io::Error::from_raw_os_error(libc::ENOTDIR)));
+    }
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
+    // SAFETY: open_tree on a NUL-terminated path; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Attaches `tree` (from [`clone_dir`]) at `dir`'s path in the new root.
+fn attach_dir(dir: &JailDir, tree: OwnedFd) -> Result<(), JailError> {
+    let err = |e| JailError::Dir(dir.path.clone(), e);
+    std::fs::create_dir_all(&dir.path).map_err(err)?;
+    let path =
+        CString::new(dir.path.as_os_str().as_bytes()).map_err(|_| err(std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: move_mount of a descriptor we own onto a NUL-terminated path; checked.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    check(rc as libc::c_int, err)?;
+    let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    if !dir.writable {
+        flags |= libc::MS_RDONLY;
+    }
+    // SAFETY: remounting the bind mount just attached; checked.
+    let rc = unsafe { libc::mount(std::ptr::null(), path.as_ptr(), std::ptr::null(), flags, std::ptr::null()) };
+    check(rc, err)
+}
+
+/// A mount namespace whose root is an empty, read-only tmpfs, with `dirs` in it.
+fn enter_mount_namespace(dirs: &[JailDir]) -> Result<(), JailError> {
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     // SAFETY: plain system calls on constant, NUL-terminated strings; each result is checked.
     unsafe {
         check(libc::unshare(libc::CLONE_NEWNS), JailError::Unshare)?;
@@ -122,11 +211,15 @@ fn enter_mount_namespace() -> Result<(), JailError> {
             ),
             JailError::Private,
         )?;
+    }
+    // Before the tmpfs goes on: it may hide them (it is mounted on /tmp if there is one).
+    let trees = dirs.iter().map(|d| clone_dir(d).map(|t| (d, t))).collect::<Result<Vec<_>, _>>()?;
+    // SAFETY: as above.
+    unsafe {
         let dir = MOUNT_POINTS
             .iter()
             .find(|d| std::path::Path::new(d.to_str().unwrap_or("")).is_dir())
             .ok_or(JailError::NoMountPoint(MOUNT_POINT_NAMES))?;
-        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
         check(
             libc::mount(
                 c"vmm-jail".as_ptr(),
@@ -143,6 +236,12 @@ fn enter_mount_namespace() -> Result<(), JailError> {
         check(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int, JailError::PivotRoot)?;
         check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH), JailError::Detach)?;
         check(libc::chdir(c"/".as_ptr()), JailError::Detach)?;
+    }
+    for (dir, tree) in trees {
+        attach_dir(dir, tree)?;
+    }
+    // SAFETY: as above.
+    unsafe {
         check(
             libc::mount(
                 std::ptr::null(),
@@ -237,6 +336,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dirs() {
+        let d = |p: &str, writable| Ok(JailDir { path: PathBuf::from(p), writable });
+        assert_eq!("/srv/snaps".parse(), d("/srv/snaps", false));
+        assert_eq!("/srv/snaps,ro".parse(), d("/srv/snaps", false));
+        assert_eq!("/srv/snaps,rw".parse(), d("/srv/snaps", true));
+        for bad in ["", "/", "snaps", "/srv/../etc", "/srv/./x", "/srv,rx", ",rw"] {
+            assert!(bad.parse::<JailDir>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn users() {
         assert_eq!("1000:100".parse(), Ok(JailUser { uid: 1000, gid: 100 }));
         for bad in ["", "1000", "0:100", "100:0", "a:b", "1:2:3", "-1:5", "1000:"] {
@@ -259,7 +369,7 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            let code = match enter(JailUser { uid: 65534, gid: 65534 }) {
+            let code = match enter(JailUser { uid: 65534, gid: 65534 }, &[]) {
                 Err(_) => 10,
                 Ok(()) => {
                     let empty = std::fs::read_dir("/").map(|d| d.count() == 0).unwrap_or(false);

@@ -111,7 +111,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     vmm::host::read_host_facts();
     // The sandbox: the jail (one thread yet), then each thread's filter as it starts.
     if let Some(user) = args.jail {
-        vmm::jail::enter(user)?;
+        vmm::jail::enter(user, &args.jail_dirs)?;
     }
     vmm::seccomp::init(seccomp)?;
     res.ask_supported_cpuid();
@@ -157,8 +157,11 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let (Some(Sealed { api: Some((_, rx, _)), snapshot_writer }), Some(path)) = (&early, &args.api_sock) else {
                 return Err("--await-restore needs --api-sock".into());
             };
-            let opts = StandbyOptions { nets: args.nets.clone(), disks: args.disks.clone() };
-            // The line scripts wait for before they name the snapshot.
+            let opts =
+                StandbyOptions { nets: args.nets.clone(), disks: args.disks.clone(), jailed: args.jail.is_some() };
+            // Every thread has its filter on before it says it waits: the line scripts wait for
+            // before they name the snapshot.
+            vmm::seccomp::wait_for_filters();
             eprintln!("vmm: waiting for a snapshot to run: PUT /vm/restore on {}", path.display());
             match standby::wait(rx, snapshot_writer, &opts, &mut res, Box::new(std::io::stdout()))? {
                 Waited::Stopped => return Ok(ExitCode::SUCCESS),

@@ -45,7 +45,14 @@ pub struct StandbyOptions {
     pub nets: Vec<NetConfig>,
     /// Its `--disk`s: where the snapshot's disks are (none: the snapshot's own paths).
     pub disks: Vec<DiskConfig>,
+    /// It runs in a jail (`--jail`), which shows only its `--jail-dir` directories.
+    pub jailed: bool,
 }
+
+/// What a jailed VMM adds when it cannot find or open a snapshot.
+const JAIL_HINT: &str = " (a jailed VMM sees only the directories its --jail-dir options name)";
+/// [`super::restore::check`]'s word for a directory that is not there.
+const NOT_A_SNAPSHOT: &str = "is not a snapshot directory";
 
 /// Why nothing runs yet.
 const WAITING: &str = "no VM yet: this VMM waits for a snapshot to run (PUT /vm/restore, `vmm restore`)";
@@ -67,8 +74,10 @@ pub fn wait(
                 let prepared = match open_on(writer, &from, opts, res, started) {
                     Ok(p) => p,
                     Err(e) => {
-                        log::warn!("restore {} refused: {e}", from.display());
-                        let _ = reply.send(Err(ApiError::BadRequest(e.to_string())));
+                        let unseen = matches!(e, SnapshotError::Io { .. }) || e.to_string().contains(NOT_A_SNAPSHOT);
+                        let hint = if opts.jailed && unseen { JAIL_HINT } else { "" };
+                        log::warn!("restore {} refused: {e}{hint}", from.display());
+                        let _ = reply.send(Err(ApiError::BadRequest(format!("{e}{hint}"))));
                         continue;
                     }
                 };
