@@ -337,7 +337,9 @@ pub(crate) struct RunArgs {
     pub(crate) jail: Option<JailUser>,
     /// With --jail: show this host directory inside the jail at the same path, read-only, or
     /// writable with `,rw` (for the jail's user as the directory's permissions allow): where the
-    /// VMM reads snapshots to restore (--await-restore) or writes snapshots. Repeatable.
+    /// VMM reads snapshots to restore (--await-restore) or writes snapshots. Only DIR itself, not
+    /// the mounts below it; no symbolic link in its path; a DIR with a comma in it needs `,ro`
+    /// or `,rw`. Repeatable.
     #[arg(long = "jail-dir", value_name = "DIR[,rw]", requires = "jail")]
     pub(crate) jail_dirs: Vec<JailDir>,
 }

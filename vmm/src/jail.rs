@@ -14,8 +14,10 @@
 //!
 //! `--jail-dir DIR[,rw]` shows a host directory inside the jail at the same path, read-only
 //! unless `rw`: where a jailed VMM's snapshots are read (`--await-restore`) or written. Each is
-//! cloned (`open_tree`) while the host's file system is still there, and attached
-//! (`move_mount`) into the new root once it is in place, with `nosuid`, `nodev` and `noexec`.
+//! opened without following symbolic links (`openat2`, `RESOLVE_NO_SYMLINKS`; procfs and sysfs
+//! refused) and cloned (`open_tree`, that directory only) while the host's file system is still
+//! there, and attached (`move_mount`) into the new root once it is in place, with `nosuid`,
+//! `nodev` and `noexec`.
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -62,10 +64,16 @@ impl FromStr for JailDir {
         let (path, writable) = match s.rsplit_once(',') {
             Some((p, "rw")) => (p, true),
             Some((p, "ro")) => (p, false),
-            Some((_, other)) => return Err(format!("expected DIR[,rw] or DIR,ro, got the option '{other}'")),
+            Some((_, other)) => {
+                return Err(format!(
+                    "expected DIR[,rw] or DIR,ro (a DIR with a comma in it needs one of the two), got the option \
+                     '{other}'"
+                ));
+            }
             None => (s, false),
         };
-        let path = PathBuf::from(path);
+        // `components` also drops the `.`s inside a path.
+        let path: PathBuf = std::path::Path::new(path).components().collect();
         let plain = path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
         if !path.is_absolute() || !plain || path.parent().is_none() {
             return Err(format!("expected an absolute directory path other than / without . or .., got '{path:?}'"));
@@ -113,6 +121,10 @@ pub enum JailError {
     Check(String),
     #[error("jail: cannot take {0} into the jail: {1}")]
     Dir(PathBuf, std::io::Error),
+    #[error("jail: {0} has a symbolic link in it: give the path it leads to")]
+    DirSymlink(PathBuf),
+    #[error("jail: {0} is on {1}, which a jail does not show")]
+    DirKind(PathBuf, &'static str),
 }
 
 fn check(rc: libc::c_int, e: impl FnOnce(std::io::Error) -> JailError) -> Result<(), JailError> {
@@ -149,22 +161,53 @@ const OPEN_TREE_CLONE: libc::c_uint = 1;
 /// `move_mount(2)`'s flag: the source is the file descriptor itself.
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
 
-/// A detached copy of the mount at `dir` (taken while the host's file system is there).
+/// procfs's and sysfs's `statfs` magic numbers: the host's processes and devices.
+const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+const SYSFS_MAGIC: i64 = 0x6265_6572;
+
+/// A detached copy of the directory `dir` (taken while the host's file system is there). Only
+/// that directory, not the mounts below it.
 fn clone_dir(dir: &JailDir) -> Result<OwnedFd, JailError> {
     let err = |e| JailError::Dir(dir.path.clone(), e);
     let path =
         CString::new(dir.path.as_os_str().as_bytes()).map_err(|_| err(std::io::ErrorKind::InvalidInput.into()))?;
-    if !dir.path.is_dir() {
-        return Err(err(std::io::Error::from_raw_os_error(libc::ENOTDIR)));
-    }
-    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
-    // SAFETY: open_tree on a NUL-terminated path; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
+    // No symbolic link is followed on the way: one that someone else put in the path would show
+    // another directory in the jail than the one named.
+    // SAFETY: all zeroes is a valid `open_how`.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS;
+    // SAFETY: openat2 on a NUL-terminated path with a valid `open_how` of its size; checked.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_openat2, libc::AT_FDCWD, path.as_ptr(), &how, std::mem::size_of::<libc::open_how>())
+    };
     if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::ELOOP) {
+            JailError::DirSymlink(dir.path.clone())
+        } else {
+            err(e)
+        });
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    let at = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // SAFETY: all zeroes is a valid `statfs`; fstatfs fills it from our descriptor.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    check(unsafe { libc::fstatfs(at.as_raw_fd(), &mut fs) }, err)?;
+    match fs.f_type as i64 {
+        PROC_SUPER_MAGIC => return Err(JailError::DirKind(dir.path.clone(), "procfs")),
+        SYSFS_MAGIC => return Err(JailError::DirKind(dir.path.clone(), "sysfs")),
+        _ => {}
+    }
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
+    // SAFETY: open_tree of our descriptor itself (empty path); the result is checked.
+    let tree = unsafe { libc::syscall(libc::SYS_open_tree, at.as_raw_fd(), c"".as_ptr(), flags) };
+    if tree < 0 {
         return Err(err(std::io::Error::last_os_error()));
     }
     // SAFETY: a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(tree as RawFd) })
 }
 
 /// Attaches `tree` (from [`clone_dir`]) at `dir`'s path in the new root.
@@ -341,7 +384,8 @@ mod tests {
         assert_eq!("/srv/snaps".parse(), d("/srv/snaps", false));
         assert_eq!("/srv/snaps,ro".parse(), d("/srv/snaps", false));
         assert_eq!("/srv/snaps,rw".parse(), d("/srv/snaps", true));
-        for bad in ["", "/", "snaps", "/srv/../etc", "/srv/./x", "/srv,rx", ",rw"] {
+        assert_eq!("/srv/./snaps/,rw".parse(), d("/srv/snaps", true));
+        for bad in ["", "/", "snaps", "./snaps", "/srv/../etc", "/srv,rx", ",rw"] {
             assert!(bad.parse::<JailDir>().is_err(), "{bad}");
         }
     }

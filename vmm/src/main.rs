@@ -154,7 +154,8 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             vmm
         }
         (None, None) if args.await_restore => {
-            let (Some(Sealed { api: Some((_, rx, _)), snapshot_writer }), Some(path)) = (&early, &args.api_sock) else {
+            let (Some(Sealed { api: Some((server, rx, _)), snapshot_writer }), Some(path)) = (&early, &args.api_sock)
+            else {
                 return Err("--await-restore needs --api-sock".into());
             };
             let opts =
@@ -163,7 +164,12 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             // before they name the snapshot.
             vmm::seccomp::wait_for_filters();
             eprintln!("vmm: waiting for a snapshot to run: PUT /vm/restore on {}", path.display());
-            match standby::wait(rx, snapshot_writer, &opts, &mut res, Box::new(std::io::stdout()))? {
+            let waited = standby::wait(rx, snapshot_writer, &opts, &mut res, Box::new(std::io::stdout()));
+            if !matches!(waited, Ok(Waited::Restored { .. })) {
+                // The VMM ends: the answer to the request that ended it is written first.
+                server.drain(Duration::from_secs(1));
+            }
+            match waited? {
                 Waited::Stopped => return Ok(ExitCode::SUCCESS),
                 Waited::Restored { started, from, reply } => {
                     restored = Some((from, started.at, started.load_ahead));
@@ -184,22 +190,23 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Some(sealed) => sealed,
         None => seal_vmm_thread(api_socket.take())?,
     };
-    if let (Some(reply), Some((dir, ..)), Some(ran)) = (standby_reply, &restored, ran) {
-        let answer = match ran {
-            Some((to_running_us, running_at_monotonic_us)) => Ok(ApiResponse::Restored(RestoreInfo {
-                from: dir.display().to_string(),
-                to_running_us,
-                running_at_monotonic_us,
-            })),
-            None => Err(ApiError::Internal("the restored VM stopped before its guest ran".to_string())),
-        };
-        // The client may have gone; the guest runs anyway.
-        let _ = reply.send(answer);
-    }
-    if let Some((_, _, load_ahead)) = restored {
+    if let Some((dir, _, load_ahead)) = restored {
         // The guest runs: the loader may fill its memory ahead of its touches now.
         load_ahead.release();
         vmm::migrate::resume_devices(vmm.machine());
+        // A waiting VMM answers the request that named the snapshot (the client may have gone;
+        // the guest runs anyway).
+        if let (Some(reply), Some(ran)) = (standby_reply, ran) {
+            let answer = match ran {
+                Some((to_running_us, running_at_monotonic_us)) => Ok(ApiResponse::Restored(RestoreInfo {
+                    from: dir.display().to_string(),
+                    to_running_us,
+                    running_at_monotonic_us,
+                })),
+                None => Err(ApiError::Internal("the restored VM stopped before its guest ran".to_string())),
+            };
+            let _ = reply.send(answer);
+        }
         if let Some(schedule) = schedule {
             vmm.announce(schedule);
         }

@@ -4,6 +4,7 @@
 //! clients never block vCPUs.
 
 pub mod client;
+mod dispatch;
 pub mod display;
 mod http;
 pub mod routes;

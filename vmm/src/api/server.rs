@@ -3,7 +3,8 @@
 //! [`ApiRequest`] for the VMM thread and its answer into an HTTP response.
 //!
 //! This module runs the threads and decides when a connection ends; reading a request within
-//! its limits and encoding an answer are `http.rs`'s. Every limit is checked before
+//! its limits and encoding an answer are `http.rs`'s, handing it to the VMM thread
+//! `dispatch.rs`'s. Every limit is checked before
 //! anything is read or allocated for it, so no client can make the server (and with it the
 //! guest) eat memory or stall the API for others:
 //!
@@ -29,17 +30,18 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{RecvTimeoutError, Sender, channel};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::dispatch::{Dispatcher, InFlight};
 use super::http::{Connection, Failure, Framing, Head, Reply, too_large};
 use super::routes::{self, RouteError};
-use super::types::{ApiError, ApiMessage, ApiRequest, ApiResponse};
+use super::types::ApiMessage;
 
 /// How long a request waits for the VMM thread before the client gets a 503.
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -229,8 +231,13 @@ fn start_on(
         })
         .map_err(|e| remove_socket(ApiServerError::Poll(e)))?;
 
-    let dispatcher =
-        Arc::new(Dispatcher { to_vmm: Mutex::new(Some(to_vmm)), wake, options, connections: AtomicUsize::new(0) });
+    let dispatcher = Arc::new(Dispatcher {
+        to_vmm: Mutex::new(Some(to_vmm)),
+        wake,
+        options,
+        connections: AtomicUsize::new(0),
+        in_flight: AtomicUsize::new(0),
+    });
     let thread = {
         let dispatcher = Arc::clone(&dispatcher);
         // The thread keeps the eventfd open for as long as its epoll watches it.
@@ -274,6 +281,23 @@ impl ApiServer {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => log::warn!("failed to remove the API socket {}: {e}", self.path.display()),
         }
+    }
+}
+
+impl ApiServer {
+    /// Waits up to `timeout` until the answers to the requests already handed to the VMM thread
+    /// are written: for a VMM about to exit right after answering (one waiting for a snapshot
+    /// that is asked to stop, or fails to restore one), so that its last answer is not lost
+    /// with the process. Returns whether they were.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.dispatcher.in_flight.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 }
 
@@ -391,7 +415,13 @@ fn admit(stream: UnixStream, dispatcher: &Arc<Dispatcher>) {
 /// Serves the connection `stream` on this thread until it ends, passing requests on as a
 /// running server does (the fuzzing entry point for the HTTP side).
 pub fn serve_stream(stream: UnixStream, to_vmm: Sender<ApiMessage>, wake: Arc<EventFd>, options: ApiServerOptions) {
-    let dispatcher = Dispatcher { to_vmm: Mutex::new(Some(to_vmm)), wake, options, connections: AtomicUsize::new(0) };
+    let dispatcher = Dispatcher {
+        to_vmm: Mutex::new(Some(to_vmm)),
+        wake,
+        options,
+        connections: AtomicUsize::new(0),
+        in_flight: AtomicUsize::new(0),
+    };
     serve_connection(stream, &dispatcher);
 }
 
@@ -429,68 +459,6 @@ impl Drop for Slot {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Passing requests on to the VMM thread
-
-/// What the server needs to pass a request on, shared by all its threads.
-struct Dispatcher {
-    /// `None` once the server stopped, so that connections still open cannot keep the VMM's
-    /// channel alive (its receiver would never see it close) or reach the VMM after `stop`.
-    to_vmm: Mutex<Option<Sender<ApiMessage>>>,
-    wake: Arc<EventFd>,
-    options: ApiServerOptions,
-    /// Connections being served now.
-    connections: AtomicUsize,
-}
-
-/// Why the VMM thread gave no answer.
-#[derive(Clone, Copy, Debug)]
-enum Unavailable {
-    Gone,
-    Timeout,
-}
-
-impl Unavailable {
-    fn message(self) -> &'static str {
-        match self {
-            Unavailable::Gone => "the VMM is not taking API requests",
-            Unavailable::Timeout => "the VMM did not answer in time",
-        }
-    }
-}
-
-impl Dispatcher {
-    /// Sends `request` to the VMM thread, wakes it and waits for its answer.
-    fn call(&self, request: ApiRequest) -> Result<Result<ApiResponse, ApiError>, Unavailable> {
-        // A restore is answered once the guest runs, after any copied disk is copied into place.
-        let timeout = match request {
-            ApiRequest::Restore(_) => self.options.reply_timeout.max(RESTORE_REPLY_TIMEOUT),
-            _ => self.options.reply_timeout,
-        };
-        let (reply_tx, reply_rx) = channel();
-        {
-            // Sending never blocks (the channel is unbounded), so neither does this lock for long.
-            let to_vmm = self.to_vmm.lock().unwrap_or_else(PoisonError::into_inner);
-            let to_vmm = to_vmm.as_ref().ok_or(Unavailable::Gone)?;
-            to_vmm.send((request, reply_tx)).map_err(|_| Unavailable::Gone)?;
-        }
-        if let Err(e) = self.wake.write(1) {
-            // The request is queued; the VMM thread sees it at its next wake-up, or we time out.
-            log::warn!("failed to wake the VMM thread for an API request: {e}");
-        }
-        match reply_rx.recv_timeout(timeout) {
-            Ok(result) => Ok(result),
-            Err(RecvTimeoutError::Timeout) => Err(Unavailable::Timeout),
-            Err(RecvTimeoutError::Disconnected) => Err(Unavailable::Gone),
-        }
-    }
-
-    /// Drops the server's way to the VMM thread; requests from now on get 503s.
-    fn disconnect(&self) {
-        self.to_vmm.lock().unwrap_or_else(PoisonError::into_inner).take();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Serving a connection
 
 /// Serves the requests of one connection until it closes, fails, idles out or must close.
@@ -500,9 +468,9 @@ fn serve_connection(stream: UnixStream, dispatcher: &Dispatcher) {
     loop {
         let deadline = Instant::now() + options.request_timeout;
         let served = conn.read_head(options.max_header, deadline).and_then(|head| match head {
-            Some(head) => answer(&mut conn, &head, deadline, dispatcher).map(|(reply, body_read)| {
+            Some(head) => answer(&mut conn, &head, deadline, dispatcher).map(|(reply, body_read, in_flight)| {
                 log::debug!("API {} {:?} -> {}", head.method, head.target, reply.status);
-                Some((head, reply, body_read))
+                Some((head, reply, body_read, in_flight))
             }),
             None => Ok(None),
         });
@@ -510,11 +478,13 @@ fn serve_connection(stream: UnixStream, dispatcher: &Dispatcher) {
         match served {
             // Closed or idle between requests.
             Ok(None) | Err(Failure::Gone) => return,
-            Ok(Some((head, reply, body_read))) => {
+            Ok(Some((head, reply, body_read, in_flight))) => {
                 // After a body left unread, the next request's start is unknown.
                 let keep_alive = head.keep_alive && body_read;
                 let bytes = reply.encode(!keep_alive, head.method == "HEAD");
-                if let Err(e) = conn.write_all(&bytes, answer_deadline) {
+                let written = conn.write_all(&bytes, answer_deadline);
+                drop(in_flight);
+                if let Err(e) = written {
                     log::debug!("failed to send an API answer: {e}");
                     return;
                 }
@@ -543,24 +513,25 @@ fn serve_connection(stream: UnixStream, dispatcher: &Dispatcher) {
 }
 
 /// Everything from routing to the VMM's answer for a request whose head has been read; also says
-/// whether its body was read to the end, so that the connection can carry another request.
-fn answer(
+/// whether its body was read to the end, so that the connection can carry another request, and
+/// holds the request in flight if it went to the VMM thread, until its answer is written.
+fn answer<'d>(
     conn: &mut Connection,
     head: &Head,
     deadline: Instant,
-    dispatcher: &Dispatcher,
-) -> Result<(Reply, bool), Failure> {
+    dispatcher: &'d Dispatcher,
+) -> Result<(Reply, bool, Option<InFlight<'d>>), Failure> {
     let path = head.target.split_once('?').map_or(head.target.as_str(), |(path, _query)| path);
     let method = head.method.as_str();
     let no_body = head.framing == Framing::Empty;
     let endpoint = match routes::route(method, path) {
         Ok(endpoint) => endpoint,
-        Err(RouteError::NotFound) => return Ok((Reply::error(404, format!("no such route: {path}")), no_body)),
+        Err(RouteError::NotFound) => return Ok((Reply::error(404, format!("no such route: {path}")), no_body, None)),
         Err(RouteError::MethodNotAllowed(allowed)) => {
             let allow = allowed.join(", ");
             let reply = Reply::error(405, format!("method {method} is not allowed on {path} (allowed: {allow})"))
                 .with_allow(allow);
-            return Ok((reply, no_body));
+            return Ok((reply, no_body, None));
         }
     };
     let max_body = dispatcher.options.max_body;
@@ -575,13 +546,17 @@ fn answer(
     }
     // Every endpoint's body is read, even by those that ignore it, to find the next request.
     let body = conn.read_body(head.framing, max_body, dispatcher.options.max_header, deadline)?;
-    let reply = match endpoint.request(&body) {
-        Ok(api_request) => match dispatcher.call(api_request) {
-            Ok(Ok(response)) => Reply::from_response(endpoint, response),
-            Ok(Err(e)) => Reply::api_error(&e),
-            Err(e) => Reply::error(503, e.message().to_string()),
-        },
-        Err(e) => Reply::api_error(&e),
+    let (reply, in_flight) = match endpoint.request(&body) {
+        Ok(api_request) => {
+            let in_flight = InFlight::new(dispatcher);
+            let reply = match dispatcher.call(api_request) {
+                Ok(Ok(response)) => Reply::from_response(endpoint, response),
+                Ok(Err(e)) => Reply::api_error(&e),
+                Err(e) => Reply::error(503, e.message().to_string()),
+            };
+            (reply, Some(in_flight))
+        }
+        Err(e) => (Reply::api_error(&e), None),
     };
-    Ok((reply, true))
+    Ok((reply, true, in_flight))
 }

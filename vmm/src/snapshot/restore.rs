@@ -53,8 +53,23 @@ pub struct Checked {
     memory: File,
 }
 
+/// Opens the snapshot file at `path`, which must be a regular file: without blocking, so that a
+/// FIFO put in its place cannot hang the thread opening it (a waiting VMM's).
+pub(super) fn open_regular(path: &Path) -> Result<File, SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(SnapshotError::io("open", path))?;
+    if !f.metadata().map_err(SnapshotError::io("stat", path))?.is_file() {
+        return Err(SnapshotError::Damaged(format!("{} is not a regular file", path.display())));
+    }
+    Ok(f)
+}
+
 fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, SnapshotError> {
-    let f = File::open(path).map_err(SnapshotError::io("open", path))?;
+    let f = open_regular(path)?;
     let len = f.metadata().map_err(SnapshotError::io("stat", path))?.len();
     if len > limit {
         return Err(SnapshotError::Damaged(format!(
@@ -137,7 +152,7 @@ pub fn check(dir: &Path) -> Result<Checked, SnapshotError> {
         )));
     }
     let mem_path = dir.join(MEMORY);
-    let memory = File::open(&mem_path).map_err(SnapshotError::io("open", &mem_path))?;
+    let memory = open_regular(&mem_path)?;
     let mem_len = memory.metadata().map_err(SnapshotError::io("stat", &mem_path))?.len();
     if mem_len != total || manifest.memory.size != total {
         return Err(SnapshotError::Damaged(format!(
@@ -163,35 +178,24 @@ pub fn check(dir: &Path) -> Result<Checked, SnapshotError> {
     Ok(Checked { dir: dir.to_path_buf(), manifest, state, memory })
 }
 
-/// Removes a failed restore's new disk files, where files may be removed (a sandboxed VMM
-/// hands them to its snapshot thread).
-pub type Remover = Box<dyn FnOnce(Vec<PathBuf>) + Send>;
-
-/// New disk files a restore created: removed unless the guest runs.
+/// New disk files a restore created: removed unless the guest runs (the VMM thread's filter
+/// allows removing files, for this and for a failed incoming migration's disks).
 struct NewDisks {
     paths: Vec<PathBuf>,
     committed: bool,
-    remover: Option<Remover>,
 }
 
 impl NewDisks {
-    fn new(remover: Option<Remover>) -> NewDisks {
-        NewDisks { paths: Vec::new(), committed: false, remover }
+    fn new() -> NewDisks {
+        NewDisks { paths: Vec::new(), committed: false }
     }
 }
 
 impl Drop for NewDisks {
     fn drop(&mut self) {
-        if self.committed || self.paths.is_empty() {
-            return;
-        }
-        let paths = std::mem::take(&mut self.paths);
-        match self.remover.take() {
-            Some(remove) => remove(paths),
-            None => {
-                for p in &paths {
-                    let _ = std::fs::remove_file(p);
-                }
+        if !self.committed {
+            for p in &self.paths {
+                let _ = std::fs::remove_file(p);
             }
         }
     }
@@ -261,7 +265,7 @@ pub struct Prepared {
 pub fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, SnapshotError> {
     let started = Instant::now();
     let checked = check(dir)?;
-    let mut new_disks = NewDisks::new(None);
+    let mut new_disks = NewDisks::new();
     let config = local_config(&checked, opts, &mut new_disks)?;
     let uffd = NewUffd::create()?;
     log::debug!("restore: snapshot checked, disks ready at {} µs", started.elapsed().as_micros());
@@ -281,18 +285,29 @@ pub struct Opened {
 
 /// Reads and checks the snapshot in `dir`, copies its copied disks into place and opens every
 /// disk: all of a restore's file work, for the one thread of a sandboxed VMM that may do it.
-/// Should the restore fail, `remover` removes the disk files it created.
-pub fn open_files(dir: &Path, opts: &RestoreOptions, remover: Remover) -> Result<Opened, SnapshotError> {
+/// `taps`: how many TAPs the VMM has for the guest's NICs, checked before any disk is copied.
+/// Should the restore fail, the disk files it created are removed.
+pub fn open_files(dir: &Path, opts: &RestoreOptions, taps: usize) -> Result<Opened, SnapshotError> {
     let checked = check(dir)?;
-    let mut new_disks = NewDisks::new(Some(remover));
+    let nics = checked.state.config.nets.len();
+    if nics != taps {
+        return Err(SnapshotError::Mismatch(format!(
+            "the guest has {nics} NIC(s), this VMM was started with {taps} --net"
+        )));
+    }
+    let mut new_disks = NewDisks::new();
     let config = local_config(&checked, opts, &mut new_disks)?;
     let disks = config
         .disks
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            block::Disk::open(&d.path, d.read_only, d.shared)
-                .map_err(|e| SnapshotError::Other(format!("disk {i} ({}): {e}", d.path.display())))
+            let err = |e: String| SnapshotError::Other(format!("disk {i} ({}): {e}", d.path.display()));
+            // Not a FIFO or a device, whose opening could block this thread for good.
+            if !std::fs::metadata(&d.path).is_ok_and(|m| m.is_file()) {
+                return Err(err("not a regular file".to_string()));
+            }
+            block::Disk::open(&d.path, d.read_only, d.shared).map_err(|e| err(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Opened { checked, config, new_disks, disks })

@@ -69,11 +69,6 @@ impl Writer {
         }))?;
         rx.recv().map_err(|_| "the snapshot thread is gone".to_string())
     }
-
-    /// A way to hand jobs to the writer thread from elsewhere (`None` once it stopped).
-    pub fn sender(&self) -> Option<std::sync::mpsc::Sender<Job>> {
-        self.jobs.clone()
-    }
 }
 
 impl Drop for Writer {

@@ -106,7 +106,7 @@ pub fn copy_checked(
     table: &ChunkTable,
     mut write: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
 ) -> Result<u64, SnapshotError> {
-    let file = File::open(src).map_err(SnapshotError::io("open", src))?;
+    let file = super::restore::open_regular(src)?;
     let len = file.metadata().map_err(SnapshotError::io("stat", src))?.len();
     if len != table.len {
         return Err(SnapshotError::Damaged(format!("{} has {len} bytes, {} were written", src.display(), table.len)));

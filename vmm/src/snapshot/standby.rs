@@ -114,29 +114,10 @@ fn open_on(
     res: &mut HostResources,
     started: Instant,
 ) -> Result<Prepared, SnapshotError> {
-    let (dir, nets, disks) = (from.to_path_buf(), opts.nets.clone(), opts.disks.clone());
-    let jobs = writer.sender();
-    let remover: super::restore::Remover = Box::new(move |paths: Vec<PathBuf>| {
-        let remove = move || {
-            for p in &paths {
-                let _ = std::fs::remove_file(p);
-            }
-        };
-        // The snapshot thread removes them (this thread may not); if it is gone, they stay.
-        if let Some(jobs) = jobs {
-            let _ = jobs.send(Box::new(remove));
-        }
-    });
+    let (dir, nets, disks, taps) = (from.to_path_buf(), opts.nets.clone(), opts.disks.clone(), res.tap_count());
     let mut opened = writer
-        .call(move || open_files(&dir, &RestoreOptions { nets: &nets, disks: &disks }, remover))
+        .call(move || open_files(&dir, &RestoreOptions { nets: &nets, disks: &disks }, taps))
         .map_err(SnapshotError::Other)??;
-    if opened.config.nets.len() != res.tap_count() {
-        return Err(SnapshotError::Mismatch(format!(
-            "the guest has {} NIC(s), this VMM was started with {} --net",
-            opened.config.nets.len(),
-            res.tap_count()
-        )));
-    }
     let uffd = res.take_uffd().map_err(|e| SnapshotError::Other(e.to_string()))?;
     for (i, disk) in std::mem::take(&mut opened.disks).into_iter().enumerate() {
         res.put_disk(i, disk);

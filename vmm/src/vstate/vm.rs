@@ -59,17 +59,15 @@ impl VmShell {
     /// [`Vm::new`]): a VMM that waits for its guest has let it pass by the time it registers
     /// the guest's memory.
     pub fn create(kvm: &Kvm, mem_bytes: Option<u64>) -> Result<VmShell, VmError> {
-        let fd = create_vm(kvm)?;
-        let memory = match mem_bytes {
-            Some(size) => {
-                let memory = super::memory::create_guest_memory(size).map_err(VmError::Memory)?;
-                register(&fd, &memory, false)?;
-                Some(memory)
-            }
-            None => None,
-        };
-        add_interrupt_controllers(&fd)?;
-        Ok(VmShell { fd, memory })
+        // The fields drop in order: on any failure the VM goes before the memory it may have
+        // registered.
+        let mut shell = VmShell { fd: create_vm(kvm)?, memory: None };
+        if let Some(size) = mem_bytes {
+            let memory = shell.memory.insert(super::memory::create_guest_memory(size).map_err(VmError::Memory)?);
+            register(&shell.fd, memory, false)?;
+        }
+        add_interrupt_controllers(&shell.fd)?;
+        Ok(shell)
     }
 
     /// The memory registered ahead, if it has the layout of `size` bytes of guest memory.

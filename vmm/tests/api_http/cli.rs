@@ -143,13 +143,18 @@ fn cli_restore() {
     assert_eq!((code, out.as_str()), (1, ""));
     assert_eq!(err.trim_end(), "vmm: error: this VMM runs a VM already");
 
-    // Waiting needs the API socket it waits on, and no jail, whose empty root holds no snapshot.
+    // Waiting needs the API socket it waits on; a jail directory needs a jail and an absolute
+    // path. (Nothing here may parse: it would start a VMM that waits.)
     let (code, _, err) = vmm_cli(&["run", "--await-restore"]);
     assert_eq!(code, 2);
     assert!(err.contains("--api-sock"), "{err}");
-    let (code, _, err) = vmm_cli(&["run", "--await-restore", "--api-sock", "/x", "--jail", "1000:1000"]);
+    let (code, _, err) = vmm_cli(&["run", "--await-restore", "--api-sock", "/x", "--jail-dir", "/srv"]);
     assert_eq!(code, 2);
     assert!(err.contains("--jail"), "{err}");
+    let relative = ["run", "--await-restore", "--api-sock", "/x", "--jail", "1000:1000", "--jail-dir", "srv"];
+    let (code, _, err) = vmm_cli(&relative);
+    assert_eq!(code, 2);
+    assert!(err.contains("absolute"), "{err}");
     let (code, _, err) = vmm_cli(&["run", "--await-restore", "--api-sock", "/x", "--kernel", "/k"]);
     assert_eq!(code, 2);
     assert!(err.contains("--kernel"), "{err}");
