@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The API's HTTP side: a small HTTP/1.1 server on a unix socket that turns each request into an
-//! [`ApiRequest`] for the VMM thread and its answer into an HTTP response.
+//! The API's HTTP side: a small HTTP/1.1 server on a unix socket that turns each request into
+//! an [`ApiRequest`](super::types::ApiRequest) for the VMM thread and its answer into an HTTP
+//! response.
 //!
 //! This module runs the threads and decides when a connection ends; reading a request within
 //! its limits and encoding an answer are `http.rs`'s, handing it to the VMM thread
