@@ -65,33 +65,21 @@ pub fn wait(
     res: &mut HostResources,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<Waited, SnapshotError> {
-    let mut console = Some(console);
-    for (request, reply) in api.iter() {
+    // Until a snapshot checks (or the API server is gone: then nothing will).
+    let (prepared, from, reply) = loop {
+        let Ok((request, reply)) = api.recv() else { return Ok(Waited::Stopped) };
         match request {
             ApiRequest::Restore(req) => {
-                let started = Instant::now();
                 let from = PathBuf::from(&req.from);
-                let prepared = match open_on(writer, &from, opts, res, started) {
-                    Ok(p) => p,
+                match open_on(writer, &from, opts, res, Instant::now()) {
+                    Ok(prepared) => break (prepared, from, reply),
                     Err(e) => {
                         let unseen = matches!(e, SnapshotError::Io { .. }) || e.to_string().contains(NOT_A_SNAPSHOT);
                         let hint = if opts.jailed && unseen { JAIL_HINT } else { "" };
                         log::warn!("restore {} refused: {e}{hint}", from.display());
                         let _ = reply.send(Err(ApiError::BadRequest(format!("{e}{hint}"))));
-                        continue;
                     }
-                };
-                let Some(console) = console.take() else {
-                    // Only one restore ever gets this far: it either runs or ends the VMM.
-                    return Err(SnapshotError::Other("a second restore in one VMM".to_string()));
-                };
-                return match start(prepared, res, console) {
-                    Ok(started) => Ok(Waited::Restored { started: Box::new(started), from, reply }),
-                    Err(e) => {
-                        let _ = reply.send(Err(ApiError::Internal(format!("restore {} failed: {e}", from.display()))));
-                        Err(e)
-                    }
-                };
+                }
             }
             ApiRequest::Shutdown => {
                 let _ = reply.send(Ok(ApiResponse::Done));
@@ -101,8 +89,15 @@ pub fn wait(
                 let _ = reply.send(Err(ApiError::Conflict(WAITING.to_string())));
             }
         }
+    };
+    // From here on the VM is being built: it runs, or the VMM ends with the error.
+    match start(prepared, res, console) {
+        Ok(started) => Ok(Waited::Restored { started: Box::new(started), from, reply }),
+        Err(e) => {
+            let _ = reply.send(Err(ApiError::Internal(format!("restore {} failed: {e}", from.display()))));
+            Err(e)
+        }
     }
-    Ok(Waited::Stopped)
 }
 
 /// Has the snapshot thread read, check and open the snapshot in `from`, and hands its disks to
