@@ -201,11 +201,7 @@ fn a_waiting_vmm_runs_the_snapshot_it_is_given() {
     // No snapshot there, and a damaged one: refused before anything is built; it waits on.
     let message = refused_put(&vm, &dir.file("nothing-here"), 400);
     assert!(message.contains("not a snapshot directory"), "{message}");
-    let bad = copy_snapshot(&dir, "for-waiting-bad");
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(bad.file("state")).expect("open");
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, 500).expect("read");
-    f.write_all_at(&[b[0] ^ 4], 500).expect("write");
+    let bad = state_bit_flipped(&dir, "for-waiting-bad");
     let message = refused_put(&vm, bad.path(), 400);
     assert!(message.contains("damaged") && message.contains("CRC-64"), "{message}");
     assert!(vm.try_wait().is_none(), "the waiting VMM ended{}", dump(&ctx));
@@ -247,6 +243,16 @@ fn refused_restore(bed: &TestBed, dir: &SnapDir) -> String {
     log
 }
 
+/// A copy of `from` with one bit of its state file flipped.
+fn state_bit_flipped(from: &SnapDir, tag: &str) -> SnapDir {
+    let bad = copy_snapshot(from, tag);
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(bad.file("state")).expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 500).expect("read");
+    f.write_all_at(&[b[0] ^ 4], 500).expect("write");
+    bad
+}
+
 /// Copies a snapshot directory's files.
 fn copy_snapshot(from: &SnapDir, tag: &str) -> SnapDir {
     let to = SnapDir::new(tag);
@@ -271,11 +277,7 @@ fn damaged_snapshots_are_refused() {
     snapshot_and_kill(src, &good, &[]);
 
     // A flipped bit in the state file.
-    let bad = copy_snapshot(&good, "state-bit");
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(bad.file("state")).expect("open");
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, 500).expect("read");
-    f.write_all_at(&[b[0] ^ 4], 500).expect("write");
+    let bad = state_bit_flipped(&good, "state-bit");
     let log = refused_restore(&bed, &bad);
     println!("flipped state bit: {log}");
     assert!(log.contains("damaged") && log.contains("CRC-64"), "{log}");
@@ -308,6 +310,7 @@ fn damaged_snapshots_are_refused() {
     let bad = copy_snapshot(&good, "memory-bit");
     let f = std::fs::OpenOptions::new().read(true).write(true).open(bad.file("memory")).expect("open");
     let data = first_data_offset(&f, 32 << 20);
+    let mut b = [0u8; 1];
     f.read_exact_at(&mut b, data + 77).expect("read");
     f.write_all_at(&[b[0] ^ 1], data + 77).expect("write");
     let vm = spawn_restore(&bed, "a", bad.path(), &[]);
