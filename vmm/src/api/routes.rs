@@ -127,16 +127,20 @@ impl Endpoint {
     }
 }
 
+/// A request body as JSON; an empty one is refused naming what it should hold (`fields`).
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], fields: &str) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest(format!(
+            "invalid body: expected a JSON object with {fields}, got an empty body"
+        )));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
+}
+
 /// Parses and checks a `PUT /vm/migrate` body. Messages name the offending field, as serde_json's
 /// own messages do for type errors and missing or unknown fields.
 pub fn parse_migrate(body: &[u8]) -> Result<MigrateRequest, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::BadRequest(
-            "invalid body: expected a JSON object with at least the field `to`, got an empty body".to_string(),
-        ));
-    }
-    let req: MigrateRequest =
-        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
+    let req: MigrateRequest = json_body(body, "at least the field `to`")?;
     validate_migrate(&req)?;
     Ok(req)
 }
@@ -182,13 +186,7 @@ fn validate_migrate(req: &MigrateRequest) -> Result<(), ApiError> {
 
 /// Parses and checks a `PUT /vm/snapshot` body.
 pub fn parse_snapshot(body: &[u8]) -> Result<SnapshotRequest, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::BadRequest(
-            "invalid body: expected a JSON object with at least the field `to`, got an empty body".to_string(),
-        ));
-    }
-    let req: SnapshotRequest =
-        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
+    let req: SnapshotRequest = json_body(body, "at least the field `to`")?;
     if req.to.trim().is_empty() {
         return Err(ApiError::BadRequest("invalid field `to`: expected a directory path, got an empty string".into()));
     }
@@ -198,13 +196,7 @@ pub fn parse_snapshot(body: &[u8]) -> Result<SnapshotRequest, ApiError> {
 /// `PUT /vm/restore`'s body: `from` must be an absolute path, since the VMM's working directory
 /// is not the client's.
 pub fn parse_restore(body: &[u8]) -> Result<RestoreRequest, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::BadRequest(
-            "invalid body: expected a JSON object with the field `from`, got an empty body".to_string(),
-        ));
-    }
-    let req: RestoreRequest =
-        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
+    let req: RestoreRequest = json_body(body, "the field `from`")?;
     if !req.from.starts_with('/') {
         return Err(ApiError::BadRequest(format!(
             "invalid field `from`: expected the snapshot directory's absolute path, got '{}'",
