@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use vmm::api::{MigrateRequest, MigrationInfo, MigrationPhase, VmState};
 
 use crate::TestBed;
+use crate::echo_stream::EchoStream;
 use crate::guest::{GuestStatus as ControlStatus, exchange, status};
 use crate::moves::{
     ECHO_PORT, GuestStatus, MIGRATION_PORT, assert_completed, assert_dirty_console, assert_exits_cleanly, assert_state,
@@ -70,6 +71,36 @@ pub fn assert_echo(bed: &TestBed, ctx: &[(&str, &Vm)]) {
             other => assert!(Instant::now() < deadline, "the echo server does not answer: {other:?}{}", dump(ctx)),
         }
         thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// An echo connection from the bed's client to guest 0, streaming a line every 10 ms, once its
+/// first `first` lines came back.
+pub fn guest_echo_stream(bed: &TestBed, first: u64, ctx: &[(&str, &Vm)]) -> EchoStream {
+    let guest = bed.guest_ip(0);
+    let conn = bed
+        .client()
+        .run_in(move || TcpStream::connect_timeout(&(guest, ECHO_PORT).into(), Duration::from_secs(5)))
+        .expect("enter the client")
+        .unwrap_or_else(|e| panic!("connect to the echo service: {e}{}", dump(ctx)));
+    let stream = EchoStream::start(conn, Duration::from_millis(10)).expect("start the echo stream");
+    let deadline = Instant::now() + guest_timeout();
+    while stream.stats().echoed < first {
+        assert!(Instant::now() < deadline, "no echoes: {:?}{}", stream.stats(), dump(ctx));
+        thread::sleep(Duration::from_millis(20));
+    }
+    stream
+}
+
+/// Waits until what the client sent before a move or a restore (`sent_before` lines) and 50
+/// more came back on the same connection.
+pub fn wait_echoes_resume(stream: &EchoStream, sent_before: u64, ctx: &[(&str, &Vm)]) {
+    let deadline = Instant::now() + guest_timeout();
+    while stream.stats().echoed < sent_before + 50 {
+        let st = stream.stats();
+        assert!(st.errors.is_empty(), "the echo connection broke: {st:?}{}", dump(ctx));
+        assert!(Instant::now() < deadline, "the echo connection did not resume: {st:?}{}", dump(ctx));
+        thread::sleep(Duration::from_millis(20));
     }
 }
 

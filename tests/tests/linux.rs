@@ -17,7 +17,13 @@
 //!   `fdatasync`, moves A→B→A with the guest, copied to a new file each time: after each move
 //!   the guest reads its records back from the destination's disk (`O_DIRECT`) and finds every
 //!   acknowledged one, correct; then the guest powers off, `e2fsck -fn` finds the image clean,
-//!   and a fresh guest booted on it finds every record again.
+//!   and a fresh guest booted on it finds every record again;
+//! - a snapshot of a 2-vCPU guest running the dirty workload and the CPU check, with an echo
+//!   connection streaming, restored on the same TAP (`vmm run --restore`): no page lost, every
+//!   register held, its clock goes on, the connection loses nothing; the same snapshot restored
+//!   again into a VMM started ahead and waiting (`vmm restore`);
+//! - post-copy (`--postcopy`) of such a guest dirtying 64 MiB as fast as it can, A→B, with an
+//!   echo connection streaming: the same checks after the move.
 //!
 //! These need a KVM that runs guest kernel code natively. This binary has its own harness
 //! (`harness = false`, [`vmm_tests::place::main`]), which runs them here on hardware KVM, and
@@ -31,16 +37,20 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Trial;
+use vmm::api::{MigrateRequest, MigrationMode, SnapshotPhase, VmState};
 use vmm_tests::TestBed;
 use vmm_tests::checks::{
-    DIRTY_64, Via, assert_cpu_check, destination_killed_during_precopy, echo_exact, move_dirty_guest, two_hosts,
+    CpuCheck, DIRTY_64, Via, assert_clock_continues, assert_cpu_check, assert_echo, destination_killed_during_precopy,
+    echo_exact, guest_echo_stream, move_dirty_guest, two_hosts, wait_echoes_resume,
 };
 use vmm_tests::client::{assert_intact, assert_new_connection, start_client, stop_client};
 use vmm_tests::images::{Image, fsck};
 use vmm_tests::moves::{
-    CONTROL_PORT, ECHO_PORT, GUEST_TIMEOUT, LINUX_BOOT_TIMEOUT, MIGRATION_PORT, assert_dirty_console, dump, exchange,
-    guest_timeout, hop, start_guest,
+    CONTROL_PORT, ECHO_PORT, GUEST_TIMEOUT, GuestStatus, LINUX_BOOT_TIMEOUT, MIGRATION_PORT, assert_completed,
+    assert_dirty_console, assert_exits_cleanly, assert_state, dump, exchange, guest_status, guest_timeout, hop,
+    migrate_api, print_info, request, start_destination, start_guest, wait_more_passes,
 };
+use vmm_tests::snapshots::{SnapDir, restore_cli, snapshot_cli, start_restore, start_waiting};
 use vmm_tests::vm::{Guest, LINUX_NATIVE_CMDLINE, Vm, ping};
 
 fn main() -> ExitCode {
@@ -64,6 +74,8 @@ fn main() -> ExitCode {
             destination_killed_during_precopy(Guest::Linux)
         }),
         test("linux_keeps_every_fsynced_record_on_its_ext4_disk_across_moves", ext4_records_across_moves),
+        test("linux_restores_from_a_snapshot_with_its_memory_registers_clock_and_connection", restores),
+        test("linux_moves_by_postcopy_with_its_memory_registers_clock_and_connection", moves_by_postcopy),
     ])
 }
 
@@ -140,11 +152,100 @@ fn migrates_back_and_forth() {
         // The check's counter goes on from where it was: its thread and registers moved.
         check = assert_cpu_check(&vm, check.rounds, &[("guest", &vm)]);
         println!("{what}: {check:?}");
-        let console = vm.console.text();
-        for bad in ["Call Trace", "Marking clocksource", "soft lockup"] {
-            assert!(!console.contains(bad), "{bad:?} on the console after the move{}", dump(&[("guest", &vm)]));
-        }
+        assert_quiet_kernel(&vm, "the move", &[("guest", &vm)]);
     }
+}
+
+/// The guest's kernel complained of nothing a move or a restore could cause: no oops, no
+/// clock source marked unstable, no soft lockup.
+fn assert_quiet_kernel(vm: &Vm, after: &str, ctx: &[(&str, &Vm)]) {
+    let console = vm.console.text();
+    for bad in ["Call Trace", "Marking clocksource", "soft lockup"] {
+        assert!(!console.contains(bad), "{bad:?} on the console after {after}{}", dump(ctx));
+    }
+}
+
+/// The dirty workload over 64 MiB at 64 MiB/s and the CPU check, on 2 vCPUs: the guest the
+/// snapshot and post-copy tests move.
+fn dirty_checked_guest(bed: &TestBed, dirty: &str) -> (Vm, CpuCheck) {
+    let workload = format!("{dirty} vmm.cpu_check=1");
+    let vm = start_guest(bed, "a", Guest::Linux, &["--mem-mib", "256", "--vcpus", "2"], &workload);
+    assert_dirty_console(&vm, 0, &[("source", &vm)]);
+    let check = assert_cpu_check(&vm, 0, &[("source", &vm)]);
+    (vm, check)
+}
+
+/// After a restore or a move: the clock went on, the dirty workload goes on without a bad page,
+/// the CPU check's thread and registers came along, the kernel complained of nothing.
+fn assert_guest_went_on(bed: &TestBed, vm: &Vm, before: &GuestStatus, check_rounds: u64, what: &str) -> CpuCheck {
+    let ctx = [(what, vm)];
+    let after = guest_status(bed, &ctx);
+    assert_eq!(after.dirty_mismatches, 0, "the dirty workload found corrupted pages: {after:?}{}", dump(&ctx));
+    assert_clock_continues(before, &after, &ctx);
+    let later = wait_more_passes(bed, after.dirty_passes, &ctx);
+    assert_dirty_console(vm, 0, &ctx);
+    let check = assert_cpu_check(vm, check_rounds, &ctx);
+    assert_quiet_kernel(vm, what, &ctx);
+    println!("{what}: dirty passes {} before, {} after; {check:?}", before.dirty_passes, later.dirty_passes);
+    check
+}
+
+/// A snapshot (`vmm snapshot`: the guest stays paused; its VMM is then killed) restored on the
+/// same TAP with `vmm run --restore`: the guest goes on, and the echo connection the client
+/// kept open through it loses nothing. Then the same snapshot into a waiting VMM.
+fn restores() {
+    let bed = TestBed::builder().host("a").client("client").build().expect("build the test bed");
+    let (src, check) = dirty_checked_guest(&bed, DIRTY_64);
+    let stream = guest_echo_stream(&bed, 20, &[("source", &src)]);
+    let dir = SnapDir::new("linux");
+    let before = guest_status(&bed, &[("source", &src)]);
+    let info = snapshot_cli(&src, dir.path(), &[]).unwrap_or_else(|e| panic!("{e}{}", dump(&[("source", &src)])));
+    println!("snapshot: {info:?}");
+    assert_eq!(info.phase, SnapshotPhase::Completed, "{info:?}");
+    src.kill();
+    let sent_before = stream.stats().sent;
+
+    let (vm, _) = start_restore(&bed, "a", dir.path(), &[]);
+    wait_echoes_resume(&stream, sent_before, &[("restored", &vm)]);
+    assert_guest_went_on(&bed, &vm, &before, check.rounds, "the restore");
+    let stats = stream.finish();
+    println!("echo stream: {stats:?}");
+    assert!(stats.intact(), "lines were lost or the connection broke: {stats:?}{}", dump(&[("restored", &vm)]));
+    vm.kill();
+
+    // Again from the same snapshot, into a VMM that waited for it with memory ready. Its
+    // guest starts from the snapshot's moment again: its clock goes on from there.
+    let tap = format!("tap={}", bed.host("a").tap());
+    let waiting = start_waiting(&bed, "a", &["--net", &tap, "--await-mem-mib", "256"]);
+    let info = restore_cli(&waiting, dir.path()).unwrap_or_else(|e| panic!("{e}{}", dump(&[("waiting", &waiting)])));
+    println!("restore into a waiting VMM: {info:?}");
+    assert_guest_went_on(&bed, &waiting, &before, check.rounds, "the second restore");
+    assert_echo(&bed, &[("restored again", &waiting)]);
+}
+
+/// `--postcopy` of a guest dirtying 64 MiB as fast as it can, A→B, with an echo connection
+/// streaming through the move.
+fn moves_by_postcopy() {
+    let bed = two_hosts();
+    let (src, check) = dirty_checked_guest(&bed, "vmm.workload=dirty vmm.dirty_mib=64 vmm.dirty_rate=0");
+    let stream = guest_echo_stream(&bed, 10, &[("source", &src)]);
+    let (dst, addr) = start_destination(&bed, "b", MIGRATION_PORT);
+    let ctx = [("source", &src), ("destination", &dst)];
+    let before = guest_status(&bed, &ctx);
+    let req = MigrateRequest { mode: Some(MigrationMode::Postcopy), ..request(&addr) };
+    let info = migrate_api(&src, &req, &ctx);
+    print_info("Linux post-copy to host b", &info);
+    assert_completed(&info, &ctx);
+    let pc = info.postcopy.clone().unwrap_or_else(|| panic!("the migration did not switch to post-copy: {info:?}"));
+    println!("post-copy: {pc:?}");
+    assert!(pc.pages_needed > 0, "nothing was left for post-copy: {pc:?}");
+    assert!(pc.faults.is_some() && pc.duration_ms.is_some(), "no figures from the destination: {pc:?}");
+    assert_exits_cleanly(&src, &ctx);
+    assert_state(&dst, VmState::Running, &ctx);
+    assert_guest_went_on(&bed, &dst, &before, check.rounds, "post-copy");
+    let stats = stream.finish();
+    println!("echo stream: {stats:?}");
+    assert!(stats.intact(), "the echo stream lost lines or broke: {stats:?}{}", dump(&[("destination", &dst)]));
 }
 
 /// A client streams through the echo service while the guest moves A→B→A→B; a new connection

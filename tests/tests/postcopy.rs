@@ -15,35 +15,17 @@
 //!
 //! Figures are printed, never asserted.
 
-use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use vmm::api::{MigrateRequest, MigrationInfo, MigrationMode, MigrationPhase, VmState};
 use vmm_tests::TestBed;
-use vmm_tests::checks::{assert_no_dirty_mismatch_on_console, more_dirty_passes};
-use vmm_tests::echo_stream::EchoStream;
+use vmm_tests::checks::{assert_no_dirty_mismatch_on_console, guest_echo_stream, more_dirty_passes};
 use vmm_tests::moves::{
-    ECHO_PORT, GUEST_TIMEOUT, MIGRATION_PORT, MIGRATION_TIMEOUT, assert_completed, assert_exits_cleanly, bed_with,
-    dump, print_info, request, start_destination, start_source, wait_migration,
+    MIGRATION_PORT, MIGRATION_TIMEOUT, assert_completed, assert_exits_cleanly, bed_with, dump, print_info, request,
+    start_destination, start_source, wait_migration,
 };
 use vmm_tests::vm::{Vm, kvm_or_skip};
-
-fn echo_stream(bed: &TestBed, ctx: &[(&str, &Vm)]) -> EchoStream {
-    let guest = bed.guest_ip(0);
-    let conn = bed
-        .client()
-        .run_in(move || TcpStream::connect_timeout(&(guest, ECHO_PORT).into(), Duration::from_secs(5)))
-        .expect("enter the client")
-        .unwrap_or_else(|e| panic!("connect to the echo service: {e}{}", dump(ctx)));
-    let stream = EchoStream::start(conn, Duration::from_millis(10)).expect("start the echo stream");
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    while stream.stats().echoed < 10 {
-        assert!(Instant::now() < deadline, "no echoes: {:?}{}", stream.stats(), dump(ctx));
-        thread::sleep(Duration::from_millis(20));
-    }
-    stream
-}
 
 fn print_postcopy(what: &str, info: &MigrationInfo) {
     print_info(what, info);
@@ -53,7 +35,7 @@ fn print_postcopy(what: &str, info: &MigrationInfo) {
 /// Moves the dirtying guest of `src` to host b with `req` and checks everything a move must keep.
 fn move_with(bed: &TestBed, src: Vm, req: MigrateRequest, what: &str) -> (Vm, MigrationInfo) {
     let before = more_dirty_passes(bed, 0, &[("source", &src)]);
-    let stream = echo_stream(bed, &[("source", &src)]);
+    let stream = guest_echo_stream(bed, 10, &[("source", &src)]);
     let (dst, addr) = start_destination(bed, "b", MIGRATION_PORT);
     let ctx = [("source", &src), ("destination", &dst)];
     let req = MigrateRequest { to: addr, ..req };

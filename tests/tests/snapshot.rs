@@ -23,7 +23,6 @@
 //!
 //! Times are printed, not asserted.
 
-use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -31,8 +30,9 @@ use std::time::{Duration, Instant};
 use vmm::api::client::ClientError;
 use vmm::api::{RestoreRequest, SnapshotPhase, VmState};
 use vmm_tests::TestBed;
-use vmm_tests::checks::{assert_no_dirty_mismatch_on_console, more_dirty_passes};
-use vmm_tests::echo_stream::EchoStream;
+use vmm_tests::checks::{
+    assert_no_dirty_mismatch_on_console, guest_echo_stream, more_dirty_passes, wait_echoes_resume,
+};
 use vmm_tests::guest::{GuestStatus, status};
 use vmm_tests::moves::{ECHO_PORT, EXIT_TIMEOUT, GUEST_TIMEOUT, bed_with, dump, start_source};
 use vmm_tests::snapshots::{
@@ -58,35 +58,6 @@ fn snapshot_and_kill(src: Vm, dir: &SnapDir, extra: &[&str]) {
     src.kill();
 }
 
-/// An echo connection from the bed's client to the guest of `vm`, streaming a line every 10 ms,
-/// once its first 20 lines came back.
-fn echo_stream(bed: &TestBed, vm: &Vm) -> EchoStream {
-    let guest = bed.guest_ip(0);
-    let conn = bed
-        .client()
-        .run_in(move || TcpStream::connect_timeout(&(guest, ECHO_PORT).into(), Duration::from_secs(5)))
-        .expect("enter the client")
-        .unwrap_or_else(|e| panic!("connect to the echo service: {e}{}", dump(&[("source", vm)])));
-    let stream = EchoStream::start(conn, Duration::from_millis(10)).expect("start the echo stream");
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    while stream.stats().echoed < 20 {
-        assert!(Instant::now() < deadline, "no echoes: {:?}{}", stream.stats(), dump(&[("source", vm)]));
-        thread::sleep(Duration::from_millis(20));
-    }
-    stream
-}
-
-/// Waits until what the client sent before the move (`sent_before` lines) and 50 more came back.
-fn echoes_resume(stream: &EchoStream, sent_before: u64, ctx: &[(&str, &Vm)]) {
-    let deadline = Instant::now() + GUEST_TIMEOUT;
-    while stream.stats().echoed < sent_before + 50 {
-        let st = stream.stats();
-        assert!(st.errors.is_empty(), "the echo connection broke: {st:?}{}", dump(ctx));
-        assert!(Instant::now() < deadline, "the echo connection did not resume: {st:?}{}", dump(ctx));
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_restored_guest_keeps_its_memory_and_its_connection() {
     if !kvm_or_skip("a_restored_guest_keeps_its_memory_and_its_connection") {
@@ -95,7 +66,7 @@ fn a_restored_guest_keeps_its_memory_and_its_connection() {
     let bed = bed_with(&["a"]);
     let src = start_source(&bed, "a", &["--mem-mib", "256"], DIRTY_64);
     more_dirty_passes(&bed, 0, &[("source", &src)]);
-    let stream = echo_stream(&bed, &src);
+    let stream = guest_echo_stream(&bed, 20, &[("source", &src)]);
 
     let dir = SnapDir::new("dirty");
     let before = guest_status(&bed, &[("source", &src)]);
@@ -106,7 +77,7 @@ fn a_restored_guest_keeps_its_memory_and_its_connection() {
     let (dst, running_at) = start_restore(&bed, "a", dir.path(), &[]);
     let ctx = [("restored", &dst)];
     println!("restore: the guest runs {} ms after the old VMM was killed", (running_at - killed_at).as_millis());
-    echoes_resume(&stream, sent_before, &ctx);
+    wait_echoes_resume(&stream, sent_before, &ctx);
     let after = more_dirty_passes(&bed, before.num("dirty_passes"), &ctx);
     println!(
         "dirty passes: {} before the snapshot, {} after the restore",
@@ -175,7 +146,7 @@ fn a_waiting_vmm_runs_the_snapshot_it_is_given() {
     let bed = bed_with(&["a"]);
     let src = start_source(&bed, "a", &["--mem-mib", "256"], DIRTY_64);
     more_dirty_passes(&bed, 0, &[("source", &src)]);
-    let stream = echo_stream(&bed, &src);
+    let stream = guest_echo_stream(&bed, 20, &[("source", &src)]);
     let dir = SnapDir::new("for-waiting");
     let before = guest_status(&bed, &[("source", &src)]);
     snapshot_and_kill(src, &dir, &[]);
@@ -198,12 +169,20 @@ fn a_waiting_vmm_runs_the_snapshot_it_is_given() {
         Err(ClientError::Api { status: 409, message }) => assert!(message.contains("no VM yet"), "{message}"),
         other => panic!("GET /vm of a waiting VMM: {other:?}{}", dump(&ctx)),
     }
+    // But its metrics say that it waits.
+    let metrics = vm.api().metrics().unwrap_or_else(|e| panic!("GET /metrics of a waiting VMM: {e}{}", dump(&ctx)));
+    assert!(metrics.contains("\nvmm_waiting_for_snapshot 1\n"), "{metrics}");
     // No snapshot there, and a damaged one: refused before anything is built; it waits on.
     let message = refused_put(&vm, &dir.file("nothing-here"), 400);
     assert!(message.contains("not a snapshot directory"), "{message}");
     let bad = state_bit_flipped(&dir, "for-waiting-bad");
     let message = refused_put(&vm, bad.path(), 400);
     assert!(message.contains("damaged") && message.contains("CRC-64"), "{message}");
+    // A guest this host's CPU cannot run: refused as well, from what the VMM asked its KVM
+    // before it waited.
+    let cpu = with_cpu_features_this_host_lacks(&dir, "for-waiting-cpu");
+    let message = refused_put(&vm, cpu.path(), 400);
+    assert!(message.contains("lacks features the guest uses: leaf 0x7.0"), "{message}");
     assert!(vm.try_wait().is_none(), "the waiting VMM ended{}", dump(&ctx));
     assert!(vm.console.text().trim().is_empty(), "a guest printed something{}", dump(&ctx));
 
@@ -211,7 +190,12 @@ fn a_waiting_vmm_runs_the_snapshot_it_is_given() {
     println!("restore into the waiting VMM: {info:?}");
     assert!(info.to_running_us > 0 && info.from == dir.path().display().to_string(), "{info:?}");
     assert!(vm.log.text().contains(RESTORED), "{}", dump(&ctx));
-    echoes_resume(&stream, sent_before, &ctx);
+    let metrics = vm.api().metrics().unwrap_or_else(|e| panic!("GET /metrics: {e}{}", dump(&ctx)));
+    assert!(
+        metrics.contains("\nvmm_waiting_for_snapshot 0\n") && metrics.contains("vmm_net_rx_packets_total"),
+        "{metrics}"
+    );
+    wait_echoes_resume(&stream, sent_before, &ctx);
     let after = more_dirty_passes(&bed, before.num("dirty_passes"), &ctx);
     assert_no_dirty_mismatch_on_console(&vm, &ctx);
     // One guest per VMM.
@@ -250,6 +234,30 @@ fn state_bit_flipped(from: &SnapDir, tag: &str) -> SnapDir {
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, 500).expect("read");
     f.write_all_at(&[b[0] ^ 4], 500).expect("write");
+    bad
+}
+
+/// A copy of `from` whose guest ran on a CPU with every feature bit of leaf 7 (this host lacks
+/// some of them), its state file and the manifest's record of it rewritten so that they check.
+fn with_cpu_features_this_host_lacks(from: &SnapDir, tag: &str) -> SnapDir {
+    use migration::snapshot::{Manifest, decode_state, encode_state};
+    let bad = copy_snapshot(from, tag);
+    let bytes = std::fs::read(bad.file("state")).expect("read the state file");
+    let payload = decode_state(&mut std::io::Cursor::new(&bytes), bytes.len() as u64).expect("decode the state");
+    let mut state: vmm::snapshot::SnapshotState = serde_json::from_slice(&payload).expect("parse the state");
+    for vcpu in &mut state.machine.vcpus {
+        for e in vcpu.cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 7 && e.index == 0) {
+            (e.ebx, e.ecx, e.edx) = (u32::MAX, u32::MAX, u32::MAX);
+        }
+    }
+    let bytes = encode_state(&serde_json::to_vec(&state).expect("serialize the state"));
+    std::fs::write(bad.file("state"), &bytes).expect("write the state file");
+    let manifest = std::fs::read(bad.file("manifest.json")).expect("read the manifest");
+    let mut manifest: Manifest = serde_json::from_slice(&manifest).expect("parse the manifest");
+    manifest.state.size = bytes.len() as u64;
+    manifest.state.crc64 = bytes.last_chunk::<8>().map(|t| u64::from_le_bytes(*t));
+    let manifest = serde_json::to_vec_pretty(&manifest).expect("serialize the manifest");
+    std::fs::write(bad.file("manifest.json"), manifest).expect("write the manifest");
     bad
 }
 
@@ -304,6 +312,11 @@ fn damaged_snapshots_are_refused() {
     std::fs::write(bad.file("manifest.json"), newer).expect("write");
     let log = refused_restore(&bed, &bad);
     assert!(log.contains("format 9.0 cannot be read"), "{log}");
+
+    // A guest that ran on a CPU with features this host lacks.
+    let bad = with_cpu_features_this_host_lacks(&good, "cpu");
+    let log = refused_restore(&bed, &bad);
+    assert!(log.contains("lacks features the guest uses: leaf 0x7.0"), "{log}");
 
     // A flipped byte in a memory chunk the guest works on: found when the chunk is loaded, and
     // the VM stops; the guest never reads the byte (its workload would report a mismatch).

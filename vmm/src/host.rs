@@ -41,6 +41,8 @@ pub enum HostError {
     Vm(#[from] crate::vstate::vm::VmError),
     #[error("{0}")]
     Memory(#[from] crate::vstate::memory::MemoryError),
+    #[error("{0}")]
+    Cpu(String),
 }
 
 /// A disk of a migration destination, as its `--disk` says.
@@ -70,6 +72,9 @@ pub struct HostResources {
     uffd: Option<crate::uffd::NewUffd>,
     /// A waiting VMM's VM, created ahead of its guest.
     vm_shell: Option<crate::vstate::vm::VmShell>,
+    /// What this host's CPU can give a guest, asked ahead by a waiting VMM (a probe VM costs
+    /// about a millisecond, better spent before the snapshot is named).
+    host_cpuid: Option<Vec<kvm_bindings::kvm_cpuid_entry2>>,
     sealed: bool,
 }
 
@@ -107,6 +112,7 @@ impl HostResources {
             kernel: Some(kernel),
             initrd,
             uffd: None,
+            host_cpuid: None,
             sealed: false,
         })
     }
@@ -160,6 +166,7 @@ impl HostResources {
         let mut res = HostResources::default();
         res.taps = nets.iter().map(|n| Tap::open(&n.tap)).collect::<Result<Vec<_>, _>>()?;
         let kvm = open_kvm()?;
+        res.host_cpuid = Some(crate::migrate::cpu::host_cpuid(&kvm).map_err(|e| HostError::Cpu(e.to_string()))?);
         res.vm_shell = Some(crate::vstate::vm::VmShell::create(&kvm, mem_mib.map(|m| m << 20))?);
         res.kvm = Some(kvm);
         res.uffd = Some(crate::uffd::NewUffd::create()?);
@@ -170,6 +177,11 @@ impl HostResources {
     /// `--await-mem-mib`), if there is.
     pub fn ready_memory(&self, size: u64) -> Option<crate::vstate::memory::GuestMemoryMmap> {
         self.vm_shell.as_ref()?.memory_of_size(size)
+    }
+
+    /// What this host's CPU can give a guest, if asked ahead (a waiting VMM's).
+    pub fn host_cpuid(&self) -> Option<&[kvm_bindings::kvm_cpuid_entry2]> {
+        self.host_cpuid.as_deref()
     }
 
     /// The VM created ahead, if this is a waiting VMM's.

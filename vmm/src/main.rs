@@ -93,7 +93,8 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let (mut res, incoming) = match (&args.incoming, args.incoming_fd, &args.restore) {
         _ if args.await_restore => (HostResources::open_for_standby(&args.nets, args.await_mem_mib)?, None),
         (_, _, Some(dir)) => {
-            let opts = vmm::snapshot::restore::RestoreOptions { nets: &args.nets, disks: &args.disks };
+            let opts =
+                vmm::snapshot::restore::RestoreOptions { nets: &args.nets, disks: &args.disks, host_cpuid: None };
             let prepared = vmm::snapshot::restore::prepare(dir, &opts)?;
             let res = HostResources::open_for_restore(&prepared.config)?;
             restore = Some((dir.clone(), prepared));

@@ -18,9 +18,26 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// Help of the gauge that tells a waiting VMM from one that runs a guest.
+const WAITING_HELP: &str =
+    "1 while the VMM waits for a snapshot to run (vmm run --await-restore), 0 once a guest runs.";
+
+/// What a VMM that waits for a snapshot (`vmm run --await-restore`) has to show: that it waits,
+/// and for how long. No guest, no device, no migration yet.
+pub fn render_waiting(waited: Duration) -> String {
+    let mut out = String::new();
+    family(&mut out, "vmm_waiting_for_snapshot", "gauge", WAITING_HELP);
+    let _ = writeln!(out, "vmm_waiting_for_snapshot 1");
+    family(&mut out, "vmm_waiting_seconds", "gauge", "Time since the VMM began to wait for a snapshot.");
+    let _ = writeln!(out, "vmm_waiting_seconds {:.3}", waited.as_secs_f64());
+    out
+}
+
 /// Renders every counter of `m` and the last migration.
 pub fn render(m: &Machine, migration: &MigrationInfo, uptime: Duration) -> String {
     let mut out = String::new();
+    family(&mut out, "vmm_waiting_for_snapshot", "gauge", WAITING_HELP);
+    let _ = writeln!(out, "vmm_waiting_for_snapshot 0");
     family(&mut out, "vmm_uptime_seconds", "gauge", "Time since the VMM started the guest.");
     let _ = writeln!(out, "vmm_uptime_seconds {:.3}", uptime.as_secs_f64());
 
@@ -158,6 +175,14 @@ fn label_value(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_waiting_vmm_says_it_waits_and_for_how_long() {
+        let text = render_waiting(Duration::from_millis(1500));
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(samples, ["vmm_waiting_for_snapshot 1", "vmm_waiting_seconds 1.500"]);
+        assert!(text.contains("# TYPE vmm_waiting_for_snapshot gauge\n"), "{text}");
+    }
 
     #[test]
     fn label_values_are_escaped() {

@@ -4,6 +4,7 @@
 //! wire protocol and the state types of KVM objects are the `migration` crate's.
 
 pub mod apply;
+pub mod cpu;
 pub mod dirty;
 pub mod disks;
 pub mod hook;
@@ -12,12 +13,10 @@ pub mod postcopy_source;
 pub mod receive;
 pub mod send;
 
+pub use cpu::check_cpuid;
+
 use block::persist::BlockState;
-use kvm_bindings::{
-    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2,
-    kvm_irqchip,
-};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_bindings::{KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_irqchip};
 use migration::{StateVersion, VcpuState, VmState};
 use net::persist::NetState;
 use serde::{Deserialize, Serialize};
@@ -235,85 +234,4 @@ pub fn restore_machine(built: &BuiltVm, state: &MachineState) -> Result<(), Migr
         (**region).bitmap().reset();
     }
     Ok(())
-}
-
-/// Feature bits the VMM sets in CPUID itself, so they need no support check.
-fn vmm_owned_bits(function: u32, reg: usize) -> u32 {
-    match (function, reg) {
-        // ECX: hypervisor, TSC deadline (in-kernel LAPIC), OSXSAVE (follows CR4).
-        (0x1, 2) => (1 << 31) | (1 << 24) | (1 << 27),
-        // EDX: HTT (set with more than one vCPU).
-        (0x1, 3) => 1 << 28,
-        // ECX: OSPKE (follows CR4.PKE, which a guest such as Linux sets on a CPU with PKU: the
-        // CPUID read back from its vCPU after a first migration has it).
-        (0x7, 2) => 1 << 4,
-        _ => 0,
-    }
-}
-
-/// The CPUID a guest on this host can be given: what a vCPU reports after being given KVM's
-/// supported set, i.e. that set as KVM itself adjusts it on a vCPU. An incoming guest's
-/// features are checked against this rather than the raw supported list. (Code at CPL 3 on
-/// paravirtual nested KVM sees the host's CPUID natively; this is what KVM answers at CPL 0.)
-/// `vcpu` is one that has not run yet (its CPUID is set again before it does), with KVM's
-/// supported CPUID as the build asked it; without one, a probe VM is made for the question,
-/// which costs about a millisecond here.
-fn effective_cpuid(kvm: &Kvm, vcpu: Option<(&VcpuFd, &CpuId)>) -> Result<Vec<kvm_cpuid_entry2>, String> {
-    let asked;
-    let supported = match vcpu {
-        Some((_, supported)) => supported,
-        None => {
-            asked = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| format!("supported CPUID: {e}"))?;
-            &asked
-        }
-    };
-    let probe;
-    let vcpu = match vcpu {
-        Some((v, _)) => v,
-        None => {
-            let vm = kvm.create_vm().map_err(|e| format!("probe VM: {e}"))?;
-            probe = vm.create_vcpu(0).map_err(|e| format!("probe vCPU: {e}"))?;
-            &probe
-        }
-    };
-    vcpu.set_cpuid2(supported).map_err(|e| format!("CPUID: {e}"))?;
-    let got = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(|e| format!("CPUID: {e}"))?;
-    Ok(got.as_slice().to_vec())
-}
-
-/// Checks that this host's KVM can give the guest every feature in `wanted` (the CPUID it ran
-/// with on the source), so it will not crash on an instruction this host lacks. `vcpu`: a vCPU
-/// of the VM being built that has not run yet, if there is one already, with KVM's supported
-/// CPUID as already asked (see `effective_cpuid`).
-pub fn check_cpuid(
-    kvm: &Kvm,
-    vcpu: Option<(&VcpuFd, &CpuId)>,
-    wanted: &[kvm_cpuid_entry2],
-) -> Result<(), MigrateError> {
-    let have_all = effective_cpuid(kvm, vcpu)
-        .map_err(|e| MigrateError::Incompatible(format!("cannot read this host's CPUID: {e}")))?;
-    // (leaf, subleaf, registers holding feature bits: 0 = eax .. 3 = edx)
-    let feature_regs: [(u32, u32, &[usize]); 3] = [(0x1, 0, &[2, 3]), (0x7, 0, &[1, 2, 3]), (0x8000_0001, 0, &[2, 3])];
-    let mut missing = Vec::new();
-    for (function, index, regs) in feature_regs {
-        let Some(w) = wanted.iter().find(|e| e.function == function && e.index == index) else { continue };
-        let h = have_all.iter().find(|e| e.function == function && e.index == index);
-        let have = h.map(|e| [e.eax, e.ebx, e.ecx, e.edx]).unwrap_or([0; 4]);
-        let want = [w.eax, w.ebx, w.ecx, w.edx];
-        for &reg in regs {
-            let lacking = want[reg] & !have[reg] & !vmm_owned_bits(function, reg);
-            if lacking != 0 {
-                let name = ["eax", "ebx", "ecx", "edx"][reg];
-                missing.push(format!("leaf {function:#x}.{index} {name} bits {lacking:#x}"));
-            }
-        }
-    }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(MigrateError::Incompatible(format!(
-            "this host's CPU lacks features the guest uses: {}",
-            missing.join(", ")
-        )))
-    }
 }

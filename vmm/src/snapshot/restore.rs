@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use kvm_bindings::kvm_cpuid_entry2;
+
 use migration::snapshot::{
     MAX_MANIFEST_BYTES, MAX_STATE_BYTES, MEMORY_CHUNK, Manifest, STATE_HEADER_LEN, decode_state,
 };
@@ -27,6 +29,7 @@ use crate::builder::{Foundation, build_vm_on};
 use crate::config::VmConfig;
 use crate::disk_config::DiskConfig;
 use crate::host::HostResources;
+use crate::migrate::cpu::check_against;
 use crate::migrate::{check_cpuid, restore_machine};
 use crate::net_config::NetConfig;
 use crate::seccomp::ThreadKind;
@@ -43,6 +46,10 @@ pub struct RestoreOptions<'a> {
     pub nets: &'a [NetConfig],
     /// This host's disk files, disk by disk (none: the snapshot's paths; a copied disk needs one).
     pub disks: &'a [DiskConfig],
+    /// What this host's CPU can give a guest, if asked ahead ([`crate::migrate::cpu::host_cpuid`],
+    /// a waiting VMM): the guest's features are then checked before any disk is copied, and
+    /// [`start`] does not ask again. Otherwise they are checked on the new VM's first vCPU.
+    pub host_cpuid: Option<&'a [kvm_cpuid_entry2]>,
 }
 
 /// A snapshot read and checked, ready to be built.
@@ -259,6 +266,8 @@ pub struct Prepared {
     new_disks: NewDisks,
     uffd: NewUffd,
     started: Instant,
+    /// The guest's CPU features were checked against this host's already.
+    cpu_checked: bool,
 }
 
 /// Reads and checks the snapshot in `dir` and sets up this host's side of it.
@@ -269,7 +278,7 @@ pub fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, SnapshotEr
     let config = local_config(&checked, opts, &mut new_disks)?;
     let uffd = NewUffd::create()?;
     log::debug!("restore: snapshot checked, disks ready at {} µs", started.elapsed().as_micros());
-    Ok(Prepared { checked, config, new_disks, uffd, started })
+    Ok(Prepared { checked, config, new_disks, uffd, started, cpu_checked: false })
 }
 
 /// A snapshot's files read, checked and opened by a thread that may open files, for a
@@ -281,12 +290,14 @@ pub struct Opened {
     new_disks: NewDisks,
     /// The guest's disk images, by index, opened as `config` says.
     pub disks: Vec<block::Disk>,
+    cpu_checked: bool,
 }
 
 /// Reads and checks the snapshot in `dir`, copies its copied disks into place and opens every
 /// disk: all of a restore's file work, for the one thread of a sandboxed VMM that may do it.
-/// `taps`: how many TAPs the VMM has for the guest's NICs, checked before any disk is copied.
-/// Should the restore fail, the disk files it created are removed.
+/// `taps`: how many TAPs the VMM has for the guest's NICs, checked before any disk is copied,
+/// as the guest's CPU features are with `opts.host_cpuid`. Should the restore fail, the disk
+/// files it created are removed.
 pub fn open_files(dir: &Path, opts: &RestoreOptions, taps: usize) -> Result<Opened, SnapshotError> {
     let checked = check(dir)?;
     let nics = checked.state.config.nets.len();
@@ -294,6 +305,9 @@ pub fn open_files(dir: &Path, opts: &RestoreOptions, taps: usize) -> Result<Open
         return Err(SnapshotError::Mismatch(format!(
             "the guest has {nics} NIC(s), this VMM was started with {taps} --net"
         )));
+    }
+    if let (Some(have), Some(v0)) = (opts.host_cpuid, checked.state.machine.vcpus.first()) {
+        check_against(have, v0.cpuid.as_slice())?;
     }
     let mut new_disks = NewDisks::new();
     let config = local_config(&checked, opts, &mut new_disks)?;
@@ -310,15 +324,15 @@ pub fn open_files(dir: &Path, opts: &RestoreOptions, taps: usize) -> Result<Open
             block::Disk::open(&d.path, d.read_only, d.shared).map_err(|e| err(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Opened { checked, config, new_disks, disks })
+    Ok(Opened { checked, config, new_disks, disks, cpu_checked: opts.host_cpuid.is_some() })
 }
 
 impl Prepared {
     /// A restore from files opened elsewhere ([`open_files`]; take its `disks` first), with a
     /// userfaultfd opened before the sandbox, started at `started`.
     pub fn from_files(opened: Opened, uffd: NewUffd, started: Instant) -> Prepared {
-        let Opened { checked, config, new_disks, disks: _ } = opened;
-        Prepared { checked, config, new_disks, uffd, started }
+        let Opened { checked, config, new_disks, disks: _, cpu_checked } = opened;
+        Prepared { checked, config, new_disks, uffd, started, cpu_checked }
     }
 }
 
@@ -342,7 +356,7 @@ pub fn start(
     res: &mut HostResources,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<Started, SnapshotError> {
-    let Prepared { checked, config, mut new_disks, uffd, started: t0 } = prepared;
+    let Prepared { checked, config, mut new_disks, uffd, started: t0, cpu_checked } = prepared;
     let step = |what: &str| log::debug!("restore: {what} at {} µs", t0.elapsed().as_micros());
     // The loader first, before the VM exists, so that it has started (its thread and filter
     // take about half a millisecond here) and put in place the pages KVM touches in
@@ -353,11 +367,11 @@ pub fn start(
     let built = build_vm_on(foundation, &config, res, console)?;
     step("machine built");
     // On the new VM's first vCPU, which has not run: no probe VM needed.
-    if let (Some(v0), Some(vcpu)) = (checked.state.machine.vcpus.first(), built.vcpus.first()) {
+    if let (false, Some(v0), Some(vcpu)) = (cpu_checked, checked.state.machine.vcpus.first(), built.vcpus.first()) {
         let m = &built.machine;
         check_cpuid(&m.kvm, Some((vcpu.fd(), &m.supported_cpuid)), v0.cpuid.as_slice())?;
+        step("CPU checked");
     }
-    step("CPU checked");
     restore_machine(&built, &checked.state.machine)?;
     step("machine restored");
     *built.machine.lazy_memory.lock().expect("Poisoned lock") = Some(Arc::new(handler));

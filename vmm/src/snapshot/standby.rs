@@ -9,8 +9,9 @@
 //! place when the snapshot holds a copy) are opened by the snapshot thread, the one thread whose
 //! filter lets it open files, and handed over open.
 //!
-//! While it waits, every other request is refused (409) but `PUT /vm/shutdown`, which ends the
-//! VMM. A snapshot that does not check (missing, damaged, not fitting this VMM's `--net`) is
+//! While it waits, every other request is refused (409) but `GET /metrics` (which says that it
+//! waits, and for how long) and `PUT /vm/shutdown`, which ends the VMM. A snapshot that does not check (missing, damaged, not fitting this VMM's `--net`, for a
+//! CPU with features this host lacks: what the host can give was asked before the wait) is
 //! refused (400) and the VMM waits on; a failure once the VM is being built ends the VMM with
 //! that error, as `vmm run --restore` would.
 
@@ -65,6 +66,7 @@ pub fn wait(
     res: &mut HostResources,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<Waited, SnapshotError> {
+    let waiting_since = Instant::now();
     // Until a snapshot checks (or the API server is gone: then nothing will).
     let (prepared, from, reply) = loop {
         let Ok((request, reply)) = api.recv() else { return Ok(Waited::Stopped) };
@@ -84,6 +86,9 @@ pub fn wait(
             ApiRequest::Shutdown => {
                 let _ = reply.send(Ok(ApiResponse::Done));
                 return Ok(Waited::Stopped);
+            }
+            ApiRequest::Metrics => {
+                let _ = reply.send(Ok(ApiResponse::Metrics(crate::metrics::render_waiting(waiting_since.elapsed()))));
             }
             _ => {
                 let _ = reply.send(Err(ApiError::Conflict(WAITING.to_string())));
@@ -110,8 +115,12 @@ fn open_on(
     started: Instant,
 ) -> Result<Prepared, SnapshotError> {
     let (dir, nets, disks, taps) = (from.to_path_buf(), opts.nets.clone(), opts.disks.clone(), res.tap_count());
+    let cpu = res.host_cpuid().map(<[_]>::to_vec);
     let mut opened = writer
-        .call(move || open_files(&dir, &RestoreOptions { nets: &nets, disks: &disks }, taps))
+        .call(move || {
+            let opts = RestoreOptions { nets: &nets, disks: &disks, host_cpuid: cpu.as_deref() };
+            open_files(&dir, &opts, taps)
+        })
         .map_err(SnapshotError::Other)??;
     let uffd = res.take_uffd().map_err(|e| SnapshotError::Other(e.to_string()))?;
     for (i, disk) in std::mem::take(&mut opened.disks).into_iter().enumerate() {
