@@ -92,6 +92,9 @@ pub struct Agent<S: Store> {
     pub cancel: watch::Receiver<bool>,
     /// The host records of the last view (where the other agents are).
     hosts: Mutex<BTreeMap<String, HostRecord>>,
+    /// Incoming moves whose destination VMM takes later connections (post-copy's), by move id:
+    /// the source host and the unix socket they are handed over on.
+    handed: Mutex<BTreeMap<String, (String, Arc<std::os::unix::net::UnixStream>)>>,
 }
 
 /// Marks a VM busy for as long as it lives.
@@ -120,6 +123,20 @@ impl<S: Store> Agent<S> {
     /// Host `name`'s registration as last seen.
     pub fn host_record(&self, name: &str) -> Option<HostRecord> {
         self.hosts.lock().expect("Poisoned lock").get(name).cloned()
+    }
+
+    /// Where later connections of incoming move `move_id` go: its source host, and the channel to
+    /// its destination VMM (see `incoming.rs`).
+    pub fn handed(&self, move_id: &str) -> Option<(String, Arc<std::os::unix::net::UnixStream>)> {
+        self.handed.lock().expect("Poisoned lock").get(move_id).cloned()
+    }
+
+    pub fn set_handed(&self, move_id: &str, from: &str, channel: std::os::unix::net::UnixStream) {
+        self.handed.lock().expect("Poisoned lock").insert(move_id.to_string(), (from.to_string(), Arc::new(channel)));
+    }
+
+    pub fn drop_handed(&self, move_id: &str) {
+        self.handed.lock().expect("Poisoned lock").remove(move_id);
     }
 
     /// Marks `vm` busy; `None` if it already is.
@@ -221,6 +238,7 @@ pub async fn run<S: Store>(cfg: AgentConfig, store: S, cancel: watch::Receiver<b
         wake: Notify::new(),
         cancel: cancel.clone(),
         hosts: Mutex::new(BTreeMap::new()),
+        handed: Mutex::new(BTreeMap::new()),
     });
     adopt(&agent);
     // Registered before anything else runs, so that a clash with a live agent of the same name

@@ -36,6 +36,8 @@ pub struct BalancerConfig {
     pub once: bool,
     /// Dry run: print the input and the plan as JSON (a snapshot for the planner's tests).
     pub json: bool,
+    /// How the moves it asks for migrate (`None`: pre-copy).
+    pub mode: Option<vmm::api::MigrationMode>,
 }
 
 /// One round's plan on a fresh view.
@@ -116,7 +118,7 @@ async fn act<S: Store>(cfg: &BalancerConfig, store: &S, leadership: &Leadership,
             record.refused.push((m.vm.clone(), "leadership lost".into()));
             break;
         }
-        match ownership::request_move_fenced(store, &m.vm, Some(&m.to), &by, Some(leadership.fence())).await {
+        match ownership::request_move_fenced(store, &m.vm, Some(&m.to), &by, Some(leadership.fence()), cfg.mode).await {
             Ok(r) => {
                 tracing::info!(
                     vm = m.vm,

@@ -4,6 +4,13 @@
 //! records, to this host, not started, from the host it claims to come from) and hands the
 //! connection to a new destination VMM (`vmm run --incoming-fd`), keeping the VMM's commit hook.
 //!
+//! A move that may switch to post-copy opens more connections, with the same route: its fault
+//! connection, and after a broken link its reconnections. Those go to the VMM that took the
+//! first one, over a unix socket it was given for this (`--incoming-conns-fd`, one descriptor per
+//! message), for as long as that VMM keeps its end open (it closes it once it needs no more:
+//! at once for a pre-copy migration, at the end of post-copy otherwise). The VMM does the TLS
+//! handshake and checks the migration's id on each, as it does on its own listener.
+//!
 //! The commit point: when the VMM reports `PREPARE` (the source is about to pause the guest),
 //! the agent makes the commit transaction (`ownership::commit`) and only then lets the VMM
 //! answer. So the guest runs here only after the transaction succeeded, and the transaction's
@@ -87,6 +94,9 @@ async fn handle<S: Store>(
     };
     // The destination VMM sets its own timeouts; none while the agent waits on it.
     let _ = conn.set_read_timeout(None);
+    if let Some((from, channel)) = agent.handed(&route) {
+        return hand_over(agent, &route, &from, &channel, conn, peer).await;
+    }
     let Some(_lease) = agent.live_lease() else {
         return Err(refuse(conn, format!("host {} has no live lease (fenced)", agent.me())).await);
     };
@@ -106,11 +116,12 @@ async fn handle<S: Store>(
         return Err(refuse(conn, format!("VM {} is busy on this host", m.vm)).await);
     };
     let (hook_agent, hook_vmm) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+    let (conns_agent, conns_vmm) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
     let epoch = m.epoch + 1;
     let started = {
         let (agent, rec, id) = (agent.clone(), accepted.vm.value.clone(), m.id.clone());
         tokio::task::spawn_blocking(move || {
-            let r = agent.runner.receive(&rec, epoch, &id, &conn, &hook_vmm);
+            let r = agent.runner.receive(&rec, epoch, &id, &conn, &hook_vmm, &conns_vmm);
             (r, conn)
         })
         .await
@@ -121,10 +132,81 @@ async fn handle<S: Store>(
         (Err(e), conn) => return Err(refuse(conn, format!("cannot start a destination VMM: {e}")).await),
     };
     tracing::info!(vm = %m.vm, move_id = %m.id, from = %m.from, pid = local.pid, "receiving a VM");
+    keep_channel(agent, &m.id, &m.from, conns_agent);
     agent.set_local(local.clone());
     serve_hook(agent, accepted, local, hook_agent).await;
     drop(guard);
     Ok(())
+}
+
+/// Keeps `channel` (the agent's end of a destination VMM's `--incoming-conns-fd`) for the move's
+/// later connections until the VMM closes its end.
+fn keep_channel<S: Store>(agent: &Arc<Agent<S>>, move_id: &str, from: &str, channel: std::os::unix::net::UnixStream) {
+    let watch = channel.try_clone().and_then(|w| {
+        w.set_nonblocking(true)?;
+        tokio::net::UnixStream::from_std(w)
+    });
+    let watch = match watch {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(move_id, error = %e, "cannot watch the channel for later connections: post-copy will be refused");
+            return;
+        }
+    };
+    agent.set_handed(move_id, from, channel);
+    let (agent, move_id) = (agent.clone(), move_id.to_string());
+    tokio::spawn(async move {
+        // The VMM never writes on it: readable means closed (or broken).
+        let mut byte = [0u8; 1];
+        loop {
+            if watch.readable().await.is_err() {
+                break;
+            }
+            match watch.try_read(&mut byte) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                _ => break,
+            }
+        }
+        agent.drop_handed(&move_id);
+    });
+}
+
+/// Hands a later connection of move `route` (post-copy's) to its destination VMM, if it comes
+/// from the move's source host.
+async fn hand_over<S: Store>(
+    agent: &Arc<Agent<S>>,
+    route: &str,
+    from: &str,
+    channel: &Arc<std::os::unix::net::UnixStream>,
+    conn: std::net::TcpStream,
+    peer: SocketAddr,
+) -> Result<(), String> {
+    if let Some(host) = agent.host_record(from)
+        && let Ok(addr) = host.migration_addr.parse::<SocketAddr>()
+        && addr.ip() != peer.ip()
+    {
+        return Err(refuse(conn, format!("move {route} comes from host {from} at {}, not {peer}", addr.ip())).await);
+    }
+    let channel = channel.clone();
+    let sent = tokio::task::spawn_blocking(move || {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        // One byte with the descriptor: the VMM reads a message per connection.
+        let r = channel.send_with_fd(&[0u8][..], std::os::fd::AsRawFd::as_raw_fd(&conn));
+        (r, conn)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    match sent {
+        // The VMM has its own copy now; this one closes.
+        (Ok(_), _conn) => {
+            tracing::info!(move_id = route, %peer, "handed a later connection of the move to its VMM");
+            Ok(())
+        }
+        (Err(e), conn) => {
+            agent.drop_handed(route);
+            Err(refuse(conn, format!("the destination VMM of move {route} takes no more connections ({e})")).await)
+        }
+    }
 }
 
 /// Answers the destination VMM's commit hook, then settles how the move ended.

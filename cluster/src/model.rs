@@ -272,6 +272,9 @@ pub struct MoveRecord {
     pub error: Option<String>,
     #[serde(default)]
     pub times: MoveTimes,
+    /// How the source migrates (`None`: pre-copy, as before the field existed).
+    #[serde(default)]
+    pub mode: Option<vmm::api::MigrationMode>,
 }
 
 /// Now, in ms since the Unix epoch.
@@ -340,6 +343,7 @@ mod tests {
             requested_by: "test".into(),
             error: None,
             times: MoveTimes::default(),
+            mode: Some(vmm::api::MigrationMode::PostcopyAuto),
         };
         let json = serde_json::to_string(&m).unwrap();
         assert!(json.contains("\"phase\":\"committed\""), "{json}");

@@ -66,7 +66,18 @@ async fn run_inner<S: Store>(agent: &Arc<Agent<S>>, vm: &str, move_id: &str) -> 
     let outcome = follow(agent, &l).await;
     match outcome {
         Outcome::Completed(info) => {
-            tracing::info!(vm, move_id, to = %m.to, total_ms = info.total_ms, downtime_us = ?info.downtime_us, "moved away");
+            // Post-copy's pages: those the guest had dirtied when it switched, which followed it.
+            let postcopy_pages = info.postcopy.as_ref().map(|p| p.pages_needed);
+            tracing::info!(
+                vm,
+                move_id,
+                to = %m.to,
+                total_ms = info.total_ms,
+                downtime_us = ?info.downtime_us,
+                mode = ?info.mode,
+                postcopy_pages = ?postcopy_pages,
+                "moved away"
+            );
             // The rate the last pre-copy round measured (the stop-and-copy round does not set it).
             let noted = ownership::note_pause(
                 &agent.store,
@@ -126,6 +137,7 @@ async fn start<S: Store>(
     // The VMM's own TLS identity (the agent's --tls-dir), or plaintext as the agent runs.
     let request = MigrateRequest {
         route: Some(m.id.clone()),
+        mode: m.mode,
         insecure_plaintext: agent.cfg.security == crate::agent::MigrationSecurity::InsecurePlaintext,
         ..MigrateRequest::to(&dest.value.migration_addr)
     };

@@ -94,7 +94,18 @@ pub async fn request_move<S: Store>(
     to: Option<&str>,
     requested_by: &str,
 ) -> Result<MoveRecord, OwnershipError> {
-    request_move_fenced(store, vm, to, requested_by, None).await
+    request_move_fenced(store, vm, to, requested_by, None, None).await
+}
+
+/// [`request_move`] migrating as `mode` says (`None`: pre-copy).
+pub async fn request_move_as<S: Store>(
+    store: &S,
+    vm: &str,
+    to: Option<&str>,
+    requested_by: &str,
+    mode: Option<vmm::api::MigrationMode>,
+) -> Result<MoveRecord, OwnershipError> {
+    request_move_fenced(store, vm, to, requested_by, None, mode).await
 }
 
 /// [`request_move`] on behalf of someone whose right to act is `fence` (the balancer's
@@ -106,6 +117,7 @@ pub async fn request_move_fenced<S: Store>(
     to: Option<&str>,
     requested_by: &str,
     fence: Option<Compare>,
+    mode: Option<vmm::api::MigrationMode>,
 ) -> Result<MoveRecord, OwnershipError> {
     for _ in 0..PLACEMENT_ATTEMPTS {
         let view = ClusterView::load(store).await?;
@@ -153,6 +165,7 @@ pub async fn request_move_fenced<S: Store>(
             requested_by: requested_by.to_string(),
             error: None,
             times: MoveTimes { requested_ms: now_ms(), ..Default::default() },
+            mode,
         };
         let txn = Txn::new()
             .when([

@@ -238,6 +238,7 @@ mod tests {
                 requested_by: "t".into(),
                 error: None,
                 times: MoveTimes::default(),
+                mode: None,
             },
             mod_revision: 5,
             lease: 0,

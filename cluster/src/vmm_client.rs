@@ -24,6 +24,8 @@ use crate::model::VmRecord;
 /// The descriptors an incoming VMM finds its connection and its commit hook on.
 const INCOMING_FD: RawFd = 3;
 const HOOK_FD: RawFd = 4;
+/// Where a destination VMM finds the channel its move's later connections come on.
+const CONNS_FD: RawFd = 5;
 /// API calls to a local VMM: it answers in milliseconds unless something is badly wrong.
 pub const API_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -108,6 +110,7 @@ impl Runner {
         move_id: &str,
         conn: &TcpStream,
         hook: &UnixStream,
+        conns: &UnixStream,
     ) -> Result<LocalVm, ClusterError> {
         let mut args: Vec<String> = vec![
             "run".into(),
@@ -115,6 +118,8 @@ impl Runner {
             INCOMING_FD.to_string(),
             "--commit-hook-fd".into(),
             HOOK_FD.to_string(),
+            "--incoming-conns-fd".into(),
+            CONNS_FD.to_string(),
         ];
         let tap = match &rec.spec.mac {
             Some(_) => {
@@ -124,7 +129,7 @@ impl Runner {
             }
             None => None,
         };
-        let fds = Some((conn.as_raw_fd(), hook.as_raw_fd()));
+        let fds = Some((conn.as_raw_fd(), hook.as_raw_fd(), conns.as_raw_fd()));
         let role = Role::Incoming { move_id: move_id.to_string() };
         let local = self.spawn(&rec.name, epoch, args, tap, role, fds);
         if local.is_err() {
@@ -140,7 +145,7 @@ impl Runner {
         mut args: Vec<String>,
         tap: Option<String>,
         role: Role,
-        fds: Option<(RawFd, RawFd)>,
+        fds: Option<(RawFd, RawFd, RawFd)>,
     ) -> Result<LocalVm, ClusterError> {
         let dir = self.dirs.vm_dir(vm, epoch);
         // A stale directory of the same VM and epoch (a VMM that never got far) goes.
@@ -168,12 +173,19 @@ impl Runner {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if let Some((conn, hook)) = fds {
-                    // Copies above the targets first, so neither dup2 can clobber the other's
-                    // source; dup2 then leaves the targets open across exec.
+                if let Some((conn, hook, conns)) = fds {
+                    // Copies above the targets first, so no dup2 can clobber another's source;
+                    // dup2 then leaves the targets open across exec.
                     let c = libc::fcntl(conn, libc::F_DUPFD_CLOEXEC, 10);
                     let h = libc::fcntl(hook, libc::F_DUPFD_CLOEXEC, 10);
-                    if c < 0 || h < 0 || libc::dup2(c, INCOMING_FD) < 0 || libc::dup2(h, HOOK_FD) < 0 {
+                    let n = libc::fcntl(conns, libc::F_DUPFD_CLOEXEC, 10);
+                    if c < 0
+                        || h < 0
+                        || n < 0
+                        || libc::dup2(c, INCOMING_FD) < 0
+                        || libc::dup2(h, HOOK_FD) < 0
+                        || libc::dup2(n, CONNS_FD) < 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                 }

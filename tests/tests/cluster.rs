@@ -170,6 +170,51 @@ fn still_echoing(echo: &EchoStream, what: &str) {
     }
 }
 
+/// A VM dirtying memory as fast as it can (pre-copy's "never converges" case) moves through
+/// the agents by post-copy (`vmm vm move --mode postcopy`): the source agent asks its VMM for
+/// post-copy with the move's route, the destination agent hands the later connections (the
+/// fault connection) to the VMM it started for the move, and the guest arrives with its memory
+/// intact and the client's echo stream whole.
+#[test]
+fn a_vm_that_never_converges_moves_by_postcopy_through_the_agents() {
+    if !kvm_or_skip("a_vm_that_never_converges_moves_by_postcopy_through_the_agents") {
+        return;
+    }
+    let c = ClusterBed::start(&["a", "b"], ClusterOptions::default());
+    let cmdline =
+        format!("console=ttyS0 {} vmm.workload=dirty vmm.dirty_mib=64 vmm.dirty_rate=0", c.bed.guest_ip_cmdline(0));
+    c.create_vm("v0", &cmdline, 256, &["--host", "a"]).unwrap_or_else(|e| panic!("{e}{}", c.describe()));
+    let before = vmm_tests::guest::status(&c.bed, WAIT).unwrap_or_else(|e| panic!("{e}{}", c.describe()));
+    let echo = stream_to(&c, 0);
+
+    let out = c.cli_ok(&["vm", "move", "v0", "--to", "b", "--mode", "postcopy"]);
+    println!("{out}");
+    assert_eq!(owner(&c, "v0"), ("b".to_string(), 2, "running".to_string()), "{}", c.describe());
+    // It switched to post-copy (the source's figures, in its agent's log), on the connection the
+    // destination's agent handed over to the VMM it started for the move.
+    let source = c.agent_log("a");
+    let moved = source.lines().find(|l| l.contains("moved away")).unwrap_or_else(|| panic!("{}", c.describe()));
+    assert!(moved.contains("mode=Postcopy") && moved.contains("postcopy_pages=Some("), "{moved}{}", c.describe());
+    assert!(!moved.contains("postcopy_pages=Some(0)"), "nothing was left for post-copy: {moved}");
+    assert!(c.agent_log("b").contains("handed a later connection of the move to its VMM"), "{}", c.describe());
+
+    let deadline = Instant::now() + WAIT;
+    let after = loop {
+        let st = vmm_tests::guest::status(&c.bed, WAIT).unwrap_or_else(|e| panic!("{e}{}", c.describe()));
+        assert_eq!(st.num("dirty_mismatches"), 0, "the guest found bad pages: {st:?}{}", c.describe());
+        if st.num("dirty_passes") > before.num("dirty_passes") + 1 {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the dirty workload stopped: {st:?}{}", c.describe());
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    println!("dirty passes {} before the move, {} after", before.num("dirty_passes"), after.num("dirty_passes"));
+    still_echoing(&echo, "after the post-copy move");
+    let stats = echo.finish();
+    println!("v0 through a post-copy move: {} lines, largest gap {} ms", stats.sent, stats.largest_gap.as_millis());
+    assert!(stats.intact(), "{stats:?}");
+}
+
 /// Killing an agent takes none of its VMs down: its lease expires and its host shows as down,
 /// the VMs keep serving, nothing can be moved off or onto it meanwhile, and a restarted agent
 /// adopts the same VMM processes (which can then be moved as usual).

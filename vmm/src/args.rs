@@ -246,7 +246,7 @@ pub(crate) struct RunArgs {
           conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template", "incoming_fd", "restore"])]
     pub(crate) incoming: Option<String>,
     /// Like --incoming, on an inherited TCP socket: a listening one, or one connection that
-    /// someone else (a host agent) accepted (post-copy needs a listening one).
+    /// someone else (a host agent) accepted (post-copy then needs --incoming-conns-fd).
     #[arg(long, value_name = "FD", group = "incoming_from", group = "received",
           conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "cpu_template", "restore"])]
     pub(crate) incoming_fd: Option<i32>,
@@ -269,6 +269,11 @@ pub(crate) struct RunArgs {
     /// snapshot of another size gets memory of its own.
     #[arg(long, value_name = "MIB", requires = "await_restore")]
     pub(crate) await_mem_mib: Option<u64>,
+    /// With --incoming-fd on a connection a host agent accepted: an inherited unix socket
+    /// (file descriptor N) on which the agent hands over the migration's later connections, one
+    /// descriptor per message (post-copy's fault connection and its reconnections).
+    #[arg(long, value_name = "N", requires = "incoming_from", conflicts_with = "incoming")]
+    pub(crate) incoming_conns_fd: Option<i32>,
     /// With --incoming or --incoming-fd: an inherited unix socket (file descriptor N) to the
     /// host agent, which must commit the migration in the cluster before `Prepare` is answered
     /// (see docs/migration-protocol.md).

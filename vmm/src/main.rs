@@ -104,9 +104,10 @@ fn run(args: RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let listener = vmm::migrate::receive::listen(listen)?;
             (HostResources::open_for_incoming(&args.nets, &args.disks)?, Some(IncomingFrom::Listener(listener)))
         }
-        (None, Some(fd), None) => {
-            (HostResources::open_for_incoming(&args.nets, &args.disks)?, Some(IncomingFrom::Fd(fd)))
-        }
+        (None, Some(fd), None) => (
+            HostResources::open_for_incoming(&args.nets, &args.disks)?,
+            Some(IncomingFrom::Fd { fd, conns: args.incoming_conns_fd }),
+        ),
         (None, None, None) => (HostResources::open_for_boot(&config)?, None),
     };
     vmm::host::read_host_facts();

@@ -17,7 +17,7 @@ use migration::protocol::{self, Command};
 use vmm::transport::pki::{self, HostSpec};
 use vmm::transport::{
     IncomingSocket, LinkConfig, MigrationListener, MigrationStream, Security, TransportError, accept_connection,
-    connect, socket_from_fd,
+    channel_from_fd, connect, socket_from_fd,
 };
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -319,6 +319,59 @@ fn incoming_fd_takes_a_listening_or_a_connected_socket() {
     let file = std::fs::File::open("/proc/self/status").unwrap();
     let e = socket_from_fd(file.into_raw_fd()).err().expect("a file taken for a socket").to_string();
     assert!(e.contains("not a socket"), "{e}");
+}
+
+/// Connections handed over on a unix socket (`--incoming-conns-fd`, as a host agent does for
+/// post-copy's later connections): each is handshaken as on a listener; what is not a TCP
+/// connection is refused and the wait goes on; the agent closing its end ends the wait.
+#[test]
+fn handed_connections_are_taken_like_accepted_ones() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+    let c = Cluster::new("handed");
+    let b = c.issue("handed-b", &spec("host-b", &[LOOPBACK]));
+    let (agent_end, vmm_end) = UnixStream::pair().unwrap();
+    let channel = channel_from_fd(vmm_end.into_raw_fd()).unwrap();
+    let l = MigrationListener::from_handed(channel, tls(&b.0), LinkConfig::default());
+    assert!(l.local_addr().is_err(), "handed connections have no listening address");
+    let port = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = format!("127.0.0.1:{}", port.local_addr().unwrap().port());
+    let l = Arc::new(l);
+    for round in 0..2 {
+        let waiting = {
+            let l = l.clone();
+            thread::spawn(move || l.accept_while(&|| true))
+        };
+        if round == 1 {
+            // Not a connection first: a file, then a listening socket. Both refused; it waits on.
+            let file = std::fs::File::open("/proc/self/status").unwrap();
+            agent_end.send_with_fd(&[0u8][..], file.as_raw_fd()).unwrap();
+            agent_end.send_with_fd(&[0u8][..], port.as_raw_fd()).unwrap();
+        }
+        let source = {
+            let (to, ca) = (to.clone(), c.ca.0.clone());
+            thread::spawn(move || connect(&to, &tls(&ca), &LinkConfig::default()))
+        };
+        let (conn, _) = port.accept().unwrap();
+        agent_end.send_with_fd(&[0u8][..], conn.as_raw_fd()).unwrap();
+        drop(conn);
+        let mut src = source.join().unwrap().unwrap();
+        exchange(&mut src, waiting);
+    }
+    // The agent goes away: the wait ends with a clear error.
+    let waiting = {
+        let l = l.clone();
+        thread::spawn(move || l.accept_while(&|| true))
+    };
+    drop(agent_end);
+    let e = waiting.join().unwrap().err().expect("a connection from nowhere").to_string();
+    assert!(e.contains("closed the channel"), "{e}");
+    // Not a unix socket.
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let e = channel_from_fd(tcp.into_raw_fd()).expect_err("a TCP socket taken for a channel").to_string();
+    assert!(e.contains("not a unix socket"), "{e}");
 }
 
 /// A source that refuses the destination's certificate says why in its alert, and the

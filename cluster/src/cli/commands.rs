@@ -71,9 +71,10 @@ pub async fn run_command(top: Top, etcd: &EtcdAccess) -> Result<(), ClusterError
         Top::Vm(VmCmd::Create(args)) => create(args, etcd).await,
         Top::Balancer(args) => balancer(args, etcd).await,
         Top::Vm(VmCmd::Stop { name, no_wait }) => stop(&name, no_wait, etcd).await,
-        Top::Vm(VmCmd::Move { name, to, no_wait, timeout }) => {
+        Top::Vm(VmCmd::Move { name, to, no_wait, timeout, mode }) => {
             let store = super::connect(etcd).await?;
-            let m = ownership::request_move(&store, &name, to.as_deref(), "vmm vm move").await?;
+            let m =
+                ownership::request_move_as(&store, &name, to.as_deref(), "vmm vm move", mode.migration_mode()).await?;
             println!("moving VM {name} from {} to {} (move {})", m.from, m.to, m.id);
             if no_wait {
                 return Ok(());
@@ -197,6 +198,7 @@ async fn balancer(args: BalancerArgs, etcd: &EtcdAccess) -> Result<(), ClusterEr
         dry_run: args.dry_run,
         once: args.once,
         json: args.json,
+        mode: args.mode.migration_mode(),
     };
     let store = super::connect(etcd).await?;
     let cancel = cancel_on_signals("stopping");

@@ -78,6 +78,31 @@ pub struct BalancerArgs {
     /// Seconds a VM stays where it is after it moved.
     #[arg(long, value_name = "S")]
     pub cooldown: Option<f64>,
+    /// How the moves it asks for migrate.
+    #[arg(long, value_enum, default_value_t = MoveMode::Precopy)]
+    pub mode: MoveMode,
+}
+
+/// How a move migrates the VM (`vmm migrate`'s modes; see the README's Post-copy section).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MoveMode {
+    /// Copy rounds while the guest runs, throttling it if they stop shrinking.
+    Precopy,
+    /// One copy round, then the guest moves and the pages it dirtied follow it.
+    Postcopy,
+    /// Pre-copy, switching to post-copy when the rounds stop shrinking (instead of throttling).
+    PostcopyAuto,
+}
+
+impl MoveMode {
+    /// As the move record and the VMM's API say it (`None`: pre-copy, the default).
+    pub fn migration_mode(self) -> Option<vmm::api::MigrationMode> {
+        match self {
+            MoveMode::Precopy => None,
+            MoveMode::Postcopy => Some(vmm::api::MigrationMode::Postcopy),
+            MoveMode::PostcopyAuto => Some(vmm::api::MigrationMode::PostcopyAuto),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -193,6 +218,9 @@ pub enum VmCmd {
         /// Longest wait, in seconds.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// How the VM migrates.
+        #[arg(long, value_enum, default_value_t = MoveMode::Precopy)]
+        mode: MoveMode,
     },
 }
 

@@ -46,13 +46,16 @@ const RESUME_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Peer {
     pub to: String,
+    /// The migration's route, sent first on every connection: a host agent's shared port hands
+    /// the later connections to the VMM that took the first.
+    pub route: Option<String>,
     pub security: Security,
     pub link: LinkConfig,
 }
 
 /// Connects to the destination for a post-copy connection and sends its first frame.
 pub fn open_channel(peer: &Peer, first: Command, id: u64) -> Result<MigrationStream, MigrateError> {
-    let mut s = transport::connect(&peer.to, &peer.security, &peer.link)?;
+    let mut s = transport::connect_routed(&peer.to, peer.route.as_deref(), &peer.security, &peer.link)?;
     protocol::write_json(&mut s, first, &ChannelHello { id })?;
     Ok(s)
 }

@@ -45,8 +45,10 @@ pub enum IncomingFrom {
     Listener(TcpListener),
     /// Listen on this ADDR:PORT now.
     Addr(String),
-    /// `--incoming-fd N`: an inherited socket, listening or already connected.
-    Fd(RawFd),
+    /// `--incoming-fd N`: an inherited socket, listening or already connected; with a
+    /// connection, `conns` (`--incoming-conns-fd M`) is an inherited unix socket on which the
+    /// host agent that accepted it hands over the migration's later connections (post-copy's).
+    Fd { fd: RawFd, conns: Option<RawFd> },
 }
 
 /// How a destination takes its migration.
@@ -121,7 +123,7 @@ pub fn listen(listen: &str) -> Result<TcpListener, MigrateError> {
 
 /// Waits for the source's connection: the first peer that passes the handshake. Returns the
 /// listener too (kept in case the migration switches to post-copy), unless the connection came
-/// from an inherited connected socket.
+/// from an inherited connected socket without a channel for later ones.
 fn accept(
     mut cfg: IncomingConfig,
 ) -> Result<(MigrationStream, Option<MigrationListener>, Option<CommitHook>), MigrateError> {
@@ -147,7 +149,13 @@ fn accept_stream(cfg: IncomingConfig) -> Result<(MigrationStream, Option<Migrati
             eprintln!("vmm: waiting for an incoming migration on {listen} ({mode})");
             l
         }
-        IncomingFrom::Fd(fd) => match transport::socket_from_fd(fd)? {
+        IncomingFrom::Fd { fd, conns } => match transport::socket_from_fd(fd)? {
+            IncomingSocket::Listener(_) if conns.is_some() => {
+                return Err(MigrateError::Other(format!(
+                    "--incoming-conns-fd goes with a connection handed over on --incoming-fd, and fd {fd} listens \
+                     (it takes the later connections itself)"
+                )));
+            }
             IncomingSocket::Listener(l) => {
                 let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
                 eprintln!("vmm: waiting for an incoming migration on fd {fd} ({at}, {mode})");
@@ -155,7 +163,14 @@ fn accept_stream(cfg: IncomingConfig) -> Result<(MigrationStream, Option<Migrati
             }
             IncomingSocket::Connection(c) => {
                 eprintln!("vmm: waiting for an incoming migration on fd {fd} (a connection, {mode})");
-                return Ok((transport::accept_connection(c, &cfg.security, &cfg.link)?, None));
+                let later = match conns {
+                    Some(conns) => {
+                        let channel = transport::channel_from_fd(conns)?;
+                        Some(MigrationListener::from_handed(channel, cfg.security.clone(), cfg.link))
+                    }
+                    None => None,
+                };
+                return Ok((transport::accept_connection(c, &cfg.security, &cfg.link)?, later));
             }
         },
     };
@@ -225,8 +240,9 @@ fn receive_on(
         (Some(_), Some(_)) => {}
         (Some(_), None) => {
             return Err(MigrateError::Incompatible(
-                "post-copy needs a destination that listens (--incoming, or --incoming-fd with a listening \
-                 socket): it takes a second connection"
+                "post-copy needs a destination that can take a second connection: one that listens \
+                 (--incoming, or --incoming-fd with a listening socket), or one handed a connection with \
+                 --incoming-conns-fd for the later ones"
                     .into(),
             ));
         }

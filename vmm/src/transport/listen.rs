@@ -1,20 +1,73 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The destination's side of connecting: a listener whose every connection is handshaken on a
 //! thread of its own until one passes, and the handshake on a socket someone else accepted or
-//! bound (`--incoming-fd`).
+//! bound (`--incoming-fd`). A listener's connections come from a listening socket of its own,
+//! or are handed over one by one on a unix socket by a host agent that owns the port
+//! (`--incoming-conns-fd`: post-copy's later connections through a shared migration port).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
 use super::{LinkConfig, MAX_HANDSHAKES, MigrationStream, Security, TransportError, handshake};
 
-/// A destination's listening socket.
+/// Where a listener's connections come from.
+enum Source {
+    /// A listening TCP socket.
+    Tcp(TcpListener),
+    /// A unix socket on which a host agent hands over the connections it accepted for this
+    /// migration, one descriptor per message.
+    Handed(UnixStream),
+}
+
+impl Source {
+    fn fd(&self) -> RawFd {
+        match self {
+            Source::Tcp(l) => l.as_raw_fd(),
+            Source::Handed(u) => u.as_raw_fd(),
+        }
+    }
+
+    /// The next connection (`Ok(None)`: the host agent closed its end, nothing more comes).
+    fn next(&self) -> io::Result<Option<(TcpStream, String)>> {
+        match self {
+            Source::Tcp(l) => l.accept().map(|(c, peer)| Some((c, peer.to_string()))),
+            Source::Handed(u) => {
+                let mut byte = [0u8; 1];
+                let (n, file) = u.recv_with_fd(&mut byte).map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+                let Some(file) = file else {
+                    return if n == 0 {
+                        Ok(None)
+                    } else {
+                        Err(io::Error::new(io::ErrorKind::InvalidData, "a message without a connection"))
+                    };
+                };
+                let fd = OwnedFd::from(file);
+                // Whatever it is, it must not leak into processes this VMM starts.
+                // SAFETY: fcntl on a descriptor we own.
+                unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+                match tcp_kind(fd.as_raw_fd()) {
+                    Ok(false) => {}
+                    Ok(true) => return Err(io::Error::new(io::ErrorKind::InvalidInput, "a listening socket")),
+                    Err(why) => return Err(io::Error::new(io::ErrorKind::InvalidInput, why)),
+                }
+                let tcp = TcpStream::from(fd);
+                let peer = tcp.peer_addr().map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
+                Ok(Some((tcp, peer)))
+            }
+        }
+    }
+}
+
+/// A destination's listening socket, or the channel its connections are handed over on.
 pub struct MigrationListener {
-    listener: TcpListener,
+    source: Source,
     security: Security,
     link: LinkConfig,
 }
@@ -29,16 +82,25 @@ impl MigrationListener {
             )
         })?;
         let listener = TcpListener::bind(sa).map_err(|e| TransportError::Listen(addr.into(), e))?;
-        Ok(MigrationListener { listener, security, link })
+        Ok(MigrationListener::from_listener(listener, security, link))
     }
 
     /// Listens on a socket someone else bound (and is listening on).
     pub fn from_listener(listener: TcpListener, security: Security, link: LinkConfig) -> MigrationListener {
-        MigrationListener { listener, security, link }
+        MigrationListener { source: Source::Tcp(listener), security, link }
     }
 
+    /// Takes the connections a host agent hands over on `channel` (see [`channel_from_fd`]).
+    pub fn from_handed(channel: UnixStream, security: Security, link: LinkConfig) -> MigrationListener {
+        MigrationListener { source: Source::Handed(channel), security, link }
+    }
+
+    /// The listening socket's address (none for handed connections).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.source {
+            Source::Tcp(l) => l.local_addr(),
+            Source::Handed(_) => Err(io::Error::new(io::ErrorKind::Unsupported, "connections are handed over")),
+        }
     }
 
     /// Waits for a peer that completes the handshake, and stops listening. Every other
@@ -56,7 +118,7 @@ impl MigrationListener {
         std::thread::scope(|scope| {
             let acceptor = std::thread::Builder::new().name("migration-accept".into()).spawn_scoped(scope, {
                 let stop = &stop;
-                move || accept_loop(&self.listener, stop, &tx, &self.security, &self.link)
+                move || accept_loop(&self.source, stop, &tx, &self.security, &self.link)
             })?;
             let got = loop {
                 match rx.recv_timeout(ACCEPT_TICK) {
@@ -84,16 +146,16 @@ const ACCEPT_TICK: Duration = Duration::from_millis(100);
 /// way to make or write one.
 const HANDSHAKE_TICK: Duration = Duration::from_millis(1);
 
-/// Waits until `listener` has a connection to accept (true) or `tick` passed (false).
-fn readable(listener: &TcpListener, tick: Duration) -> bool {
-    let mut fd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+/// Waits until `source` has a connection to take (true) or `tick` passed (false).
+fn readable(source: &Source, tick: Duration) -> bool {
+    let mut fd = libc::pollfd { fd: source.fd(), events: libc::POLLIN, revents: 0 };
     // SAFETY: one valid pollfd, for the duration of the call.
     let n = unsafe { libc::poll(&mut fd, 1, tick.as_millis() as i32) };
     n > 0
 }
 
 fn accept_loop(
-    listener: &TcpListener,
+    source: &Source,
     stop: &AtomicBool,
     tx: &mpsc::Sender<Result<MigrationStream, TransportError>>,
     security: &Security,
@@ -103,11 +165,16 @@ fn accept_loop(
     while !stop.load(Ordering::SeqCst) {
         // Polled, so that a stop ends the wait without closing the listener.
         let tick = if in_flight.load(Ordering::SeqCst) > 0 { HANDSHAKE_TICK } else { ACCEPT_TICK };
-        if !readable(listener, tick) {
+        if !readable(source, tick) {
             continue;
         }
-        let (tcp, peer) = match listener.accept() {
-            Ok(c) => c,
+        let (tcp, peer) = match source.next() {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                let why = "the host agent closed the channel its connections come on".to_string();
+                let _ = tx.send(Err(TransportError::Refused(why)));
+                return;
+            }
             Err(_) if stop.load(Ordering::SeqCst) => return,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
                 log::warn!("migration listener: {e}; retrying");
@@ -115,6 +182,11 @@ fn accept_loop(
                 continue;
             }
             Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EAGAIN | libc::EINTR)) => continue,
+            // Something other than a connection handed over: not this peer's to decide.
+            Err(e) if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData) => {
+                log::warn!("refused what the host agent handed over: {e}");
+                continue;
+            }
             Err(e) => {
                 let _ = tx.send(Err(TransportError::Io(e)));
                 return;
@@ -125,16 +197,16 @@ fn accept_loop(
             continue;
         }
         in_flight.fetch_add(1, Ordering::SeqCst);
-        let (tx, security, link, flight) = (tx.clone(), security.clone(), *link, in_flight.clone());
+        let (tx, security, link, flight, who) = (tx.clone(), security.clone(), *link, in_flight.clone(), peer.clone());
         let spawned = std::thread::Builder::new().name("migration-handshake".into()).spawn(move || {
-            match handshake(tcp, peer.to_string(), &security, &link) {
+            match handshake(tcp, who.clone(), &security, &link) {
                 // Only the first to get here is used; the others are dropped (closed). It stays
                 // counted as in flight, so that the loop, about to be stopped, keeps its short tick.
                 Ok(stream) => {
                     let _ = tx.send(Ok(stream));
                 }
                 Err(why) => {
-                    log::warn!("refused a migration connection from {peer}: {why}");
+                    log::warn!("refused a migration connection from {who}: {why}");
                     flight.fetch_sub(1, Ordering::SeqCst);
                 }
             }
@@ -153,8 +225,9 @@ pub enum IncomingSocket {
     Connection(TcpStream),
 }
 
-/// Takes ownership of the inherited file descriptor `fd`, which must be a TCP socket.
-pub fn socket_from_fd(fd: RawFd) -> Result<IncomingSocket, TransportError> {
+/// Whether `fd` is a TCP socket that listens (true) or not (false); an error if it is no TCP
+/// socket.
+fn tcp_kind(fd: RawFd) -> Result<bool, String> {
     let get = |name: i32| -> io::Result<i32> {
         let mut v = 0i32;
         let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
@@ -162,14 +235,19 @@ pub fn socket_from_fd(fd: RawFd) -> Result<IncomingSocket, TransportError> {
         let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&mut v as *mut i32).cast(), &mut len) };
         if r == 0 { Ok(v) } else { Err(io::Error::last_os_error()) }
     };
+    let kind = get(libc::SO_TYPE).map_err(|e| format!("not a socket ({e})"))?;
+    let domain = get(libc::SO_DOMAIN).map_err(|e| e.to_string())?;
+    if kind != libc::SOCK_STREAM || !(domain == libc::AF_INET || domain == libc::AF_INET6) {
+        return Err("not a TCP socket".into());
+    }
+    Ok(get(libc::SO_ACCEPTCONN).map_err(|e| e.to_string())? != 0)
+}
+
+/// Takes ownership of the inherited file descriptor `fd`, which must be a TCP socket.
+pub fn socket_from_fd(fd: RawFd) -> Result<IncomingSocket, TransportError> {
     let bad =
         |why: String| TransportError::Listen(format!("fd {fd}"), io::Error::new(io::ErrorKind::InvalidInput, why));
-    let kind = get(libc::SO_TYPE).map_err(|e| bad(format!("not a socket ({e})")))?;
-    let domain = get(libc::SO_DOMAIN).map_err(|e| bad(e.to_string()))?;
-    if kind != libc::SOCK_STREAM || !(domain == libc::AF_INET || domain == libc::AF_INET6) {
-        return Err(bad("not a TCP socket".into()));
-    }
-    let listening = get(libc::SO_ACCEPTCONN).map_err(|e| bad(e.to_string()))? != 0;
+    let listening = tcp_kind(fd).map_err(bad)?;
     // Whatever the descriptor was, it must not leak into processes this VMM starts.
     // SAFETY: fcntl on an fd we checked is an open socket.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
@@ -181,6 +259,28 @@ pub fn socket_from_fd(fd: RawFd) -> Result<IncomingSocket, TransportError> {
         // SAFETY: as above.
         IncomingSocket::Connection(unsafe { TcpStream::from_raw_fd(fd) })
     })
+}
+
+/// Takes ownership of the inherited file descriptor `fd` (`--incoming-conns-fd`), which must be
+/// a unix stream socket: the host agent hands the migration's later connections over on it.
+pub fn channel_from_fd(fd: RawFd) -> Result<UnixStream, TransportError> {
+    let bad =
+        |why: String| TransportError::Listen(format!("fd {fd}"), io::Error::new(io::ErrorKind::InvalidInput, why));
+    let mut domain = 0i32;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: domain and len are valid for writes of their sizes; a bad fd only gives an error.
+    let r =
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut domain as *mut i32).cast(), &mut len) };
+    if r != 0 {
+        return Err(bad(format!("not a socket ({})", io::Error::last_os_error())));
+    }
+    if domain != libc::AF_UNIX {
+        return Err(bad("not a unix socket".into()));
+    }
+    // SAFETY: fcntl on an fd we checked is an open socket.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: `fd` is an open unix socket (checked above) that the caller hands over to us.
+    Ok(unsafe { UnixStream::from_raw_fd(fd) })
 }
 
 /// The destination's handshake on a connection someone else accepted. A refused peer ends

@@ -33,7 +33,7 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, ServerConnection};
 
 pub use link::LinkConfig;
-pub use listen::{IncomingSocket, MigrationListener, accept_connection, socket_from_fd};
+pub use listen::{IncomingSocket, MigrationListener, accept_connection, channel_from_fd, socket_from_fd};
 use tls::Side;
 pub use tls::TlsIdentity;
 

@@ -127,6 +127,13 @@ fn cli_errors_are_one_line() {
     assert_eq!(err.lines().count(), 1, "{err}");
 
     // Bad arguments are clap's business, and never reach the socket.
+    // Handed later connections go with a connection handed over (--incoming-fd) only.
+    let (code, _, err) = vmm_cli(&["run", "--incoming", "127.0.0.1:1", "--incoming-conns-fd", "5"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot be used with '--incoming-conns-fd"), "{err}");
+    let (code, _, err) = vmm_cli(&["run", "--kernel", "/k", "--incoming-conns-fd", "5"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--incoming-fd"), "{err}");
     let (code, _, err) = vmm_cli(&["migrate", "--api-sock", "/x", "--to", "nohost"]);
     assert_eq!(code, 2);
     assert!(err.contains("HOST:PORT"), "{err}");

@@ -265,6 +265,7 @@ impl Source<'_> {
     fn peer(&self) -> postcopy_source::Peer {
         postcopy_source::Peer {
             to: self.params.to.clone(),
+            route: self.params.route.clone(),
             security: self.params.security.clone(),
             link: self.params.link,
         }
