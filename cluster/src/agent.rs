@@ -11,7 +11,7 @@
 //! and boots become tasks of their own), the load publisher, and the migration listener.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -57,6 +57,10 @@ pub struct AgentConfig {
     pub load_every: Duration,
 }
 
+/// The agent's end of the unix socket a destination VMM takes its move's later connections on
+/// (`--incoming-conns-fd`), non-blocking.
+pub type Handed = Arc<tokio::net::UnixStream>;
+
 /// How a host's migrations are secured.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MigrationSecurity {
@@ -93,8 +97,9 @@ pub struct Agent<S: Store> {
     /// The host records of the last view (where the other agents are).
     hosts: Mutex<BTreeMap<String, HostRecord>>,
     /// Incoming moves whose destination VMM takes later connections (post-copy's), by move id:
-    /// the source host and the unix socket they are handed over on.
-    handed: Mutex<BTreeMap<String, (String, Arc<std::os::unix::net::UnixStream>)>>,
+    /// the address the move's first connection came from, and the unix socket (non-blocking)
+    /// they are handed over on.
+    handed: Mutex<BTreeMap<String, (IpAddr, Handed)>>,
 }
 
 /// Marks a VM busy for as long as it lives.
@@ -125,14 +130,14 @@ impl<S: Store> Agent<S> {
         self.hosts.lock().expect("Poisoned lock").get(name).cloned()
     }
 
-    /// Where later connections of incoming move `move_id` go: its source host, and the channel to
-    /// its destination VMM (see `incoming.rs`).
-    pub fn handed(&self, move_id: &str) -> Option<(String, Arc<std::os::unix::net::UnixStream>)> {
+    /// Where later connections of incoming move `move_id` go: the address its first connection
+    /// came from, and the channel to its destination VMM (see `incoming.rs`).
+    pub fn handed(&self, move_id: &str) -> Option<(IpAddr, Handed)> {
         self.handed.lock().expect("Poisoned lock").get(move_id).cloned()
     }
 
-    pub fn set_handed(&self, move_id: &str, from: &str, channel: std::os::unix::net::UnixStream) {
-        self.handed.lock().expect("Poisoned lock").insert(move_id.to_string(), (from.to_string(), Arc::new(channel)));
+    pub fn set_handed(&self, move_id: &str, from: IpAddr, channel: Handed) {
+        self.handed.lock().expect("Poisoned lock").insert(move_id.to_string(), (from, channel));
     }
 
     pub fn drop_handed(&self, move_id: &str) {
@@ -493,6 +498,15 @@ async fn execute<S: Store>(agent: &Arc<Agent<S>>, view: &ClusterView, action: Ac
             tokio::spawn(async move {
                 let _guard = guard;
                 outgoing::run(&agent, &vm, &move_id).await;
+            });
+        }
+        Action::DrainOutgoing { vm, epoch } => {
+            let Some(guard) = agent.claim(&vm) else { return Ok(()) };
+            let Some(l) = agent.local(&vm, epoch) else { return Ok(()) };
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                outgoing::drain(&agent, &l).await;
             });
         }
         Action::FailRequested { vm, move_id, why } => {

@@ -27,7 +27,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use vmm::api::VmState;
 use vmm::migrate::hook;
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Handed};
 use crate::local::LocalVm;
 use crate::model::{MoveTimes, VmPhase};
 use crate::ownership::{self, Accepted};
@@ -95,7 +95,7 @@ async fn handle<S: Store>(
     // The destination VMM sets its own timeouts; none while the agent waits on it.
     let _ = conn.set_read_timeout(None);
     if let Some((from, channel)) = agent.handed(&route) {
-        return hand_over(agent, &route, &from, &channel, conn, peer).await;
+        return hand_over(agent, &route, from, &channel, conn, peer).await;
     }
     let Some(_lease) = agent.live_lease() else {
         return Err(refuse(conn, format!("host {} has no live lease (fenced)", agent.me())).await);
@@ -117,6 +117,12 @@ async fn handle<S: Store>(
     };
     let (hook_agent, hook_vmm) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
     let (conns_agent, conns_vmm) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+    // Before the VMM starts, so that a later connection that comes at once finds its way (it
+    // waits in the socket until the VMM reads it); if the VMM does not start, its end closes
+    // and the move is forgotten here.
+    if let Err(e) = keep_channel(agent, &m.id, peer.ip(), conns_agent) {
+        tracing::warn!(move_id = %m.id, error = e, "no channel for later connections: this move cannot switch to post-copy");
+    }
     let epoch = m.epoch + 1;
     let started = {
         let (agent, rec, id) = (agent.clone(), accepted.vm.value.clone(), m.id.clone());
@@ -132,79 +138,99 @@ async fn handle<S: Store>(
         (Err(e), conn) => return Err(refuse(conn, format!("cannot start a destination VMM: {e}")).await),
     };
     tracing::info!(vm = %m.vm, move_id = %m.id, from = %m.from, pid = local.pid, "receiving a VM");
-    keep_channel(agent, &m.id, &m.from, conns_agent);
     agent.set_local(local.clone());
     serve_hook(agent, accepted, local, hook_agent).await;
     drop(guard);
     Ok(())
 }
 
-/// Keeps `channel` (the agent's end of a destination VMM's `--incoming-conns-fd`) for the move's
-/// later connections until the VMM closes its end.
-fn keep_channel<S: Store>(agent: &Arc<Agent<S>>, move_id: &str, from: &str, channel: std::os::unix::net::UnixStream) {
-    let watch = channel.try_clone().and_then(|w| {
-        w.set_nonblocking(true)?;
-        tokio::net::UnixStream::from_std(w)
-    });
-    let watch = match watch {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(move_id, error = %e, "cannot watch the channel for later connections: post-copy will be refused");
-            return;
-        }
-    };
-    agent.set_handed(move_id, from, channel);
+/// The channel's descriptor, for `ScmSocket` (tokio's socket says when it is writable; the
+/// message with the descriptor is sent on the same socket).
+struct ChannelFd(std::os::fd::RawFd);
+
+impl vmm_sys_util::sock_ctrl_msg::ScmSocket for ChannelFd {
+    fn socket_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+/// How long a later connection may wait for its destination VMM to take it.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Makes `channel` (the agent's end of a destination VMM's `--incoming-conns-fd`) the way for
+/// move `move_id`'s later connections from `from`, until the VMM closes its end.
+fn keep_channel<S: Store>(
+    agent: &Arc<Agent<S>>,
+    move_id: &str,
+    from: std::net::IpAddr,
+    channel: std::os::unix::net::UnixStream,
+) -> Result<(), String> {
+    channel.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let channel: Handed = Arc::new(tokio::net::UnixStream::from_std(channel).map_err(|e| e.to_string())?);
+    agent.set_handed(move_id, from, channel.clone());
     let (agent, move_id) = (agent.clone(), move_id.to_string());
     tokio::spawn(async move {
         // The VMM never writes on it: readable means closed (or broken).
         let mut byte = [0u8; 1];
         loop {
-            if watch.readable().await.is_err() {
+            if channel.readable().await.is_err() {
                 break;
             }
-            match watch.try_read(&mut byte) {
+            match channel.try_read(&mut byte) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Ok(n) if n > 0 => continue,
                 _ => break,
             }
         }
         agent.drop_handed(&move_id);
     });
+    Ok(())
 }
 
 /// Hands a later connection of move `route` (post-copy's) to its destination VMM, if it comes
-/// from the move's source host.
+/// from where the move's first connection came from.
 async fn hand_over<S: Store>(
     agent: &Arc<Agent<S>>,
     route: &str,
-    from: &str,
-    channel: &Arc<std::os::unix::net::UnixStream>,
+    from: std::net::IpAddr,
+    channel: &Handed,
     conn: std::net::TcpStream,
     peer: SocketAddr,
 ) -> Result<(), String> {
-    if let Some(host) = agent.host_record(from)
-        && let Ok(addr) = host.migration_addr.parse::<SocketAddr>()
-        && addr.ip() != peer.ip()
-    {
-        return Err(refuse(conn, format!("move {route} comes from host {from} at {}, not {peer}", addr.ip())).await);
+    if peer.ip() != from {
+        return Err(refuse(conn, format!("move {route} comes from {from}, not {peer}")).await);
     }
-    let channel = channel.clone();
-    let sent = tokio::task::spawn_blocking(move || {
-        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-        // One byte with the descriptor: the VMM reads a message per connection.
-        let r = channel.send_with_fd(&[0u8][..], std::os::fd::AsRawFd::as_raw_fd(&conn));
-        (r, conn)
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    match sent {
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let (fd, socket) = (conn.as_raw_fd(), ChannelFd(channel.as_raw_fd()));
+    let send = async {
+        loop {
+            channel.writable().await?;
+            // One byte with the descriptor: the VMM reads a message per connection.
+            let sent = channel.try_io(tokio::io::Interest::WRITABLE, || {
+                socket.send_with_fd(&[0u8][..], fd).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+            });
+            match sent {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    };
+    match tokio::time::timeout(HAND_OVER_TIMEOUT, send).await {
         // The VMM has its own copy now; this one closes.
-        (Ok(_), _conn) => {
+        Ok(Ok(_)) => {
             tracing::info!(move_id = route, %peer, "handed a later connection of the move to its VMM");
             Ok(())
         }
-        (Err(e), conn) => {
-            agent.drop_handed(route);
+        Ok(Err(e)) => {
+            if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)) {
+                agent.drop_handed(route);
+            }
             Err(refuse(conn, format!("the destination VMM of move {route} takes no more connections ({e})")).await)
+        }
+        Err(_) => {
+            let why = format!("the destination VMM of move {route} did not take the connection within 5 s");
+            Err(refuse(conn, why).await)
         }
     }
 }

@@ -151,6 +151,26 @@ async fn start<S: Store>(
     Ok(())
 }
 
+/// A source VMM whose move is done (found by a restarted agent): it ends once its migration
+/// does (after a post-copy switch it serves the destination's missing pages until then), or
+/// once it no longer answers; then it and its leftovers go.
+pub async fn drain<S: Store>(agent: &Arc<Agent<S>>, l: &LocalVm) {
+    loop {
+        match migration_phase(agent, l).await {
+            Some(MigrationPhase::Postcopy | MigrationPhase::PostcopyPaused) if agent.runner.alive(l) => {
+                if *agent.cancel.borrow() {
+                    return;
+                }
+                tokio::time::sleep(SETTLE_POLL).await;
+            }
+            _ => break,
+        }
+    }
+    tracing::info!(vm = %l.vm, epoch = l.epoch, "the source VMM of a finished move is done");
+    agent.runner.kill(l);
+    agent.drop_local(l);
+}
+
 /// The local VMM's migration phase, if it answers.
 async fn migration_phase<S: Store>(agent: &Arc<Agent<S>>, l: &LocalVm) -> Option<MigrationPhase> {
     let api = agent.runner.api(l);

@@ -40,6 +40,10 @@ pub enum Action {
     StartMove { vm: String, move_id: String },
     /// Follow an outgoing migration started earlier (after an agent restart).
     FollowMove { vm: String, move_id: String },
+    /// The source VMM of a move that is done (the guest runs at the destination) still lives:
+    /// after a post-copy switch it serves the pages the destination lacks, so it ends once its
+    /// migration does, not at once.
+    DrainOutgoing { vm: String, epoch: u64 },
     /// End a requested move that cannot happen (the VM has no VMM here).
     FailRequested { vm: String, move_id: String, why: String },
     /// An incoming VMM whose move was committed: end the move once it runs.
@@ -111,6 +115,12 @@ pub fn decide(
             } else {
                 actions.push(Action::Forget { vm, epoch });
             }
+        } else if s.alive
+            && l.outgoing.as_ref().is_some_and(|id| {
+                view.moves.get(&l.vm).is_some_and(|m| &m.value.id == id && m.value.phase == MovePhase::Done)
+            })
+        {
+            actions.push(Action::DrainOutgoing { vm, epoch });
         } else if s.alive {
             actions.push(Action::Kill {
                 vm,
@@ -327,9 +337,9 @@ mod tests {
         // killing its copy while the move is open (it may be handed back).
         let v = view(vec![vm("v", "b", 2)], vec![mv("v", "a", "b", 1, MovePhase::Committed)]);
         assert_eq!(run(&v, &[started.clone()]), [Action::FollowMove { vm: "v".into(), move_id: "v.1.1".into() }]);
-        // Done: the leftover goes.
+        // Done: the leftover goes once its migration is over (post-copy may still need it).
         let v = view(vec![vm("v", "b", 2)], vec![mv("v", "a", "b", 1, MovePhase::Done)]);
-        assert!(matches!(&run(&v, &[started])[..], [Action::Kill { .. }]));
+        assert_eq!(run(&v, &[started]), [Action::DrainOutgoing { vm: "v".into(), epoch: 1 }]);
         assert_eq!(run(&v, &[local("v", 1, false)]), [Action::Forget { vm: "v".into(), epoch: 1 }]);
     }
 
@@ -369,5 +379,22 @@ mod tests {
     fn a_live_vmm_of_a_vm_owned_elsewhere_is_killed_unless_a_move_is_open() {
         let v = view(vec![vm("v", "b", 2)], vec![]);
         assert!(matches!(&run(&v, &[local("v", 1, true)])[..], [Action::Kill { .. }]));
+    }
+
+    #[test]
+    fn the_source_of_a_done_move_ends_with_its_migration_not_at_once() {
+        // A restarted agent finds the source VMM of a move that is done: after a post-copy
+        // switch it may still serve pages the destination lacks.
+        let done = mv("v", "a", "b", 1, MovePhase::Done);
+        let v = view(vec![vm("v", "b", 2)], vec![done.clone()]);
+        let mut source = local("v", 1, true);
+        source.local.outgoing = Some(done.value.id.clone());
+        assert_eq!(run(&v, &[source.clone()]), [Action::DrainOutgoing { vm: "v".into(), epoch: 1 }]);
+        // Not for another move's id, nor once it is gone.
+        let mut other = source.clone();
+        other.local.outgoing = Some("v.0.1".into());
+        assert!(matches!(&run(&v, &[other])[..], [Action::Kill { .. }]));
+        source.alive = false;
+        assert_eq!(run(&v, &[source]), [Action::Forget { vm: "v".into(), epoch: 1 }]);
     }
 }

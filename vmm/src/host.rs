@@ -166,7 +166,7 @@ impl HostResources {
         let mut res = HostResources::default();
         res.taps = nets.iter().map(|n| Tap::open(&n.tap)).collect::<Result<Vec<_>, _>>()?;
         let kvm = open_kvm()?;
-        res.host_cpuid = Some(crate::migrate::cpu::host_cpuid(&kvm).map_err(|e| HostError::Cpu(e.to_string()))?);
+        res.host_cpuid = Some(crate::migrate::cpu::host_cpuid(&kvm).map_err(HostError::Cpu)?);
         res.vm_shell = Some(crate::vstate::vm::VmShell::create(&kvm, mem_mib.map(|m| m << 20))?);
         res.kvm = Some(kvm);
         res.uffd = Some(crate::uffd::NewUffd::create()?);

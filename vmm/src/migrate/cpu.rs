@@ -60,8 +60,8 @@ fn effective_cpuid(kvm: &Kvm, vcpu: Option<(&VcpuFd, &CpuId)>) -> Result<Vec<kvm
 
 /// What this host can give a guest (see `effective_cpuid`), asked of a probe VM: for a VMM
 /// that asks ahead of time, before it knows the guest (`vmm run --await-restore`).
-pub fn host_cpuid(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, MigrateError> {
-    effective_cpuid(kvm, None).map_err(|e| MigrateError::Incompatible(format!("cannot read this host's CPUID: {e}")))
+pub fn host_cpuid(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, String> {
+    effective_cpuid(kvm, None).map_err(|e| format!("cannot ask KVM which CPU features it can give a guest: {e}"))
 }
 
 /// The feature bits of `wanted` (the CPUID the guest ran with) that `have` (what this host can

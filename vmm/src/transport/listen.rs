@@ -183,7 +183,10 @@ fn accept_loop(
             }
             Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EAGAIN | libc::EINTR)) => continue,
             // Something other than a connection handed over: not this peer's to decide.
-            Err(e) if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData) => {
+            Err(e)
+                if matches!(source, Source::Handed(_))
+                    && matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData) =>
+            {
                 log::warn!("refused what the host agent handed over: {e}");
                 continue;
             }
