@@ -231,19 +231,21 @@ pub enum IncomingSocket {
 /// Whether `fd` is a TCP socket that listens (true) or not (false); an error if it is no TCP
 /// socket.
 fn tcp_kind(fd: RawFd) -> Result<bool, String> {
-    let get = |name: i32| -> io::Result<i32> {
-        let mut v = 0i32;
-        let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-        // SAFETY: v and len are valid for writes of their sizes; a bad fd only gives an error.
-        let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&mut v as *mut i32).cast(), &mut len) };
-        if r == 0 { Ok(v) } else { Err(io::Error::last_os_error()) }
-    };
-    let kind = get(libc::SO_TYPE).map_err(|e| format!("not a socket ({e})"))?;
-    let domain = get(libc::SO_DOMAIN).map_err(|e| e.to_string())?;
+    let kind = socket_option(fd, libc::SO_TYPE).map_err(|e| format!("not a socket ({e})"))?;
+    let domain = socket_option(fd, libc::SO_DOMAIN).map_err(|e| e.to_string())?;
     if kind != libc::SOCK_STREAM || !(domain == libc::AF_INET || domain == libc::AF_INET6) {
         return Err("not a TCP socket".into());
     }
-    Ok(get(libc::SO_ACCEPTCONN).map_err(|e| e.to_string())? != 0)
+    Ok(socket_option(fd, libc::SO_ACCEPTCONN).map_err(|e| e.to_string())? != 0)
+}
+
+/// The integer socket option `name` (at `SOL_SOCKET`) of `fd`.
+fn socket_option(fd: RawFd, name: i32) -> io::Result<i32> {
+    let mut v = 0i32;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: v and len are valid for writes of their sizes; a bad fd only gives an error.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, name, (&mut v as *mut i32).cast(), &mut len) };
+    if r == 0 { Ok(v) } else { Err(io::Error::last_os_error()) }
 }
 
 /// Takes ownership of the inherited file descriptor `fd`, which must be a TCP socket.
@@ -269,14 +271,7 @@ pub fn socket_from_fd(fd: RawFd) -> Result<IncomingSocket, TransportError> {
 pub fn channel_from_fd(fd: RawFd) -> Result<UnixStream, TransportError> {
     let bad =
         |why: String| TransportError::Listen(format!("fd {fd}"), io::Error::new(io::ErrorKind::InvalidInput, why));
-    let mut domain = 0i32;
-    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-    // SAFETY: domain and len are valid for writes of their sizes; a bad fd only gives an error.
-    let r =
-        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut domain as *mut i32).cast(), &mut len) };
-    if r != 0 {
-        return Err(bad(format!("not a socket ({})", io::Error::last_os_error())));
-    }
+    let domain = socket_option(fd, libc::SO_DOMAIN).map_err(|e| bad(format!("not a socket ({e})")))?;
     if domain != libc::AF_UNIX {
         return Err(bad("not a unix socket".into()));
     }
